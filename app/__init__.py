@@ -1,0 +1,1 @@
+"""cai-dpo: the HTTP service, its settings, database models and queries."""

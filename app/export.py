@@ -1,0 +1,145 @@
+"""The export format: TRL-ready rows (`prompt`, `chosen`, `rejected`) written as JSONL or Parquet.
+
+`export_row` and `split_of` are pure; the writers turn an iterator of database rows into an
+iterator of byte chunks, so `GET /export` streams with flat memory whatever the dataset size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Iterator
+from typing import Any, Literal
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+Style = Literal["standard", "conversational"]
+Split = Literal["train", "test", "all"]
+
+_ROLE_NAMES = {"user": "Human", "assistant": "Assistant", "system": "System"}
+
+
+def split_of(pair_id: int, test_fraction: float) -> Literal["train", "test"]:
+    """Deterministic split from the pair id alone: the same pair lands in the same split every time."""
+    digest = hashlib.sha256(f"cai-dpo-split:{pair_id}".encode()).digest()
+    return "test" if int.from_bytes(digest[:8], "big") / 2**64 < test_fraction else "train"
+
+
+def in_split(pair_id: int, split: Split, test_fraction: float) -> bool:
+    return split == "all" or split_of(pair_id, test_fraction) == split
+
+
+def prompt_text(messages: list[dict[str, str]]) -> str:
+    """A prompt as one string for TRL's standard format.
+
+    A single user turn is its text; anything longer is an HH-RLHF style transcript ending with
+    the assistant's cue (use the conversational style to keep roles exact).
+    """
+    if len(messages) == 1 and messages[0]["role"] == "user":
+        return messages[0]["content"]
+    turns = "".join(f"\n\n{_ROLE_NAMES[m['role']]}: {m['content']}" for m in messages)
+    return turns + "\n\nAssistant:"
+
+
+def export_row(row: Any, *, style: Style, metadata: bool) -> dict[str, Any]:
+    """One TRL DPO example from a pair row (an object with the `stream_pairs` columns)."""
+    if style == "conversational":
+        out: dict[str, Any] = {
+            "prompt": [{"role": m["role"], "content": m["content"]} for m in row.prompt],
+            "chosen": [{"role": "assistant", "content": row.chosen}],
+            "rejected": [{"role": "assistant", "content": row.rejected}],
+        }
+    else:
+        out = {"prompt": prompt_text(row.prompt), "chosen": row.chosen, "rejected": row.rejected}
+    if metadata:
+        out |= {
+            "id": row.id,
+            "source": row.source,
+            "constitution": row.constitution_name,
+            "constitution_version": row.constitution_version,
+            "principles": list(row.principles or []),
+            "flags": list(row.flags or []),
+            "model": row.model,
+            "job_id": row.job_id,
+        }
+    return out
+
+
+def jsonl_chunks(rows: Iterable[dict[str, Any]], *, rows_per_chunk: int = 500) -> Iterator[bytes]:
+    buffer: list[str] = []
+    for row in rows:
+        buffer.append(json.dumps(row, ensure_ascii=False))
+        if len(buffer) >= rows_per_chunk:
+            yield ("\n".join(buffer) + "\n").encode()
+            buffer.clear()
+    if buffer:
+        yield ("\n".join(buffer) + "\n").encode()
+
+
+_MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+
+
+def parquet_schema(style: Style, metadata: bool) -> pa.Schema:
+    text = _MESSAGES if style == "conversational" else pa.string()
+    fields = [("prompt", text), ("chosen", text), ("rejected", text)]
+    if metadata:
+        fields += [
+            ("id", pa.int64()),
+            ("source", pa.string()),
+            ("constitution", pa.string()),
+            ("constitution_version", pa.string()),
+            ("principles", pa.list_(pa.string())),
+            ("flags", pa.list_(pa.string())),
+            ("model", pa.string()),
+            ("job_id", pa.int64()),
+        ]
+    return pa.schema(fields)
+
+
+class _ChunkSink:
+    """A write-only file whose bytes are handed out as they are written."""
+
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+        self.position = 0
+        self.closed = False
+
+    def write(self, data: bytes) -> int:
+        self.chunks.append(bytes(data))
+        self.position += len(data)
+        return len(data)
+
+    def tell(self) -> int:
+        return self.position
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closed = True
+
+    def take(self) -> bytes:
+        data = b"".join(self.chunks)
+        self.chunks.clear()
+        return data
+
+
+def parquet_chunks(
+    rows: Iterable[dict[str, Any]], *, style: Style, metadata: bool, rows_per_group: int = 2000
+) -> Iterator[bytes]:
+    """Write one row group per `rows_per_group` rows, yielding the file's bytes as they are made."""
+    schema = parquet_schema(style, metadata)
+    sink = _ChunkSink()
+    writer = pq.ParquetWriter(pa.PythonFile(sink, mode="w"), schema, compression="zstd")
+    batch: list[dict[str, Any]] = []
+    for row in rows:
+        batch.append(row)
+        if len(batch) >= rows_per_group:
+            writer.write_table(pa.Table.from_pylist(batch, schema=schema))
+            batch.clear()
+            yield sink.take()
+    if batch:
+        writer.write_table(pa.Table.from_pylist(batch, schema=schema))
+    writer.close()
+    yield sink.take()

@@ -1,0 +1,200 @@
+"""SQLAlchemy models: the whole schema of the service (Alembic migrations mirror it).
+
+Postgres is both the store and the queue: a `Prompt` row is a generation task and a
+`TrainingJob` row a training task, each claimed under a lease (`lease_owner`, `lease_expires_at`).
+A `Pair` is unique per prompt, so a prompt retried after a crash never yields two pairs.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Computed,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    func,
+    text,
+)
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSONB, list[Any]: JSONB, datetime: DateTime(timezone=True)}
+
+
+def _now() -> Any:
+    return mapped_column(DateTime(timezone=True), server_default=func.now(), nullable=False)
+
+
+class ConstitutionVersion(Base):
+    """Every constitution text ever used, by content hash, so each pair points at its exact text."""
+
+    __tablename__ = "constitution_versions"
+    __table_args__ = (UniqueConstraint("name", "content_hash"),)
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64))
+    content_hash: Mapped[str] = mapped_column(String(64), index=True)
+    body: Mapped[str] = mapped_column(Text)
+    spec: Mapped[dict[str, Any]]
+    created_at: Mapped[datetime] = _now()
+
+
+class GenerationJob(Base):
+    __tablename__ = "generation_jobs"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    constitution_version_id: Mapped[int] = mapped_column(ForeignKey("constitution_versions.id"))
+    constitution_name: Mapped[str] = mapped_column(String(64), index=True)
+    model: Mapped[str] = mapped_column(Text)
+    revisions: Mapped[int] = mapped_column(Integer)
+    sampling: Mapped[dict[str, Any]]
+    job_metadata: Mapped[dict[str, Any]] = mapped_column("metadata", JSONB, server_default=text("'{}'::jsonb"))
+    n_prompts: Mapped[int] = mapped_column(Integer)
+    idempotency_key: Mapped[str | None] = mapped_column(Text, unique=True)
+    request_hash: Mapped[str | None] = mapped_column(String(64))
+    cancelled_at: Mapped[datetime | None]
+    created_at: Mapped[datetime] = _now()
+
+
+class Prompt(Base):
+    """A generation task: `queued -> running -> done | failed`, or `cancelled` with its job."""
+
+    __tablename__ = "prompts"
+    __table_args__ = (
+        UniqueConstraint("job_id", "position"),
+        # The claim scans only claimable rows, whatever the size of the history.
+        Index("prompts_claimable", "id", postgresql_where=text("status IN ('queued', 'running')")),
+        Index("prompts_job_status", "job_id", "status"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("generation_jobs.id", ondelete="CASCADE"))
+    position: Mapped[int] = mapped_column(Integer)
+    messages: Mapped[list[Any]]
+    status: Mapped[str] = mapped_column(String(16), server_default="queued")
+    attempts: Mapped[int] = mapped_column(Integer, server_default="0")
+    lease_owner: Mapped[str | None] = mapped_column(Text)
+    lease_expires_at: Mapped[datetime | None]
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = _now()
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+
+
+class DatasetImport(Base):
+    __tablename__ = "dataset_imports"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    source: Mapped[str] = mapped_column(Text)
+    format: Mapped[str] = mapped_column(String(32))
+    n_pairs: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = _now()
+
+
+class Pair(Base):
+    """One preference pair: rejected = the initial answer, chosen = the final revision."""
+
+    __tablename__ = "pairs"
+    __table_args__ = (Index("pairs_constitution_id", "constitution_name", "id"),)
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    prompt_id: Mapped[int | None] = mapped_column(ForeignKey("prompts.id", ondelete="CASCADE"), unique=True)
+    job_id: Mapped[int | None] = mapped_column(ForeignKey("generation_jobs.id", ondelete="CASCADE"), index=True)
+    import_id: Mapped[int | None] = mapped_column(ForeignKey("dataset_imports.id", ondelete="CASCADE"), index=True)
+    source: Mapped[str] = mapped_column(Text, server_default="generated")
+    constitution_name: Mapped[str | None] = mapped_column(String(64))
+    constitution_version_id: Mapped[int | None] = mapped_column(ForeignKey("constitution_versions.id"))
+    prompt: Mapped[list[Any]]
+    chosen: Mapped[str] = mapped_column(Text)
+    rejected: Mapped[str] = mapped_column(Text)
+    trajectory: Mapped[dict[str, Any]] = mapped_column(JSONB, server_default=text("'{}'::jsonb"))
+    flags: Mapped[list[str]] = mapped_column(ARRAY(Text), server_default="{}")
+    # Derived by Postgres so that it can never disagree with `flags`.
+    flagged: Mapped[bool] = mapped_column(Boolean, Computed("cardinality(flags) > 0", persisted=True))
+    model: Mapped[str | None] = mapped_column(Text)
+    sampling: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    usage: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    pair_metadata: Mapped[dict[str, Any]] = mapped_column("metadata", JSONB, server_default=text("'{}'::jsonb"))
+    created_at: Mapped[datetime] = _now()
+
+
+class TrainingJob(Base):
+    """A training task, claimed under a lease like a prompt; resumable from its checkpoint."""
+
+    __tablename__ = "training_jobs"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    status: Mapped[str] = mapped_column(String(16), server_default="queued")
+    base_model: Mapped[str] = mapped_column(Text)
+    dataset: Mapped[dict[str, Any]]
+    params: Mapped[dict[str, Any]]
+    policy: Mapped[str | None] = mapped_column(String(64), index=True)
+    pair_ids: Mapped[list[int] | None] = mapped_column(ARRAY(BigInteger))
+    eval_pair_ids: Mapped[list[int] | None] = mapped_column(ARRAY(BigInteger))
+    attempts: Mapped[int] = mapped_column(Integer, server_default="0")
+    lease_owner: Mapped[str | None] = mapped_column(Text)
+    lease_expires_at: Mapped[datetime | None]
+    last_error: Mapped[str | None] = mapped_column(Text)
+    step: Mapped[int] = mapped_column(Integer, server_default="0")
+    total_steps: Mapped[int | None] = mapped_column(Integer)
+    eval_before: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    eval_after: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    artifact_path: Mapped[str | None] = mapped_column(Text)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, server_default="false")
+    created_at: Mapped[datetime] = _now()
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+
+
+class TrainingMetric(Base):
+    __tablename__ = "training_metrics"
+
+    train_id: Mapped[int] = mapped_column(ForeignKey("training_jobs.id", ondelete="CASCADE"), primary_key=True)
+    step: Mapped[int] = mapped_column(Integer, primary_key=True)
+    values: Mapped[dict[str, Any]]
+    created_at: Mapped[datetime] = _now()
+
+
+class TrainPolicy(Base):
+    """Automatic training for a constitution: queue a job once `min_new_pairs` new pairs exist."""
+
+    __tablename__ = "train_policies"
+
+    constitution_name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    min_new_pairs: Mapped[int] = mapped_column(Integer)
+    params: Mapped[dict[str, Any]]
+    base_model: Mapped[str | None] = mapped_column(Text)
+    enabled: Mapped[bool] = mapped_column(Boolean, server_default="true")
+    # Pairs up to this id have been handed to an automatic job (the policy's watermark).
+    last_pair_id: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    updated_at: Mapped[datetime] = _now()
+
+
+class Worker(Base):
+    """A live worker process, as last reported by its heartbeat."""
+
+    __tablename__ = "workers"
+
+    id: Mapped[str] = mapped_column(Text, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    host: Mapped[str] = mapped_column(Text)
+    pid: Mapped[int] = mapped_column(Integer)
+    model: Mapped[str | None] = mapped_column(Text)
+    in_flight: Mapped[int] = mapped_column(Integer, server_default="0")
+    tokens_per_s: Mapped[float] = mapped_column(Float, server_default="0")
+    stats: Mapped[dict[str, Any]] = mapped_column(JSONB, server_default=text("'{}'::jsonb"))
+    started_at: Mapped[datetime] = _now()
+    heartbeat_at: Mapped[datetime] = _now()
+    stopped_at: Mapped[datetime | None]

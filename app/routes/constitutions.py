@@ -1,0 +1,72 @@
+"""Constitutions: list, read (with the versions used so far) and replace as YAML."""
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request
+
+from app import queries
+from app.constitutions import Constitution, check_name
+from app.deps import Authorized, SessionDep, StoreDep
+from app.schemas import ConstitutionOut, FieldError
+
+router = APIRouter(prefix="/constitutions", tags=["constitutions"], dependencies=[Authorized])
+
+
+def _out(constitution: Constitution, store, **extra) -> ConstitutionOut:
+    error = store.error(constitution.name)
+    return ConstitutionOut(
+        name=constitution.name,
+        version=constitution.version,
+        description=constitution.spec.description,
+        error=error.to_dict() if error else None,
+        **extra,
+    )
+
+
+async def yaml_body(request: Request) -> str:
+    """The raw request body (YAML, sent as application/yaml or text/plain)."""
+    try:
+        return (await request.body()).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise FieldError("body", f"not UTF-8 text: {exc}", 400) from exc
+
+
+@router.get("", response_model=list[ConstitutionOut])
+def list_constitutions(store: StoreDep):
+    out = []
+    for name in store.names():
+        try:
+            out.append(_out(store.get(name), store))
+        except ValueError as exc:  # an invalid file with no good version yet: listed with its error
+            out.append(ConstitutionOut(name=name, version="", description="", error={"message": str(exc)}))
+    return out
+
+
+@router.get("/{name}", response_model=ConstitutionOut)
+def get_constitution(name: str, store: StoreDep, session: SessionDep):
+    constitution = store.get(check_name(name))
+    return _out(
+        constitution,
+        store,
+        body=constitution.text,
+        spec=constitution.spec.model_dump(mode="json"),
+        versions=queries.constitution_versions(session, name),
+    )
+
+
+@router.put("/{name}", response_model=ConstitutionOut)
+def put_constitution(
+    name: str,
+    store: StoreDep,
+    session: SessionDep,
+    body: Annotated[str, Depends(yaml_body)],
+):
+    constitution = store.put(check_name(name), body)
+    queries.store_constitution_version(session, constitution)
+    return _out(
+        constitution,
+        store,
+        body=constitution.text,
+        spec=constitution.spec.model_dump(mode="json"),
+        versions=queries.constitution_versions(session, name),
+    )

@@ -1,0 +1,149 @@
+"""Generation jobs: `POST /generate` queues prompts; `/jobs` shows progress and cancels."""
+
+import hashlib
+import json
+from datetime import UTC, datetime
+from typing import Annotated
+
+from fastapi import APIRouter, Header, HTTPException, Query, Response
+from sqlalchemy.orm import Session
+
+from app import queries
+from app.constitutions import ConstitutionError
+from app.deps import Authorized, SessionDep, SettingsDep, StoreDep
+from app.models import GenerationJob
+from app.progress import job_progress
+from app.schemas import FieldError, GenerateRequest, GenerateResponse, JobOut, normalize_prompts
+from app.settings import Settings
+
+router = APIRouter(tags=["generation"], dependencies=[Authorized])
+
+
+def check_model(model: str | None, settings: Settings, session: Session) -> str:
+    """The default model, or `train:<id>` of a training job that produced a model."""
+    if model is None or model == settings.model:
+        return settings.model
+    if model.startswith("train:") and model.removeprefix("train:").isdigit():
+        job = queries.get_training_job(session, int(model.removeprefix("train:")))
+        if job is None or job.status != "succeeded" or not job.artifact_path:
+            raise FieldError("model", f"{model}: no finished training job with a model")
+        return model
+    raise FieldError("model", f"unknown model {model!r}: use {settings.model!r} or train:<id>")
+
+
+def request_hash(body: GenerateRequest) -> str:
+    return hashlib.sha256(json.dumps(body.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+
+
+@router.post("/generate", status_code=202, response_model=GenerateResponse)
+def generate(
+    body: GenerateRequest,
+    response: Response,
+    session: SessionDep,
+    settings: SettingsDep,
+    store: StoreDep,
+    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+):
+    prompts = normalize_prompts(body.prompts, settings)
+    try:
+        constitution = store.get(body.constitution)
+    except ConstitutionError as exc:  # a bad name, or a file that never was valid
+        raise FieldError("constitution", str(exc)) from exc
+    revisions = body.revisions or constitution.spec.revisions
+    if revisions > settings.max_revisions:
+        raise FieldError("revisions", f"{revisions}; at most {settings.max_revisions} (CAI_MAX_REVISIONS)")
+    model = check_model(body.model, settings, session)
+    digest = request_hash(body)
+    if idempotency_key is not None:
+        existing = queries.find_job_by_idempotency_key(session, idempotency_key)
+        if existing is not None:
+            return _replay(existing, digest, session)
+    sampling = {
+        "temperature": settings.temperature,
+        "top_p": settings.top_p,
+        "max_tokens": settings.max_tokens,
+        "seed": None,
+    } | (body.sampling.model_dump(exclude_none=True) if body.sampling else {})
+    version = queries.store_constitution_version(session, constitution)
+    job = queries.create_generation_job(
+        session,
+        constitution_version=version,
+        model=model,
+        revisions=revisions,
+        sampling=sampling,
+        metadata=body.metadata,
+        prompts=prompts,
+        idempotency_key=idempotency_key,
+        request_hash=digest,
+    )
+    if job is None:  # a concurrent request with the same key won the insert; nothing was written
+        return _replay(queries.find_job_by_idempotency_key(session, idempotency_key), digest, session)
+    return GenerateResponse(job_id=job.id, n_prompts=job.n_prompts, constitution_version=constitution.version)
+
+
+def _replay(job: GenerationJob, digest: str, session: Session) -> GenerateResponse:
+    if job.request_hash != digest:
+        raise HTTPException(409, "Idempotency-Key: already used for a different request")
+    version = queries.get_constitution_version(session, job.constitution_version_id)
+    return GenerateResponse(job_id=job.id, n_prompts=job.n_prompts, constitution_version=version.content_hash)
+
+
+def job_out(job: GenerationJob, stats: queries.JobStats, version: str | None) -> JobOut:
+    progress = job_progress(
+        stats.counts,
+        cancelled=job.cancelled_at is not None,
+        first_started_at=stats.first_started_at,
+        last_finished_at=stats.last_finished_at,
+        now=datetime.now(UTC),
+    )
+    return JobOut(
+        id=job.id,
+        status=progress.status,
+        constitution=job.constitution_name,
+        constitution_version=version,
+        model=job.model,
+        revisions=job.revisions,
+        sampling=job.sampling,
+        metadata=job.job_metadata,
+        n_prompts=job.n_prompts,
+        counts=stats.counts | {"flagged": stats.flagged},
+        pairs_per_s=progress.rate_per_s,
+        eta_s=progress.eta_s,
+        created_at=job.created_at,
+        cancelled_at=job.cancelled_at,
+    )
+
+
+def _jobs_out(session: Session, jobs: list[GenerationJob]) -> list[JobOut]:
+    stats = queries.job_stats(session, [job.id for job in jobs])
+    versions = {job.constitution_version_id: queries.get_constitution_version(session, job.constitution_version_id) for job in jobs}
+    return [job_out(job, stats[job.id], versions[job.constitution_version_id].content_hash) for job in jobs]
+
+
+@router.get("/jobs", response_model=list[JobOut])
+def list_jobs(
+    session: SessionDep,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    before: Annotated[int | None, Query(description="Only jobs with a smaller id (paging).")] = None,
+):
+    return _jobs_out(session, queries.list_jobs(session, limit=limit, before_id=before))
+
+
+def _job_or_404(session: Session, job_id: int) -> GenerationJob:
+    job = queries.get_job(session, job_id)
+    if job is None:
+        raise HTTPException(404, f"job_id: no job {job_id}")
+    return job
+
+
+@router.get("/jobs/{job_id}", response_model=JobOut)
+def get_job(job_id: int, session: SessionDep):
+    return _jobs_out(session, [_job_or_404(session, job_id)])[0]
+
+
+@router.post("/jobs/{job_id}/cancel", response_model=JobOut)
+def cancel_job(job_id: int, session: SessionDep):
+    _job_or_404(session, job_id)
+    queries.cancel_job(session, job_id)
+    session.expire_all()
+    return _jobs_out(session, [_job_or_404(session, job_id)])[0]

@@ -1,0 +1,5 @@
+"""Placeholder router, filled in by the training issue."""
+
+from fastapi import APIRouter
+
+router = APIRouter()

@@ -1,0 +1,1 @@
+"""Workers: generation (vLLM critique-and-revise) and training (DPO), each a package."""

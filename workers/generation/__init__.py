@@ -1,0 +1,1 @@
+"""The generation worker: engines, the critique-and-revise trajectory, the claim loop."""

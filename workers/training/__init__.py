@@ -1,0 +1,1 @@
+"""The training worker: tokenization, the DPO loss, the training loop."""
