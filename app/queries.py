@@ -208,6 +208,7 @@ class ClaimedPrompt:
     revisions: int
     sampling: dict[str, Any]
     constitution_version_id: int
+    constitution_hash: str
     constitution_name: str
     model: str
 
@@ -227,10 +228,10 @@ _CLAIM_PROMPTS = text("""
     UPDATE prompts p
     SET status = 'running', attempts = p.attempts + 1, lease_owner = :worker,
         lease_expires_at = now() + make_interval(secs => :lease), started_at = coalesce(p.started_at, now())
-    FROM claimable c, generation_jobs j
-    WHERE p.id = c.id AND j.id = p.job_id
+    FROM claimable c, generation_jobs j, constitution_versions cv
+    WHERE p.id = c.id AND j.id = p.job_id AND cv.id = j.constitution_version_id
     RETURNING p.id, p.job_id, p.position, p.messages, p.attempts, j.revisions, j.sampling,
-              j.constitution_version_id, j.constitution_name, j.model
+              j.constitution_version_id, cv.content_hash AS constitution_hash, j.constitution_name, j.model
 """)
 
 # A prompt whose lease ran out on its last attempt is failed, not retried for ever.
@@ -294,9 +295,12 @@ def complete_prompt(session: Session, *, worker_id: str, prompt_id: int, pair: d
     if done is None:
         return False
     inserted = session.execute(
-        insert(Pair).values(prompt_id=prompt_id, **pair).on_conflict_do_nothing(index_elements=["prompt_id"])
-    )
-    return inserted.rowcount == 1
+        insert(Pair)
+        .values(prompt_id=prompt_id, **pair)
+        .on_conflict_do_nothing(index_elements=["prompt_id"])
+        .returning(Pair.id)
+    ).scalar_one_or_none()
+    return inserted is not None
 
 
 def fail_prompt(

@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.settings import Settings
+from workers.training.config import TrainParams  # pydantic only: the API never imports torch
 
 Role = Literal["system", "user", "assistant"]
 
@@ -157,3 +158,73 @@ class WorkerOut(BaseModel):
     stats: dict[str, Any]
     started_at: datetime
     heartbeat_at: datetime
+
+
+# --- training -------------------------------------------------------------------------------------
+
+
+class DatasetFilter(BaseModel):
+    """Which pairs a training job uses: the filters of `GET /export`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    job_id: int | None = None
+    constitution: str | None = Field(None, max_length=64)
+    constitution_version: str | None = Field(None, min_length=8, max_length=64)
+    since: datetime | None = None
+    include_flagged: bool = False
+    source: str | None = Field(None, max_length=200)
+    import_id: int | None = None
+
+
+class TrainRequest(TrainParams):
+    """`POST /train`: the base model, the data, and the hyperparameters at top level."""
+
+    base_model: str | None = Field(None, description="Default: the bundled model; or `train:<id>` to continue.")
+    dataset: DatasetFilter = Field(default_factory=DatasetFilter)
+
+    def params(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude={"base_model", "dataset"})
+
+
+class TrainPolicyIn(BaseModel):
+    """An automatic training policy: a job once `min_new_pairs` new unflagged pairs exist."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_new_pairs: int = Field(ge=1)
+    base_model: str | None = None
+    enabled: bool = True
+    params: TrainParams = Field(default_factory=TrainParams)
+
+    def db_values(self) -> dict[str, Any]:
+        return {
+            "min_new_pairs": self.min_new_pairs,
+            "base_model": self.base_model,
+            "enabled": self.enabled,
+            "params": self.params.model_dump(mode="json"),
+        }
+
+
+class TrainJobOut(BaseModel):
+    id: int
+    status: str
+    base_model: str
+    dataset: dict[str, Any]
+    params: dict[str, Any]
+    policy: str | None
+    n_train_pairs: int | None
+    n_eval_pairs: int | None
+    step: int
+    total_steps: int | None
+    eta_s: float | None
+    latest_metrics: dict[str, Any] | None
+    eval_before: dict[str, Any] | None
+    eval_after: dict[str, Any] | None
+    artifact: str | None
+    model: str | None = Field(description="Use as `model` in POST /generate once succeeded.")
+    error: str | None
+    attempts: int
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None

@@ -31,6 +31,11 @@ class Settings(BaseSettings):
         PROJECT_ROOT / "data",
         description="Data folder: embedded database, prepared models, training artifacts.",
     )
+    models_dir_override: Path | None = Field(
+        None,
+        validation_alias=AliasChoices("CAI_MODELS_DIR"),
+        description="Where prepared models live. Unset: `$CAI_DATA_DIR/models`.",
+    )
     constitutions_dir: Path = Field(
         PROJECT_ROOT / "constitutions", description="Folder of constitution YAML files."
     )
@@ -96,10 +101,10 @@ class Settings(BaseSettings):
         description='Automatic training policies as JSON: `{"harmless": {"min_new_pairs": 500, ...}}`.',
     )
 
-    @field_validator("data_dir", "constitutions_dir")
+    @field_validator("data_dir", "constitutions_dir", "models_dir_override")
     @classmethod
-    def _absolute(cls, value: Path) -> Path:
-        return value.expanduser().resolve()
+    def _absolute(cls, value: Path | None) -> Path | None:
+        return value.expanduser().resolve() if value is not None else None
 
     @computed_field
     @property
@@ -108,7 +113,7 @@ class Settings(BaseSettings):
 
     @property
     def models_dir(self) -> Path:
-        return self.data_dir / "models"
+        return self.models_dir_override or self.data_dir / "models"
 
     @property
     def artifacts_dir(self) -> Path:

@@ -19,16 +19,16 @@ from app.settings import Settings
 router = APIRouter(tags=["generation"], dependencies=[Authorized])
 
 
-def check_model(model: str | None, settings: Settings, session: Session) -> str:
+def check_model(model: str | None, settings: Settings, session: Session, *, field: str = "model") -> str:
     """The default model, or `train:<id>` of a training job that produced a model."""
     if model is None or model == settings.model:
         return settings.model
     if model.startswith("train:") and model.removeprefix("train:").isdigit():
         job = queries.get_training_job(session, int(model.removeprefix("train:")))
         if job is None or job.status != "succeeded" or not job.artifact_path:
-            raise FieldError("model", f"{model}: no finished training job with a model")
+            raise FieldError(field, f"{model}: no finished training job with a model")
         return model
-    raise FieldError("model", f"unknown model {model!r}: use {settings.model!r} or train:<id>")
+    raise FieldError(field, f"unknown model {model!r}: use {settings.model!r} or train:<id>")
 
 
 def request_hash(body: GenerateRequest) -> str:

@@ -1,5 +1,137 @@
-"""Placeholder router, filled in by the training issue."""
+"""Training: start DPO runs, follow their metrics, cancel them, and set automatic policies."""
 
-from fastapi import APIRouter
+import csv
+import io
+from datetime import UTC, datetime
+from typing import Annotated, Literal
 
-router = APIRouter()
+from fastapi import APIRouter, HTTPException, Query
+from fastapi.responses import PlainTextResponse
+from sqlalchemy.orm import Session
+
+from app import queries
+from app.deps import Authorized, SessionDep, SettingsDep
+from app.models import TrainingJob
+from app.progress import eta_seconds
+from app.routes.jobs import check_model
+from app.schemas import FieldError, TrainJobOut, TrainPolicyIn, TrainRequest
+from app.constitutions import check_name
+
+router = APIRouter(prefix="/train", tags=["training"], dependencies=[Authorized])
+
+
+def train_out(session: Session, job: TrainingJob) -> TrainJobOut:
+    latest = queries.latest_training_metric(session, job.id)
+    running = job.status == "running" and job.started_at is not None
+    elapsed = (datetime.now(UTC) - job.started_at).total_seconds() if running else 0
+    return TrainJobOut(
+        id=job.id,
+        status=job.status,
+        base_model=job.base_model,
+        dataset=job.dataset,
+        params=job.params,
+        policy=job.policy,
+        n_train_pairs=len(job.pair_ids) if job.pair_ids is not None else None,
+        n_eval_pairs=len(job.eval_pair_ids) if job.eval_pair_ids is not None else None,
+        step=job.step,
+        total_steps=job.total_steps,
+        eta_s=eta_seconds(job.step, job.total_steps or 0, elapsed) if running else None,
+        latest_metrics=latest.values if latest else None,
+        eval_before=job.eval_before,
+        eval_after=job.eval_after,
+        artifact=job.artifact_path,
+        model=f"train:{job.id}" if job.status == "succeeded" else None,
+        error=job.last_error,
+        attempts=job.attempts,
+        created_at=job.created_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+    )
+
+
+# Policies first: `/train/policies` must not be taken for `/train/{train_id}`.
+@router.get("/policies")
+def list_policies(session: SessionDep):
+    return [_policy_out(p) for p in queries.list_train_policies(session)]
+
+
+@router.put("/policies/{name}")
+def put_policy(name: str, body: TrainPolicyIn, session: SessionDep, settings: SettingsDep):
+    check_name(name)
+    if body.base_model is not None:
+        check_model(body.base_model, settings, session, field="base_model")
+    return _policy_out(queries.upsert_train_policy(session, constitution_name=name, **body.db_values()))
+
+
+@router.delete("/policies/{name}", status_code=204)
+def delete_policy(name: str, session: SessionDep):
+    if not queries.delete_train_policy(session, name):
+        raise HTTPException(404, f"name: no policy for {name!r}")
+
+
+def _policy_out(policy) -> dict:
+    return {
+        "constitution": policy.constitution_name,
+        "min_new_pairs": policy.min_new_pairs,
+        "base_model": policy.base_model,
+        "enabled": policy.enabled,
+        "params": policy.params,
+        "last_pair_id": policy.last_pair_id,
+    }
+
+
+@router.post("", status_code=202)
+def start_training(body: TrainRequest, session: SessionDep, settings: SettingsDep):
+    base_model = check_model(body.base_model, settings, session, field="base_model")
+    filters = queries.PairFilter(**body.dataset.model_dump())
+    if queries.count_pairs(session, filters) == 0:
+        raise FieldError("dataset", f"no pairs match {body.dataset.model_dump(exclude_defaults=True)}")
+    job = queries.create_training_job(
+        session, base_model=base_model, dataset=body.dataset.model_dump(mode="json"), params=body.params()
+    )
+    return {"train_id": job.id}
+
+
+@router.get("", response_model=list[TrainJobOut])
+def list_training(
+    session: SessionDep,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    before: int | None = None,
+):
+    return [train_out(session, job) for job in queries.list_training_jobs(session, limit=limit, before_id=before)]
+
+
+def _job_or_404(session: Session, train_id: int) -> TrainingJob:
+    job = queries.get_training_job(session, train_id)
+    if job is None:
+        raise HTTPException(404, f"train_id: no training job {train_id}")
+    return job
+
+
+@router.get("/{train_id}", response_model=TrainJobOut)
+def get_training(train_id: int, session: SessionDep):
+    return train_out(session, _job_or_404(session, train_id))
+
+
+@router.get("/{train_id}/metrics")
+def training_metrics(train_id: int, session: SessionDep, format: Literal["json", "csv"] = "json"):
+    _job_or_404(session, train_id)
+    rows = [{"step": m.step, **m.values} for m in queries.training_metrics(session, train_id)]
+    if format == "json":
+        return rows
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=columns or ["step"])
+    writer.writeheader()
+    writer.writerows(rows)
+    return PlainTextResponse(out.getvalue(), media_type="text/csv")
+
+
+@router.post("/{train_id}/cancel", response_model=TrainJobOut)
+def cancel_training(train_id: int, session: SessionDep):
+    job = queries.request_training_cancel(session, train_id)
+    if job is None:
+        raise HTTPException(404, f"train_id: no training job {train_id}")
+    session.flush()
+    session.refresh(job)
+    return train_out(session, job)

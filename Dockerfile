@@ -1,0 +1,27 @@
+# Two images from one file:
+#   api    - the HTTP service (no torch, no vLLM)
+#   worker - generation (CUDA vLLM) and training workers
+FROM python:3.11-slim AS api
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY app app
+COPY workers workers
+COPY migrations migrations
+COPY constitutions /constitutions
+RUN pip install --no-cache-dir . && useradd --create-home cai && mkdir -p /data && chown cai /data
+USER cai
+ENV CAI_DATA_DIR=/data CAI_CONSTITUTIONS_DIR=/constitutions
+EXPOSE 8000
+CMD ["cai-dpo", "serve", "--host", "0.0.0.0", "--port", "8000"]
+
+FROM vllm/vllm-openai:latest AS worker
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY app app
+COPY workers workers
+COPY migrations migrations
+COPY constitutions /constitutions
+RUN pip install --no-cache-dir '.[gpu,train]'
+ENV CAI_DATA_DIR=/data CAI_CONSTITUTIONS_DIR=/constitutions
+ENTRYPOINT []
+CMD ["cai-dpo", "worker", "generate"]

@@ -1,0 +1,21 @@
+"""The README documents what the code does: its settings table is the one the code prints."""
+
+import subprocess
+import sys
+
+from app.settings import PROJECT_ROOT
+
+README = (PROJECT_ROOT / "README.md").read_text()
+
+
+def test_settings_table_matches_the_settings_class():
+    table = subprocess.run(
+        [sys.executable, "-m", "app.cli", "settings"], capture_output=True, text=True, check=True, cwd=PROJECT_ROOT
+    ).stdout.strip()
+    assert table in README, "README's settings table is stale: paste `cai-dpo settings` into it"
+
+
+def test_ci_runs_the_readme_test_command():
+    ci = (PROJECT_ROOT / ".ci" / "run").read_text()
+    assert "make test    #" in README and "make up      #" in README
+    assert "\nmake test\n" in ci

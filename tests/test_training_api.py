@@ -1,0 +1,112 @@
+"""The training API without training: validation, job records, cancel, metrics, policies."""
+
+import threading
+
+import pytest
+from sqlalchemy import select
+
+from app import queries
+from app.db import session_scope
+from app.models import TrainingJob
+from tests.test_api import insert_pairs
+
+
+def jobs(db) -> list[TrainingJob]:
+    with session_scope(db) as session:
+        return session.scalars(select(TrainingJob).order_by(TrainingJob.id)).all()
+
+
+def test_post_train_records_a_queued_job(client, db):
+    insert_pairs(db, 8)
+    body = {"dataset": {"constitution": "harmless"}, "loss_type": "ipo", "beta": 0.2, "max_steps": 3, "lora": {"r": 8}}
+    response = client.post("/train", json=body)
+    assert response.status_code == 202, response.text
+    train_id = response.json()["train_id"]
+    state = client.get(f"/train/{train_id}").json()
+    assert state["status"] == "queued" and state["base_model"] == "smollm2-135m-instruct"
+    assert state["params"]["loss_type"] == "ipo" and state["params"]["lora"]["r"] == 8
+    assert state["dataset"]["constitution"] == "harmless" and state["model"] is None
+    assert [j["id"] for j in client.get("/train").json()] == [train_id]
+    assert client.get(f"/train/{train_id}/metrics").json() == []
+    cancelled = client.post(f"/train/{train_id}/cancel").json()
+    assert cancelled["status"] == "cancelled"
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"loss_type": "kto"}, "loss_type"),
+        ({"beta": 0}, "beta"),
+        ({"beta": "high"}, "beta"),
+        ({"label_smoothing": 0.7}, "label_smoothing"),
+        ({"learning_rate": -1}, "learning_rate"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"max_length": 128, "max_prompt_length": 256}, "max_prompt_length must be smaller"),
+        ({"eval_fraction": 1.0}, "eval_fraction"),
+        ({"lora": {"r": 0}}, "lora.r"),
+        ({"lora": {"rank": 8}}, "lora.rank"),
+        ({"optimizer": "sgd"}, "optimizer"),
+        ({"base_model": "train:99"}, "base_model"),
+        ({"dataset": {"constitution": "nobody"}}, "dataset"),
+        ({"dataset": {"colour": "red"}}, "dataset.colour"),
+    ],
+)
+def test_invalid_training_requests_name_the_field(client, db, body, field):
+    insert_pairs(db, 4)
+    response = client.post("/train", json=body)
+    assert response.status_code == 422, response.text
+    assert field in response.json()["detail"]
+    assert jobs(db) == []
+
+
+def test_metrics_as_json_and_csv(client, db):
+    insert_pairs(db, 4)
+    train_id = client.post("/train", json={}).json()["train_id"]
+    with session_scope(db) as session:
+        for step in (1, 2):
+            queries.record_training_metrics(session, train_id, step, {"loss": 0.7 - step / 10, "rewards/accuracies": 0.5})
+    assert [m["step"] for m in client.get(f"/train/{train_id}/metrics").json()] == [1, 2]
+    csv_text = client.get(f"/train/{train_id}/metrics", params={"format": "csv"}).text.splitlines()
+    assert csv_text[0] == "step,loss,rewards/accuracies" and csv_text[1].startswith("1,0.6")
+    assert client.get(f"/train/{train_id}").json()["latest_metrics"]["loss"] == pytest.approx(0.5)
+    assert client.get("/train/999").status_code == 404
+
+
+def test_policy_queues_exactly_one_job_under_concurrency(client, db):
+    response = client.put("/train/policies/harmless", json={"min_new_pairs": 10, "params": {"max_steps": 2}})
+    assert response.status_code == 200, response.text
+    insert_pairs(db, 9, flagged_extra=True)  # 9 unflagged: not yet
+    with session_scope(db) as session:
+        assert queries.queue_policy_training(session, "harmless") is None
+    insert_pairs(db, 3, flagged_extra=False)
+    created = []
+    barrier = threading.Barrier(6)
+
+    def trigger():
+        barrier.wait()
+        with session_scope(db) as session:
+            job = queries.queue_policy_training(session, "harmless")
+            if job is not None:
+                created.append(job.id)
+
+    threads = [threading.Thread(target=trigger) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(created) == 1
+    (job,) = jobs(db)
+    assert job.policy == "harmless" and job.dataset["min_id"] == 1 and job.params["max_steps"] == 2
+    # The same pairs never trigger a second job; new ones do once there are enough.
+    with session_scope(db) as session:
+        assert queries.queue_policy_training(session, "harmless") is None
+    policies = client.get("/train/policies").json()
+    assert policies[0]["last_pair_id"] == job.dataset["max_id"]
+    assert client.delete("/train/policies/harmless").status_code == 204
+    assert client.get("/train/policies").json() == []
+
+
+def test_bad_policies(client):
+    assert client.put("/train/policies/harmless", json={"min_new_pairs": 0}).status_code == 422
+    assert client.put("/train/policies/harmless", json={"min_new_pairs": 5, "params": {"beta": -1}}).json()["detail"].startswith("params.beta")
+    assert client.put("/train/policies/Bad..Name", json={"min_new_pairs": 5}).status_code == 422
