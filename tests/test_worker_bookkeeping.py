@@ -1,0 +1,92 @@
+"""The generation worker's bookkeeping with a scripted engine and a real PostgreSQL.
+
+The real-engine end-to-end tests live in test_generation_e2e.py; these check what the worker
+does around the engine: pairs written once, failures recorded alone, stop releases prompts.
+"""
+
+import asyncio
+
+from sqlalchemy import select
+
+from app.db import session_scope
+from app.models import Pair, Prompt, Worker
+from tests.fake_engine import ScriptedEngine
+from tests.test_queue import make_job, statuses
+from workers.generation.worker import GenerationWorker
+
+
+def run_until(worker: GenerationWorker, condition, timeout: float = 30.0) -> None:
+    """Run the worker until `condition()` holds (checked on the loop), then stop it."""
+
+    async def main():
+        task = asyncio.create_task(worker.run())
+        try:
+            async with asyncio.timeout(timeout):
+                while not await asyncio.to_thread(condition):
+                    await asyncio.sleep(0.05)
+        finally:
+            worker.stopping.set()
+            await task
+
+    asyncio.run(main())
+
+
+def make_worker(settings, db, engine: ScriptedEngine, **overrides) -> GenerationWorker:
+    settings = settings.model_copy(update={"max_in_flight": 4, "claim_batch": 2, **overrides})
+    return GenerationWorker(settings, db, url=settings.database_url, engine_factory=lambda s, model: engine)
+
+
+def all_finished(db):
+    return lambda: all(s in ("done", "failed") for s, _, _ in statuses(db).values())
+
+
+def test_worker_writes_one_pair_per_prompt_with_its_trajectory(settings, db):
+    job_id = make_job(db, settings, 10)
+    engine = ScriptedEngine(reply=lambda m: f"reply to {m[-1]['content'][:20]} #{len(m)}")
+    worker = make_worker(settings, db, engine)
+    run_until(worker, all_finished(db))
+    with session_scope(db) as session:
+        pairs = session.scalars(select(Pair).order_by(Pair.prompt_id)).all()
+        assert len(pairs) == 10 and {p.job_id for p in pairs} == {job_id}
+        for pair in pairs:
+            assert pair.rejected.startswith("reply to prompt")
+            assert len(pair.trajectory["rounds"]) == 1 and pair.trajectory["principles"][0]
+            assert pair.chosen == pair.trajectory["rounds"][0]["revision"]
+            assert pair.usage["completion_tokens"] > 0 and pair.flags == []
+        workers = session.scalars(select(Worker)).all()
+        assert len(workers) == 1 and workers[0].stopped_at is not None
+    assert worker.pairs_written == 10
+
+
+def test_a_prompt_too_long_fails_alone_with_its_reason(settings, db):
+    make_job(db, settings, 3)
+    with session_scope(db) as session:
+        session.scalars(select(Prompt).where(Prompt.position == 1)).one().messages = [
+            {"role": "user", "content": "TOO LONG " * 10}
+        ]
+    worker = make_worker(settings, db, ScriptedEngine())
+    run_until(worker, all_finished(db))
+    with session_scope(db) as session:
+        prompts = {p.position: p for p in session.scalars(select(Prompt))}
+        assert prompts[1].status == "failed" and "prompt too long" in prompts[1].last_error
+        assert prompts[1].attempts == 1  # not retried: it can never fit
+        assert prompts[0].status == prompts[2].status == "done"
+
+
+def test_unchanged_revision_is_flagged(settings, db):
+    make_job(db, settings, 2)
+    worker = make_worker(settings, db, ScriptedEngine(reply=lambda m: "the same words"))
+    run_until(worker, all_finished(db))
+    with session_scope(db) as session:
+        assert {tuple(p.flags) for p in session.scalars(select(Pair))} == {("unchanged",)}
+
+
+def test_stop_releases_prompts_in_flight_at_once(settings, db):
+    make_job(db, settings, 6)
+    engine = ScriptedEngine()
+    engine.gate.clear()  # every chat blocks: the trajectories stay in flight
+    worker = make_worker(settings, db, engine)
+    run_until(worker, lambda: sum(s == "running" for s, _, _ in statuses(db).values()) == 4)
+    assert all(v == ("queued", 0, None) for v in statuses(db).values())
+    with session_scope(db) as session:
+        assert session.scalars(select(Pair)).all() == []
