@@ -81,7 +81,9 @@ def cmd_db(args: argparse.Namespace, settings: Settings) -> int:
         upgrade_database(url, args.revision or "head")
     else:
         downgrade_database(url, args.revision or "base")
-    log.info("database %sd to %s", args.action, args.revision or ("head" if args.action == "upgrade" else "base"))
+    log.info(
+        "database %sd to %s", args.action, args.revision or ("head" if args.action == "upgrade" else "base")
+    )
     return 0
 
 
@@ -90,6 +92,14 @@ def cmd_model(args: argparse.Namespace, settings: Settings) -> int:
 
     print(prepare_bundled_model(settings.models_dir))
     return 0
+
+
+def kill_group(child: subprocess.Popen) -> None:
+    """SIGKILL what is left of a child's process group (it was started as its own session)."""
+    try:
+        os.killpg(child.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 class Supervisor:
@@ -122,6 +132,7 @@ class Supervisor:
                 if child.poll() is None or self.stopping:
                     continue
                 log.error("%s exited with code %s", name, child.returncode)
+                kill_group(child)  # vLLM's engine process outlives a killed worker otherwise
                 recent = [t for t in restarts.get(name, []) if time.monotonic() - t < 60]
                 if name == "api" or len(recent) >= 3:
                     log.error("%s cannot be kept running; stopping", name)
@@ -143,8 +154,8 @@ class Supervisor:
                 child.wait(max(deadline - time.monotonic(), 0.1))
             except subprocess.TimeoutExpired:
                 log.warning("%s did not stop in %.0f s; killing it", name, timeout)
-                child.kill()
-                child.wait()
+            kill_group(child)
+            child.wait()
 
 
 def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
@@ -166,7 +177,12 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
         commands["generate"] = me + ["worker", "generate"]
     if not args.no_train_worker:
         commands["train"] = me + ["worker", "train"]
-    log.info("cai-dpo on http://%s:%d (database: %s)", host, port, "embedded" if not settings.database_url else "DATABASE_URL")
+    log.info(
+        "cai-dpo on http://%s:%d (database: %s)",
+        host,
+        port,
+        "embedded" if not settings.database_url else "DATABASE_URL",
+    )
     return Supervisor(commands, env).run()
 
 
@@ -180,7 +196,9 @@ class Client:
         url = args.url or os.environ.get("CAI_URL") or f"http://{settings.host}:{settings.port}"
         key = args.api_key or os.environ.get("CAI_API_KEY") or next(iter(settings.api_key_list), None)
         headers = {"Authorization": f"Bearer {key}"} if key else {}
-        self.http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=httpx.Timeout(300, connect=10))
+        self.http = httpx.Client(
+            base_url=url.rstrip("/"), headers=headers, timeout=httpx.Timeout(300, connect=10)
+        )
 
     def call(self, method: str, path: str, **kwargs):
         response = self.http.request(method, path, **kwargs)
@@ -198,7 +216,11 @@ def read_prompts(path: Path) -> list:
     text = path.read_text()
     if path.suffix == ".txt":
         return [line for line in text.splitlines() if line.strip()]
-    items = json.loads(text) if path.suffix == ".json" else [json.loads(line) for line in text.splitlines() if line.strip()]
+    items = (
+        json.loads(text)
+        if path.suffix == ".json"
+        else [json.loads(line) for line in text.splitlines() if line.strip()]
+    )
     prompts = []
     for n, item in enumerate(items, 1):
         if isinstance(item, dict):
@@ -242,7 +264,10 @@ def cmd_generate(args: argparse.Namespace, settings: Settings) -> int:
         key = f"cli-{file_hash}-{args.constitution}-{start}-{args.revisions}-{args.model}-{args.seed}"
         job = client.call("POST", "/generate", json=body, headers={"Idempotency-Key": key})
         jobs.append(job["job_id"])
-        print(f"job {job['job_id']}: {job['n_prompts']} prompts, constitution {args.constitution} @ {job['constitution_version'][:12]}")
+        print(
+            f"job {job['job_id']}: {job['n_prompts']} prompts, "
+            f"constitution {args.constitution} @ {job['constitution_version'][:12]}"
+        )
     if not args.wait:
         return 0
     failed = 0
@@ -253,22 +278,36 @@ def cmd_generate(args: argparse.Namespace, settings: Settings) -> int:
             len(prompts),
             lambda s: (
                 s["counts"]["done"] + s["counts"]["failed"],
-                {"rate": f"{(s['pairs_per_s'] or 0):.2f}/s", "eta": f"{s['eta_s'] or 0:.0f}s",
-                 "failed": s["counts"]["failed"], "flagged": s["counts"]["flagged"]},
+                {
+                    "rate": f"{(s['pairs_per_s'] or 0):.2f}/s",
+                    "eta": f"{s['eta_s'] or 0:.0f}s",
+                    "failed": s["counts"]["failed"],
+                    "flagged": s["counts"]["flagged"],
+                },
                 s["status"] in ("done", "failed", "cancelled"),
             ),
         )
         failed += state["counts"]["failed"]
-        print(f"job {job_id}: {state['status']}, {state['counts']['done']} pairs ({state['counts']['flagged']} flagged), {state['counts']['failed']} failed")
+        print(
+            f"job {job_id}: {state['status']}, {state['counts']['done']} pairs "
+            f"({state['counts']['flagged']} flagged), {state['counts']['failed']} failed"
+        )
     return 1 if failed else 0
 
 
 def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
     client = Client(args, settings)
     params = {
-        "format": args.format, "style": args.style, "split": args.split, "test_fraction": args.test_fraction,
-        "include_flagged": args.include_flagged, "metadata": args.metadata, "job_id": args.job_id,
-        "constitution": args.constitution, "constitution_version": args.constitution_version, "since": args.since,
+        "format": args.format,
+        "style": args.style,
+        "split": args.split,
+        "test_fraction": args.test_fraction,
+        "include_flagged": args.include_flagged,
+        "metadata": args.metadata,
+        "job_id": args.job_id,
+        "constitution": args.constitution,
+        "constitution_version": args.constitution_version,
+        "since": args.since,
     }
     params = {k: v for k, v in params.items() if v is not None}
     out = Path(args.out)
@@ -308,12 +347,18 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
         1,
         lambda s: (
             s["step"] / max(s["total_steps"] or 1, 1),
-            {"step": f"{s['step']}/{s['total_steps'] or '?'}", "loss": (s.get("latest_metrics") or {}).get("loss"),
-             "eta": f"{s.get('eta_s') or 0:.0f}s"},
+            {
+                "step": f"{s['step']}/{s['total_steps'] or '?'}",
+                "loss": (s.get("latest_metrics") or {}).get("loss"),
+                "eta": f"{s.get('eta_s') or 0:.0f}s",
+            },
             s["status"] in ("succeeded", "failed", "cancelled"),
         ),
     )
-    print(f"training job {job['train_id']}: {state['status']} {state.get('artifact') or state.get('error') or ''}")
+    print(
+        f"training job {job['train_id']}: {state['status']} "
+        f"{state.get('artifact') or state.get('error') or ''}"
+    )
     return 0 if state["status"] == "succeeded" else 1
 
 

@@ -27,7 +27,9 @@ class Principle(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     id: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
-    critique: str = Field(min_length=1, description="Asks the model to find what is wrong with its last answer.")
+    critique: str = Field(
+        min_length=1, description="Asks the model to find what is wrong with its last answer."
+    )
     revision: str = Field(min_length=1, description="Asks the model to rewrite its answer without it.")
 
 
@@ -47,7 +49,9 @@ class ConstitutionSpec(BaseModel):
     description: str = ""
     revisions: int = Field(1, ge=1, le=16, description="Default critique-and-revise rounds.")
     principle_sampling: Literal["random", "sequential", "fixed"] = "random"
-    fixed_principle: str | None = Field(None, description="Principle id used by `fixed` sampling (default: first).")
+    fixed_principle: str | None = Field(
+        None, description="Principle id used by `fixed` sampling (default: first)."
+    )
     principles: list[Principle] = Field(min_length=1)
     few_shot: list[FewShotExample] = Field(default_factory=list)
 
@@ -157,7 +161,11 @@ class ConstitutionStore:
             raise UnknownConstitution(f"unknown constitution {name!r}") from None
         try:
             constitution = Constitution(
-                name=name, path=path, text=text, version=content_hash(text), spec=parse_constitution(text, path=path)
+                name=name,
+                path=path,
+                text=text,
+                version=content_hash(text),
+                spec=parse_constitution(text, path=path),
             )
         except ConstitutionError as exc:
             with self._lock:

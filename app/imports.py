@@ -33,7 +33,10 @@ def transcript_turns(text: str) -> list[dict[str, str]]:
     if not _TURN.match(text):
         raise RowError('a transcript must start with "\\n\\nHuman: "')
     parts = _TURN.split(text)[1:]
-    return [{"role": _ROLES[role], "content": content.strip()} for role, content in zip(parts[::2], parts[1::2], strict=True)]
+    return [
+        {"role": _ROLES[role], "content": content.strip()}
+        for role, content in zip(parts[::2], parts[1::2], strict=True)
+    ]
 
 
 def _hh_pair(chosen: str, rejected: str) -> ImportedPair:
@@ -42,14 +45,20 @@ def _hh_pair(chosen: str, rejected: str) -> ImportedPair:
         raise RowError("chosen/rejected: a transcript must end with an Assistant turn")
     if chosen_turns[:-1] != rejected_turns[:-1]:
         raise RowError("chosen/rejected: the two transcripts have different prompts")
-    return ImportedPair(chosen_turns[:-1], chosen_turns[-1]["content"], rejected_turns[-1]["content"], "hh-rlhf")
+    return ImportedPair(
+        chosen_turns[:-1], chosen_turns[-1]["content"], rejected_turns[-1]["content"], "hh-rlhf"
+    )
 
 
 def _messages(value: Any, field: str) -> list[dict[str, str]]:
     if not isinstance(value, list) or not value:
         raise RowError(f"{field}: expected a non-empty list of messages")
     for n, message in enumerate(value):
-        if not isinstance(message, dict) or message.get("role") not in _MESSAGE_ROLES or not isinstance(message.get("content"), str):
+        if (
+            not isinstance(message, dict)
+            or message.get("role") not in _MESSAGE_ROLES
+            or not isinstance(message.get("content"), str)
+        ):
             raise RowError(f"{field}.{n}: expected {{'role': system|user|assistant, 'content': str}}")
     return [{"role": m["role"], "content": m["content"]} for m in value]
 
@@ -84,7 +93,10 @@ def parse_pair(row: Any) -> ImportedPair:
     else:
         messages = _messages(prompt, "prompt")
         pair = ImportedPair(
-            messages, _single_answer(row["chosen"], "chosen"), _single_answer(row["rejected"], "rejected"), "conversational"
+            messages,
+            _single_answer(row["chosen"], "chosen"),
+            _single_answer(row["rejected"], "rejected"),
+            "conversational",
         )
     if not any(m["role"] == "user" and m["content"].strip() for m in pair.prompt):
         raise RowError("prompt: no user turn with text")

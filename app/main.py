@@ -44,7 +44,12 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     for error in sorted(exc.errors(), key=lambda e: -len(e["loc"])):
         if error.get("type") == "json_invalid":
             status = 400
-            errors.append({"field": "body", "message": f"malformed JSON: {error.get('ctx', {}).get('error', error['msg'])}"})
+            errors.append(
+                {
+                    "field": "body",
+                    "message": f"malformed JSON: {error.get('ctx', {}).get('error', error['msg'])}",
+                }
+            )
         else:
             errors.append({"field": field_name(error["loc"]), "message": error["msg"]})
     return error_response(status, errors)
@@ -60,7 +65,11 @@ async def _constitution_error(request: Request, exc: ConstitutionError) -> JSONR
     where = f" ({exc.path})" if exc.path else ""
     return JSONResponse(
         status_code=422,
-        content={"detail": f"{field}: {exc.message}{where}", "errors": [{"field": field, "message": exc.message}], **exc.to_dict()},
+        content={
+            "detail": f"{field}: {exc.message}{where}",
+            "errors": [{"field": field, "message": exc.message}],
+            **exc.to_dict(),
+        },
     )
 
 
@@ -82,7 +91,13 @@ class BodySizeLimit:
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             response = error_response(
-                413, [{"field": "body", "message": f"{int(declared)} bytes; at most {self.max_bytes} (CAI_MAX_BODY_BYTES)"}]
+                413,
+                [
+                    {
+                        "field": "body",
+                        "message": f"{int(declared)} bytes; at most {self.max_bytes} (CAI_MAX_BODY_BYTES)",
+                    }
+                ],
             )
             await response(scope, receive, send)
             return
@@ -107,7 +122,10 @@ class BodySizeLimit:
             await self.app(scope, counting_receive, tracking_send)
         except _BodyTooLarge:
             if not started:
-                response = error_response(413, [{"field": "body", "message": f"more than {self.max_bytes} bytes (CAI_MAX_BODY_BYTES)"}])
+                response = error_response(
+                    413,
+                    [{"field": "body", "message": f"more than {self.max_bytes} bytes (CAI_MAX_BODY_BYTES)"}],
+                )
                 await response(scope, receive, send)
 
 

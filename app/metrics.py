@@ -38,7 +38,10 @@ class RequestCounter:
 
 
 def _labels(**labels: object) -> str:
-    inner = ",".join(f'{k}="{str(v).replace(chr(92), chr(92) * 2).replace(chr(34), chr(92) + chr(34))}"' for k, v in labels.items())
+    inner = ",".join(
+        f'{k}="{str(v).replace(chr(92), chr(92) * 2).replace(chr(34), chr(92) + chr(34))}"'
+        for k, v in labels.items()
+    )
     return "{" + inner + "}"
 
 
@@ -68,12 +71,22 @@ def render_metrics(
         "# HELP cai_training_jobs Training jobs by status.",
         "# TYPE cai_training_jobs gauge",
     ]
-    lines += [f"cai_training_jobs{_labels(status=status)} {count}" for status, count in sorted(training.items())]
+    lines += [
+        f"cai_training_jobs{_labels(status=status)} {count}" for status, count in sorted(training.items())
+    ]
     lines += [
         "# HELP cai_worker_in_flight Trajectories (or training jobs) a live worker holds.",
         "# TYPE cai_worker_in_flight gauge",
     ]
-    lines += [f"cai_worker_in_flight{_labels(worker=w['id'], kind=w['kind'])} {w['in_flight']}" for w in workers]
-    lines += ["# HELP cai_worker_tokens_per_second Generated tokens/s of a live worker.", "# TYPE cai_worker_tokens_per_second gauge"]
-    lines += [f"cai_worker_tokens_per_second{_labels(worker=w['id'], kind=w['kind'])} {w['tokens_per_s']}" for w in workers]
+    lines += [
+        f"cai_worker_in_flight{_labels(worker=w['id'], kind=w['kind'])} {w['in_flight']}" for w in workers
+    ]
+    lines += [
+        "# HELP cai_worker_tokens_per_second Generated tokens/s of a live worker.",
+        "# TYPE cai_worker_tokens_per_second gauge",
+    ]
+    lines += [
+        f"cai_worker_tokens_per_second{_labels(worker=w['id'], kind=w['kind'])} {w['tokens_per_s']}"
+        for w in workers
+    ]
     return "\n".join(lines) + "\n"

@@ -60,7 +60,9 @@ class GenerationJob(Base):
     model: Mapped[str] = mapped_column(Text)
     revisions: Mapped[int] = mapped_column(Integer)
     sampling: Mapped[dict[str, Any]]
-    job_metadata: Mapped[dict[str, Any]] = mapped_column("metadata", JSONB, server_default=text("'{}'::jsonb"))
+    job_metadata: Mapped[dict[str, Any]] = mapped_column(
+        "metadata", JSONB, server_default=text("'{}'::jsonb")
+    )
     n_prompts: Mapped[int] = mapped_column(Integer)
     idempotency_key: Mapped[str | None] = mapped_column(Text, unique=True)
     request_hash: Mapped[str | None] = mapped_column(String(64))
@@ -111,8 +113,12 @@ class Pair(Base):
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
     prompt_id: Mapped[int | None] = mapped_column(ForeignKey("prompts.id", ondelete="CASCADE"), unique=True)
-    job_id: Mapped[int | None] = mapped_column(ForeignKey("generation_jobs.id", ondelete="CASCADE"), index=True)
-    import_id: Mapped[int | None] = mapped_column(ForeignKey("dataset_imports.id", ondelete="CASCADE"), index=True)
+    job_id: Mapped[int | None] = mapped_column(
+        ForeignKey("generation_jobs.id", ondelete="CASCADE"), index=True
+    )
+    import_id: Mapped[int | None] = mapped_column(
+        ForeignKey("dataset_imports.id", ondelete="CASCADE"), index=True
+    )
     source: Mapped[str] = mapped_column(Text, server_default="generated")
     constitution_name: Mapped[str | None] = mapped_column(String(64))
     constitution_version_id: Mapped[int | None] = mapped_column(ForeignKey("constitution_versions.id"))
@@ -126,7 +132,9 @@ class Pair(Base):
     model: Mapped[str | None] = mapped_column(Text)
     sampling: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
     usage: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
-    pair_metadata: Mapped[dict[str, Any]] = mapped_column("metadata", JSONB, server_default=text("'{}'::jsonb"))
+    pair_metadata: Mapped[dict[str, Any]] = mapped_column(
+        "metadata", JSONB, server_default=text("'{}'::jsonb")
+    )
     created_at: Mapped[datetime] = _now()
 
 
@@ -161,7 +169,9 @@ class TrainingJob(Base):
 class TrainingMetric(Base):
     __tablename__ = "training_metrics"
 
-    train_id: Mapped[int] = mapped_column(ForeignKey("training_jobs.id", ondelete="CASCADE"), primary_key=True)
+    train_id: Mapped[int] = mapped_column(
+        ForeignKey("training_jobs.id", ondelete="CASCADE"), primary_key=True
+    )
     step: Mapped[int] = mapped_column(Integer, primary_key=True)
     values: Mapped[dict[str, Any]]
     created_at: Mapped[datetime] = _now()

@@ -41,7 +41,9 @@ def job_progress(
         end = now if open_ else (last_finished_at or now)
         elapsed = (end - first_started_at).total_seconds()
         rate = finished / elapsed if elapsed > 0 else None
-    remaining = counts.get("queued", 0) + counts.get("running", 0) if not cancelled else counts.get("running", 0)
+    remaining = (
+        counts.get("queued", 0) + counts.get("running", 0) if not cancelled else counts.get("running", 0)
+    )
     eta = remaining / rate if rate and remaining else (0.0 if not remaining else None)
     return Progress(status=status, rate_per_s=rate, eta_s=eta)
 

@@ -75,7 +75,8 @@ def constitution_versions(session: Session, name: str) -> list[dict[str, Any]]:
         .order_by(ConstitutionVersion.id.desc())
     )
     return [
-        {"version": r.content_hash, "first_used_at": r.created_at, "n_pairs": r.n_pairs, "id": r.id} for r in rows
+        {"version": r.content_hash, "first_used_at": r.created_at, "n_pairs": r.n_pairs, "id": r.id}
+        for r in rows
     ]
 
 
@@ -126,7 +127,9 @@ def create_generation_job(
     with cursor.copy("COPY prompts (job_id, position, messages) FROM STDIN") as copy:
         for position, messages in enumerate(prompts):
             copy.write_row((job_id, position, Jsonb(messages)))
-    session.execute(text("SELECT pg_notify(:channel, :payload)"), {"channel": PROMPTS_CHANNEL, "payload": model})
+    session.execute(
+        text("SELECT pg_notify(:channel, :payload)"), {"channel": PROMPTS_CHANNEL, "payload": model}
+    )
     return session.get(GenerationJob, job_id)
 
 
@@ -267,7 +270,9 @@ def claimable_models(session: Session) -> list[str]:
     return [model for model, _ in rows]
 
 
-def renew_prompt_leases(session: Session, *, worker_id: str, prompt_ids: Sequence[int], lease_seconds: float) -> set[int]:
+def renew_prompt_leases(
+    session: Session, *, worker_id: str, prompt_ids: Sequence[int], lease_seconds: float
+) -> set[int]:
     """Extend the leases this worker still holds; returns the ids it still holds."""
     if not prompt_ids:
         return set()
@@ -289,7 +294,9 @@ def complete_prompt(session: Session, *, worker_id: str, prompt_id: int, pair: d
     done = session.execute(
         update(Prompt)
         .where(Prompt.id == prompt_id, Prompt.lease_owner == worker_id, Prompt.status == "running")
-        .values(status="done", finished_at=func.now(), lease_owner=None, lease_expires_at=None, last_error=None)
+        .values(
+            status="done", finished_at=func.now(), lease_owner=None, lease_expires_at=None, last_error=None
+        )
         .returning(Prompt.id)
     ).scalar_one_or_none()
     if done is None:
@@ -316,7 +323,13 @@ def fail_prompt(
             WHERE id = :id AND lease_owner = :worker AND status = 'running'
             RETURNING status
         """),
-        {"retryable": retryable, "max_attempts": max_attempts, "error": error[:4000], "id": prompt_id, "worker": worker_id},
+        {
+            "retryable": retryable,
+            "max_attempts": max_attempts,
+            "error": error[:4000],
+            "id": prompt_id,
+            "worker": worker_id,
+        },
     ).scalar_one_or_none()
 
 
@@ -400,9 +413,12 @@ def filter_pairs(stmt: Select, f: PairFilter) -> Select:
         conditions.append(Pair.constitution_name == f.constitution)
     if f.constitution_version is not None:
         versions = select(ConstitutionVersion.id).where(
-            or_(ConstitutionVersion.content_hash == f.constitution_version,
+            or_(
+                ConstitutionVersion.content_hash == f.constitution_version,
                 ConstitutionVersion.content_hash.startswith(f.constitution_version)
-                if len(f.constitution_version) >= 8 else False)
+                if len(f.constitution_version) >= 8
+                else False,
+            )
         )
         conditions.append(Pair.constitution_version_id.in_(versions))
     if f.since is not None:
@@ -428,7 +444,9 @@ def _pairs_with_version() -> Select:
     )
 
 
-def list_pairs(session: Session, f: PairFilter, *, after_id: int | None, limit: int) -> list[tuple[Pair, str | None]]:
+def list_pairs(
+    session: Session, f: PairFilter, *, after_id: int | None, limit: int
+) -> list[tuple[Pair, str | None]]:
     stmt = filter_pairs(_pairs_with_version(), f).order_by(Pair.id).limit(limit)
     if after_id is not None:
         stmt = stmt.where(Pair.id > after_id)
@@ -499,7 +517,12 @@ def insert_imported_pairs(
 
 
 def create_training_job(
-    session: Session, *, base_model: str, dataset: dict[str, Any], params: dict[str, Any], policy: str | None = None
+    session: Session,
+    *,
+    base_model: str,
+    dataset: dict[str, Any],
+    params: dict[str, Any],
+    policy: str | None = None,
 ) -> TrainingJob:
     job = TrainingJob(base_model=base_model, dataset=dataset, params=params, policy=policy)
     session.add(job)
@@ -544,7 +567,8 @@ _FAIL_EXHAUSTED_TRAINING = text("""
 """)
 
 _CANCEL_UNCLAIMED_TRAINING = text("""
-    UPDATE training_jobs SET status = 'cancelled', finished_at = now(), lease_owner = NULL, lease_expires_at = NULL
+    UPDATE training_jobs
+    SET status = 'cancelled', finished_at = now(), lease_owner = NULL, lease_expires_at = NULL
     WHERE cancel_requested AND (status = 'queued' OR (status = 'running' AND lease_expires_at < now()))
 """)
 
@@ -576,7 +600,9 @@ def renew_training_lease(session: Session, *, worker_id: str, train_id: int, lea
     return held is not None
 
 
-def update_training_job(session: Session, train_id: int, *, worker_id: str | None = None, **values: Any) -> bool:
+def update_training_job(
+    session: Session, train_id: int, *, worker_id: str | None = None, **values: Any
+) -> bool:
     stmt = update(TrainingJob).where(TrainingJob.id == train_id)
     if worker_id is not None:
         stmt = stmt.where(TrainingJob.lease_owner == worker_id)
@@ -602,7 +628,9 @@ def finish_training_job(
 def release_training_job(session: Session, *, worker_id: str, train_id: int) -> None:
     session.execute(
         update(TrainingJob)
-        .where(TrainingJob.id == train_id, TrainingJob.lease_owner == worker_id, TrainingJob.status == "running")
+        .where(
+            TrainingJob.id == train_id, TrainingJob.lease_owner == worker_id, TrainingJob.status == "running"
+        )
         .values(
             status="queued",
             attempts=func.greatest(TrainingJob.attempts - 1, 0),
@@ -627,16 +655,27 @@ def request_training_cancel(session: Session, train_id: int) -> TrainingJob | No
 def record_training_metrics(session: Session, train_id: int, step: int, values: dict[str, Any]) -> None:
     stmt = insert(TrainingMetric).values(train_id=train_id, step=step, values=values)
     # A resumed job repeats the steps after its last checkpoint: the newer values win.
-    session.execute(stmt.on_conflict_do_update(index_elements=["train_id", "step"], set_={"values": stmt.excluded["values"]}))
+    session.execute(
+        stmt.on_conflict_do_update(
+            index_elements=["train_id", "step"], set_={"values": stmt.excluded["values"]}
+        )
+    )
 
 
 def training_metrics(session: Session, train_id: int) -> list[TrainingMetric]:
-    return list(session.scalars(select(TrainingMetric).where(TrainingMetric.train_id == train_id).order_by(TrainingMetric.step)))
+    return list(
+        session.scalars(
+            select(TrainingMetric).where(TrainingMetric.train_id == train_id).order_by(TrainingMetric.step)
+        )
+    )
 
 
 def latest_training_metric(session: Session, train_id: int) -> TrainingMetric | None:
     return session.scalars(
-        select(TrainingMetric).where(TrainingMetric.train_id == train_id).order_by(TrainingMetric.step.desc()).limit(1)
+        select(TrainingMetric)
+        .where(TrainingMetric.train_id == train_id)
+        .order_by(TrainingMetric.step.desc())
+        .limit(1)
     ).one_or_none()
 
 
@@ -651,7 +690,8 @@ def upsert_train_policy(session: Session, *, constitution_name: str, **values: A
     stmt = insert(TrainPolicy).values(constitution_name=constitution_name, **values)
     session.execute(
         stmt.on_conflict_do_update(
-            index_elements=["constitution_name"], set_={**{k: stmt.excluded[k] for k in values}, "updated_at": func.now()}
+            index_elements=["constitution_name"],
+            set_={**{k: stmt.excluded[k] for k in values}, "updated_at": func.now()},
         )
     )
     return session.get(TrainPolicy, constitution_name, populate_existing=True)

@@ -46,15 +46,21 @@ class SamplingRequest(BaseModel):
 class GenerateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    prompts: list[str | list[ChatMessage]] = Field(description="Plain strings, or chat messages ending with a user turn.")
+    prompts: list[str | list[ChatMessage]] = Field(
+        description="Plain strings, or chat messages ending with a user turn."
+    )
     constitution: str = Field(min_length=1, max_length=64)
-    revisions: int | None = Field(None, ge=1, description="Critique-and-revise rounds (default: the constitution's).")
+    revisions: int | None = Field(
+        None, ge=1, description="Critique-and-revise rounds (default: the constitution's)."
+    )
     sampling: SamplingRequest | None = None
     model: str | None = Field(None, description="Default model, or `train:<id>` for a trained one.")
     metadata: dict[str, Any] = Field(default_factory=dict)
 
 
-def normalize_prompts(prompts: list[str | list[ChatMessage]], settings: Settings) -> list[list[dict[str, str]]]:
+def normalize_prompts(
+    prompts: list[str | list[ChatMessage]], settings: Settings
+) -> list[list[dict[str, str]]]:
     """Check every prompt against the limits and turn it into a list of chat messages."""
     if not prompts:
         raise FieldError("prompts", "at least one prompt is required")
@@ -72,7 +78,9 @@ def normalize_prompts(prompts: list[str | list[ChatMessage]], settings: Settings
             if not messages:
                 raise FieldError(where, "empty message list")
             if len(messages) > settings.max_messages_per_prompt:
-                raise FieldError(where, f"{len(messages)} messages; at most {settings.max_messages_per_prompt}")
+                raise FieldError(
+                    where, f"{len(messages)} messages; at most {settings.max_messages_per_prompt}"
+                )
             if messages[-1]["role"] != "user":
                 raise FieldError(f"{where}.{len(messages) - 1}.role", "the last message must be a user turn")
             for n, message in enumerate(messages):
@@ -144,7 +152,9 @@ class ConstitutionOut(BaseModel):
     body: str | None = None
     spec: dict[str, Any] | None = None
     versions: list[dict[str, Any]] | None = None
-    error: dict[str, Any] | None = Field(None, description="Set when the file on disk is invalid (last good version served).")
+    error: dict[str, Any] | None = Field(
+        None, description="Set when the file on disk is invalid (last good version served)."
+    )
 
 
 class WorkerOut(BaseModel):
@@ -180,7 +190,9 @@ class DatasetFilter(BaseModel):
 class TrainRequest(TrainParams):
     """`POST /train`: the base model, the data, and the hyperparameters at top level."""
 
-    base_model: str | None = Field(None, description="Default: the bundled model; or `train:<id>` to continue.")
+    base_model: str | None = Field(
+        None, description="Default: the bundled model; or `train:<id>` to continue."
+    )
     dataset: DatasetFilter = Field(default_factory=DatasetFilter)
 
     def params(self) -> dict[str, Any]:

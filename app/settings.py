@@ -67,7 +67,9 @@ class Settings(BaseSettings):
     lease_seconds: float = Field(60.0, gt=0, description="How long a claimed prompt or training job is held.")
     max_attempts: int = Field(3, ge=1, description="Attempts per prompt before it is marked failed.")
     poll_seconds: float = Field(5.0, gt=0, description="Idle workers poll this often if no NOTIFY comes.")
-    worker_seen_seconds: float = Field(60.0, gt=0, description="A worker counts as live this long after a heartbeat.")
+    worker_seen_seconds: float = Field(
+        60.0, gt=0, description="A worker counts as live this long after a heartbeat."
+    )
 
     # --- generation ----------------------------------------------------------------------------
     max_in_flight: int = Field(64, ge=1, description="Trajectories a generation worker runs at once.")
@@ -75,7 +77,9 @@ class Settings(BaseSettings):
     temperature: float = Field(0.7, ge=0, description="Default sampling temperature.")
     top_p: float = Field(0.95, gt=0, le=1, description="Default nucleus sampling.")
     max_tokens: int = Field(256, ge=1, description="Default new tokens per generated message.")
-    vllm_tensor_parallel_size: int = Field(1, ge=1, description="vLLM tensor parallel size (GPUs per worker).")
+    vllm_tensor_parallel_size: int = Field(
+        1, ge=1, description="vLLM tensor parallel size (GPUs per worker)."
+    )
     vllm_memory_fraction: float | None = Field(
         None, gt=0, le=1, description="vLLM `gpu_memory_utilization`. Unset: 0.25 on the CPU, 0.9 on a GPU."
     )
@@ -83,25 +87,33 @@ class Settings(BaseSettings):
         2048, ge=128, description="vLLM context length; prompts longer than it fail alone."
     )
     vllm_enforce_eager: bool | None = Field(
-        None, description="Skip torch.compile / CUDA graphs. Unset: on for the CPU (faster start), off on a GPU."
+        None,
+        description="Skip torch.compile / CUDA graphs. Unset: on for the CPU (faster start), off on a GPU.",
     )
     vllm_dtype: str = Field(
-        "auto", description="vLLM weights dtype. `auto`: the model's, but float32 on CPUs without AVX512-BF16."
+        "auto",
+        description="vLLM weights dtype. `auto`: the model's, but float32 on CPUs without AVX512-BF16.",
     )
     vllm_kv_cache_gib: float | None = Field(
-        None, gt=0, description="KV cache size in GiB (overrides the memory fraction; small values suit CPUs)."
+        None,
+        gt=0,
+        description="KV cache size in GiB (overrides the memory fraction; small values suit CPUs).",
     )
     openai_base_url: str = Field(
         "http://127.0.0.1:8001/v1", description="Base URL of the OpenAI-compatible server (`engine=openai`)."
     )
     openai_api_key: str = Field("", description="Bearer key for the OpenAI-compatible server.")
     openai_model: str | None = Field(None, description="Model name to request from it. Unset: `CAI_MODEL`.")
-    openai_concurrency: int = Field(32, ge=1, description="Requests in flight to the OpenAI-compatible server.")
+    openai_concurrency: int = Field(
+        32, ge=1, description="Requests in flight to the OpenAI-compatible server."
+    )
     openai_timeout_seconds: float = Field(120.0, gt=0, description="Timeout of one request to it.")
     openai_max_retries: int = Field(4, ge=0, description="Retries (exponential backoff) of a failed request.")
 
     # --- training ------------------------------------------------------------------------------
-    checkpoint_steps: int = Field(50, ge=1, description="Training checkpoint every this many optimizer steps.")
+    checkpoint_steps: int = Field(
+        50, ge=1, description="Training checkpoint every this many optimizer steps."
+    )
     train_policies: str = Field(
         "",
         description='Automatic training policies as JSON: `{"harmless": {"min_new_pairs": 500, ...}}`.',

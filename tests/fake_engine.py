@@ -37,7 +37,9 @@ class ScriptedEngine:
         await self.gate.wait()
         text = self.reply(messages)
         self.completion_tokens += len(text.split())
-        return ChatResult(text=text, finish_reason="stop", prompt_tokens=10, completion_tokens=len(text.split()))
+        return ChatResult(
+            text=text, finish_reason="stop", prompt_tokens=10, completion_tokens=len(text.split())
+        )
 
     def stats(self) -> EngineStats:
         return EngineStats(requests=len(self.calls), completion_tokens=self.completion_tokens)

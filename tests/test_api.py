@@ -5,8 +5,8 @@ import json
 import pytest
 from sqlalchemy import func, select, text
 
-from app.models import GenerationJob, Pair, Prompt
 from app.db import session_scope
+from app.models import GenerationJob, Pair, Prompt
 
 
 def count(db, model) -> int:
@@ -16,7 +16,10 @@ def count(db, model) -> int:
 
 def test_generate_queues_one_prompt_row_per_prompt(client, db):
     body = {
-        "prompts": ["How do I pick a lock?", [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]],
+        "prompts": [
+            "How do I pick a lock?",
+            [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+        ],
         "constitution": "harmless",
         "revisions": 2,
         "sampling": {"temperature": 0.2, "max_tokens": 64, "seed": 7},
@@ -33,8 +36,19 @@ def test_generate_queues_one_prompt_row_per_prompt(client, db):
         assert prompts[1].messages[0] == {"role": "system", "content": "Be brief."}
     state = client.get(f"/jobs/{job['job_id']}").json()
     assert state["status"] == "queued"
-    assert state["counts"] == {"queued": 2, "running": 0, "done": 0, "failed": 0, "cancelled": 0, "flagged": 0}
-    assert state["revisions"] == 2 and state["sampling"]["temperature"] == 0.2 and state["sampling"]["top_p"] == 0.95
+    assert state["counts"] == {
+        "queued": 2,
+        "running": 0,
+        "done": 0,
+        "failed": 0,
+        "cancelled": 0,
+        "flagged": 0,
+    }
+    assert (
+        state["revisions"] == 2
+        and state["sampling"]["temperature"] == 0.2
+        and state["sampling"]["top_p"] == 0.95
+    )
     assert state["metadata"] == {"batch": "a"}
     assert [j["id"] for j in client.get("/jobs").json()] == [job["job_id"]]
 
@@ -51,7 +65,9 @@ def test_idempotency_key_returns_the_same_job(client, db):
 
 
 def test_cancel_stops_unclaimed_prompts(client, db):
-    job_id = client.post("/generate", json={"prompts": ["a", "b", "c"], "constitution": "harmless"}).json()["job_id"]
+    job_id = client.post("/generate", json={"prompts": ["a", "b", "c"], "constitution": "harmless"}).json()[
+        "job_id"
+    ]
     state = client.post(f"/jobs/{job_id}/cancel").json()
     assert state["status"] == "cancelled"
     assert state["counts"]["cancelled"] == 3 and state["counts"]["queued"] == 0
@@ -65,9 +81,16 @@ def test_cancel_stops_unclaimed_prompts(client, db):
         ({"prompts": ["ok", ""], "constitution": "harmless"}, 422, "prompts.1"),
         ({"prompts": ["x" * 20_000], "constitution": "harmless"}, 422, "prompts.0"),
         ({"prompts": ["hi"] * 10_001, "constitution": "harmless"}, 413, "prompts"),
-        ({"prompts": [[{"role": "robot", "content": "hi"}]], "constitution": "harmless"}, 422, "prompts.0.0.role"),
         (
-            {"prompts": [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]], "constitution": "harmless"},
+            {"prompts": [[{"role": "robot", "content": "hi"}]], "constitution": "harmless"},
+            422,
+            "prompts.0.0.role",
+        ),
+        (
+            {
+                "prompts": [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]],
+                "constitution": "harmless",
+            },
             422,
             "prompts.0.1.role",
         ),
@@ -78,7 +101,11 @@ def test_cancel_stops_unclaimed_prompts(client, db):
         ({"prompts": [42], "constitution": "harmless"}, 422, "prompts.0"),
         ({"prompts": ["hi"], "constitution": "harmless", "revisions": "two"}, 422, "revisions"),
         ({"prompts": ["hi"], "constitution": "harmless", "revisions": 99}, 422, "revisions"),
-        ({"prompts": ["hi"], "constitution": "harmless", "sampling": {"temperature": -1}}, 422, "sampling.temperature"),
+        (
+            {"prompts": ["hi"], "constitution": "harmless", "sampling": {"temperature": -1}},
+            422,
+            "sampling.temperature",
+        ),
         ({"prompts": ["hi"], "constitution": "harmless", "model": "gpt-5"}, 422, "model"),
         ({"prompts": ["hi"], "constitution": "harmless", "model": "train:12"}, 422, "model"),
         ({"prompts": ["hi"], "constitution": "harmless", "colour": "red"}, 422, "colour"),
@@ -94,14 +121,20 @@ def test_bad_generate_requests_name_the_field_and_write_nothing(client, db, body
 
 
 def test_malformed_json_is_a_400_naming_the_body(client, db):
-    response = client.post("/generate", content=b'{"prompts": [', headers={"content-type": "application/json"})
+    response = client.post(
+        "/generate", content=b'{"prompts": [', headers={"content-type": "application/json"}
+    )
     assert response.status_code == 400
     assert response.json()["detail"].startswith("body: malformed JSON")
     assert count(db, GenerationJob) == 0
 
 
 def test_oversized_body_is_refused_before_it_is_read(client, settings):
-    response = client.post("/generate", content=b"x" * (settings.max_body_bytes + 1), headers={"content-type": "application/json"})
+    response = client.post(
+        "/generate",
+        content=b"x" * (settings.max_body_bytes + 1),
+        headers={"content-type": "application/json"},
+    )
     assert response.status_code == 413 and response.json()["detail"].startswith("body:")
 
 
@@ -136,7 +169,10 @@ def insert_pairs(db, n: int, *, flagged_extra: bool = True) -> None:
                 "prompt": [{"role": "user", "content": f"prompt {i}"}],
                 "chosen": f"chosen {i}",
                 "rejected": f"rejected {i}",
-                "trajectory": {"principles": ["harm"], "rounds": [{"principle": "harm", "critique": f"critique {i}", "revision": f"chosen {i}"}]},
+                "trajectory": {
+                    "principles": ["harm"],
+                    "rounds": [{"principle": "harm", "critique": f"critique {i}", "revision": f"chosen {i}"}],
+                },
                 "flags": [],
             }
             for i in range(1, n + 1)
@@ -152,7 +188,9 @@ def test_constitutions_list_get_put(client, settings):
     harmless = client.get("/constitutions/harmless").json()
     assert len(harmless["spec"]["principles"]) >= 12 and len(harmless["spec"]["few_shot"]) >= 2
     new_text = harmless["body"].replace("revisions: 1", "revisions: 2")
-    put = client.put("/constitutions/harmless", content=new_text, headers={"content-type": "application/yaml"})
+    put = client.put(
+        "/constitutions/harmless", content=new_text, headers={"content-type": "application/yaml"}
+    )
     assert put.status_code == 200, put.text
     assert put.json()["version"] != harmless["version"]
     assert (settings.constitutions_dir / "harmless.yaml").read_text() == new_text
@@ -167,7 +205,10 @@ def test_new_constitution_by_put_and_edit_on_disk_without_restart(client, settin
     job_v2 = client.post("/generate", json={"prompts": ["hi"], "constitution": "kindness"}).json()
     assert job_v1["constitution_version"] != job_v2["constitution_version"]
     versions = client.get("/constitutions/kindness").json()["versions"]
-    assert {v["version"] for v in versions} == {job_v1["constitution_version"], job_v2["constitution_version"]}
+    assert {v["version"] for v in versions} == {
+        job_v1["constitution_version"],
+        job_v2["constitution_version"],
+    }
 
 
 @pytest.mark.parametrize(
@@ -177,7 +218,10 @@ def test_new_constitution_by_put_and_edit_on_disk_without_restart(client, settin
         ("description: no principles\n", "principles"),
         ("principles:\n  - id: a\n    critique: c\n", "principles.0.revision"),
         ("principles:\n  - id: a\n    critique: c\n    revision: r\nrevisions: 0\n", "revisions"),
-        ("principles:\n  - id: a\n    critique: c\n    revision: r\n  - id: a\n    critique: c\n    revision: r\n", "principles"),
+        (
+            "principles:\n  - {id: a, critique: c, revision: r}\n  - {id: a, critique: c, revision: r}\n",
+            "principles",
+        ),
         ("- just a list\n", "(root)"),
     ],
 )
@@ -205,7 +249,10 @@ def test_constitution_names_cannot_escape_the_folder(client, settings, name):
     response = client.put(f"/constitutions/{name}", content="principles: []\n")
     assert response.status_code in (404, 422)
     assert not (settings.constitutions_dir.parent / "etc.yaml").exists()
-    assert sorted(p.name for p in settings.constitutions_dir.iterdir()) == ["harmless.yaml", "helpful-honest.yaml"]
+    assert sorted(p.name for p in settings.constitutions_dir.iterdir()) == [
+        "harmless.yaml",
+        "helpful-honest.yaml",
+    ]
 
 
 def test_health_and_metrics(client, db):
@@ -225,7 +272,10 @@ def test_api_keys_guard_every_endpoint_but_health(settings, db):
     from tests.fixtures.api import ServerThread, free_port
 
     keyed = settings.model_copy(update={"api_keys": "k1, k2"})
-    with ServerThread(create_app(keyed, migrate=False), free_port()) as server, httpx.Client(base_url=server.url) as http:
+    with (
+        ServerThread(create_app(keyed, migrate=False), free_port()) as server,
+        httpx.Client(base_url=server.url) as http,
+    ):
         assert http.get("/health").status_code == 200
         for path in ("/jobs", "/pairs", "/constitutions", "/metrics", "/export", "/workers"):
             assert http.get(path).status_code == 401, path
@@ -237,16 +287,28 @@ def test_api_keys_guard_every_endpoint_but_health(settings, db):
 
 
 def test_ten_thousand_prompts_are_accepted(client, db):
-    response = client.post("/generate", json={"prompts": [f"prompt {i}" for i in range(10_000)], "constitution": "harmless"})
+    response = client.post(
+        "/generate", json={"prompts": [f"prompt {i}" for i in range(10_000)], "constitution": "harmless"}
+    )
     assert response.status_code == 202
     assert count(db, Prompt) == 10_000
     with session_scope(db) as session:
-        positions = session.execute(text("SELECT min(position), max(position), count(DISTINCT position) FROM prompts")).one()
+        positions = session.execute(
+            text("SELECT min(position), max(position), count(DISTINCT position) FROM prompts")
+        ).one()
     assert tuple(positions) == (0, 9_999, 10_000)
 
 
 def test_openapi_documents_every_route(client):
     paths = client.get("/openapi.json").json()["paths"]
-    for path in ("/generate", "/jobs/{job_id}", "/pairs", "/export", "/constitutions/{name}", "/health", "/metrics"):
+    for path in (
+        "/generate",
+        "/jobs/{job_id}",
+        "/pairs",
+        "/export",
+        "/constitutions/{name}",
+        "/health",
+        "/metrics",
+    ):
         assert path in paths
     json.dumps(paths)

@@ -22,16 +22,34 @@ def test_split_is_deterministic_and_close_to_the_fraction():
 
 def test_export_row_formats():
     row = SimpleNamespace(
-        id=3, prompt=[{"role": "user", "content": "Q?"}], chosen="good", rejected="bad", source="generated",
-        constitution_name="harmless", constitution_version="abc", principles=["harm"], flags=[], model="m", job_id=1,
+        id=3,
+        prompt=[{"role": "user", "content": "Q?"}],
+        chosen="good",
+        rejected="bad",
+        source="generated",
+        constitution_name="harmless",
+        constitution_version="abc",
+        principles=["harm"],
+        flags=[],
+        model="m",
+        job_id=1,
     )
-    assert export_row(row, style="standard", metadata=False) == {"prompt": "Q?", "chosen": "good", "rejected": "bad"}
+    assert export_row(row, style="standard", metadata=False) == {
+        "prompt": "Q?",
+        "chosen": "good",
+        "rejected": "bad",
+    }
     conversational = export_row(row, style="conversational", metadata=True)
     assert conversational["prompt"] == [{"role": "user", "content": "Q?"}]
     assert conversational["chosen"] == [{"role": "assistant", "content": "good"}]
     assert conversational["rejected"] == [{"role": "assistant", "content": "bad"}]
     assert conversational["id"] == 3 and conversational["principles"] == ["harm"]
-    multi = [{"role": "system", "content": "S"}, {"role": "user", "content": "A"}, {"role": "assistant", "content": "B"}, {"role": "user", "content": "C"}]
+    multi = [
+        {"role": "system", "content": "S"},
+        {"role": "user", "content": "A"},
+        {"role": "assistant", "content": "B"},
+        {"role": "user", "content": "C"},
+    ]
     assert prompt_text(multi) == "\n\nSystem: S\n\nHuman: A\n\nAssistant: B\n\nHuman: C\n\nAssistant:"
 
 

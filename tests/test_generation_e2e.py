@@ -32,7 +32,9 @@ def hh_prompts(n: int, offset: int = 0) -> list[str]:
     prompts, seen = [], set()
     with gzip.open(HH, "rt") as handle:
         for line in handle:
-            first = re.match(r"\n\nHuman: (.*?)\n\nAssistant:", json.loads(line)["chosen"], re.S).group(1).strip()
+            first = (
+                re.match(r"\n\nHuman: (.*?)\n\nAssistant:", json.loads(line)["chosen"], re.S).group(1).strip()
+            )
             if first not in seen and len(first) < 300:
                 seen.add(first)
                 prompts.append(first)
@@ -59,7 +61,9 @@ class SharedEngine:
 
 def run_worker_in_process(vllm_engine, settings, db, until, timeout=300.0):
     settings = settings.model_copy(update={"max_in_flight": 16})
-    worker = GenerationWorker(settings, db, url=settings.database_url, engine_factory=lambda s, m: SharedEngine(vllm_engine))
+    worker = GenerationWorker(
+        settings, db, url=settings.database_url, engine_factory=lambda s, m: SharedEngine(vllm_engine)
+    )
 
     async def main():
         import asyncio
@@ -84,7 +88,12 @@ def job_finished(client, job_id):
 
 
 def test_eight_hh_prompts_give_eight_pairs_with_critiques(vllm_engine, client, settings, db):
-    body = {"prompts": hh_prompts(8), "constitution": "harmless", "revisions": 1, "sampling": {"max_tokens": 64, "seed": 11}}
+    body = {
+        "prompts": hh_prompts(8),
+        "constitution": "harmless",
+        "revisions": 1,
+        "sampling": {"max_tokens": 64, "seed": 11},
+    }
     job_id = client.post("/generate", json=body).json()["job_id"]
     run_worker_in_process(vllm_engine, settings, db, job_finished(client, job_id))
     state = client.get(f"/jobs/{job_id}").json()
@@ -100,26 +109,45 @@ def test_eight_hh_prompts_give_eight_pairs_with_critiques(vllm_engine, client, s
         assert pair["usage"]["completion_tokens"] > 0 and pair["model"] == "smollm2-135m-instruct"
         unchanged = " ".join(pair["chosen"].split()) == " ".join(pair["rejected"].split())
         assert ("unchanged" in pair["flags"]) == unchanged
-        truncated = "length" in (pair["trajectory"]["finish_reasons"]["initial"], pair["trajectory"]["finish_reasons"]["final"])
+        truncated = "length" in (
+            pair["trajectory"]["finish_reasons"]["initial"],
+            pair["trajectory"]["finish_reasons"]["final"],
+        )
         assert ("truncated" in pair["flags"]) == truncated
-    exported = client.get("/export", params={"job_id": job_id, "include_flagged": True}).content.decode().splitlines()
+    exported = (
+        client.get("/export", params={"job_id": job_id, "include_flagged": True})
+        .content.decode()
+        .splitlines()
+    )
     assert len(exported) == 8
 
 
 def test_rerunning_a_job_draws_the_same_principles(vllm_engine, client, settings, db):
-    body = {"prompts": hh_prompts(6, offset=8), "constitution": "harmless", "revisions": 2, "sampling": {"max_tokens": 32, "seed": 5}}
+    body = {
+        "prompts": hh_prompts(6, offset=8),
+        "constitution": "harmless",
+        "revisions": 2,
+        "sampling": {"max_tokens": 32, "seed": 5},
+    }
     job_id = client.post("/generate", json=body).json()["job_id"]
     run_worker_in_process(vllm_engine, settings, db, job_finished(client, job_id))
 
     def principles():
         with session_scope(db) as session:
-            return {p.prompt_id: p.trajectory["principles"] for p in session.scalars(select(Pair).where(Pair.job_id == job_id))}
+            return {
+                p.prompt_id: p.trajectory["principles"]
+                for p in session.scalars(select(Pair).where(Pair.job_id == job_id))
+            }
 
     first = principles()
     assert len(first) == 6 and all(len(p) == 2 for p in first.values())
     with session_scope(db) as session:  # the same job again, from scratch
         session.execute(delete(Pair).where(Pair.job_id == job_id))
-        session.execute(update(Prompt).where(Prompt.job_id == job_id).values(status="queued", attempts=0, finished_at=None))
+        session.execute(
+            update(Prompt)
+            .where(Prompt.job_id == job_id)
+            .values(status="queued", attempts=0, finished_at=None)
+        )
     run_worker_in_process(vllm_engine, settings, db, job_finished(client, job_id))
     assert principles() == first
     assert len({tuple(p) for p in first.values()}) > 1  # drawn per prompt, not one global choice
@@ -140,7 +168,9 @@ def start_worker(settings, **env) -> subprocess.Popen:
         "VLLM_CPU_KVCACHE_SPACE": "1",
         **env,
     }
-    return subprocess.Popen([sys.executable, "-m", "app.cli", "worker", "generate"], env=environment, cwd=PROJECT_ROOT)
+    return subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "worker", "generate"], env=environment, cwd=PROJECT_ROOT
+    )
 
 
 def wait_for(condition, timeout: float, what: str, procs=()):
@@ -166,7 +196,11 @@ def pairs_of(db, job_id):
 def test_two_workers_share_a_job_and_survive_a_sigkill(client, settings, db):
     a, b = start_worker(settings), start_worker(settings)
     try:
-        body = {"prompts": hh_prompts(16, offset=20), "constitution": "harmless", "sampling": {"max_tokens": 48}}
+        body = {
+            "prompts": hh_prompts(16, offset=20),
+            "constitution": "harmless",
+            "sampling": {"max_tokens": 48},
+        }
         first = client.post("/generate", json=body).json()["job_id"]
         wait_for(job_finished(client, first), 400, "the first job", (a, b))
         rows, pairs = prompt_rows(db, first), pairs_of(db, first)
@@ -178,12 +212,16 @@ def test_two_workers_share_a_job_and_survive_a_sigkill(client, settings, db):
         body["prompts"] = hh_prompts(16, offset=40)
         second = client.post("/generate", json=body).json()["job_id"]
         wait_for(
-            lambda: any(r.status == "running" and r.lease_owner and f"-{a.pid}-" in r.lease_owner for r in prompt_rows(db, second)),
-            120, "worker A to hold prompts", (a, b),
+            lambda: any(
+                r.status == "running" and r.lease_owner and f"-{a.pid}-" in r.lease_owner
+                for r in prompt_rows(db, second)
+            ),
+            120,
+            "worker A to hold prompts",
+            (a, b),
         )
         held_by_a = {r.id for r in prompt_rows(db, second) if r.lease_owner and f"-{a.pid}-" in r.lease_owner}
-        a.send_signal(signal.SIGKILL)
-        a.wait()
+        kill_group(a)
         wait_for(job_finished(client, second), 400, "worker B to finish the job", (b,))
         rows, pairs = prompt_rows(db, second), pairs_of(db, second)
         assert all(r.status == "done" for r in rows), [(r.id, r.status, r.last_error) for r in rows]
@@ -192,9 +230,7 @@ def test_two_workers_share_a_job_and_survive_a_sigkill(client, settings, db):
         assert held_by_a - {p.prompt_id for p in pairs if f"-{a.pid}-" in p.trajectory["worker"]} <= retried
     finally:
         for proc in (a, b):
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+            stop(proc)
 
 
 @pytest.mark.slow
@@ -204,7 +240,12 @@ def test_sigterm_releases_prompts_in_flight_at_once(client, settings, db):
     try:
         body = {"prompts": hh_prompts(12, offset=60), "constitution": "harmless", "revisions": 2}
         job_id = client.post("/generate", json=body).json()["job_id"]
-        wait_for(lambda: sum(r.status == "running" for r in prompt_rows(db, job_id)) == 4, 120, "prompts in flight", (worker,))
+        wait_for(
+            lambda: sum(r.status == "running" for r in prompt_rows(db, job_id)) == 4,
+            120,
+            "prompts in flight",
+            (worker,),
+        )
         worker.send_signal(signal.SIGTERM)
         worker.wait(timeout=60)
         assert worker.returncode == 0
@@ -214,6 +255,4 @@ def test_sigterm_releases_prompts_in_flight_at_once(client, settings, db):
         done = {p.prompt_id for p in pairs_of(db, job_id)}
         assert {r.id for r in rows if r.status == "done"} == done
     finally:
-        if worker.poll() is None:
-            worker.kill()
-            worker.wait()
+        stop(worker)

@@ -25,11 +25,22 @@ def test_parse_each_format():
         }
     )
     assert conversational.prompt[0]["role"] == "system" and conversational.chosen == "good"
-    hh = parse_pair({"chosen": "\n\nHuman: A\n\nAssistant: B\n\nHuman: C\n\nAssistant: good", "rejected": "\n\nHuman: A\n\nAssistant: B\n\nHuman: C\n\nAssistant: bad"})
-    assert hh.prompt == [{"role": "user", "content": "A"}, {"role": "assistant", "content": "B"}, {"role": "user", "content": "C"}]
+    hh = parse_pair(
+        {
+            "chosen": "\n\nHuman: A\n\nAssistant: B\n\nHuman: C\n\nAssistant: good",
+            "rejected": "\n\nHuman: A\n\nAssistant: B\n\nHuman: C\n\nAssistant: bad",
+        }
+    )
+    assert hh.prompt == [
+        {"role": "user", "content": "A"},
+        {"role": "assistant", "content": "B"},
+        {"role": "user", "content": "C"},
+    ]
     assert (hh.chosen, hh.rejected, hh.format) == ("good", "bad", "hh-rlhf")
     # The standard export of a multi-turn prompt comes back as the same messages.
-    roundtrip = parse_pair({"prompt": "\n\nHuman: A\n\nAssistant: B\n\nHuman: C\n\nAssistant:", "chosen": "x", "rejected": "y"})
+    roundtrip = parse_pair(
+        {"prompt": "\n\nHuman: A\n\nAssistant: B\n\nHuman: C\n\nAssistant:", "chosen": "x", "rejected": "y"}
+    )
     assert roundtrip.prompt == hh.prompt
 
 
@@ -41,8 +52,18 @@ def test_parse_each_format():
         ({"prompt": "Q"}, "chosen: missing"),
         ({"prompt": "Q", "chosen": ["x"], "rejected": "y"}, "string answers"),
         ({"prompt": [{"role": "bot", "content": "Q"}], "chosen": [], "rejected": []}, "prompt.0"),
-        ({"prompt": [{"role": "user", "content": "Q"}], "chosen": [{"role": "user", "content": "x"}], "rejected": [{"role": "assistant", "content": "y"}]}, "chosen: expected exactly one assistant"),
-        ({"chosen": "\n\nHuman: A\n\nAssistant: x", "rejected": "\n\nHuman: Z\n\nAssistant: y"}, "different prompts"),
+        (
+            {
+                "prompt": [{"role": "user", "content": "Q"}],
+                "chosen": [{"role": "user", "content": "x"}],
+                "rejected": [{"role": "assistant", "content": "y"}],
+            },
+            "chosen: expected exactly one assistant",
+        ),
+        (
+            {"chosen": "\n\nHuman: A\n\nAssistant: x", "rejected": "\n\nHuman: Z\n\nAssistant: y"},
+            "different prompts",
+        ),
         ({"prompt": "Q", "chosen": " ", "rejected": "y"}, "empty answer"),
     ],
 )
@@ -52,7 +73,9 @@ def test_parse_errors(row, message):
 
 
 def test_errors_carry_line_numbers():
-    pairs, errors = parse_pairs(['{"prompt": "Q", "chosen": "a", "rejected": "b"}', "", "{oops", '{"prompt": "Q"}'])
+    pairs, errors = parse_pairs(
+        ['{"prompt": "Q", "chosen": "a", "rejected": "b"}', "", "{oops", '{"prompt": "Q"}']
+    )
     assert len(pairs) == 1
     assert [e["line"] for e in errors] == [3, 4]
 
@@ -70,12 +93,17 @@ def pair_count(db) -> int:
 def test_import_hh_as_ndjson_then_export_and_filter(client, db):
     body = "".join(hh_lines(30))
     response = client.post(
-        "/datasets/import", content=body, headers={"content-type": "application/x-ndjson"}, params={"source": "hh-test", "constitution": "harmless"}
+        "/datasets/import",
+        content=body,
+        headers={"content-type": "application/x-ndjson"},
+        params={"source": "hh-test", "constitution": "harmless"},
     )
     assert response.status_code == 201, response.text
     result = response.json()
     assert result["n_pairs"] == 30 and result["formats"] == ["hh-rlhf"]
-    exported = client.get("/export", params={"source": "hh-test", "metadata": True}).content.decode().splitlines()
+    exported = (
+        client.get("/export", params={"source": "hh-test", "metadata": True}).content.decode().splitlines()
+    )
     assert len(exported) == 30
     first = json.loads(exported[0])
     assert first["source"] == "hh-test" and first["constitution"] == "harmless"
@@ -93,7 +121,9 @@ def test_import_multipart_file(client, db):
 def test_a_file_with_one_bad_row_imports_nothing(client, db):
     lines = hh_lines(10)
     lines[6] = '{"prompt": "only a prompt"}\n'
-    response = client.post("/datasets/import", content="".join(lines), headers={"content-type": "application/x-ndjson"})
+    response = client.post(
+        "/datasets/import", content="".join(lines), headers={"content-type": "application/x-ndjson"}
+    )
     assert response.status_code == 422
     assert response.json()["detail"].startswith("line 7: chosen: missing")
     assert response.json()["errors"][0]["line"] == 7
@@ -102,7 +132,9 @@ def test_a_file_with_one_bad_row_imports_nothing(client, db):
 
 def test_empty_and_undecodable_uploads(client, db):
     assert client.post("/datasets/import", content=b"\n\n").json()["detail"].startswith("body:")
-    response = client.post("/datasets/import", content=b"\xff\xfe", headers={"content-type": "application/x-ndjson"})
+    response = client.post(
+        "/datasets/import", content=b"\xff\xfe", headers={"content-type": "application/x-ndjson"}
+    )
     assert response.status_code == 400 and response.json()["detail"].startswith("body:")
     assert client.post("/datasets/import", files={"other": ("x", b"{}")}).json()["detail"].startswith("file:")
     assert pair_count(db) == 0

@@ -28,7 +28,9 @@ def make_job(db, settings, n: int, model: str = "smollm2-135m-instruct") -> int:
         return job.id
 
 
-def claim(db, worker: str, n: int, *, lease: float = 60, model: str = "smollm2-135m-instruct", max_attempts: int = 3):
+def claim(
+    db, worker: str, n: int, *, lease: float = 60, model: str = "smollm2-135m-instruct", max_attempts: int = 3
+):
     with session_scope(db) as session:
         return queries.claim_prompts(
             session, worker_id=worker, model=model, n=n, lease_seconds=lease, max_attempts=max_attempts
@@ -42,7 +44,9 @@ def statuses(db) -> dict[int, tuple[str, int, str | None]]:
 
 def expire_leases(db) -> None:
     with session_scope(db) as session:
-        session.execute(update(Prompt).where(Prompt.status == "running").values(lease_expires_at=Prompt.created_at))
+        session.execute(
+            update(Prompt).where(Prompt.status == "running").values(lease_expires_at=Prompt.created_at)
+        )
 
 
 def pair_values(job_id: int) -> dict:
@@ -90,9 +94,13 @@ def test_expired_lease_makes_a_prompt_claimable_and_counts_attempts(db, settings
     (second,) = claim(db, "b", 1)
     assert second.id == first.id and second.attempts == 2
     with session_scope(db) as session:  # the first worker lost its lease: it cannot complete
-        assert not queries.complete_prompt(session, worker_id="a", prompt_id=first.id, pair=pair_values(first.job_id))
+        assert not queries.complete_prompt(
+            session, worker_id="a", prompt_id=first.id, pair=pair_values(first.job_id)
+        )
     with session_scope(db) as session:
-        assert queries.complete_prompt(session, worker_id="b", prompt_id=first.id, pair=pair_values(first.job_id))
+        assert queries.complete_prompt(
+            session, worker_id="b", prompt_id=first.id, pair=pair_values(first.job_id)
+        )
     with session_scope(db) as session:
         assert session.scalar(select(Pair.prompt_id)) == first.id
     assert statuses(db)[first.id] == ("done", 2, None)
@@ -113,12 +121,32 @@ def test_fail_retries_until_attempts_run_out_and_not_when_not_retryable(db, sett
     make_job(db, settings, 2)
     a, b = claim(db, "w", 2, max_attempts=2)
     with session_scope(db) as session:
-        assert queries.fail_prompt(session, worker_id="w", prompt_id=a.id, error="boom", retryable=True, max_attempts=2) == "queued"
-        assert queries.fail_prompt(session, worker_id="w", prompt_id=b.id, error="prompt too long", retryable=False, max_attempts=2) == "failed"
+        assert (
+            queries.fail_prompt(
+                session, worker_id="w", prompt_id=a.id, error="boom", retryable=True, max_attempts=2
+            )
+            == "queued"
+        )
+        assert (
+            queries.fail_prompt(
+                session,
+                worker_id="w",
+                prompt_id=b.id,
+                error="prompt too long",
+                retryable=False,
+                max_attempts=2,
+            )
+            == "failed"
+        )
     (again,) = claim(db, "w", 2, max_attempts=2)
     assert again.id == a.id and again.attempts == 2
     with session_scope(db) as session:
-        assert queries.fail_prompt(session, worker_id="w", prompt_id=a.id, error="boom", retryable=True, max_attempts=2) == "failed"
+        assert (
+            queries.fail_prompt(
+                session, worker_id="w", prompt_id=a.id, error="boom", retryable=True, max_attempts=2
+            )
+            == "failed"
+        )
     assert {s for s, _, _ in statuses(db).values()} == {"failed"}
 
 
@@ -137,7 +165,9 @@ def test_a_prompt_never_gets_two_pairs(db, settings):
     with session_scope(db) as session:
         assert queries.complete_prompt(session, worker_id="w", prompt_id=prompt.id, pair=pair_values(job_id))
     with session_scope(db) as session:  # a second completion (e.g. a replayed message) writes nothing
-        assert not queries.complete_prompt(session, worker_id="w", prompt_id=prompt.id, pair=pair_values(job_id))
+        assert not queries.complete_prompt(
+            session, worker_id="w", prompt_id=prompt.id, pair=pair_values(job_id)
+        )
     with session_scope(db) as session:
         assert len(session.scalars(select(Pair)).all()) == 1
 

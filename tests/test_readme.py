@@ -10,7 +10,11 @@ README = (PROJECT_ROOT / "README.md").read_text()
 
 def test_settings_table_matches_the_settings_class():
     table = subprocess.run(
-        [sys.executable, "-m", "app.cli", "settings"], capture_output=True, text=True, check=True, cwd=PROJECT_ROOT
+        [sys.executable, "-m", "app.cli", "settings"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=PROJECT_ROOT,
     ).stdout.strip()
     assert table in README, "README's settings table is stale: paste `cai-dpo settings` into it"
 

@@ -18,7 +18,13 @@ def jobs(db) -> list[TrainingJob]:
 
 def test_post_train_records_a_queued_job(client, db):
     insert_pairs(db, 8)
-    body = {"dataset": {"constitution": "harmless"}, "loss_type": "ipo", "beta": 0.2, "max_steps": 3, "lora": {"r": 8}}
+    body = {
+        "dataset": {"constitution": "harmless"},
+        "loss_type": "ipo",
+        "beta": 0.2,
+        "max_steps": 3,
+        "lora": {"r": 8},
+    }
     response = client.post("/train", json=body)
     assert response.status_code == 202, response.text
     train_id = response.json()["train_id"]
@@ -64,7 +70,9 @@ def test_metrics_as_json_and_csv(client, db):
     train_id = client.post("/train", json={}).json()["train_id"]
     with session_scope(db) as session:
         for step in (1, 2):
-            queries.record_training_metrics(session, train_id, step, {"loss": 0.7 - step / 10, "rewards/accuracies": 0.5})
+            queries.record_training_metrics(
+                session, train_id, step, {"loss": 0.7 - step / 10, "rewards/accuracies": 0.5}
+            )
     assert [m["step"] for m in client.get(f"/train/{train_id}/metrics").json()] == [1, 2]
     csv_text = client.get(f"/train/{train_id}/metrics", params={"format": "csv"}).text.splitlines()
     assert csv_text[0] == "step,loss,rewards/accuracies" and csv_text[1].startswith("1,0.6")
@@ -108,5 +116,9 @@ def test_policy_queues_exactly_one_job_under_concurrency(client, db):
 
 def test_bad_policies(client):
     assert client.put("/train/policies/harmless", json={"min_new_pairs": 0}).status_code == 422
-    assert client.put("/train/policies/harmless", json={"min_new_pairs": 5, "params": {"beta": -1}}).json()["detail"].startswith("params.beta")
+    assert (
+        client.put("/train/policies/harmless", json={"min_new_pairs": 5, "params": {"beta": -1}})
+        .json()["detail"]
+        .startswith("params.beta")
+    )
     assert client.put("/train/policies/Bad..Name", json={"min_new_pairs": 5}).status_code == 422

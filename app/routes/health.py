@@ -19,7 +19,9 @@ def health(request: Request, settings: SettingsDep) -> JSONResponse:
             session.execute(text("SELECT 1"))
             live = queries.live_workers(session, seen_seconds=settings.worker_seen_seconds)
     except Exception as exc:  # noqa: BLE001 - health reports any database failure as such
-        return JSONResponse(status_code=503, content={"status": "error", "database": False, "error": str(exc)[:500]})
+        return JSONResponse(
+            status_code=503, content={"status": "error", "database": False, "error": str(exc)[:500]}
+        )
     workers = {"generate": 0, "train": 0}
     for worker in live:
         workers[worker.kind] = workers.get(worker.kind, 0) + 1
@@ -35,5 +37,8 @@ def metrics(request: Request, settings: SettingsDep) -> str:
             queue=queries.queue_depth(session),
             pairs=queries.pairs_total(session),
             training=queries.training_job_counts(session),
-            workers=[{"id": w.id, "kind": w.kind, "in_flight": w.in_flight, "tokens_per_s": w.tokens_per_s} for w in live],
+            workers=[
+                {"id": w.id, "kind": w.kind, "in_flight": w.in_flight, "tokens_per_s": w.tokens_per_s}
+                for w in live
+            ],
         )

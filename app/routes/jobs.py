@@ -116,7 +116,10 @@ def job_out(job: GenerationJob, stats: queries.JobStats, version: str | None) ->
 
 def _jobs_out(session: Session, jobs: list[GenerationJob]) -> list[JobOut]:
     stats = queries.job_stats(session, [job.id for job in jobs])
-    versions = {job.constitution_version_id: queries.get_constitution_version(session, job.constitution_version_id) for job in jobs}
+    versions = {
+        job.constitution_version_id: queries.get_constitution_version(session, job.constitution_version_id)
+        for job in jobs
+    }
     return [job_out(job, stats[job.id], versions[job.constitution_version_id].content_hash) for job in jobs]
 
 

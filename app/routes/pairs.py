@@ -16,10 +16,15 @@ router = APIRouter(prefix="/pairs", tags=["pairs"], dependencies=[Authorized])
 def pair_filter(
     job_id: int | None = None,
     constitution: Annotated[str | None, Query(max_length=64)] = None,
-    constitution_version: Annotated[str | None, Query(min_length=8, max_length=64, description="Content hash (or its first 8+ characters).")] = None,
+    constitution_version: Annotated[
+        str | None,
+        Query(min_length=8, max_length=64, description="Content hash (or its first 8+ characters)."),
+    ] = None,
     since: Annotated[datetime | None, Query(description="Pairs created at or after this ISO time.")] = None,
     include_flagged: bool = False,
-    source: Annotated[str | None, Query(max_length=200, description="`generated`, or the source tag of an import.")] = None,
+    source: Annotated[
+        str | None, Query(max_length=200, description="`generated`, or the source tag of an import.")
+    ] = None,
     import_id: int | None = None,
 ) -> queries.PairFilter:
     return queries.PairFilter(
@@ -63,7 +68,9 @@ def list_pairs(
     session: SessionDep,
     settings: SettingsDep,
     filters: PairFilterDep,
-    cursor: Annotated[str | None, Query(pattern=r"^\d+$", description="`next_cursor` of the previous page.")] = None,
+    cursor: Annotated[
+        str | None, Query(pattern=r"^\d+$", description="`next_cursor` of the previous page.")
+    ] = None,
     limit: Annotated[int, Query(ge=1)] = 50,
 ):
     limit = min(limit, settings.page_size_max)

@@ -10,12 +10,12 @@ from fastapi.responses import PlainTextResponse
 from sqlalchemy.orm import Session
 
 from app import queries
+from app.constitutions import check_name
 from app.deps import Authorized, SessionDep, SettingsDep
 from app.models import TrainingJob
 from app.progress import eta_seconds
 from app.routes.jobs import check_model
 from app.schemas import FieldError, TrainJobOut, TrainPolicyIn, TrainRequest
-from app.constitutions import check_name
 
 router = APIRouter(prefix="/train", tags=["training"], dependencies=[Authorized])
 
@@ -98,7 +98,9 @@ def list_training(
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     before: int | None = None,
 ):
-    return [train_out(session, job) for job in queries.list_training_jobs(session, limit=limit, before_id=before)]
+    return [
+        train_out(session, job) for job in queries.list_training_jobs(session, limit=limit, before_id=before)
+    ]
 
 
 def _job_or_404(session: Session, train_id: int) -> TrainingJob:

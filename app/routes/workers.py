@@ -11,4 +11,7 @@ router = APIRouter(prefix="/workers", tags=["workers"], dependencies=[Authorized
 
 @router.get("", response_model=list[WorkerOut])
 def list_workers(session: SessionDep, settings: SettingsDep):
-    return [WorkerOut.model_validate(w, from_attributes=True) for w in queries.live_workers(session, seen_seconds=settings.worker_seen_seconds)]
+    return [
+        WorkerOut.model_validate(w, from_attributes=True)
+        for w in queries.live_workers(session, seen_seconds=settings.worker_seen_seconds)
+    ]

