@@ -5,6 +5,7 @@ talk to a running one (`generate`, `export`, `jobs`, `train`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import ipaddress
 import json
@@ -96,10 +97,8 @@ def cmd_model(args: argparse.Namespace, settings: Settings) -> int:
 
 def kill_group(child: subprocess.Popen) -> None:
     """SIGKILL what is left of a child's process group (it was started as its own session)."""
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(child.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 class Supervisor:

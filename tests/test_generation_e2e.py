@@ -4,6 +4,7 @@ The first tests run the worker loop in process on the session's shared engine (e
 costs ~20 s); the crash tests run workers as real processes and kill them.
 """
 
+import contextlib
 import gzip
 import json
 import os
@@ -62,7 +63,7 @@ class SharedEngine:
 def run_worker_in_process(vllm_engine, settings, db, until, timeout=300.0):
     settings = settings.model_copy(update={"max_in_flight": 16})
     worker = GenerationWorker(
-        settings, db, url=settings.database_url, engine_factory=lambda s, m: SharedEngine(vllm_engine)
+        settings, db, url=settings.database_url, engine_factory=lambda *_: SharedEngine(vllm_engine)
     )
 
     async def main():
@@ -168,9 +169,28 @@ def start_worker(settings, **env) -> subprocess.Popen:
         "VLLM_CPU_KVCACHE_SPACE": "1",
         **env,
     }
+    # Its own process group: a kill takes vLLM's engine process with it, as a crashed container's would.
     return subprocess.Popen(
-        [sys.executable, "-m", "app.cli", "worker", "generate"], env=environment, cwd=PROJECT_ROOT
+        [sys.executable, "-m", "app.cli", "worker", "generate"],
+        env=environment,
+        cwd=PROJECT_ROOT,
+        start_new_session=True,
     )
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """SIGTERM, then whatever is left of the group is killed."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=60)
+    kill_group(proc)
 
 
 def wait_for(condition, timeout: float, what: str, procs=()):

@@ -22,18 +22,27 @@ from app.models import TrainingJob
 from app.settings import PROJECT_ROOT
 from tests.fixtures.model import TEST_MODELS_DIR
 from workers.generation.worker import GenerationWorker
+from workers.models import training_output_dir
 from workers.training.worker import TrainingWorker
 
 pytestmark = [pytest.mark.training, pytest.mark.slow]
 
 HH = PROJECT_ROOT.parent / "shared" / "data" / "hh-rlhf-harmless" / "test.jsonl.gz"
-SMALL_RUN = {"batch_size": 2, "max_length": 192, "learning_rate": 1e-4, "eval_fraction": 0.25, "lora": {"r": 8}}
+SMALL_RUN = {
+    "batch_size": 2,
+    "max_length": 192,
+    "learning_rate": 1e-4,
+    "eval_fraction": 0.25,
+    "lora": {"r": 8},
+}
 
 
 def import_hh(client, n: int) -> None:
     with gzip.open(HH, "rt") as handle:
         lines = [next(handle) for _ in range(n)]
-    response = client.post("/datasets/import", content="".join(lines), params={"source": "hh", "constitution": "harmless"})
+    response = client.post(
+        "/datasets/import", content="".join(lines), params={"source": "hh", "constitution": "harmless"}
+    )
     assert response.status_code == 201, response.text
 
 
@@ -62,7 +71,11 @@ def test_train_over_http_then_generate_with_the_trained_model(client, settings, 
     thread = threading.Thread(target=worker.run)
     thread.start()
     try:
-        wait_for(lambda: client.get(f"/train/{train_id}").json()["status"] in ("succeeded", "failed"), 600, "training")
+        wait_for(
+            lambda: client.get(f"/train/{train_id}").json()["status"] in ("succeeded", "failed"),
+            600,
+            "training",
+        )
     finally:
         worker.stopping.set()
         thread.join()
@@ -74,20 +87,40 @@ def test_train_over_http_then_generate_with_the_trained_model(client, settings, 
         assert set(state[when]) >= {"rewards/accuracies", "rewards/margins"}
     metrics = client.get(f"/train/{train_id}/metrics").json()
     assert [m["step"] for m in metrics] == [1, 2, 3]
-    for name in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-                 "logps/chosen", "logps/rejected", "grad_norm", "learning_rate", "tokens_per_s"):
+    for name in (
+        "loss",
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/accuracies",
+        "rewards/margins",
+        "logps/chosen",
+        "logps/rejected",
+        "grad_norm",
+        "learning_rate",
+        "tokens_per_s",
+    ):
         assert all(isinstance(m[name], float | int) for m in metrics), name
     artifact = state["artifact"]
     for name in ("config.json", "training_config.json", "tokenizer.json", "chat_template.jinja"):
         assert os.path.exists(os.path.join(artifact, name)), name
 
     # The next round: generate with the trained model (vLLM loads the artifact).
-    job = client.post("/generate", json={"prompts": ["How do I pick a lock?", "Tell me a joke."], "constitution": "harmless",
-                                         "model": f"train:{train_id}", "sampling": {"max_tokens": 24}})
+    job = client.post(
+        "/generate",
+        json={
+            "prompts": ["How do I pick a lock?", "Tell me a joke."],
+            "constitution": "harmless",
+            "model": f"train:{train_id}",
+            "sampling": {"max_tokens": 24},
+        },
+    )
     assert job.status_code == 202, job.text
     job_id = job.json()["job_id"]
-    generation = GenerationWorker(settings.model_copy(update={"model": f"train:{train_id}", "vllm_kv_cache_gib": 0.5}), db,
-                                  url=settings.database_url)
+    generation = GenerationWorker(
+        settings.model_copy(update={"model": f"train:{train_id}", "vllm_kv_cache_gib": 0.5}),
+        db,
+        url=settings.database_url,
+    )
 
     async def run_until_done():
         task = asyncio.create_task(generation.run())
@@ -106,7 +139,9 @@ def test_train_over_http_then_generate_with_the_trained_model(client, settings, 
 
 def test_a_killed_training_worker_is_resumed_from_its_checkpoint(client, settings, db):
     import_hh(client, 24)
-    train_id = client.post("/train", json={"dataset": {"source": "hh"}, "max_steps": 6, "checkpoint_steps": 2, **SMALL_RUN}).json()["train_id"]
+    train_id = client.post(
+        "/train", json={"dataset": {"source": "hh"}, "max_steps": 6, "checkpoint_steps": 2, **SMALL_RUN}
+    ).json()["train_id"]
     env = os.environ | {
         "DATABASE_URL": settings.database_url,
         "CAI_DATA_DIR": str(settings.data_dir),
@@ -117,8 +152,14 @@ def test_a_killed_training_worker_is_resumed_from_its_checkpoint(client, setting
     command = [sys.executable, "-m", "app.cli", "worker", "train"]
     first = subprocess.Popen(command, env=env, cwd=PROJECT_ROOT, start_new_session=True)
     try:
-        checkpoint = settings.artifacts_dir / str(train_id) / "checkpoint"
-        wait_for(lambda: job_row(db, train_id).step >= 3 and checkpoint.exists(), 600, "a checkpoint and a step past it", first)
+        job = job_row(db, train_id)
+        checkpoint = training_output_dir(settings.artifacts_dir, train_id, job.created_at) / "checkpoint"
+        wait_for(
+            lambda: job_row(db, train_id).step >= 3 and checkpoint.exists(),
+            600,
+            "a checkpoint and a step past it",
+            first,
+        )
         os.killpg(first.pid, signal.SIGKILL)
         first.wait()
         assert job_row(db, train_id).status == "running"  # nobody told the database
@@ -127,14 +168,20 @@ def test_a_killed_training_worker_is_resumed_from_its_checkpoint(client, setting
             first.kill()
     second = subprocess.Popen(command, env=env, cwd=PROJECT_ROOT)
     try:
-        wait_for(lambda: job_row(db, train_id).status in ("succeeded", "failed"), 600, "the second worker to finish", second)
+        wait_for(
+            lambda: job_row(db, train_id).status in ("succeeded", "failed"),
+            600,
+            "the second worker to finish",
+            second,
+        )
         job = job_row(db, train_id)
         assert job.status == "succeeded", job.last_error
         assert job.attempts == 2 and job.step == 6
         metrics = client.get(f"/train/{train_id}/metrics").json()
         assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5, 6]
-        config = json.loads((settings.artifacts_dir / str(train_id) / "model" / "training_config.json").read_text())
-        assert config  # the artifact was written by the worker that resumed
+        config = json.loads((checkpoint.parent / "model" / "training_config.json").read_text())
+        assert config["steps"] == 6 and job.artifact_path == str(checkpoint.parent / "model")
+        assert config["resumed_from_step"] in (2, 4)  # from the killed worker's checkpoint, not from scratch
     finally:
         second.send_signal(signal.SIGTERM)
         second.wait(timeout=60)

@@ -33,7 +33,7 @@ def run_until(worker: GenerationWorker, condition, timeout: float = 30.0) -> Non
 
 def make_worker(settings, db, engine: ScriptedEngine, **overrides) -> GenerationWorker:
     settings = settings.model_copy(update={"max_in_flight": 4, "claim_batch": 2, **overrides})
-    return GenerationWorker(settings, db, url=settings.database_url, engine_factory=lambda s, model: engine)
+    return GenerationWorker(settings, db, url=settings.database_url, engine_factory=lambda *_: engine)
 
 
 def all_finished(db):

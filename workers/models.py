@@ -15,8 +15,12 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from datetime import datetime
 from pathlib import Path
 
+from sqlalchemy.orm import Session
+
+from app import queries
 from app.settings import BUNDLED_MODEL, Settings
 
 log = logging.getLogger(__name__)
@@ -97,15 +101,33 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
-def training_artifact_dir(settings: Settings, train_id: int) -> Path:
-    return settings.artifacts_dir / str(train_id) / "model"
+def training_output_dir(artifacts_dir: Path, train_id: int, created_at: datetime) -> Path:
+    """A training job's folder (checkpoints, then the model).
+
+    The creation time is part of the name so that a database recreated from scratch, whose ids
+    start again at 1, never resumes or reuses an older job's files.
+    """
+    return artifacts_dir / f"{train_id}-{created_at:%Y%m%dT%H%M%S%f}"
 
 
-def resolve_model(spec: str, settings: Settings, *, prepare: bool = True) -> Path:
+def trained_model_path(session: Session, spec: str) -> str | None:
+    """The artifact folder of `train:<id>` as its job recorded it (None for other names)."""
+    if not spec.startswith("train:") or not spec.removeprefix("train:").isdigit():
+        return None
+    job = queries.get_training_job(session, int(spec.removeprefix("train:")))
+    if job is None or job.status != "succeeded" or not job.artifact_path:
+        raise ModelNotFound(f"model {spec!r}: no finished training job with a model")
+    return job.artifact_path
+
+
+def resolve_model(
+    spec: str, settings: Settings, *, trained_path: str | None = None, prepare: bool = True
+) -> Path:
     """Map a model name used in the API to a local Hugging Face folder.
 
     `smollm2-135m-instruct` is the bundled model (prepared on first use), `train:<id>` the result
-    of a finished training job, anything else a path to a local model folder.
+    of a finished training job (its folder from `trained_model_path`), anything else a path to a
+    local model folder.
     """
     if spec == BUNDLED_MODEL:
         target = bundled_model_dir(settings.models_dir)
@@ -117,10 +139,11 @@ def resolve_model(spec: str, settings: Settings, *, prepare: bool = True) -> Pat
             )
         return target
     if spec.startswith("train:"):
-        train_id = spec.removeprefix("train:")
-        if not train_id.isdigit():
-            raise ModelNotFound(f"model {spec!r}: expected train:<integer id>")
-        path = training_artifact_dir(settings, int(train_id))
+        if trained_path is None:
+            raise ModelNotFound(
+                f"model {spec!r}: its folder comes from the training job (trained_model_path)"
+            )
+        path = Path(trained_path)
     else:
         path = Path(spec).expanduser()
     if not (path / "config.json").exists():

@@ -461,7 +461,7 @@ def _retry_after(response: httpx.Response) -> float | None:
 # --- construction ------------------------------------------------------------------------------
 
 
-def make_engine(settings: Settings, model: str) -> Engine:
+def make_engine(settings: Settings, model: str, trained_path: str | None = None) -> Engine:
     """The engine `settings.engine` names, for `model` (a name `resolve_model` understands)."""
     if settings.engine == "openai":
         return OpenAIEngine(
@@ -475,7 +475,7 @@ def make_engine(settings: Settings, model: str) -> Engine:
     from workers.models import resolve_model
 
     return VLLMEngine(
-        resolve_model(model, settings),
+        resolve_model(model, settings, trained_path=trained_path),
         name=model,
         tensor_parallel_size=settings.vllm_tensor_parallel_size,
         memory_fraction=settings.vllm_memory_fraction,

@@ -27,6 +27,7 @@ from app.db import database_url, get_engine, libpq_url, session_scope
 from app.settings import Settings
 from workers.generation.engines import Engine, PromptTooLong, Sampling, make_engine
 from workers.generation.trajectory import few_shot_turns, quality_flags, run_trajectory
+from workers.models import trained_model_path
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +175,8 @@ class GenerationWorker:
 
     async def start_engine(self, model: str) -> Engine:
         started = time.monotonic()
-        engine = self.engine_factory(self.settings, model)
+        trained_path = await self.db_call(trained_model_path, model)
+        engine = self.engine_factory(self.settings, model, trained_path)
         await engine.start()
         log.info("engine for %s ready in %.1f s", model, time.monotonic() - started)
         return engine

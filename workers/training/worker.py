@@ -27,7 +27,7 @@ from app.db import database_url, get_engine, libpq_url, session_scope
 from app.export import split_of
 from app.models import TrainingJob
 from app.settings import Settings
-from workers.models import resolve_model
+from workers.models import resolve_model, trained_model_path, training_output_dir
 from workers.training.config import TrainParams
 from workers.training.data import PairExample
 
@@ -124,14 +124,15 @@ class TrainingWorker:
         try:
             train_ids, eval_ids = self.snapshot_pairs(job, params)
             train_pairs, eval_pairs = self.load_pairs(train_ids), self.load_pairs(eval_ids)
-            model_path = resolve_model(job.base_model or self.settings.model, self.settings)
+            base = job.base_model or self.settings.model
+            model_path = resolve_model(base, self.settings, trained_path=self.call(trained_model_path, base))
         except Exception as exc:  # noqa: BLE001 - reported on the job
             log.exception("training job %d cannot start", job.id)
             self.call(
                 queries.finish_training_job, job.id, worker_id=self.id, status="failed", error=str(exc)[:4000]
             )
             return
-        output_dir = self.settings.artifacts_dir / str(job.id)
+        output_dir = training_output_dir(self.settings.artifacts_dir, job.id, job.created_at)
         with Lease(self, job.id) as lease:
             hooks = TrainHooks(
                 on_step=lambda step, total, metrics: self.record_step(job.id, step, total, metrics),

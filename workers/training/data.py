@@ -1,0 +1,201 @@
+"""Preference pairs to token ids and padded batches: the chat template, the response boundary, truncation.
+
+Tokenization follows TRL 1.16's `DPOTrainer` so the two see the same tokens: the prompt is rendered
+with the generation prompt, the response is whatever the full conversation adds after the prompt's
+tokens (content, end-of-turn token and the template's trailing newline), and `keep_start` truncation
+cuts prompt + response to `max_length`, dropping pairs whose prompt alone fills it.
+
+Two batch layouts: `collate` is TRL's (chosen rows, then rejected rows); `collate_shared_prompt`
+puts a pair in one row so its prompt is computed once, for the same log-probs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+Message = dict[str, str]
+
+
+@dataclass(frozen=True)
+class PairExample:
+    """A prompt (chat messages, or a string: one user message) and two answers, the preferred first."""
+
+    prompt: list[Message] | str
+    chosen: str
+    rejected: str
+
+
+@dataclass(frozen=True)
+class TokenizedPair:
+    """Token ids of one pair after truncation; its sequences are prompt + chosen and prompt + rejected."""
+
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+
+    @property
+    def num_tokens(self) -> int:
+        return 2 * len(self.prompt_ids) + len(self.chosen_ids) + len(self.rejected_ids)
+
+
+class TemplateError(ValueError):
+    """The chat template does not give a well-formed response span for a pair."""
+
+
+def _chat_ids(tokenizer: Any, messages: list[Message], *, add_generation_prompt: bool) -> list[int]:
+    encoded = tokenizer.apply_chat_template(
+        messages, tokenize=True, return_dict=True, add_generation_prompt=add_generation_prompt
+    )
+    return list(encoded["input_ids"])
+
+
+def _common_prefix_length(a: list[int], b: list[int]) -> int:
+    length = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        length += 1
+    return length
+
+
+def _drop_double_bos(ids: list[int], bos_token_id: int | None) -> list[int]:
+    # A template that writes BOS itself, rendered by a tokenizer that also prepends one, yields two.
+    if bos_token_id is not None and len(ids) >= 2 and ids[0] == ids[1] == bos_token_id:
+        return ids[1:]
+    return ids
+
+
+def tokenize_pair(
+    tokenizer: Any, example: PairExample, max_length: int, max_prompt_length: int | None = None
+) -> TokenizedPair | None:
+    """Tokenize a pair with the chat template; None when truncation would leave no response token.
+
+    The response is the part of the full conversation's tokens after the prompt's. If the template
+    renders the prompt differently on its own (or tokens merge across the boundary), the response
+    starts where the two diverge, as in TRL. A response with no end-of-turn token (EOS or another
+    special token, like `<|im_end|>` or `<|eot_id|>`) raises TemplateError: the model would never
+    learn to stop.
+    """
+    bos = tokenizer.bos_token_id
+    prompt = (
+        [{"role": "user", "content": example.prompt}] if isinstance(example.prompt, str) else example.prompt
+    )
+    end_tokens = set(tokenizer.all_special_ids) - {bos, tokenizer.pad_token_id} | {tokenizer.eos_token_id}
+    prompt_ids = _drop_double_bos(_chat_ids(tokenizer, prompt, add_generation_prompt=True), bos)
+    responses = []
+    for answer in (example.chosen, example.rejected):
+        messages = [*prompt, {"role": "assistant", "content": answer}]
+        responses.append(_drop_double_bos(_chat_ids(tokenizer, messages, add_generation_prompt=False), bos))
+    boundary = min(_common_prefix_length(prompt_ids, full) for full in responses)
+    if boundary < len(prompt_ids):
+        log.warning(
+            "the tokenized prompt is not a prefix of prompt + response; the response starts where "
+            "they diverge and %r is left out",
+            tokenizer.decode(prompt_ids[boundary:]),
+        )
+    prompt_ids = prompt_ids[:boundary]
+    chosen_ids, rejected_ids = (full[boundary:] for full in responses)
+    for response in (chosen_ids, rejected_ids):
+        if not end_tokens.intersection(response):
+            raise TemplateError(f"response {tokenizer.decode(response)!r} has no end-of-turn token")
+
+    if max_prompt_length is not None and len(prompt_ids) > max_prompt_length:
+        prompt_ids = prompt_ids[-max_prompt_length:]
+    room = max_length - len(prompt_ids)
+    if room <= 0:
+        return None
+    return TokenizedPair(prompt_ids, chosen_ids[:room], rejected_ids[:room])
+
+
+def tokenize_pairs(
+    tokenizer: Any, examples: list[PairExample], max_length: int, max_prompt_length: int | None = None
+) -> tuple[list[TokenizedPair], list[int]]:
+    """Tokenize many pairs; also return the indices of the examples dropped by truncation."""
+    kept, dropped = [], []
+    for index, example in enumerate(examples):
+        pair = tokenize_pair(tokenizer, example, max_length, max_prompt_length)
+        if pair is None:
+            dropped.append(index)
+        else:
+            kept.append(pair)
+    return kept, dropped
+
+
+def collate(batch: list[TokenizedPair], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Stack pairs into one right-padded batch: rows [0, n) are chosen, rows [n, 2n) rejected.
+
+    Padding goes to the longest sequence of this batch only. `loss_mask` marks response tokens.
+    """
+    rows = [(p.prompt_ids, p.chosen_ids) for p in batch] + [(p.prompt_ids, p.rejected_ids) for p in batch]
+    width = max(len(prompt) + len(response) for prompt, response in rows)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    loss_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for row, (prompt, response) in enumerate(rows):
+        length = len(prompt) + len(response)
+        input_ids[row, :length] = torch.tensor(prompt + response, dtype=torch.long)
+        attention_mask[row, :length] = 1
+        loss_mask[row, len(prompt) : length] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
+
+
+def collate_shared_prompt(batch: list[TokenizedPair], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """One row per pair, prompt + chosen + rejected, so the prompt is computed once for both answers.
+
+    The rejected tokens take the positions they would have after the prompt alone and a 4D mask
+    hides the chosen tokens from them, so every response token sees exactly the context it has in
+    its own sequence: the same log-probs as `collate`, with the prompt's tokens processed once.
+    Rows are right-padded; padding positions attend only to themselves (no empty softmax rows).
+
+    `source_row`/`source_pos` say which hidden state predicts each response token (`targets`), and
+    `segment` which sequence it belongs to: pair b's chosen answer is b, its rejected one n + b.
+    """
+    n = len(batch)
+    lengths = [len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in batch]
+    width = max(lengths)
+    input_ids = torch.full((n, width), pad_token_id, dtype=torch.long)
+    position_ids = torch.zeros((n, width), dtype=torch.long)
+    attention_mask = torch.eye(width, dtype=torch.bool).repeat(n, 1, 1, 1)
+    source_row, source_pos, targets, segment = [], [], [], []
+    for row, pair in enumerate(batch):
+        p, c, r = len(pair.prompt_ids), len(pair.chosen_ids), len(pair.rejected_ids)
+        length = lengths[row]
+        input_ids[row, :length] = torch.tensor(pair.prompt_ids + pair.chosen_ids + pair.rejected_ids)
+        position_ids[row, :length] = torch.cat([torch.arange(p + c), torch.arange(p, p + r)])
+        visible = torch.ones((length, length), dtype=torch.bool).tril()
+        visible[p + c :, p : p + c] = False
+        attention_mask[row, 0, :length, :length] = visible
+        # Token k of an answer is predicted by the hidden state before it; for both answers that is
+        # the prompt's last position for k = 0.
+        source_row += [row] * (c + r)
+        source_pos += [p - 1 + k for k in range(c)] + [p - 1] + [p + c + k - 1 for k in range(1, r)]
+        targets += pair.chosen_ids + pair.rejected_ids
+        segment += [row] * c + [n + row] * r
+    response_lengths = [len(p.chosen_ids) for p in batch] + [len(p.rejected_ids) for p in batch]
+    return {
+        "input_ids": input_ids,
+        "position_ids": position_ids,
+        "attention_mask": attention_mask,
+        "lengths": torch.tensor(lengths),
+        "source_row": torch.tensor(source_row),
+        "source_pos": torch.tensor(source_pos),
+        "targets": torch.tensor(targets),
+        "segment": torch.tensor(segment),
+        "response_lengths": torch.tensor(response_lengths),
+    }
+
+
+def fingerprint(pairs: list[TokenizedPair]) -> str:
+    """Hash of the tokenized data, so a resumed run can tell it was given the same pairs."""
+    digest = hashlib.sha256()
+    for pair in pairs:
+        digest.update(json.dumps([pair.prompt_ids, pair.chosen_ids, pair.rejected_ids]).encode())
+    return digest.hexdigest()
