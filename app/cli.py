@@ -65,6 +65,11 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    from app.db import database_url, upgrade_database
+
+    # A worker may be the first process on a new database (several start at once: Alembic's
+    # advisory lock makes the others wait).
+    upgrade_database(database_url(settings))
     if args.kind == "generate":
         from workers.generation.worker import main as generation_main
 

@@ -1,0 +1,52 @@
+"""The CLI's own rules: no keys means loopback only; model preparation runs once; prompt files."""
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from app.cli import check_bind, is_loopback, read_prompts
+from app.settings import PROJECT_ROOT, Settings
+from tests.fixtures.model import TEST_MODELS_DIR
+from workers.models import prepare_bundled_model
+
+
+def test_loopback_detection():
+    assert all(is_loopback(h) for h in ("127.0.0.1", "localhost", "::1", "127.0.0.5"))
+    assert not any(is_loopback(h) for h in ("0.0.0.0", "10.1.2.3", "::", "example.com"))
+
+
+def test_no_keys_refuses_a_public_address():
+    with pytest.raises(SystemExit, match="CAI_API_KEYS"):
+        check_bind(Settings(api_keys=""), "0.0.0.0")
+    check_bind(Settings(api_keys="k"), "0.0.0.0")
+    check_bind(Settings(api_keys=""), "127.0.0.1")
+
+
+def test_serve_on_all_interfaces_without_keys_exits_with_the_reason():
+    result = subprocess.run(
+        [sys.executable, "-m", "app.cli", "serve", "--host", "0.0.0.0", "--port", "1"],
+        capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=60, env={"PATH": "/usr/bin:/bin", "CAI_API_KEYS": ""},
+    )
+    assert result.returncode != 0 and "refusing to listen on 0.0.0.0 without API keys" in result.stderr
+
+
+def test_prepare_twice_does_nothing_the_second_time(bundled_model_path):
+    started = time.monotonic()
+    assert prepare_bundled_model(TEST_MODELS_DIR) == bundled_model_path
+    assert time.monotonic() - started < 1.0  # no download, no conversion
+    assert (bundled_model_path / "config.json").exists() and (bundled_model_path / "model.safetensors").exists()
+
+
+def test_read_prompts_from_each_file_type(tmp_path):
+    (tmp_path / "p.txt").write_text("one\n\n two \n")
+    assert read_prompts(tmp_path / "p.txt") == ["one", " two "]
+    (tmp_path / "p.json").write_text(json.dumps(["a", [{"role": "user", "content": "b"}]]))
+    assert read_prompts(tmp_path / "p.json") == ["a", [{"role": "user", "content": "b"}]]
+    (tmp_path / "p.jsonl").write_text('"a"\n{"prompt": "b"}\n{"messages": [{"role": "user", "content": "c"}]}\n')
+    assert read_prompts(tmp_path / "p.jsonl") == ["a", "b", [{"role": "user", "content": "c"}]]
+    (tmp_path / "bad.jsonl").write_text('{"text": 1}\n')
+    with pytest.raises(SystemExit, match="bad.jsonl:1"):
+        read_prompts(tmp_path / "bad.jsonl")
