@@ -1,13 +1,17 @@
 # Two images from one file:
 #   api    - the HTTP service (no torch, no vLLM)
 #   worker - generation (CUDA vLLM) and training workers
-FROM python:3.11-slim AS api
-WORKDIR /app
-COPY pyproject.toml README.md ./
-COPY app app
-COPY workers workers
-COPY migrations migrations
+FROM scratch AS source
+COPY pyproject.toml README.md /app/
+COPY app /app/app
+COPY workers /app/workers
+COPY migrations /app/migrations
 COPY constitutions /constitutions
+
+FROM python:3.11-slim AS api
+COPY --from=source /app /app
+COPY --from=source /constitutions /constitutions
+WORKDIR /app
 RUN pip install --no-cache-dir . && useradd --create-home cai && mkdir -p /data && chown cai /data
 USER cai
 ENV CAI_DATA_DIR=/data CAI_CONSTITUTIONS_DIR=/constitutions
@@ -15,12 +19,9 @@ EXPOSE 8000
 CMD ["cai-dpo", "serve", "--host", "0.0.0.0", "--port", "8000"]
 
 FROM vllm/vllm-openai:latest AS worker
+COPY --from=source /app /app
+COPY --from=source /constitutions /constitutions
 WORKDIR /app
-COPY pyproject.toml README.md ./
-COPY app app
-COPY workers workers
-COPY migrations migrations
-COPY constitutions /constitutions
 RUN pip install --no-cache-dir '.[gpu,train]'
 ENV CAI_DATA_DIR=/data CAI_CONSTITUTIONS_DIR=/constitutions
 ENTRYPOINT []

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Iterator
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 from fastapi import Depends, HTTPException, Request
 from sqlalchemy.orm import Session
@@ -12,6 +12,8 @@ from sqlalchemy.orm import Session
 from app.constitutions import ConstitutionStore
 from app.db import session_scope
 from app.settings import Settings
+
+T = TypeVar("T")
 
 
 def get_settings_dep(request: Request) -> Settings:
@@ -53,3 +55,10 @@ def require_api_key(request: Request, settings: SettingsDep) -> None:
 
 
 Authorized = Depends(require_api_key)
+
+
+def or_404(row: T | None, message: str) -> T:
+    """The row, or a 404 whose message names the path parameter that found nothing."""
+    if row is None:
+        raise HTTPException(status_code=404, detail=message)
+    return row

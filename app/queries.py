@@ -13,7 +13,7 @@ from datetime import datetime
 from typing import Any
 
 from psycopg.types.json import Jsonb
-from sqlalchemy import Select, and_, func, or_, select, text, update
+from sqlalchemy import Select, and_, func, select, text, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
@@ -411,14 +411,9 @@ def filter_pairs(stmt: Select, f: PairFilter) -> Select:
         conditions.append(Pair.job_id == f.job_id)
     if f.constitution is not None:
         conditions.append(Pair.constitution_name == f.constitution)
-    if f.constitution_version is not None:
+    if f.constitution_version is not None:  # the full hash or a prefix of it, as git takes
         versions = select(ConstitutionVersion.id).where(
-            or_(
-                ConstitutionVersion.content_hash == f.constitution_version,
-                ConstitutionVersion.content_hash.startswith(f.constitution_version)
-                if len(f.constitution_version) >= 8
-                else False,
-            )
+            ConstitutionVersion.content_hash.startswith(f.constitution_version, autoescape=True)
         )
         conditions.append(Pair.constitution_version_id.in_(versions))
     if f.since is not None:

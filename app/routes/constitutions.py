@@ -42,16 +42,19 @@ def list_constitutions(store: StoreDep):
     return out
 
 
-@router.get("/{name}", response_model=ConstitutionOut)
-def get_constitution(name: str, store: StoreDep, session: SessionDep):
-    constitution = store.get(check_name(name))
+def _detail(constitution: Constitution, store, session) -> ConstitutionOut:
     return _out(
         constitution,
         store,
         body=constitution.text,
         spec=constitution.spec.model_dump(mode="json"),
-        versions=queries.constitution_versions(session, name),
+        versions=queries.constitution_versions(session, constitution.name),
     )
+
+
+@router.get("/{name}", response_model=ConstitutionOut)
+def get_constitution(name: str, store: StoreDep, session: SessionDep):
+    return _detail(store.get(check_name(name)), store, session)
 
 
 @router.put("/{name}", response_model=ConstitutionOut)
@@ -63,10 +66,4 @@ def put_constitution(
 ):
     constitution = store.put(check_name(name), body)
     queries.store_constitution_version(session, constitution)
-    return _out(
-        constitution,
-        store,
-        body=constitution.text,
-        spec=constitution.spec.model_dump(mode="json"),
-        versions=queries.constitution_versions(session, name),
-    )
+    return _detail(constitution, store, session)

@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 
 from app import queries
 from app.constitutions import ConstitutionError
-from app.deps import Authorized, SessionDep, SettingsDep, StoreDep
+from app.deps import Authorized, SessionDep, SettingsDep, StoreDep, or_404
 from app.models import GenerationJob
 from app.progress import job_progress
 from app.schemas import FieldError, GenerateRequest, GenerateResponse, JobOut, normalize_prompts
@@ -132,21 +132,14 @@ def list_jobs(
     return _jobs_out(session, queries.list_jobs(session, limit=limit, before_id=before))
 
 
-def _job_or_404(session: Session, job_id: int) -> GenerationJob:
-    job = queries.get_job(session, job_id)
-    if job is None:
-        raise HTTPException(404, f"job_id: no job {job_id}")
-    return job
-
-
 @router.get("/jobs/{job_id}", response_model=JobOut)
 def get_job(job_id: int, session: SessionDep):
-    return _jobs_out(session, [_job_or_404(session, job_id)])[0]
+    return _jobs_out(session, [or_404(queries.get_job(session, job_id), f"job_id: no job {job_id}")])[0]
 
 
 @router.post("/jobs/{job_id}/cancel", response_model=JobOut)
 def cancel_job(job_id: int, session: SessionDep):
-    _job_or_404(session, job_id)
+    job = or_404(queries.get_job(session, job_id), f"job_id: no job {job_id}")
     queries.cancel_job(session, job_id)
-    session.expire_all()
-    return _jobs_out(session, [_job_or_404(session, job_id)])[0]
+    session.refresh(job)
+    return _jobs_out(session, [job])[0]

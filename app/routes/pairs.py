@@ -3,10 +3,10 @@
 from datetime import datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, HTTPException, Query
+from fastapi import APIRouter, Depends, Query
 
 from app import queries
-from app.deps import Authorized, SessionDep, SettingsDep
+from app.deps import Authorized, SessionDep, SettingsDep, or_404
 from app.models import Pair
 from app.schemas import PairOut, PairPage
 
@@ -81,7 +81,4 @@ def list_pairs(
 
 @router.get("/{pair_id}", response_model=PairOut)
 def get_pair(pair_id: int, session: SessionDep):
-    row = queries.get_pair(session, pair_id)
-    if row is None:
-        raise HTTPException(404, f"pair_id: no pair {pair_id}")
-    return pair_out(*row, detail=True)
+    return pair_out(*or_404(queries.get_pair(session, pair_id), f"pair_id: no pair {pair_id}"), detail=True)

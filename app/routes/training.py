@@ -5,13 +5,13 @@ import io
 from datetime import UTC, datetime
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, HTTPException, Query
+from fastapi import APIRouter, Query
 from fastapi.responses import PlainTextResponse
 from sqlalchemy.orm import Session
 
 from app import queries
 from app.constitutions import check_name
-from app.deps import Authorized, SessionDep, SettingsDep
+from app.deps import Authorized, SessionDep, SettingsDep, or_404
 from app.models import TrainingJob
 from app.progress import eta_seconds
 from app.routes.jobs import check_model
@@ -65,8 +65,7 @@ def put_policy(name: str, body: TrainPolicyIn, session: SessionDep, settings: Se
 
 @router.delete("/policies/{name}", status_code=204)
 def delete_policy(name: str, session: SessionDep):
-    if not queries.delete_train_policy(session, name):
-        raise HTTPException(404, f"name: no policy for {name!r}")
+    or_404(queries.delete_train_policy(session, name) or None, f"name: no policy for {name!r}")
 
 
 def _policy_out(policy) -> dict:
@@ -104,10 +103,7 @@ def list_training(
 
 
 def _job_or_404(session: Session, train_id: int) -> TrainingJob:
-    job = queries.get_training_job(session, train_id)
-    if job is None:
-        raise HTTPException(404, f"train_id: no training job {train_id}")
-    return job
+    return or_404(queries.get_training_job(session, train_id), f"train_id: no training job {train_id}")
 
 
 @router.get("/{train_id}", response_model=TrainJobOut)
@@ -131,9 +127,7 @@ def training_metrics(train_id: int, session: SessionDep, format: Literal["json",
 
 @router.post("/{train_id}/cancel", response_model=TrainJobOut)
 def cancel_training(train_id: int, session: SessionDep):
-    job = queries.request_training_cancel(session, train_id)
-    if job is None:
-        raise HTTPException(404, f"train_id: no training job {train_id}")
+    job = or_404(queries.request_training_cancel(session, train_id), f"train_id: no training job {train_id}")
     session.flush()
     session.refresh(job)
     return train_out(session, job)
