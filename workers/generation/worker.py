@@ -20,6 +20,7 @@ from typing import Any
 
 import psycopg
 from sqlalchemy import Engine as DBEngine
+from sqlalchemy.exc import SQLAlchemyError
 
 from app import queries
 from app.constitutions import ConstitutionSpec
@@ -58,6 +59,8 @@ class GenerationWorker:
         background = [asyncio.create_task(self.heartbeat_loop()), asyncio.create_task(self.listen_loop())]
         try:
             while not self.stopping.is_set():
+                # Cleared before the claim: a NOTIFY that lands while it runs still wakes the wait.
+                self.wakeup.clear()
                 claimed = await self.claim()
                 for prompt in claimed:
                     self.in_flight[prompt.id] = asyncio.create_task(self.process(prompt))
@@ -76,25 +79,26 @@ class GenerationWorker:
         free = self.settings.max_in_flight - len(self.in_flight)
         if free <= 0 or self.stopping.is_set():
             return []
-        return await self.db_call(
-            queries.claim_prompts,
-            worker_id=self.id,
-            model=self.model,
-            n=min(free, self.settings.claim_batch),
-            lease_seconds=self.settings.lease_seconds,
-            max_attempts=self.settings.max_attempts,
-        )
+        try:
+            return await self.db_call(
+                queries.claim_prompts,
+                worker_id=self.id,
+                model=self.model,
+                n=min(free, self.settings.claim_batch),
+                lease_seconds=self.settings.lease_seconds,
+                max_attempts=self.settings.max_attempts,
+            )
+        except SQLAlchemyError as exc:  # the database restarting: keep the trajectories, retry
+            log.warning("claim failed (%s); retrying after the poll interval", exc.__class__.__name__)
+            return []
 
     async def wait_for_work(self, *, queue_had_work: bool) -> None:
         """Sleep until a trajectory finishes (a free slot), a NOTIFY, a stop, or the poll interval."""
         if queue_had_work and len(self.in_flight) < self.settings.max_in_flight:
             return  # the queue had prompts and there is room: claim again at once
-        self.wakeup.clear()
         waiters = [asyncio.create_task(self.wakeup.wait()), asyncio.create_task(self.stopping.wait())]
         waiters += list(self.in_flight.values())
-        done, _ = await asyncio.wait(
-            waiters, timeout=self.settings.poll_seconds, return_when=asyncio.FIRST_COMPLETED
-        )
+        await asyncio.wait(waiters, timeout=self.settings.poll_seconds, return_when=asyncio.FIRST_COMPLETED)
         for waiter in waiters[:2]:
             waiter.cancel()
 
