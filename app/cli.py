@@ -235,15 +235,18 @@ def read_prompts(path: Path) -> list:
     return prompts
 
 
-def progress_bar(client: Client, path: str, total: int, done_of) -> dict:
-    """Poll `path` until done, drawing counts, rate and ETA; returns the last state."""
+def progress_bar(client: Client, path: str, unit: str, done_of) -> dict:
+    """Poll `path` until done, drawing counts, rate and ETA; returns the last state.
+
+    `done_of(state)` gives (done, total, postfix, finished) from the API's answer.
+    """
     from tqdm import tqdm
 
-    with tqdm(total=total, unit="pair", dynamic_ncols=True) as bar:
+    with tqdm(unit=unit, dynamic_ncols=True) as bar:
         while True:
             state = client.call("GET", path)
-            finished, postfix, over = done_of(state)
-            bar.n = finished
+            done, total, postfix, over = done_of(state)
+            bar.total, bar.n = total, done
             bar.set_postfix(postfix, refresh=False)
             bar.refresh()
             if over:
@@ -279,9 +282,10 @@ def cmd_generate(args: argparse.Namespace, settings: Settings) -> int:
         state = progress_bar(
             client,
             f"/jobs/{job_id}",
-            len(prompts),
+            "prompt",
             lambda s: (
                 s["counts"]["done"] + s["counts"]["failed"],
+                s["n_prompts"],
                 {
                     "rate": f"{(s['pairs_per_s'] or 0):.2f}/s",
                     "eta": f"{s['eta_s'] or 0:.0f}s",
@@ -348,9 +352,10 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
     state = progress_bar(
         client,
         f"/train/{job['train_id']}",
-        1,
+        "step",
         lambda s: (
-            s["step"] / max(s["total_steps"] or 1, 1),
+            s["step"],
+            s["total_steps"],
             {
                 "step": f"{s['step']}/{s['total_steps'] or '?'}",
                 "loss": (s.get("latest_metrics") or {}).get("loss"),

@@ -708,7 +708,7 @@ def delete_train_policy(session: Session, name: str) -> bool:
     return True
 
 
-def queue_policy_training(session: Session, policy_name: str) -> TrainingJob | None:
+def queue_policy_training(session: Session, policy_name: str, *, default_model: str) -> TrainingJob | None:
     """Queue one automatic job if the policy has `min_new_pairs` unused unflagged pairs.
 
     The policy row is locked for the check and the watermark update, so concurrent callers (API
@@ -725,7 +725,7 @@ def queue_policy_training(session: Session, policy_name: str) -> TrainingJob | N
     dataset = {"constitution": policy.constitution_name, "min_id": policy.last_pair_id + 1, "max_id": max_id}
     job = create_training_job(
         session,
-        base_model=policy.base_model or "",
+        base_model=policy.base_model or default_model,
         dataset=dataset,
         params=policy.params,
         policy=policy.constitution_name,

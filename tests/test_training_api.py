@@ -85,7 +85,9 @@ def test_policy_queues_exactly_one_job_under_concurrency(client, db):
     assert response.status_code == 200, response.text
     insert_pairs(db, 9, flagged_extra=True)  # 9 unflagged: not yet
     with session_scope(db) as session:
-        assert queries.queue_policy_training(session, "harmless") is None
+        assert (
+            queries.queue_policy_training(session, "harmless", default_model="smollm2-135m-instruct") is None
+        )
     insert_pairs(db, 3, flagged_extra=False)
     created = []
     barrier = threading.Barrier(6)
@@ -93,7 +95,7 @@ def test_policy_queues_exactly_one_job_under_concurrency(client, db):
     def trigger():
         barrier.wait()
         with session_scope(db) as session:
-            job = queries.queue_policy_training(session, "harmless")
+            job = queries.queue_policy_training(session, "harmless", default_model="smollm2-135m-instruct")
             if job is not None:
                 created.append(job.id)
 
@@ -105,9 +107,12 @@ def test_policy_queues_exactly_one_job_under_concurrency(client, db):
     assert len(created) == 1
     (job,) = jobs(db)
     assert job.policy == "harmless" and job.dataset["min_id"] == 1 and job.params["max_steps"] == 2
+    assert job.base_model == "smollm2-135m-instruct"
     # The same pairs never trigger a second job; new ones do once there are enough.
     with session_scope(db) as session:
-        assert queries.queue_policy_training(session, "harmless") is None
+        assert (
+            queries.queue_policy_training(session, "harmless", default_model="smollm2-135m-instruct") is None
+        )
     policies = client.get("/train/policies").json()
     assert policies[0]["last_pair_id"] == job.dataset["max_id"]
     assert client.delete("/train/policies/harmless").status_code == 204
@@ -122,3 +127,18 @@ def test_bad_policies(client):
         .startswith("params.beta")
     )
     assert client.put("/train/policies/Bad..Name", json={"min_new_pairs": 5}).status_code == 422
+
+
+def test_worker_applies_policies_from_settings_once(settings, db):
+    from workers.training.worker import TrainingWorker
+
+    policies = '{"harmless": {"min_new_pairs": 5, "params": {"max_steps": 1, "lora": {"r": 4}}}}'
+    worker = TrainingWorker(
+        settings.model_copy(update={"train_policies": policies}), db, url=settings.database_url
+    )
+    worker.sync_policies_from_settings()
+    insert_pairs(db, 6, flagged_extra=False)
+    worker.queue_automatic_jobs()
+    worker.queue_automatic_jobs()
+    (job,) = jobs(db)
+    assert job.policy == "harmless" and job.params["lora"]["r"] == 4 and job.base_model == settings.model

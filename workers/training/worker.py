@@ -169,9 +169,6 @@ class TrainingWorker:
     def settle(self, job: TrainingJob, result, lease: Lease) -> None:
         """Record how the run ended: done, cancelled, handed back (SIGTERM) or taken over."""
         if result.status == "completed":
-            (result.model_dir / "metrics.json").write_text(
-                json.dumps({"eval_before": result.eval_before, "eval_after": result.eval_after})
-            )
             self.call(
                 queries.finish_training_job,
                 job.id,
@@ -232,7 +229,9 @@ class TrainingWorker:
 
     def queue_automatic_jobs(self) -> None:
         for policy in self.call(queries.list_train_policies):
-            job = self.call(queries.queue_policy_training, policy.constitution_name)
+            job = self.call(
+                queries.queue_policy_training, policy.constitution_name, default_model=self.settings.model
+            )
             if job is not None:
                 log.info("policy %s queued training job %d", policy.constitution_name, job.id)
 
