@@ -335,7 +335,20 @@ def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_jobs(args: argparse.Namespace, settings: Settings) -> int:
     client = Client(args, settings)
-    result = client.call("GET", f"/jobs/{args.job_id}" if args.job_id else "/jobs")
+    if (args.failed or args.retry) and args.job_id is None:
+        raise SystemExit("--failed and --retry need a job id")
+    if args.retry:
+        result = client.call("POST", f"/jobs/{args.job_id}/retry")
+    elif args.failed:
+        result, cursor = [], None
+        while True:
+            params = {"status": "failed", "limit": 1000} | ({"cursor": cursor} if cursor else {})
+            page = client.call("GET", f"/jobs/{args.job_id}/prompts", params=params)
+            result += page["items"]
+            if not (cursor := page["next_cursor"]):
+                break
+    else:
+        result = client.call("GET", f"/jobs/{args.job_id}" if args.job_id else "/jobs")
     print(json.dumps(result, indent=2, default=str))
     return 0
 
@@ -450,6 +463,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     jobs = client_parser("jobs", "show generation jobs")
     jobs.add_argument("job_id", nargs="?", type=int)
+    jobs.add_argument("--failed", action="store_true", help="list the job's failed prompts and their errors")
+    jobs.add_argument("--retry", action="store_true", help="queue the job's failed prompts again")
     jobs.set_defaults(func=cmd_jobs)
 
     train = client_parser("train", "start a DPO training job")

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal, get_args
 
 from psycopg.types.json import Jsonb
 from sqlalchemy import Select, and_, func, select, text, update
@@ -33,7 +33,8 @@ from app.models import (
 PROMPTS_CHANNEL = "cai_prompts"
 TRAINING_CHANNEL = "cai_training"
 
-PROMPT_STATES = ("queued", "running", "done", "failed", "cancelled")
+PromptStatus = Literal["queued", "running", "done", "failed", "cancelled"]
+PROMPT_STATES: tuple[str, ...] = get_args(PromptStatus)
 
 
 # --- constitutions --------------------------------------------------------------------------------
@@ -195,6 +196,36 @@ def cancel_job(session: Session, job_id: int) -> int:
         .where(Prompt.job_id == job_id, Prompt.status == "queued")
         .values(status="cancelled", finished_at=func.now())
     )
+    return result.rowcount
+
+
+def list_job_prompts(
+    session: Session, job_id: int, *, status: PromptStatus | None, after_id: int | None, limit: int
+) -> list[tuple[Prompt, int | None]]:
+    """A job's prompt rows in id order, each with the id of its pair if it has one."""
+    stmt = (
+        select(Prompt, Pair.id)
+        .outerjoin(Pair, Pair.prompt_id == Prompt.id)
+        .where(Prompt.job_id == job_id)
+        .order_by(Prompt.id)
+        .limit(limit)
+    )
+    if status is not None:
+        stmt = stmt.where(Prompt.status == status)
+    if after_id is not None:
+        stmt = stmt.where(Prompt.id > after_id)
+    return [tuple(row) for row in session.execute(stmt)]
+
+
+def retry_failed_prompts(session: Session, job_id: int) -> int:
+    """Queue a job's failed prompts again with fresh attempts; their last error stays for reference."""
+    result = session.execute(
+        update(Prompt)
+        .where(Prompt.job_id == job_id, Prompt.status == "failed")
+        .values(status="queued", attempts=0, finished_at=None)
+    )
+    if result.rowcount:
+        session.execute(text("SELECT pg_notify(:channel, '')"), {"channel": PROMPTS_CHANNEL})
     return result.rowcount
 
 

@@ -120,6 +120,23 @@ class JobOut(BaseModel):
     cancelled_at: datetime | None
 
 
+class PromptOut(BaseModel):
+    id: int
+    position: int = Field(description="Index of the prompt in the `POST /generate` request.")
+    status: str
+    attempts: int
+    last_error: str | None
+    pair_id: int | None
+    messages: list[dict[str, Any]]
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class PromptPage(BaseModel):
+    items: list[PromptOut]
+    next_cursor: str | None
+
+
 class PairOut(BaseModel):
     id: int
     job_id: int | None

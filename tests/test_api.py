@@ -5,6 +5,7 @@ import json
 import pytest
 from sqlalchemy import func, select, text
 
+from app import queries
 from app.db import session_scope
 from app.models import GenerationJob, Pair, Prompt
 
@@ -71,6 +72,55 @@ def test_cancel_stops_unclaimed_prompts(client, db):
     state = client.post(f"/jobs/{job_id}/cancel").json()
     assert state["status"] == "cancelled"
     assert state["counts"]["cancelled"] == 3 and state["counts"]["queued"] == 0
+
+
+def test_failed_prompts_are_listed_with_their_error_and_can_be_retried(client, db, settings):
+    job_id = client.post("/generate", json={"prompts": ["a", "b", "c"], "constitution": "harmless"}).json()[
+        "job_id"
+    ]
+    with session_scope(db) as session:
+        a, b, _ = queries.claim_prompts(
+            session, worker_id="w", model=settings.model, n=3, lease_seconds=60, max_attempts=3
+        )
+        queries.fail_prompt(
+            session,
+            worker_id="w",
+            prompt_id=b.id,
+            error="prompt too long: 9000 tokens",
+            retryable=False,
+            max_attempts=3,
+        )
+        queries.complete_prompt(
+            session,
+            worker_id="w",
+            prompt_id=a.id,
+            pair={"job_id": job_id, "prompt": a.messages, "chosen": "good", "rejected": "bad"},
+        )
+
+    failed = client.get(f"/jobs/{job_id}/prompts", params={"status": "failed"}).json()
+    assert [(p["id"], p["position"], p["attempts"]) for p in failed["items"]] == [(b.id, 1, 1)]
+    assert failed["items"][0]["last_error"] == "prompt too long: 9000 tokens"
+    assert failed["items"][0]["messages"] == [{"role": "user", "content": "b"}]
+    everything = client.get(f"/jobs/{job_id}/prompts", params={"limit": 2}).json()
+    assert [p["status"] for p in everything["items"]] == ["done", "failed"]
+    assert everything["items"][0]["pair_id"] is not None and everything["items"][1]["pair_id"] is None
+    rest = client.get(f"/jobs/{job_id}/prompts", params={"cursor": everything["next_cursor"]}).json()
+    assert [p["status"] for p in rest["items"]] == ["running"] and rest["next_cursor"] is None
+
+    state = client.post(f"/jobs/{job_id}/retry").json()
+    assert state["counts"]["failed"] == 0 and state["counts"]["queued"] == 1
+    with session_scope(db) as session:
+        (again,) = queries.claim_prompts(
+            session, worker_id="w2", model=settings.model, n=3, lease_seconds=60, max_attempts=3
+        )
+    assert again.id == b.id and again.attempts == 1
+
+    bad = client.get(f"/jobs/{job_id}/prompts", params={"status": "lost"})
+    assert bad.status_code == 422 and bad.json()["detail"].startswith("status:")
+    assert client.get("/jobs/999999/prompts").status_code == 404
+    client.post(f"/jobs/{job_id}/cancel")
+    refused = client.post(f"/jobs/{job_id}/retry")
+    assert refused.status_code == 409 and refused.json()["detail"].startswith("job_id:")
 
 
 @pytest.mark.parametrize(
@@ -304,6 +354,8 @@ def test_openapi_documents_every_route(client):
     for path in (
         "/generate",
         "/jobs/{job_id}",
+        "/jobs/{job_id}/prompts",
+        "/jobs/{job_id}/retry",
         "/pairs",
         "/export",
         "/constitutions/{name}",

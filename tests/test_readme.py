@@ -23,3 +23,20 @@ def test_ci_runs_the_readme_test_command():
     ci = (PROJECT_ROOT / ".ci" / "run").read_text()
     assert "make test    #" in README and "make up      #" in README
     assert "\nmake test\n" in ci
+
+
+def test_readme_has_a_curl_example_for_every_route():
+    import re
+
+    from app.main import create_app
+
+    examples = re.findall(r"localhost:8000(/[^\s?'\"]*)", README)
+    missing = []
+    for route in create_app(migrate=False).routes:
+        path = getattr(route, "path", "")
+        if path.startswith(("/docs", "/redoc", "/openapi")):
+            continue
+        pattern = re.compile("^" + re.sub(r"\\\{[^}]+\\\}", "[^/]+", re.escape(path)) + "$")
+        if not any(pattern.match(example) for example in examples):
+            missing.append(path)
+    assert not missing, f"README has no curl example for {missing}"

@@ -13,7 +13,15 @@ from app.constitutions import ConstitutionError
 from app.deps import Authorized, SessionDep, SettingsDep, StoreDep, or_404
 from app.models import GenerationJob
 from app.progress import job_progress
-from app.schemas import FieldError, GenerateRequest, GenerateResponse, JobOut, normalize_prompts
+from app.schemas import (
+    FieldError,
+    GenerateRequest,
+    GenerateResponse,
+    JobOut,
+    PromptOut,
+    PromptPage,
+    normalize_prompts,
+)
 from app.settings import Settings
 
 router = APIRouter(tags=["generation"], dependencies=[Authorized])
@@ -142,4 +150,48 @@ def cancel_job(job_id: int, session: SessionDep):
     job = or_404(queries.get_job(session, job_id), f"job_id: no job {job_id}")
     queries.cancel_job(session, job_id)
     session.refresh(job)
+    return _jobs_out(session, [job])[0]
+
+
+@router.get("/jobs/{job_id}/prompts", response_model=PromptPage)
+def list_job_prompts(
+    job_id: int,
+    session: SessionDep,
+    settings: SettingsDep,
+    status: queries.PromptStatus | None = None,
+    cursor: Annotated[
+        str | None, Query(pattern=r"^\d+$", description="`next_cursor` of the previous page.")
+    ] = None,
+    limit: Annotated[int, Query(ge=1)] = 50,
+):
+    """The job's prompts with their state: `status=failed` shows what failed and why."""
+    or_404(queries.get_job(session, job_id), f"job_id: no job {job_id}")
+    limit = min(limit, settings.page_size_max)
+    rows = queries.list_job_prompts(
+        session, job_id, status=status, after_id=int(cursor) if cursor else None, limit=limit
+    )
+    items = [
+        PromptOut(
+            id=prompt.id,
+            position=prompt.position,
+            status=prompt.status,
+            attempts=prompt.attempts,
+            last_error=prompt.last_error,
+            pair_id=pair_id,
+            messages=prompt.messages,
+            started_at=prompt.started_at,
+            finished_at=prompt.finished_at,
+        )
+        for prompt, pair_id in rows
+    ]
+    return PromptPage(items=items, next_cursor=str(items[-1].id) if len(items) == limit else None)
+
+
+@router.post("/jobs/{job_id}/retry", response_model=JobOut)
+def retry_job(job_id: int, session: SessionDep):
+    """Queue the job's failed prompts again (e.g. after a model or settings fix)."""
+    job = or_404(queries.get_job(session, job_id), f"job_id: no job {job_id}")
+    if job.cancelled_at is not None:
+        raise HTTPException(409, f"job_id: job {job_id} is cancelled; submit its prompts again")
+    queries.retry_failed_prompts(session, job_id)
     return _jobs_out(session, [job])[0]
