@@ -109,7 +109,15 @@ class Pair(Base):
     """One preference pair: rejected = the initial answer, chosen = the final revision."""
 
     __tablename__ = "pairs"
-    __table_args__ = (Index("pairs_constitution_id", "constitution_name", "id"),)
+    __table_args__ = (
+        Index("pairs_constitution_id", "constitution_name", "id"),
+        # What the automatic training policies count: pairs no automatic job has taken yet.
+        Index(
+            "pairs_untaken_by_policy",
+            "constitution_name",
+            postgresql_where=text("policy_train_id IS NULL AND NOT flagged"),
+        ),
+    )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
     prompt_id: Mapped[int | None] = mapped_column(ForeignKey("prompts.id", ondelete="CASCADE"), unique=True)
@@ -135,6 +143,8 @@ class Pair(Base):
     pair_metadata: Mapped[dict[str, Any]] = mapped_column(
         "metadata", JSONB, server_default=text("'{}'::jsonb")
     )
+    # The automatic training job that took this pair (a policy uses each pair once).
+    policy_train_id: Mapped[int | None] = mapped_column(ForeignKey("training_jobs.id", ondelete="SET NULL"))
     created_at: Mapped[datetime] = _now()
 
 
@@ -187,8 +197,6 @@ class TrainPolicy(Base):
     params: Mapped[dict[str, Any]]
     base_model: Mapped[str | None] = mapped_column(Text)
     enabled: Mapped[bool] = mapped_column(Boolean, server_default="true")
-    # Pairs up to this id have been handed to an automatic job (the policy's watermark).
-    last_pair_id: Mapped[int] = mapped_column(BigInteger, server_default="0")
     updated_at: Mapped[datetime] = _now()
 
 

@@ -13,7 +13,7 @@ from datetime import datetime
 from typing import Any, Literal, get_args
 
 from psycopg.types.json import Jsonb
-from sqlalchemy import Select, and_, func, select, text, update
+from sqlalchemy import ColumnElement, Select, and_, func, select, text, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
@@ -434,9 +434,17 @@ class PairFilter:
     min_id: int | None = None
     max_id: int | None = None
     ids: Sequence[int] | None = None
+    # The pairs an automatic training job took; `untaken_by_policy` those no automatic job took yet.
+    policy_train_id: int | None = None
+    untaken_by_policy: bool = False
 
 
 def filter_pairs(stmt: Select, f: PairFilter) -> Select:
+    conditions = pair_conditions(f)
+    return stmt.where(and_(*conditions)) if conditions else stmt
+
+
+def pair_conditions(f: PairFilter) -> list[ColumnElement[bool]]:
     conditions = []
     if f.job_id is not None:
         conditions.append(Pair.job_id == f.job_id)
@@ -461,7 +469,11 @@ def filter_pairs(stmt: Select, f: PairFilter) -> Select:
         conditions.append(Pair.id <= f.max_id)
     if f.ids is not None:
         conditions.append(Pair.id.in_(f.ids))
-    return stmt.where(and_(*conditions)) if conditions else stmt
+    if f.policy_train_id is not None:
+        conditions.append(Pair.policy_train_id == f.policy_train_id)
+    if f.untaken_by_policy:
+        conditions.append(Pair.policy_train_id.is_(None))
+    return conditions
 
 
 def _pairs_with_version() -> Select:
@@ -739,27 +751,33 @@ def delete_train_policy(session: Session, name: str) -> bool:
     return True
 
 
-def queue_policy_training(session: Session, policy_name: str, *, default_model: str) -> TrainingJob | None:
-    """Queue one automatic job if the policy has `min_new_pairs` unused unflagged pairs.
+def policy_pairs_waiting(session: Session, constitution_name: str) -> int:
+    """Unflagged pairs of the constitution that no automatic training job has taken yet."""
+    return count_pairs(session, PairFilter(constitution=constitution_name, untaken_by_policy=True))
 
-    The policy row is locked for the check and the watermark update, so concurrent callers (API
-    processes, workers) queue exactly one job for the same new pairs.
+
+def queue_policy_training(session: Session, policy_name: str, *, default_model: str) -> TrainingJob | None:
+    """Queue one automatic job once `min_new_pairs` untaken unflagged pairs exist; it takes them all.
+
+    The policy row is locked for the count and the marking, so concurrent callers (API processes,
+    workers) queue exactly one job for the same pairs. Each pair is marked with the job that took
+    it, rather than compared with an id watermark: a pair whose transaction commits after one with
+    a higher id (a long import beside running workers) is still counted next time.
     """
     policy = session.get(TrainPolicy, policy_name, with_for_update=True, populate_existing=True)
     if policy is None or not policy.enabled:
         return None
-    new = PairFilter(constitution=policy.constitution_name, min_id=policy.last_pair_id + 1)
-    row = session.execute(filter_pairs(select(func.count(Pair.id), func.max(Pair.id)), new)).one()
-    n_new, max_id = row
-    if n_new < policy.min_new_pairs:
+    untaken = PairFilter(constitution=policy.constitution_name, untaken_by_policy=True)
+    if count_pairs(session, untaken) < policy.min_new_pairs:
         return None
-    dataset = {"constitution": policy.constitution_name, "min_id": policy.last_pair_id + 1, "max_id": max_id}
     job = create_training_job(
         session,
         base_model=policy.base_model or default_model,
-        dataset=dataset,
+        dataset={},
         params=policy.params,
         policy=policy.constitution_name,
     )
-    policy.last_pair_id = max_id
+    job.dataset = {"constitution": policy.constitution_name, "policy_train_id": job.id}
+    # Pairs committed since the count are taken too: the job's dataset is exactly the marked pairs.
+    session.execute(update(Pair).where(*pair_conditions(untaken)).values(policy_train_id=job.id))
     return job

@@ -216,6 +216,13 @@ def pairs_of(db, job_id):
 def test_two_workers_share_a_job_and_survive_a_sigkill(client, settings, db):
     a, b = start_worker(settings), start_worker(settings)
     try:
+        # Both engines up before the job exists, or the first one ready could take every prompt.
+        wait_for(
+            lambda: {w["pid"] for w in client.get("/workers").json()} >= {a.pid, b.pid},
+            300,
+            "both workers to start their engines",
+            (a, b),
+        )
         body = {
             "prompts": hh_prompts(16, offset=20),
             "constitution": "harmless",

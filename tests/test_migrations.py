@@ -44,3 +44,35 @@ def test_upgrade_matches_models_and_downgrade_empties(empty_database):
     assert tables(empty_database) == {"alembic_version"}
     upgrade_database(empty_database)  # and back up again
     assert set(Base.metadata.tables) <= tables(empty_database)
+
+
+def test_0002_marks_the_pairs_of_watermark_era_automatic_jobs(empty_database):
+    upgrade_database(empty_database, "0001")
+    pair = (
+        "INSERT INTO pairs (id, constitution_name, prompt, chosen, rejected, flags)"
+        " VALUES (%s, %s, '[]', 'c', 'r', %s)"
+    )
+    with psycopg.connect(libpq_url(empty_database), autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO train_policies (constitution_name, min_new_pairs, params, last_pair_id)"
+            " VALUES ('harmless', 2, '{}', 3)"
+        )
+        conn.execute(
+            "INSERT INTO training_jobs (id, base_model, dataset, params, policy) VALUES"
+            " (7, 'm', '{\"constitution\": \"harmless\", \"min_id\": 1, \"max_id\": 3}', '{}', 'harmless')"
+        )
+        for pair_id, name, flags in [
+            (1, "harmless", []),
+            (2, "harmless", ["unchanged"]),
+            (3, "harmless", []),
+            (4, "harmless", []),
+            (5, "helpful-honest", []),
+        ]:
+            conn.execute(pair, (pair_id, name, flags))
+    upgrade_database(empty_database)
+    with psycopg.connect(libpq_url(empty_database)) as conn:
+        marks = dict(conn.execute("SELECT id, policy_train_id FROM pairs ORDER BY id").fetchall())
+    assert marks == {1: 7, 2: None, 3: 7, 4: None, 5: None}
+    downgrade_database(empty_database, "0001")
+    with psycopg.connect(libpq_url(empty_database)) as conn:
+        assert conn.execute("SELECT last_pair_id FROM train_policies").fetchall() == [(3,)]

@@ -7,7 +7,7 @@ from sqlalchemy import select
 
 from app import queries
 from app.db import session_scope
-from app.models import TrainingJob
+from app.models import Pair, TrainingJob, Worker
 from tests.test_api import insert_pairs
 
 
@@ -106,7 +106,11 @@ def test_policy_queues_exactly_one_job_under_concurrency(client, db):
         t.join()
     assert len(created) == 1
     (job,) = jobs(db)
-    assert job.policy == "harmless" and job.dataset["min_id"] == 1 and job.params["max_steps"] == 2
+    assert job.policy == "harmless" and job.params["max_steps"] == 2
+    assert job.dataset == {"constitution": "harmless", "policy_train_id": job.id}
+    with session_scope(db) as session:
+        taken = queries.pair_ids(session, queries.PairFilter(policy_train_id=job.id))
+    assert len(taken) == 12  # every unflagged pair, none of the flagged one
     assert job.base_model == "smollm2-135m-instruct"
     # The same pairs never trigger a second job; new ones do once there are enough.
     with session_scope(db) as session:
@@ -114,9 +118,42 @@ def test_policy_queues_exactly_one_job_under_concurrency(client, db):
             queries.queue_policy_training(session, "harmless", default_model="smollm2-135m-instruct") is None
         )
     policies = client.get("/train/policies").json()
-    assert policies[0]["last_pair_id"] == job.dataset["max_id"]
+    assert policies[0]["pairs_waiting"] == 0
     assert client.delete("/train/policies/harmless").status_code == 204
     assert client.get("/train/policies").json() == []
+
+
+def test_policy_counts_a_pair_that_commits_after_a_later_one(client, db):
+    """A long import holds a low pair id while workers commit higher ones: no pair is skipped."""
+    client.put("/train/policies/harmless", json={"min_new_pairs": 3})
+    with session_scope(db) as slow_import:
+        slow_import.execute(
+            Pair.__table__.insert(),
+            {
+                "constitution_name": "harmless",
+                "prompt": [],
+                "chosen": "c",
+                "rejected": "r",
+                "source": "import",
+            },
+        )
+        insert_pairs(db, 3, flagged_extra=False)  # higher ids, committed first
+        with session_scope(db) as other:
+            first = queries.queue_policy_training(other, "harmless", default_model="m")
+    # The import has committed its lower id only now.
+    assert client.get("/train/policies").json()[0]["pairs_waiting"] == 1
+    insert_pairs(db, 2, flagged_extra=False)
+    with session_scope(db) as other:
+        second = queries.queue_policy_training(other, "harmless", default_model="m")
+    with session_scope(db) as other:
+        sources = {
+            job.id: sorted(p.source for p in queries.pairs_by_ids(other, queries.pair_ids(other, f)))
+            for job, f in [
+                (first, queries.PairFilter(policy_train_id=first.id)),
+                (second, queries.PairFilter(policy_train_id=second.id)),
+            ]
+        }
+    assert sources == {first.id: ["test"] * 3, second.id: ["import", "test", "test"]}
 
 
 def test_bad_policies(client):
@@ -142,3 +179,26 @@ def test_worker_applies_policies_from_settings_once(settings, db):
     worker.queue_automatic_jobs()
     (job,) = jobs(db)
     assert job.policy == "harmless" and job.params["lora"]["r"] == 4 and job.base_model == settings.model
+
+
+def test_worker_outlives_a_database_outage(settings, db, monkeypatch):
+    from sqlalchemy.exc import OperationalError
+
+    from workers.training.worker import TrainingWorker
+
+    worker = TrainingWorker(settings.model_copy(update={"poll_seconds": 0.1}), db, url=settings.database_url)
+    claims = []
+
+    def claim(session, **kwargs):
+        claims.append(kwargs["worker_id"])
+        if len(claims) == 1:
+            raise OperationalError("SELECT", {}, Exception("the database system is shutting down"))
+        worker.stopping.set()  # the second claim reached the database again: enough
+        return None
+
+    monkeypatch.setattr(queries, "claim_training_job", claim)
+    worker.run()
+    assert len(claims) == 2
+    with session_scope(db) as session:
+        (row,) = session.scalars(select(Worker)).all()
+        assert row.id == worker.id and row.stopped_at is not None

@@ -52,7 +52,7 @@ def train_out(session: Session, job: TrainingJob) -> TrainJobOut:
 # Policies first: `/train/policies` must not be taken for `/train/{train_id}`.
 @router.get("/policies")
 def list_policies(session: SessionDep):
-    return [_policy_out(p) for p in queries.list_train_policies(session)]
+    return [_policy_out(p, session) for p in queries.list_train_policies(session)]
 
 
 @router.put("/policies/{name}")
@@ -60,7 +60,9 @@ def put_policy(name: str, body: TrainPolicyIn, session: SessionDep, settings: Se
     check_name(name)
     if body.base_model is not None:
         check_model(body.base_model, settings, session, field="base_model")
-    return _policy_out(queries.upsert_train_policy(session, constitution_name=name, **body.db_values()))
+    return _policy_out(
+        queries.upsert_train_policy(session, constitution_name=name, **body.db_values()), session
+    )
 
 
 @router.delete("/policies/{name}", status_code=204)
@@ -68,14 +70,15 @@ def delete_policy(name: str, session: SessionDep):
     or_404(queries.delete_train_policy(session, name) or None, f"name: no policy for {name!r}")
 
 
-def _policy_out(policy) -> dict:
+def _policy_out(policy, session) -> dict:
     return {
         "constitution": policy.constitution_name,
         "min_new_pairs": policy.min_new_pairs,
         "base_model": policy.base_model,
         "enabled": policy.enabled,
         "params": policy.params,
-        "last_pair_id": policy.last_pair_id,
+        # Progress towards the next automatic job: it starts when this reaches min_new_pairs.
+        "pairs_waiting": queries.policy_pairs_waiting(session, policy.constitution_name),
     }
 
 

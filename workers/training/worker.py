@@ -21,6 +21,7 @@ from typing import Any
 
 import psycopg
 from sqlalchemy import Engine as DBEngine
+from sqlalchemy.exc import SQLAlchemyError
 
 from app import queries
 from app.db import database_url, get_engine, libpq_url, session_scope
@@ -97,6 +98,17 @@ class TrainingWorker:
 
     def run(self) -> None:
         self.sync_policies_from_settings()
+        while not self.stopping.is_set():
+            try:
+                self.serve_jobs()
+            except (SQLAlchemyError, psycopg.Error) as exc:  # the database restarting: reconnect
+                log.warning("database unavailable (%s); retrying after the poll interval", exc)
+                self.stopping.wait(self.settings.poll_seconds)
+        self.call(queries.mark_worker_stopped, self.id)
+        log.info("training worker %s stopped", self.id)
+
+    def serve_jobs(self) -> None:
+        """Claim and train jobs until stopped; idle, wait for a NOTIFY or the poll interval."""
         with psycopg.connect(libpq_url(self.url), autocommit=True) as listener:
             listener.execute(f"LISTEN {queries.TRAINING_CHANNEL}")
             while not self.stopping.is_set():
@@ -113,8 +125,6 @@ class TrainingWorker:
                     continue
                 for _ in listener.notifies(timeout=self.settings.poll_seconds, stop_after=1):
                     pass
-        self.call(queries.mark_worker_stopped, self.id)
-        log.info("training worker %s stopped", self.id)
 
     def train(self, job: TrainingJob) -> None:
         from workers.training.trainer import TrainHooks, run_training
