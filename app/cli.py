@@ -29,6 +29,8 @@ def setup_logging(role: str) -> None:
         datefmt="%H:%M:%S",
         force=True,
     )
+    # One line per HTTP request drowns the client commands' progress bars and output.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def is_loopback(host: str) -> bool:
