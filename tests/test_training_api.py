@@ -202,3 +202,29 @@ def test_worker_outlives_a_database_outage(settings, db, monkeypatch):
     with session_scope(db) as session:
         (row,) = session.scalars(select(Worker)).all()
         assert row.id == worker.id and row.stopped_at is not None
+
+
+def test_step_metrics_survive_a_failed_write(client, settings, db, monkeypatch):
+    from sqlalchemy.exc import OperationalError
+
+    from workers.training.worker import TrainingWorker
+
+    insert_pairs(db, 4)
+    train_id = client.post("/train", json={"max_steps": 3}).json()["train_id"]
+    worker = TrainingWorker(settings, db, url=settings.database_url)
+    with session_scope(db) as session:
+        queries.claim_training_job(session, worker_id=worker.id, lease_seconds=60, max_attempts=3)
+    real_write = queries.record_training_metrics
+
+    def flaky_write(session, train_id, step, values):
+        if step == 2 and not flaky_write.failed:
+            flaky_write.failed = True
+            raise OperationalError("INSERT", {}, Exception("server closed the connection unexpectedly"))
+        real_write(session, train_id, step, values)
+
+    flaky_write.failed = False
+    monkeypatch.setattr(queries, "record_training_metrics", flaky_write)
+    for step in (1, 2, 3):
+        worker.record_step(train_id, step, 3, {"loss": 0.7 - step / 100})
+    assert [m["step"] for m in client.get(f"/train/{train_id}/metrics").json()] == [1, 2, 3]
+    assert client.get(f"/train/{train_id}").json()["step"] == 3

@@ -95,6 +95,7 @@ class TrainingWorker:
         self.id = f"train-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.stopping = threading.Event()
         self.tokens_per_s = 0.0
+        self.unsent_metrics: list[tuple[int, int, dict[str, float]]] = []
 
     def run(self) -> None:
         self.sync_policies_from_settings()
@@ -229,13 +230,21 @@ class TrainingWorker:
         return [PairExample(prompt=p.prompt, chosen=p.chosen, rejected=p.rejected) for p in pairs]
 
     def record_step(self, train_id: int, step: int, total: int, metrics: dict[str, float]) -> None:
+        """Write the step's metrics; a database blip delays them to the next step, never stops training."""
         self.tokens_per_s = metrics.get("tokens_per_s", self.tokens_per_s)
+        self.unsent_metrics.append((train_id, step, metrics))
 
         def write(session):
-            queries.record_training_metrics(session, train_id, step, metrics)
+            for unsent in self.unsent_metrics:
+                queries.record_training_metrics(session, *unsent)
             queries.update_training_job(session, train_id, worker_id=self.id, step=step, total_steps=total)
 
-        self.call(write)
+        try:
+            self.call(write)
+        except SQLAlchemyError as exc:
+            log.warning("training job %d: metrics of step %d not written yet (%s)", train_id, step, exc)
+            return
+        self.unsent_metrics.clear()
 
     def queue_automatic_jobs(self) -> None:
         for policy in self.call(queries.list_train_policies):
