@@ -19,6 +19,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from app.schemas import find_nul
+
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
 _NAME_RE = re.compile(NAME_PATTERN)
 
@@ -123,7 +125,7 @@ def parse_constitution(text: str, *, path: Path | None = None) -> ConstitutionSp
     if not isinstance(data, dict):
         raise ConstitutionError("a constitution must be a YAML mapping", path=path, field="(root)")
     try:
-        return ConstitutionSpec.model_validate(data)
+        spec = ConstitutionSpec.model_validate(data)
     except ValidationError as exc:
         first = exc.errors()[0]
         field = ".".join(str(part) for part in first["loc"]) or "(root)"
@@ -131,6 +133,10 @@ def parse_constitution(text: str, *, path: Path | None = None) -> ConstitutionSp
         if first["type"] == "value_error" and ": " in message:  # our validators say "field: problem"
             field, message = message.split(": ", 1)
         raise ConstitutionError(message, path=path, field=field) from exc
+    # After validation: YAML may nest itself (`a: &a [*a]`), a validated spec cannot.
+    if (where := find_nul(spec.model_dump())) is not None:  # a YAML "\0" escape
+        raise ConstitutionError("contains a NUL character (\\u0000)", path=path, field=where)
+    return spec
 
 
 class ConstitutionStore:

@@ -11,6 +11,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from app.schemas import find_nul
+
 _TURN = re.compile(r"\n\n(Human|Assistant|System): ")
 _ROLES = {"Human": "user", "Assistant": "assistant", "System": "system"}
 _MESSAGE_ROLES = {"system", "user", "assistant"}
@@ -74,6 +76,8 @@ def parse_pair(row: Any) -> ImportedPair:
     """One imported row in any of the accepted formats."""
     if not isinstance(row, dict):
         raise RowError("expected a JSON object")
+    if (where := find_nul(row)) is not None:
+        raise RowError(f"{where}: contains a NUL character (\\u0000), which cannot be stored")
     if "prompt" not in row:
         if isinstance(row.get("chosen"), str) and isinstance(row.get("rejected"), str):
             return _hh_pair(row["chosen"], row["rejected"])

@@ -6,6 +6,8 @@ import logging
 from collections import Counter
 from contextlib import asynccontextmanager
 
+import psycopg
+import sqlalchemy.exc
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -51,7 +53,8 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
                 }
             )
         else:
-            errors.append({"field": field_name(error["loc"]), "message": error["msg"]})
+            message = error["msg"].removeprefix("Value error, ")  # pydantic's prefix for our checks
+            errors.append({"field": field_name(error["loc"]), "message": message})
     return error_response(status, errors)
 
 
@@ -71,6 +74,17 @@ async def _constitution_error(request: Request, exc: ConstitutionError) -> JSONR
             **exc.to_dict(),
         },
     )
+
+
+async def _unstorable_value(request: Request, exc: Exception) -> JSONResponse:
+    """A value PostgreSQL refuses (out of range, a NUL character) that validation did not catch.
+
+    The request's transaction is rolled back, so nothing was written; the client gets a 422
+    rather than a 500, and the log keeps the trace so the missing check can be added.
+    """
+    log.warning("%s %s: value refused by the database", request.method, request.url.path, exc_info=exc)
+    reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+    return error_response(422, [{"field": "body", "message": f"a value cannot be stored: {reason}"}])
 
 
 async def _unknown_constitution(request: Request, exc: UnknownConstitution) -> JSONResponse:
@@ -157,6 +171,8 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True) -> Fas
     app.add_exception_handler(FieldError, _field_error)
     app.add_exception_handler(ConstitutionError, _constitution_error)
     app.add_exception_handler(UnknownConstitution, _unknown_constitution)
+    app.add_exception_handler(sqlalchemy.exc.DataError, _unstorable_value)
+    app.add_exception_handler(psycopg.DataError, _unstorable_value)
     for module in (health, constitutions, jobs, pairs, export, workers, training, datasets):
         app.include_router(module.router)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)

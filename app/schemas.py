@@ -7,14 +7,51 @@ Limits that come from settings (prompt count, prompt length) are checked by
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from annotated_types import Interval
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from app.settings import Settings
 from workers.training.config import TrainParams  # pydantic only: the API never imports torch
 
 Role = Literal["system", "user", "assistant"]
+
+# Row ids are PostgreSQL bigints: a larger number names no row and must not reach a query.
+DB_ID_MAX = 2**63 - 1
+DbId = Annotated[int, Interval(ge=1, le=DB_ID_MAX)]
+# A `next_cursor`: the last id of the previous page.
+Cursor = Annotated[str, Field(pattern=r"^\d{1,18}$", description="`next_cursor` of the previous page.")]
+
+
+def find_nul(value: Any, path: str = "") -> str | None:
+    """Where a JSON-like value holds a NUL character (PostgreSQL text cannot store one), or None."""
+    if isinstance(value, str):
+        return path if "\x00" in value else None
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        where = f"{path}.{key}" if path else str(key)
+        if isinstance(key, str) and "\x00" in key:
+            return where
+        if (found := find_nul(item, where)) is not None:
+            return found
+    return None
+
+
+def _no_nul(value: Any) -> Any:
+    if (where := find_nul(value)) is not None:
+        raise ValueError(f"contains a NUL character (\\u0000){f' at {where}' if where else ''}")
+    return value
+
+
+# Text and JSON that PostgreSQL can store: a NUL character is refused with the field's name.
+Text = Annotated[str, AfterValidator(_no_nul)]
+JsonObject = Annotated[dict[str, Any], AfterValidator(_no_nul)]
 
 
 class FieldError(ValueError):
@@ -31,7 +68,7 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     role: Role
-    content: str
+    content: Text
 
 
 class SamplingRequest(BaseModel):
@@ -46,7 +83,7 @@ class SamplingRequest(BaseModel):
 class GenerateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    prompts: list[str | list[ChatMessage]] = Field(
+    prompts: list[Text | list[ChatMessage]] = Field(
         description="Plain strings, or chat messages ending with a user turn."
     )
     constitution: str = Field(min_length=1, max_length=64)
@@ -55,7 +92,7 @@ class GenerateRequest(BaseModel):
     )
     sampling: SamplingRequest | None = None
     model: str | None = Field(None, description="Default model, or `train:<id>` for a trained one.")
-    metadata: dict[str, Any] = Field(default_factory=dict)
+    metadata: JsonObject = Field(default_factory=dict)
 
 
 def normalize_prompts(
@@ -195,13 +232,13 @@ class DatasetFilter(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    job_id: int | None = None
-    constitution: str | None = Field(None, max_length=64)
-    constitution_version: str | None = Field(None, min_length=8, max_length=64)
+    job_id: DbId | None = None
+    constitution: Text | None = Field(None, max_length=64)
+    constitution_version: Text | None = Field(None, min_length=8, max_length=64)
     since: datetime | None = None
     include_flagged: bool = False
-    source: str | None = Field(None, max_length=200)
-    import_id: int | None = None
+    source: Text | None = Field(None, max_length=200)
+    import_id: DbId | None = None
 
 
 class TrainRequest(TrainParams):
@@ -221,7 +258,7 @@ class TrainPolicyIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    min_new_pairs: int = Field(ge=1)
+    min_new_pairs: int = Field(ge=1, le=2**31 - 1)
     base_model: str | None = None
     enabled: bool = True
     params: TrainParams = Field(default_factory=TrainParams)

@@ -160,6 +160,15 @@ def test_failed_prompts_are_listed_with_their_error_and_can_be_retried(client, d
         ({"prompts": ["hi"], "constitution": "harmless", "model": "train:12"}, 422, "model"),
         ({"prompts": ["hi"], "constitution": "harmless", "colour": "red"}, 422, "colour"),
         ({"constitution": "harmless"}, 422, "prompts"),
+        # PostgreSQL text cannot hold NUL; ids beyond its bigint name no row.
+        ({"prompts": ["a\x00b"], "constitution": "harmless"}, 422, "prompts.0"),
+        (
+            {"prompts": [[{"role": "user", "content": "\x00"}]], "constitution": "harmless"},
+            422,
+            "prompts.0.0.content",
+        ),
+        ({"prompts": ["hi"], "constitution": "harmless", "metadata": {"a": ["\x00"]}}, 422, "metadata"),
+        ({"prompts": ["hi"], "constitution": "harmless", "model": f"train:{2**64}"}, 422, "model"),
     ],
 )
 def test_bad_generate_requests_name_the_field_and_write_nothing(client, db, body, status, field):
@@ -168,6 +177,26 @@ def test_bad_generate_requests_name_the_field_and_write_nothing(client, db, body
     detail = response.json()["detail"]
     assert detail.startswith(f"{field}:"), detail
     assert count(db, GenerationJob) == 0 and count(db, Prompt) == 0
+
+
+@pytest.mark.parametrize(
+    ("path", "params", "field"),
+    [
+        (f"/jobs/{2**64}", {}, "job_id"),
+        (f"/jobs/{2**64}/prompts", {}, "job_id"),
+        ("/jobs", {"before": 2**64}, "before"),
+        (f"/pairs/{2**64}", {}, "pair_id"),
+        ("/pairs", {"cursor": "9" * 30}, "cursor"),
+        ("/pairs", {"job_id": 2**64}, "job_id"),
+        ("/pairs", {"source": "a\x00"}, "source"),
+        ("/export", {"constitution": "harmless\x00"}, "constitution"),
+        (f"/train/{2**64}", {}, "train_id"),
+    ],
+)
+def test_out_of_range_ids_and_nul_characters_in_queries_are_422(client, path, params, field):
+    response = client.get(path, params=params)
+    assert response.status_code == 422, response.text
+    assert response.json()["detail"].startswith(f"{field}:")
 
 
 def test_malformed_json_is_a_400_naming_the_body(client, db):
@@ -273,6 +302,7 @@ def test_new_constitution_by_put_and_edit_on_disk_without_restart(client, settin
             "principles",
         ),
         ("- just a list\n", "(root)"),
+        ('principles:\n  - {id: a, critique: "c\\0", revision: r}\n', "principles.0.critique"),
     ],
 )
 def test_invalid_constitution_put_is_refused_and_changes_nothing(client, settings, yaml_text, field):
@@ -364,3 +394,24 @@ def test_openapi_documents_every_route(client):
     ):
         assert path in paths
     json.dumps(paths)
+
+
+def test_a_value_the_database_refuses_is_a_422_naming_the_reason(client, db):
+    """The safety net behind validation: a DataError the checks missed is the client's 422, not a 500."""
+    import asyncio
+
+    import psycopg
+    from starlette.requests import Request
+
+    from app.main import _unstorable_value
+
+    with db.connect() as conn, pytest.raises(Exception) as raised:
+        conn.exec_driver_sql(r"""SELECT '["\u0000"]'::jsonb""")
+    assert isinstance(raised.value.orig, psycopg.DataError)
+    request = Request(
+        {"type": "http", "method": "POST", "path": "/generate", "headers": [], "query_string": b""}
+    )
+    response = asyncio.run(_unstorable_value(request, raised.value))
+    body = json.loads(response.body)
+    assert response.status_code == 422 and body["detail"].startswith("body: a value cannot be stored: ")
+    assert body["detail"].endswith("unsupported Unicode escape sequence")

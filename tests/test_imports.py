@@ -65,6 +65,10 @@ def test_parse_each_format():
             "different prompts",
         ),
         ({"prompt": "Q", "chosen": " ", "rejected": "y"}, "empty answer"),
+        (
+            {"prompt": [{"role": "user", "content": "Q\x00"}], "chosen": "x", "rejected": "y"},
+            r"prompt\.0\.content: contains a NUL",
+        ),
     ],
 )
 def test_parse_errors(row, message):

@@ -8,7 +8,7 @@ from fastapi.responses import JSONResponse
 from app import queries
 from app.deps import Authorized, SessionDep
 from app.imports import parse_pairs
-from app.schemas import FieldError
+from app.schemas import FieldError, Text
 
 router = APIRouter(prefix="/datasets", tags=["datasets"], dependencies=[Authorized])
 
@@ -35,10 +35,10 @@ def import_pairs(
     upload: Annotated[tuple[str, list[str]], Depends(read_jsonl)],
     session: SessionDep,
     source: Annotated[
-        str | None, Query(max_length=200, description="Source tag (default: import:<file name>).")
+        Text | None, Query(max_length=200, description="Source tag (default: import:<file name>).")
     ] = None,
     constitution: Annotated[
-        str | None, Query(max_length=64, description="Tag the pairs with a constitution.")
+        Text | None, Query(max_length=64, description="Tag the pairs with a constitution.")
     ] = None,
 ):
     name, lines = upload

@@ -14,6 +14,9 @@ from app.deps import Authorized, SessionDep, SettingsDep, StoreDep, or_404
 from app.models import GenerationJob
 from app.progress import job_progress
 from app.schemas import (
+    DB_ID_MAX,
+    Cursor,
+    DbId,
     FieldError,
     GenerateRequest,
     GenerateResponse,
@@ -31,8 +34,9 @@ def check_model(model: str | None, settings: Settings, session: Session, *, fiel
     """The default model, or `train:<id>` of a training job that produced a model."""
     if model is None or model == settings.model:
         return settings.model
-    if model.startswith("train:") and model.removeprefix("train:").isdigit():
-        job = queries.get_training_job(session, int(model.removeprefix("train:")))
+    train_id = model.removeprefix("train:")
+    if model.startswith("train:") and train_id.isdigit() and 0 < int(train_id) <= DB_ID_MAX:
+        job = queries.get_training_job(session, int(train_id))
         if job is None or job.status != "succeeded" or not job.artifact_path:
             raise FieldError(field, f"{model}: no finished training job with a model")
         return model
@@ -135,18 +139,18 @@ def _jobs_out(session: Session, jobs: list[GenerationJob]) -> list[JobOut]:
 def list_jobs(
     session: SessionDep,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    before: Annotated[int | None, Query(description="Only jobs with a smaller id (paging).")] = None,
+    before: Annotated[DbId | None, Query(description="Only jobs with a smaller id (paging).")] = None,
 ):
     return _jobs_out(session, queries.list_jobs(session, limit=limit, before_id=before))
 
 
 @router.get("/jobs/{job_id}", response_model=JobOut)
-def get_job(job_id: int, session: SessionDep):
+def get_job(job_id: DbId, session: SessionDep):
     return _jobs_out(session, [or_404(queries.get_job(session, job_id), f"job_id: no job {job_id}")])[0]
 
 
 @router.post("/jobs/{job_id}/cancel", response_model=JobOut)
-def cancel_job(job_id: int, session: SessionDep):
+def cancel_job(job_id: DbId, session: SessionDep):
     job = or_404(queries.get_job(session, job_id), f"job_id: no job {job_id}")
     queries.cancel_job(session, job_id)
     session.refresh(job)
@@ -155,13 +159,11 @@ def cancel_job(job_id: int, session: SessionDep):
 
 @router.get("/jobs/{job_id}/prompts", response_model=PromptPage)
 def list_job_prompts(
-    job_id: int,
+    job_id: DbId,
     session: SessionDep,
     settings: SettingsDep,
     status: queries.PromptStatus | None = None,
-    cursor: Annotated[
-        str | None, Query(pattern=r"^\d+$", description="`next_cursor` of the previous page.")
-    ] = None,
+    cursor: Cursor | None = None,
     limit: Annotated[int, Query(ge=1)] = 50,
 ):
     """The job's prompts with their state: `status=failed` shows what failed and why."""
@@ -188,7 +190,7 @@ def list_job_prompts(
 
 
 @router.post("/jobs/{job_id}/retry", response_model=JobOut)
-def retry_job(job_id: int, session: SessionDep):
+def retry_job(job_id: DbId, session: SessionDep):
     """Queue the job's failed prompts again (e.g. after a model or settings fix)."""
     job = or_404(queries.get_job(session, job_id), f"job_id: no job {job_id}")
     if job.cancelled_at is not None:

@@ -8,24 +8,24 @@ from fastapi import APIRouter, Depends, Query
 from app import queries
 from app.deps import Authorized, SessionDep, SettingsDep, or_404
 from app.models import Pair
-from app.schemas import PairOut, PairPage
+from app.schemas import Cursor, DbId, PairOut, PairPage, Text
 
 router = APIRouter(prefix="/pairs", tags=["pairs"], dependencies=[Authorized])
 
 
 def pair_filter(
-    job_id: int | None = None,
-    constitution: Annotated[str | None, Query(max_length=64)] = None,
+    job_id: DbId | None = None,
+    constitution: Annotated[Text | None, Query(max_length=64)] = None,
     constitution_version: Annotated[
-        str | None,
+        Text | None,
         Query(min_length=8, max_length=64, description="Content hash (or its first 8+ characters)."),
     ] = None,
     since: Annotated[datetime | None, Query(description="Pairs created at or after this ISO time.")] = None,
     include_flagged: bool = False,
     source: Annotated[
-        str | None, Query(max_length=200, description="`generated`, or the source tag of an import.")
+        Text | None, Query(max_length=200, description="`generated`, or the source tag of an import.")
     ] = None,
-    import_id: int | None = None,
+    import_id: DbId | None = None,
 ) -> queries.PairFilter:
     return queries.PairFilter(
         job_id=job_id,
@@ -68,9 +68,7 @@ def list_pairs(
     session: SessionDep,
     settings: SettingsDep,
     filters: PairFilterDep,
-    cursor: Annotated[
-        str | None, Query(pattern=r"^\d+$", description="`next_cursor` of the previous page.")
-    ] = None,
+    cursor: Cursor | None = None,
     limit: Annotated[int, Query(ge=1)] = 50,
 ):
     limit = min(limit, settings.page_size_max)
@@ -80,5 +78,5 @@ def list_pairs(
 
 
 @router.get("/{pair_id}", response_model=PairOut)
-def get_pair(pair_id: int, session: SessionDep):
+def get_pair(pair_id: DbId, session: SessionDep):
     return pair_out(*or_404(queries.get_pair(session, pair_id), f"pair_id: no pair {pair_id}"), detail=True)

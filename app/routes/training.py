@@ -15,7 +15,7 @@ from app.deps import Authorized, SessionDep, SettingsDep, or_404
 from app.models import TrainingJob
 from app.progress import eta_seconds
 from app.routes.jobs import check_model
-from app.schemas import FieldError, TrainJobOut, TrainPolicyIn, TrainRequest
+from app.schemas import DbId, FieldError, TrainJobOut, TrainPolicyIn, TrainRequest
 
 router = APIRouter(prefix="/train", tags=["training"], dependencies=[Authorized])
 
@@ -98,7 +98,7 @@ def start_training(body: TrainRequest, session: SessionDep, settings: SettingsDe
 def list_training(
     session: SessionDep,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    before: int | None = None,
+    before: DbId | None = None,
 ):
     return [
         train_out(session, job) for job in queries.list_training_jobs(session, limit=limit, before_id=before)
@@ -110,12 +110,12 @@ def _job_or_404(session: Session, train_id: int) -> TrainingJob:
 
 
 @router.get("/{train_id}", response_model=TrainJobOut)
-def get_training(train_id: int, session: SessionDep):
+def get_training(train_id: DbId, session: SessionDep):
     return train_out(session, _job_or_404(session, train_id))
 
 
 @router.get("/{train_id}/metrics")
-def training_metrics(train_id: int, session: SessionDep, format: Literal["json", "csv"] = "json"):
+def training_metrics(train_id: DbId, session: SessionDep, format: Literal["json", "csv"] = "json"):
     _job_or_404(session, train_id)
     rows = [{"step": m.step, **m.values} for m in queries.training_metrics(session, train_id)]
     if format == "json":
@@ -129,7 +129,7 @@ def training_metrics(train_id: int, session: SessionDep, format: Literal["json",
 
 
 @router.post("/{train_id}/cancel", response_model=TrainJobOut)
-def cancel_training(train_id: int, session: SessionDep):
+def cancel_training(train_id: DbId, session: SessionDep):
     job = or_404(queries.request_training_cancel(session, train_id), f"train_id: no training job {train_id}")
     session.flush()
     session.refresh(job)

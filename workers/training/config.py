@@ -59,10 +59,10 @@ class TrainParams(BaseModel):
         1.0, gt=0, description="Clip the global gradient norm; None: no clipping."
     )
     epochs: int = Field(
-        1, ge=1, description="Passes over the training pairs (ignored when max_steps is set)."
+        1, ge=1, le=10_000, description="Passes over the training pairs (ignored when max_steps is set)."
     )
     max_steps: int | None = Field(
-        None, ge=1, description="Optimizer steps to run; when set it wins over epochs."
+        None, ge=1, le=2**31 - 1, description="Optimizer steps to run; when set it wins over epochs."
     )
     batch_size: int = Field(4, ge=1, description="Pairs per forward pass (each pair is two sequences).")
     gradient_accumulation: int = Field(
@@ -79,7 +79,9 @@ class TrainParams(BaseModel):
         description="If set, prompts longer than this keep only their last tokens before max_length applies. "
         "None (TRL 1.16's behaviour): prompts are not cut; pairs whose prompt fills max_length are dropped.",
     )
-    seed: int = Field(0, description="Seeds the data order, the split and adapter initialisation.")
+    seed: int = Field(
+        0, ge=0, le=2**32 - 1, description="Seeds the data order, the split and adapter initialisation."
+    )
     eval_fraction: float = Field(
         0.05,
         ge=0,
