@@ -90,3 +90,14 @@ def test_stop_releases_prompts_in_flight_at_once(settings, db):
     assert all(v == ("queued", 0, None) for v in statuses(db).values())
     with session_scope(db) as session:
         assert session.scalars(select(Pair)).all() == []
+
+
+def test_a_nul_character_from_the_model_does_not_stop_the_pair_being_saved(settings, db):
+    make_job(db, settings, 2)
+    worker = make_worker(settings, db, ScriptedEngine(reply=lambda m: f"odd\x00 byte #{len(m)}"))
+    run_until(worker, all_finished(db))
+    with session_scope(db) as session:
+        assert [p.status for p in session.scalars(select(Prompt))] == ["done", "done"]
+        pairs = session.scalars(select(Pair)).all()
+        assert len(pairs) == 2 and all(p.rejected.startswith("odd byte #") for p in pairs)
+        assert all("\x00" not in p.chosen for p in pairs)

@@ -101,6 +101,12 @@ def quality_flags(*, rejected: str, chosen: str, finish_reasons: dict[str, str])
     return flags
 
 
+def answer_text(result: ChatResult) -> str:
+    """A reply as stored: trimmed, without NUL characters (a byte-level model can emit one; PostgreSQL
+    text cannot hold it, and the pair would fail to save on every attempt)."""
+    return result.text.replace("\x00", "").strip()
+
+
 @dataclass
 class Trajectory:
     """What a finished trajectory stores with its pair."""
@@ -156,7 +162,7 @@ async def run_trajectory(
 
     trajectory = Trajectory(initial="")
     first = await chat(conv, "initial")
-    trajectory.initial = first.text.strip()
+    trajectory.initial = answer_text(first)
     trajectory.finish_reasons["initial"] = first.finish_reason
     current = trajectory.initial
     for round_index in range(revisions):
@@ -167,15 +173,15 @@ async def run_trajectory(
         ]
         critique = await chat(conv, f"r{round_index}-critique")
         conv = conv + [
-            {"role": "assistant", "content": critique.text.strip()},
+            {"role": "assistant", "content": answer_text(critique)},
             {"role": "user", "content": principle.revision},
         ]
         revision = await chat(conv, f"r{round_index}-revision")
-        current = revision.text.strip()
+        current = answer_text(revision)
         trajectory.rounds.append(
             {
                 "principle": principle.id,
-                "critique": critique.text.strip(),
+                "critique": answer_text(critique),
                 "revision": current,
                 "finish_reasons": {"critique": critique.finish_reason, "revision": revision.finish_reason},
             }
