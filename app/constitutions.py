@@ -19,7 +19,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from app.schemas import find_nul
+from app.schemas import find_unstorable
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
 _NAME_RE = re.compile(NAME_PATTERN)
@@ -134,8 +134,9 @@ def parse_constitution(text: str, *, path: Path | None = None) -> ConstitutionSp
             field, message = message.split(": ", 1)
         raise ConstitutionError(message, path=path, field=field) from exc
     # After validation: YAML may nest itself (`a: &a [*a]`), a validated spec cannot.
-    if (where := find_nul(spec.model_dump())) is not None:  # a YAML "\0" escape
-        raise ConstitutionError("contains a NUL character (\\u0000)", path=path, field=where)
+    if found := find_unstorable(spec.model_dump()):  # e.g. a YAML "\0" escape
+        where, reason = found
+        raise ConstitutionError(reason, path=path, field=where)
     return spec
 
 

@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from app.schemas import find_nul
+from app.schemas import find_unstorable
 
 _TURN = re.compile(r"\n\n(Human|Assistant|System): ")
 _ROLES = {"Human": "user", "Assistant": "assistant", "System": "system"}
@@ -76,8 +76,6 @@ def parse_pair(row: Any) -> ImportedPair:
     """One imported row in any of the accepted formats."""
     if not isinstance(row, dict):
         raise RowError("expected a JSON object")
-    if (where := find_nul(row)) is not None:
-        raise RowError(f"{where}: contains a NUL character (\\u0000), which cannot be stored")
     if "prompt" not in row:
         if isinstance(row.get("chosen"), str) and isinstance(row.get("rejected"), str):
             return _hh_pair(row["chosen"], row["rejected"])
@@ -108,6 +106,10 @@ def parse_pair(row: Any) -> ImportedPair:
         raise RowError("prompt: the last message must be a user turn")
     if not pair.chosen.strip() or not pair.rejected.strip():
         raise RowError("chosen/rejected: empty answer")
+    # Only what is stored is checked: a column the import ignores may hold anything.
+    if found := find_unstorable({"prompt": pair.prompt, "chosen": pair.chosen, "rejected": pair.rejected}):
+        where, reason = found
+        raise RowError(f"{where}: {reason}")
     return pair
 
 
@@ -121,6 +123,8 @@ def parse_pairs(lines: list[str], *, max_errors: int = 20) -> tuple[list[Importe
             pairs.append(parse_pair(json.loads(line)))
         except json.JSONDecodeError as exc:
             errors.append({"line": number, "message": f"invalid JSON: {exc.msg}"})
+        except RecursionError:
+            errors.append({"line": number, "message": "invalid JSON: nested too deeply"})
         except RowError as exc:
             errors.append({"line": number, "message": str(exc)})
         if len(errors) >= max_errors:

@@ -87,6 +87,12 @@ async def _unstorable_value(request: Request, exc: Exception) -> JSONResponse:
     return error_response(422, [{"field": "body", "message": f"a value cannot be stored: {reason}"}])
 
 
+async def _invalid_unicode(request: Request, exc: UnicodeError) -> JSONResponse:
+    """JSON may escape a lone surrogate (`"\\ud800"`) that no UTF-8 text can hold; pydantic's core
+    raises on it before any field validator sees it (a dict key, say)."""
+    return error_response(400, [{"field": "body", "message": f"not valid Unicode text: {exc.reason}"}])
+
+
 async def _unknown_constitution(request: Request, exc: UnknownConstitution) -> JSONResponse:
     return error_response(404, [{"field": "constitution", "message": str(exc)}])
 
@@ -172,6 +178,7 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True) -> Fas
     app.add_exception_handler(ConstitutionError, _constitution_error)
     app.add_exception_handler(UnknownConstitution, _unknown_constitution)
     app.add_exception_handler(sqlalchemy.exc.DataError, _unstorable_value)
+    app.add_exception_handler(UnicodeError, _invalid_unicode)
     app.add_exception_handler(psycopg.DataError, _unstorable_value)
     for module in (health, constitutions, jobs, pairs, export, workers, training, datasets):
         app.include_router(module.router)

@@ -6,6 +6,8 @@ Limits that come from settings (prompt count, prompt length) are checked by
 
 from __future__ import annotations
 
+import math
+from collections import deque
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -24,34 +26,51 @@ DbId = Annotated[int, Interval(ge=1, le=DB_ID_MAX)]
 Cursor = Annotated[str, Field(pattern=r"^\d{1,18}$", description="`next_cursor` of the previous page.")]
 
 
-def find_nul(value: Any, path: str = "") -> str | None:
-    """Where a JSON-like value holds a NUL character (PostgreSQL text cannot store one), or None."""
-    if isinstance(value, str):
-        return path if "\x00" in value else None
-    if isinstance(value, dict):
-        items = value.items()
-    elif isinstance(value, list):
-        items = enumerate(value)
-    else:
-        return None
-    for key, item in items:
-        where = f"{path}.{key}" if path else str(key)
-        if isinstance(key, str) and "\x00" in key:
-            return where
-        if (found := find_nul(item, where)) is not None:
-            return found
+def text_problem(text: str) -> str | None:
+    """Why PostgreSQL cannot store this text, or None."""
+    if "\x00" in text:
+        return "contains a NUL character (\\u0000)"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "contains a lone surrogate (not valid Unicode)"
     return None
 
 
-def _no_nul(value: Any) -> Any:
-    if (where := find_nul(value)) is not None:
-        raise ValueError(f"contains a NUL character (\\u0000){f' at {where}' if where else ''}")
+def find_unstorable(value: Any) -> tuple[str, str] | None:
+    """The first place in a JSON-like value that PostgreSQL cannot store, and why; None if none.
+
+    Text must be valid Unicode without NUL, numbers finite (JSON has no NaN). Iterative, so a
+    deeply nested upload cannot exhaust the stack.
+    """
+    queue = deque([("", value)])
+    while queue:
+        path, item = queue.popleft()
+        if isinstance(item, str):
+            if reason := text_problem(item):
+                return path, reason
+        elif isinstance(item, float) and not math.isfinite(item):
+            return path, f"{item} is not a JSON number"
+        elif isinstance(item, dict | list):
+            pairs = item.items() if isinstance(item, dict) else enumerate(item)
+            for key, child in pairs:
+                where = f"{path}.{key}" if path else str(key)
+                if isinstance(key, str) and (reason := text_problem(key)):
+                    return where, reason
+                queue.append((where, child))
+    return None
+
+
+def _storable(value: Any) -> Any:
+    if found := find_unstorable(value):
+        where, reason = found
+        raise ValueError(f"{reason} at {where}" if where else reason)
     return value
 
 
-# Text and JSON that PostgreSQL can store: a NUL character is refused with the field's name.
-Text = Annotated[str, AfterValidator(_no_nul)]
-JsonObject = Annotated[dict[str, Any], AfterValidator(_no_nul)]
+# Text and JSON that PostgreSQL can store: anything else is refused with the field's name.
+Text = Annotated[str, AfterValidator(_storable)]
+JsonObject = Annotated[dict[str, Any], AfterValidator(_storable)]
 
 
 class FieldError(ValueError):
@@ -72,7 +91,7 @@ class ChatMessage(BaseModel):
 
 
 class SamplingRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)

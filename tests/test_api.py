@@ -199,6 +199,27 @@ def test_out_of_range_ids_and_nul_characters_in_queries_are_422(client, path, pa
     assert response.json()["detail"].startswith(f"{field}:")
 
 
+@pytest.mark.parametrize(
+    ("raw", "status", "field"),
+    [
+        (rb'{"prompts": ["\ud800"], "constitution": "harmless"}', 422, "prompts.0"),
+        (rb'{"prompts": ["hi"], "constitution": "harmless", "metadata": {"\udfff": 1}}', 400, "body"),
+        (rb'{"prompts": ["hi"], "constitution": "harmless", "metadata": {"x": NaN}}', 422, "metadata"),
+        (
+            rb'{"prompts": ["hi"], "constitution": "harmless", "sampling": {"top_p": Infinity}}',
+            422,
+            "sampling.top_p",
+        ),
+    ],
+)
+def test_json_that_is_not_storable_text_or_numbers_is_refused(client, db, raw, status, field):
+    """Python's JSON reader lets through lone surrogates and NaN; PostgreSQL stores neither."""
+    response = client.post("/generate", content=raw, headers={"content-type": "application/json"})
+    assert response.status_code == status, response.text
+    assert response.json()["detail"].startswith(f"{field}:")
+    assert count(db, GenerationJob) == 0
+
+
 def test_malformed_json_is_a_400_naming_the_body(client, db):
     response = client.post(
         "/generate", content=b'{"prompts": [', headers={"content-type": "application/json"}

@@ -66,14 +66,24 @@ def test_parse_each_format():
         ),
         ({"prompt": "Q", "chosen": " ", "rejected": "y"}, "empty answer"),
         (
-            {"prompt": [{"role": "user", "content": "Q\x00"}], "chosen": "x", "rejected": "y"},
+            {
+                "prompt": [{"role": "user", "content": "Q\x00"}],
+                "chosen": [{"role": "assistant", "content": "x"}],
+                "rejected": [{"role": "assistant", "content": "y"}],
+            },
             r"prompt\.0\.content: contains a NUL",
         ),
+        ({"prompt": "Q", "chosen": "x\ud800", "rejected": "y"}, "chosen: contains a lone surrogate"),
     ],
 )
 def test_parse_errors(row, message):
     with pytest.raises(RowError, match=message):
         parse_pair(row)
+
+
+def test_columns_the_import_ignores_may_hold_anything():
+    pair = parse_pair({"prompt": "Q", "chosen": "x", "rejected": "y", "score": float("nan"), "id": "\x00"})
+    assert (pair.chosen, pair.rejected) == ("x", "y")
 
 
 def test_errors_carry_line_numbers():

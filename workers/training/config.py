@@ -16,7 +16,7 @@ LossType = Literal["sigmoid", "ipo", "hinge", "robust"]
 class LoraParams(BaseModel):
     """LoRA adapter settings; the adapter is merged into the base weights in the final artifact."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     r: int = Field(16, ge=1, le=1024, description="Rank of the low-rank update matrices.")
     alpha: float = Field(32.0, gt=0, description="Scaling numerator: the update is scaled by alpha / r.")
@@ -32,7 +32,7 @@ class LoraParams(BaseModel):
 class TrainParams(BaseModel):
     """Hyperparameters of one DPO run."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     loss_type: LossType = Field(
         "sigmoid",
