@@ -9,8 +9,10 @@ from contextlib import asynccontextmanager
 import psycopg
 import sqlalchemy.exc
 from fastapi import FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.constitutions import ConstitutionError, ConstitutionStore, UnknownConstitution
@@ -85,6 +87,14 @@ async def _unstorable_value(request: Request, exc: Exception) -> JSONResponse:
     log.warning("%s %s: value refused by the database", request.method, request.url.path, exc_info=exc)
     reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
     return error_response(422, [{"field": "body", "message": f"a value cannot be stored: {reason}"}])
+
+
+async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+    # FastAPI's own words for a body json.loads gave up on (nested thousands deep): name the field.
+    if exc.status_code == 400 and exc.detail == "There was an error parsing the body":
+        reason = exc.__cause__.__class__.__name__ if exc.__cause__ else "unreadable"
+        return error_response(400, [{"field": "body", "message": f"malformed JSON ({reason})"}])
+    return await http_exception_handler(request, exc)
 
 
 async def _invalid_unicode(request: Request, exc: UnicodeError) -> JSONResponse:
@@ -179,6 +189,7 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True) -> Fas
     app.add_exception_handler(UnknownConstitution, _unknown_constitution)
     app.add_exception_handler(sqlalchemy.exc.DataError, _unstorable_value)
     app.add_exception_handler(UnicodeError, _invalid_unicode)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(psycopg.DataError, _unstorable_value)
     for module in (health, constitutions, jobs, pairs, export, workers, training, datasets):
         app.include_router(module.router)

@@ -220,6 +220,13 @@ def test_json_that_is_not_storable_text_or_numbers_is_refused(client, db, raw, s
     assert count(db, GenerationJob) == 0
 
 
+def test_json_nested_too_deep_to_parse_is_a_400_naming_the_body(client, db):
+    response = client.post("/generate", content=b"[" * 100_000, headers={"content-type": "application/json"})
+    assert (
+        response.status_code == 400 and response.json()["detail"] == "body: malformed JSON (RecursionError)"
+    )
+
+
 def test_malformed_json_is_a_400_naming_the_body(client, db):
     response = client.post(
         "/generate", content=b'{"prompts": [', headers={"content-type": "application/json"}
