@@ -54,10 +54,9 @@ def find_unstorable(value: Any) -> tuple[str, str] | None:
         elif isinstance(item, dict | list):
             pairs = item.items() if isinstance(item, dict) else enumerate(item)
             for key, child in pairs:
-                where = f"{path}.{key}" if path else str(key)
                 if isinstance(key, str) and (reason := text_problem(key)):
-                    return where, reason
-                queue.append((where, child))
+                    return path, f"a key {reason}"  # the key itself could not be shown back
+                queue.append((f"{path}.{key}" if path else str(key), child))
     return None
 
 
