@@ -203,7 +203,7 @@ def test_out_of_range_ids_and_nul_characters_in_queries_are_422(client, path, pa
     ("raw", "status", "field"),
     [
         (rb'{"prompts": ["\ud800"], "constitution": "harmless"}', 422, "prompts.0"),
-        (rb'{"prompts": ["hi"], "constitution": "harmless", "metadata": {"\udfff": 1}}', 400, "body"),
+        (rb'{"prompts": ["hi"], "constitution": "harmless", "metadata": {"\udfff": 1}}', 422, "metadata"),
         (rb'{"prompts": ["hi"], "constitution": "harmless", "metadata": {"x": NaN}}', 422, "metadata"),
         (
             rb'{"prompts": ["hi"], "constitution": "harmless", "sampling": {"top_p": Infinity}}',
@@ -424,14 +424,14 @@ def test_openapi_documents_every_route(client):
     json.dumps(paths)
 
 
-def test_a_value_the_database_refuses_is_a_422_naming_the_reason(client, db):
-    """The safety net behind validation: a DataError the checks missed is the client's 422, not a 500."""
+def test_what_validation_misses_is_still_a_4xx(client, db):
+    """The safety nets behind validation: a DataError or invalid Unicode is the client's 4xx, not a 500."""
     import asyncio
 
     import psycopg
     from starlette.requests import Request
 
-    from app.main import _unstorable_value
+    from app.main import _invalid_unicode, _unstorable_value
 
     with db.connect() as conn, pytest.raises(Exception) as raised:
         conn.exec_driver_sql(r"""SELECT '["\u0000"]'::jsonb""")
@@ -443,3 +443,10 @@ def test_a_value_the_database_refuses_is_a_422_naming_the_reason(client, db):
     body = json.loads(response.body)
     assert response.status_code == 422 and body["detail"].startswith("body: a value cannot be stored: ")
     assert body["detail"].endswith("unsupported Unicode escape sequence")
+
+    try:
+        "\ud800".encode()
+    except UnicodeEncodeError as exc:
+        response = asyncio.run(_invalid_unicode(request, exc))
+    assert response.status_code == 400
+    assert json.loads(response.body)["detail"] == "body: not valid Unicode text: surrogates not allowed"
