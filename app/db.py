@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, TypeVar
 
 from sqlalchemy import Engine, create_engine
 from sqlalchemy.orm import Session, sessionmaker
@@ -19,6 +20,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 
@@ -74,6 +77,12 @@ def session_scope(engine: Engine) -> Iterator[Session]:
     """One transaction: committed when the block ends, rolled back on an exception."""
     with _session_factory(engine)() as session, session.begin():
         yield session
+
+
+def run_in_session(engine: Engine, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """`fn(session, *args, **kwargs)` in a transaction of its own (the workers' database calls)."""
+    with session_scope(engine) as session:
+        return fn(session, *args, **kwargs)
 
 
 def alembic_config(url: str):

@@ -172,8 +172,9 @@ async def run_trajectory(
             {"role": "user", "content": principle.critique},
         ]
         critique = await chat(conv, f"r{round_index}-critique")
+        critique_text = answer_text(critique)
         conv = conv + [
-            {"role": "assistant", "content": answer_text(critique)},
+            {"role": "assistant", "content": critique_text},
             {"role": "user", "content": principle.revision},
         ]
         revision = await chat(conv, f"r{round_index}-revision")
@@ -181,7 +182,7 @@ async def run_trajectory(
         trajectory.rounds.append(
             {
                 "principle": principle.id,
-                "critique": answer_text(critique),
+                "critique": critique_text,
                 "revision": current,
                 "finish_reasons": {"critique": critique.finish_reason, "revision": revision.finish_reason},
             }

@@ -24,7 +24,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from app import queries
 from app.constitutions import ConstitutionSpec
-from app.db import database_url, get_engine, libpq_url, session_scope
+from app.db import database_url, get_engine, libpq_url, run_in_session
 from app.settings import Settings
 from workers.generation.engines import Engine, PromptTooLong, Sampling, make_engine
 from workers.generation.trajectory import few_shot_turns, quality_flags, run_trajectory
@@ -270,11 +270,7 @@ class GenerationWorker:
             log.info("released %d prompts in flight", released)
 
     async def db_call(self, fn, *args, **kwargs):
-        def call():
-            with session_scope(self.db) as session:
-                return fn(session, *args, **kwargs)
-
-        return await asyncio.to_thread(call)
+        return await asyncio.to_thread(run_in_session, self.db, fn, *args, **kwargs)
 
 
 async def run_worker(settings: Settings) -> None:

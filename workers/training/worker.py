@@ -24,7 +24,7 @@ from sqlalchemy import Engine as DBEngine
 from sqlalchemy.exc import SQLAlchemyError
 
 from app import queries
-from app.db import database_url, get_engine, libpq_url, session_scope
+from app.db import database_url, get_engine, libpq_url, run_in_session, session_scope
 from app.export import split_of
 from app.models import TrainingJob
 from app.settings import Settings
@@ -277,8 +277,7 @@ class TrainingWorker:
         }
 
     def call(self, fn, *args, **kwargs):
-        with session_scope(self.db) as session:
-            return fn(session, *args, **kwargs)
+        return run_in_session(self.db, fn, *args, **kwargs)
 
 
 def main(settings: Settings) -> int:
