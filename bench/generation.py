@@ -24,7 +24,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-DEFAULT_DATA = ROOT.parent / "shared" / "data" / "hh-rlhf-harmless" / "test.jsonl.gz"
+from tests.fixtures.hh import HH_PATH  # noqa: E402 - after the path insert
 
 
 def hh_prompts(path: Path, n: int) -> list[str]:
@@ -161,7 +161,7 @@ def main() -> None:
     parser.add_argument("--constitution", default="harmless")
     parser.add_argument("--kv-cache-gib", type=float, default=2.0)
     parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--data", default=str(DEFAULT_DATA))
+    parser.add_argument("--data", default=str(HH_PATH))
     parser.add_argument("--side", choices=["raw", "service"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.dtype == "auto":  # the same rule as VLLMEngine: bf16 only where the CPU has it

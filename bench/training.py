@@ -23,6 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from tests.fixtures.hh import HH_PATH  # noqa: E402 - after the path insert
 
 SIZES = {  # hidden, intermediate, layers, heads, kv_heads (as trl_dpo_baseline.py)
     "tiny": (64, 128, 2, 4, 2),
@@ -36,9 +37,7 @@ def _args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument(
-        "data", nargs="?", default=str(ROOT.parent / "shared/data/hh-rlhf-harmless/test.jsonl.gz")
-    )
+    parser.add_argument("data", nargs="?", default=str(HH_PATH))
     parser.add_argument("--model", default=str(ROOT / "data/models/smollm2-135m-instruct"))
     parser.add_argument(
         "--random-init", choices=sorted(SIZES), help="random Llama of this shape (tokenizer: --model)"

@@ -5,7 +5,6 @@ costs ~20 s); the crash tests run workers as real processes and kill them.
 """
 
 import contextlib
-import gzip
 import json
 import os
 import re
@@ -20,18 +19,17 @@ from sqlalchemy import delete, select, update
 from app.db import session_scope
 from app.models import Pair, Prompt
 from app.settings import PROJECT_ROOT
+from tests.fixtures.hh import open_hh
 from tests.fixtures.model import TEST_MODELS_DIR
 from workers.generation.worker import GenerationWorker
 
 pytestmark = pytest.mark.vllm
 
-HH = PROJECT_ROOT.parent / "shared" / "data" / "hh-rlhf-harmless" / "test.jsonl.gz"
-
 
 def hh_prompts(n: int, offset: int = 0) -> list[str]:
     """First human turns of HH-RLHF harmless pairs (red-team style prompts)."""
     prompts, seen = [], set()
-    with gzip.open(HH, "rt") as handle:
+    with open_hh() as handle:
         for line in handle:
             first = (
                 re.match(r"\n\nHuman: (.*?)\n\nAssistant:", json.loads(line)["chosen"], re.S).group(1).strip()

@@ -1,6 +1,5 @@
 """`POST /datasets/import`: TRL standard and conversational rows and HH-RLHF transcripts, all or nothing."""
 
-import gzip
 import json
 
 import pytest
@@ -9,9 +8,7 @@ from sqlalchemy import func, select
 from app.db import session_scope
 from app.imports import RowError, parse_pair, parse_pairs
 from app.models import Pair
-from app.settings import PROJECT_ROOT
-
-HH = PROJECT_ROOT.parent / "shared" / "data" / "hh-rlhf-harmless" / "test.jsonl.gz"
+from tests.fixtures.hh import hh_lines
 
 
 def test_parse_each_format():
@@ -92,11 +89,6 @@ def test_errors_carry_line_numbers():
     )
     assert len(pairs) == 1
     assert [e["line"] for e in errors] == [3, 4]
-
-
-def hh_lines(n: int) -> list[str]:
-    with gzip.open(HH, "rt") as handle:
-        return [next(handle) for _ in range(n)]
 
 
 def pair_count(db) -> int:

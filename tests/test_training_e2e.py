@@ -5,7 +5,6 @@ trained artifact for the next round of generation: the iterated loop.
 """
 
 import asyncio
-import gzip
 import json
 import os
 import signal
@@ -20,6 +19,7 @@ from sqlalchemy import select
 from app.db import session_scope
 from app.models import TrainingJob
 from app.settings import PROJECT_ROOT
+from tests.fixtures.hh import hh_lines
 from tests.fixtures.model import TEST_MODELS_DIR
 from workers.generation.worker import GenerationWorker
 from workers.models import training_output_dir
@@ -27,7 +27,6 @@ from workers.training.worker import TrainingWorker
 
 pytestmark = [pytest.mark.training, pytest.mark.slow]
 
-HH = PROJECT_ROOT.parent / "shared" / "data" / "hh-rlhf-harmless" / "test.jsonl.gz"
 SMALL_RUN = {
     "batch_size": 2,
     "max_length": 192,
@@ -38,10 +37,8 @@ SMALL_RUN = {
 
 
 def import_hh(client, n: int) -> None:
-    with gzip.open(HH, "rt") as handle:
-        lines = [next(handle) for _ in range(n)]
     response = client.post(
-        "/datasets/import", content="".join(lines), params={"source": "hh", "constitution": "harmless"}
+        "/datasets/import", content="".join(hh_lines(n)), params={"source": "hh", "constitution": "harmless"}
     )
     assert response.status_code == 201, response.text
 
