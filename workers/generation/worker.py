@@ -152,7 +152,9 @@ class GenerationWorker:
             log.exception("prompt %d failed", prompt.id)
             await self.fail(prompt, f"{type(exc).__name__}: {exc}", retryable=True)
         finally:
-            self.in_flight.pop(prompt.id, None)
+            # After a lost lease this worker may already have claimed the prompt again.
+            if self.in_flight.get(prompt.id) is asyncio.current_task():
+                del self.in_flight[prompt.id]
 
     async def fail(self, prompt: queries.ClaimedPrompt, error: str, *, retryable: bool) -> None:
         status = await self.db_call(
@@ -205,6 +207,7 @@ class GenerationWorker:
     async def heartbeat_loop(self) -> None:
         """Renew the leases of prompts in flight; a lease lost means another worker owns the prompt."""
         interval = self.settings.lease_seconds / 3
+        last_renewal = time.monotonic()
         while True:
             try:
                 held = await self.db_call(
@@ -213,6 +216,17 @@ class GenerationWorker:
                     prompt_ids=list(self.in_flight),
                     lease_seconds=self.settings.lease_seconds,
                 )
+                # A starved host (CPU, database) shows here before leases start to run out.
+                now = time.monotonic()
+                gap = now - last_renewal
+                if gap > 2 * interval:
+                    log.warning(
+                        "leases renewed %.1f s apart (CAI_LEASE_SECONDS=%g); a longer lease avoids "
+                        "prompts moving to other workers",
+                        gap,
+                        self.settings.lease_seconds,
+                    )
+                last_renewal = now
                 for prompt_id in set(self.in_flight) - held:
                     log.warning("prompt %d: lease lost; stopping its trajectory", prompt_id)
                     self.in_flight[prompt_id].cancel()
