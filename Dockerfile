@@ -3,8 +3,7 @@
 #   worker - generation (CUDA vLLM) and training workers
 FROM scratch AS source
 COPY pyproject.toml README.md /app/
-COPY app /app/app
-COPY workers /app/workers
+COPY cai_dpo /app/cai_dpo
 COPY migrations /app/migrations
 COPY constitutions /constitutions
 

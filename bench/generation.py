@@ -44,9 +44,9 @@ def raw_vllm(args: argparse.Namespace) -> dict:
     """Stage-by-stage `LLM.chat` with the trajectory's own principle choice and few-shot turns."""
     from vllm import LLM, SamplingParams
 
-    from app.constitutions import ConstitutionStore
-    from workers.generation.trajectory import few_shot_turns, principle_for, with_few_shot
-    from workers.models import prepare_bundled_model
+    from cai_dpo.core.constitutions import ConstitutionStore
+    from cai_dpo.workers.generation.trajectory import few_shot_turns, principle_for, with_few_shot
+    from cai_dpo.core.model_sources import prepare_bundled_model
 
     spec = ConstitutionStore(ROOT / "constitutions").get(args.constitution).spec
     few_shot = few_shot_turns(spec)

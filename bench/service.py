@@ -34,7 +34,7 @@ def running_service(*, workers: bool = False, env: dict[str, str] | None = None,
         environment |= {"CAI_DATA_DIR": data, "CAI_MODELS_DIR": str(ROOT / "data" / "models")} | (env or {})
         # The database is started here so the benchmark can write to it directly as well.
         sys.path.insert(0, str(ROOT))
-        from app.db import start_embedded_postgres, upgrade_database
+        from cai_dpo.core.db import start_embedded_postgres, upgrade_database
 
         db_url = start_embedded_postgres(Path(data))
         upgrade_database(db_url)
@@ -43,7 +43,7 @@ def running_service(*, workers: bool = False, env: dict[str, str] | None = None,
         if workers:
             command += ["--no-train-worker"]
         proc = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", *command, "--port", str(port)], env=environment, cwd=ROOT
+            [sys.executable, "-m", "cai_dpo.cli.main", *command, "--port", str(port)], env=environment, cwd=ROOT
         )
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + timeout

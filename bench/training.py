@@ -62,7 +62,7 @@ def _pairs(args: argparse.Namespace):
 
 
 def _params(args: argparse.Namespace):
-    from workers.training.config import TrainParams
+    from cai_dpo.core.training_params import TrainParams
 
     return TrainParams(
         learning_rate=args.learning_rate,
@@ -112,7 +112,7 @@ def _peak_memory_gib() -> float:
 
 
 def run_ours(args: argparse.Namespace, model_dir: Path) -> dict:
-    from workers.training.trainer import run_training
+    from cai_dpo.workers.training.trainer import run_training
 
     pairs, params = _pairs(args), _params(args)
     with tempfile.TemporaryDirectory() as out:
@@ -148,7 +148,7 @@ def run_trl(args: argparse.Namespace, model_dir: Path) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
-    from workers.training.trainer import pairs_for_step
+    from cai_dpo.workers.training.trainer import pairs_for_step
 
     pairs, params = _pairs(args), _params(args)
     order = [

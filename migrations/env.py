@@ -3,7 +3,7 @@
 from alembic import context
 from sqlalchemy import create_engine, pool, text
 
-from app.models import Base
+from cai_dpo.core.tables import Base
 
 # Several processes (API, workers) upgrade on start; the lock makes the others wait, then no-op.
 _MIGRATION_LOCK = 0x6361_6964_706F

@@ -5,9 +5,10 @@ import json
 import pytest
 from sqlalchemy import func, select, text
 
-from app import queries
-from app.db import session_scope
-from app.models import GenerationJob, Pair, Prompt
+from cai_dpo.core import queue
+from cai_dpo.core.db import session_scope
+from cai_dpo.core.queries import jobs as job_queries
+from cai_dpo.core.tables import GenerationJob, Pair, Prompt
 
 
 def count(db, model) -> int:
@@ -79,18 +80,19 @@ def test_failed_prompts_are_listed_with_their_error_and_can_be_retried(client, d
         "job_id"
     ]
     with session_scope(db) as session:
-        a, b, _ = queries.claim_prompts(
+        a, b, _ = job_queries.claim_prompts(
             session, worker_id="w", model=settings.model, n=3, lease_seconds=60, max_attempts=3
         )
-        queries.fail_prompt(
+        queue.fail(
             session,
+            queue.PROMPTS,
             worker_id="w",
-            prompt_id=b.id,
+            id=b.id,
             error="prompt too long: 9000 tokens",
             retryable=False,
             max_attempts=3,
         )
-        queries.complete_prompt(
+        job_queries.complete_prompt(
             session,
             worker_id="w",
             prompt_id=a.id,
@@ -110,7 +112,7 @@ def test_failed_prompts_are_listed_with_their_error_and_can_be_retried(client, d
     state = client.post(f"/jobs/{job_id}/retry").json()
     assert state["counts"]["failed"] == 0 and state["counts"]["queued"] == 1
     with session_scope(db) as session:
-        (again,) = queries.claim_prompts(
+        (again,) = job_queries.claim_prompts(
             session, worker_id="w2", model=settings.model, n=3, lease_seconds=60, max_attempts=3
         )
     assert again.id == b.id and again.attempts == 1
@@ -376,7 +378,7 @@ def test_health_and_metrics(client, db):
 def test_api_keys_guard_every_endpoint_but_health(settings, db):
     import httpx
 
-    from app.main import create_app
+    from cai_dpo.api.app import create_app
     from tests.fixtures.api import ServerThread, free_port
 
     keyed = settings.model_copy(update={"api_keys": "k1, k2"})
@@ -431,7 +433,7 @@ def test_what_validation_misses_is_still_a_4xx(client, db):
     import psycopg
     from starlette.requests import Request
 
-    from app.main import _invalid_unicode, _unstorable_value
+    from cai_dpo.api.app import _invalid_unicode, _unstorable_value
 
     with db.connect() as conn, pytest.raises(Exception) as raised:
         conn.exec_driver_sql(r"""SELECT '["\u0000"]'::jsonb""")

@@ -6,11 +6,11 @@ import sys
 
 import pytest
 
-from app.cli import check_bind, is_loopback, read_prompts
-from app.settings import PROJECT_ROOT, Settings
+from cai_dpo.cli.main import check_bind, is_loopback, read_prompts
+from cai_dpo.core import model_sources as models
+from cai_dpo.core.model_sources import prepare_bundled_model
+from cai_dpo.core.settings import PROJECT_ROOT, Settings
 from tests.fixtures.model import TEST_MODELS_DIR
-from workers import models
-from workers.models import prepare_bundled_model
 
 
 def test_loopback_detection():
@@ -27,7 +27,7 @@ def test_no_keys_refuses_a_public_address():
 
 def test_serve_on_all_interfaces_without_keys_exits_with_the_reason():
     result = subprocess.run(
-        [sys.executable, "-m", "app.cli", "serve", "--host", "0.0.0.0", "--port", "1"],
+        [sys.executable, "-m", "cai_dpo.cli.main", "serve", "--host", "0.0.0.0", "--port", "1"],
         capture_output=True,
         text=True,
         cwd=PROJECT_ROOT,

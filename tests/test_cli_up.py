@@ -11,7 +11,7 @@ import httpx
 import psutil
 import pytest
 
-from app.settings import PROJECT_ROOT
+from cai_dpo.core.settings import PROJECT_ROOT
 from tests.fixtures.api import free_port
 from tests.fixtures.model import TEST_MODELS_DIR
 
@@ -40,7 +40,7 @@ def test_up_runs_everything_and_stops_cleanly(tmp_path, bundled_model_path):
         "CAI_MAX_TOKENS": "32",
         "VLLM_CPU_KVCACHE_SPACE": "1",
     }
-    cli = [sys.executable, "-m", "app.cli"]
+    cli = [sys.executable, "-m", "cai_dpo.cli.main"]
     up = subprocess.Popen(cli + ["up", "--port", str(port)], env=env, cwd=PROJECT_ROOT)
     url = f"http://127.0.0.1:{port}"
     children: list[psutil.Process] = []

@@ -5,8 +5,8 @@ import re
 import pytest
 import yaml
 
-from app.cli import build_parser
-from app.settings import PROJECT_ROOT, Settings
+from cai_dpo.cli.main import build_parser
+from cai_dpo.core.settings import PROJECT_ROOT, Settings
 
 COMPOSE = yaml.safe_load((PROJECT_ROOT / "docker-compose.yml").read_text())
 SERVICES = COMPOSE["services"]

@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 from pydantic import ValidationError
 
-from workers.training import dpo
-from workers.training.config import TrainParams
-from workers.training.dpo import batch_metrics, dpo_loss
-from workers.training.trainer import learning_rate_at, pairs_for_step, total_steps_for
+from cai_dpo.core.training_params import TrainParams
+from cai_dpo.workers.training import dpo
+from cai_dpo.workers.training.dpo import batch_metrics, dpo_loss
+from cai_dpo.workers.training.trainer import learning_rate_at, pairs_for_step, total_steps_for
 
 
 def _logps(chosen_ratio: list[float], rejected_ratio: list[float]):
@@ -191,5 +191,5 @@ def test_params_reject_unknown_fields_and_inconsistent_values():
 
 
 def test_config_imports_without_torch():
-    code = "import sys, workers.training.config; assert 'torch' not in sys.modules, 'torch was imported'"
+    code = "import sys, cai_dpo.core.training_params; assert 'torch' not in sys.modules, 'torch was imported'"
     subprocess.run([sys.executable, "-c", code], check=True)

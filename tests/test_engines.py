@@ -17,8 +17,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from app.settings import Settings
-from workers.generation.engines import (
+from cai_dpo.core.settings import Settings
+from cai_dpo.workers.generation.engines import (
     ChatResult,
     Engine,
     EngineError,

@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 from datasets import load_dataset
 
-from app.export import export_row, prompt_text, split_of
+from cai_dpo.core.export_format import export_row, prompt_text, split_of
 from tests.test_api import insert_pairs
 
 

@@ -16,12 +16,12 @@ import time
 import pytest
 from sqlalchemy import delete, select, update
 
-from app.db import session_scope
-from app.models import Pair, Prompt
-from app.settings import PROJECT_ROOT
+from cai_dpo.core.db import session_scope
+from cai_dpo.core.settings import PROJECT_ROOT
+from cai_dpo.core.tables import Pair, Prompt
+from cai_dpo.workers.generation.worker import GenerationWorker
 from tests.fixtures.hh import open_hh
 from tests.fixtures.model import TEST_MODELS_DIR
-from workers.generation.worker import GenerationWorker
 
 pytestmark = pytest.mark.vllm
 
@@ -169,7 +169,7 @@ def start_worker(settings, **env) -> subprocess.Popen:
     }
     # Its own process group: a kill takes vLLM's engine process with it, as a crashed container's would.
     return subprocess.Popen(
-        [sys.executable, "-m", "app.cli", "worker", "generate"],
+        [sys.executable, "-m", "cai_dpo.cli.main", "worker", "generate"],
         env=environment,
         cwd=PROJECT_ROOT,
         start_new_session=True,

@@ -5,10 +5,10 @@ import json
 import pytest
 from sqlalchemy import func, select
 
-from app.db import session_scope
-from app.imports import RowError, parse_pair, parse_pairs
-from app.models import Pair
-from tests.fixtures.hh import hh_lines
+from cai_dpo.core.db import session_scope
+from cai_dpo.core.pair_import import RowError, parse_pair, parse_pairs
+from cai_dpo.core.tables import Pair
+from tests.helpers import hh_lines
 
 
 def test_parse_each_format():

@@ -8,8 +8,8 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import create_engine, inspect
 
-from app.db import downgrade_database, libpq_url, sqlalchemy_url, upgrade_database
-from app.models import Base
+from cai_dpo.core.db import downgrade_database, libpq_url, sqlalchemy_url, upgrade_database
+from cai_dpo.core.tables import Base
 from tests.fixtures.db import _with_database
 
 

@@ -4,17 +4,19 @@ import threading
 
 from sqlalchemy import select, update
 
-from app import queries
-from app.constitutions import ConstitutionStore
-from app.db import session_scope
-from app.models import Pair, Prompt
+from cai_dpo.core import queue
+from cai_dpo.core.constitutions import ConstitutionStore
+from cai_dpo.core.db import session_scope
+from cai_dpo.core.queries import constitutions as constitution_queries
+from cai_dpo.core.queries import jobs as job_queries
+from cai_dpo.core.tables import Pair, Prompt
 
 
 def make_job(db, settings, n: int, model: str = "smollm2-135m-instruct") -> int:
     constitution = ConstitutionStore(settings.constitutions_dir).get("harmless")
     with session_scope(db) as session:
-        version = queries.store_constitution_version(session, constitution)
-        job = queries.create_generation_job(
+        version = constitution_queries.store_constitution_version(session, constitution)
+        job = job_queries.create_generation_job(
             session,
             constitution_version=version,
             model=model,
@@ -32,7 +34,7 @@ def claim(
     db, worker: str, n: int, *, lease: float = 60, model: str = "smollm2-135m-instruct", max_attempts: int = 3
 ):
     with session_scope(db) as session:
-        return queries.claim_prompts(
+        return job_queries.claim_prompts(
             session, worker_id=worker, model=model, n=n, lease_seconds=lease, max_attempts=max_attempts
         )
 
@@ -80,8 +82,8 @@ def test_claim_filters_by_model_and_skips_cancelled_jobs(db, settings):
     make_job(db, settings, 2, model="train:1")
     cancelled = make_job(db, settings, 2)
     with session_scope(db) as session:
-        queries.cancel_job(session, cancelled)
-        assert queries.claimable_models(session) == ["train:1"]
+        job_queries.cancel_job(session, cancelled)
+        assert job_queries.claimable_models(session, max_attempts=3) == ["train:1"]
     assert claim(db, "w", 10) == []
     assert len(claim(db, "w", 10, model="train:1")) == 2
 
@@ -94,11 +96,11 @@ def test_expired_lease_makes_a_prompt_claimable_and_counts_attempts(db, settings
     (second,) = claim(db, "b", 1)
     assert second.id == first.id and second.attempts == 2
     with session_scope(db) as session:  # the first worker lost its lease: it cannot complete
-        assert not queries.complete_prompt(
+        assert not job_queries.complete_prompt(
             session, worker_id="a", prompt_id=first.id, pair=pair_values(first.job_id)
         )
     with session_scope(db) as session:
-        assert queries.complete_prompt(
+        assert job_queries.complete_prompt(
             session, worker_id="b", prompt_id=first.id, pair=pair_values(first.job_id)
         )
     with session_scope(db) as session:
@@ -122,16 +124,17 @@ def test_fail_retries_until_attempts_run_out_and_not_when_not_retryable(db, sett
     a, b = claim(db, "w", 2, max_attempts=2)
     with session_scope(db) as session:
         assert (
-            queries.fail_prompt(
-                session, worker_id="w", prompt_id=a.id, error="boom", retryable=True, max_attempts=2
+            queue.fail(
+                session, queue.PROMPTS, worker_id="w", id=a.id, error="boom", retryable=True, max_attempts=2
             )
             == "queued"
         )
         assert (
-            queries.fail_prompt(
+            queue.fail(
                 session,
+                queue.PROMPTS,
                 worker_id="w",
-                prompt_id=b.id,
+                id=b.id,
                 error="prompt too long",
                 retryable=False,
                 max_attempts=2,
@@ -142,8 +145,8 @@ def test_fail_retries_until_attempts_run_out_and_not_when_not_retryable(db, sett
     assert again.id == a.id and again.attempts == 2
     with session_scope(db) as session:
         assert (
-            queries.fail_prompt(
-                session, worker_id="w", prompt_id=a.id, error="boom", retryable=True, max_attempts=2
+            queue.fail(
+                session, queue.PROMPTS, worker_id="w", id=a.id, error="boom", retryable=True, max_attempts=2
             )
             == "failed"
         )
@@ -154,7 +157,7 @@ def test_release_returns_prompts_at_once_without_counting_the_attempt(db, settin
     make_job(db, settings, 3)
     held = claim(db, "w", 3)
     with session_scope(db) as session:
-        assert queries.release_prompts(session, worker_id="w", prompt_ids=[p.id for p in held]) == 3
+        assert queue.release(session, queue.PROMPTS, worker_id="w", ids=[p.id for p in held]) == 3
     assert all(v == ("queued", 0, None) for v in statuses(db).values())
     assert len(claim(db, "other", 3)) == 3
 
@@ -163,9 +166,11 @@ def test_a_prompt_never_gets_two_pairs(db, settings):
     job_id = make_job(db, settings, 1)
     (prompt,) = claim(db, "w", 1)
     with session_scope(db) as session:
-        assert queries.complete_prompt(session, worker_id="w", prompt_id=prompt.id, pair=pair_values(job_id))
+        assert job_queries.complete_prompt(
+            session, worker_id="w", prompt_id=prompt.id, pair=pair_values(job_id)
+        )
     with session_scope(db) as session:  # a second completion (e.g. a replayed message) writes nothing
-        assert not queries.complete_prompt(
+        assert not job_queries.complete_prompt(
             session, worker_id="w", prompt_id=prompt.id, pair=pair_values(job_id)
         )
     with session_scope(db) as session:
@@ -178,5 +183,5 @@ def test_lease_renewal_reports_what_is_still_held(db, settings):
     expire_leases(db)
     claim(db, "thief", 1)  # takes `a`, the lowest id
     with session_scope(db) as session:
-        held = queries.renew_prompt_leases(session, worker_id="w", prompt_ids=[a.id, b.id], lease_seconds=60)
+        held = queue.renew(session, queue.PROMPTS, worker_id="w", ids=[a.id, b.id], lease_seconds=60)
     assert held == {b.id}

@@ -3,14 +3,14 @@
 import subprocess
 import sys
 
-from app.settings import PROJECT_ROOT
+from cai_dpo.core.settings import PROJECT_ROOT
 
 README = (PROJECT_ROOT / "README.md").read_text()
 
 
 def test_settings_table_matches_the_settings_class():
     table = subprocess.run(
-        [sys.executable, "-m", "app.cli", "settings"],
+        [sys.executable, "-m", "cai_dpo.cli.main", "settings"],
         capture_output=True,
         text=True,
         check=True,
@@ -28,7 +28,7 @@ def test_ci_runs_the_readme_test_command():
 def test_readme_has_a_curl_example_for_every_route():
     import re
 
-    from app.main import create_app
+    from cai_dpo.api.app import create_app
 
     examples = re.findall(r"localhost:8000(/[^\s?'\"]*)", README)
     missing = []

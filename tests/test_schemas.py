@@ -2,7 +2,7 @@
 
 import pytest
 
-from app.schemas import find_unstorable
+from cai_dpo.core.storable import find_unstorable
 
 
 @pytest.mark.parametrize(

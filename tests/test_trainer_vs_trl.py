@@ -15,9 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.fixtures.training import tiny_llama
-from workers.training.config import LoraParams, TrainParams
-from workers.training.data import (
+from cai_dpo.core.training_params import LoraParams, TrainParams
+from cai_dpo.workers.training.data import (
     PairExample,
     TemplateError,
     collate,
@@ -25,8 +24,9 @@ from workers.training.data import (
     tokenize_pair,
     tokenize_pairs,
 )
-from workers.training.dpo import batch_metrics, dpo_loss, pair_logps, sequence_logps
-from workers.training.trainer import TrainHooks, accumulate_step, run_training, score_pairs
+from cai_dpo.workers.training.dpo import batch_metrics, dpo_loss, pair_logps, sequence_logps
+from cai_dpo.workers.training.trainer import TrainHooks, accumulate_step, run_training, score_pairs
+from tests.fixtures.training import tiny_llama
 
 LOSS_CASES = [("sigmoid", 0.0), ("ipo", 0.0), ("hinge", 0.0), ("robust", 0.2)]
 TIMING_KEYS = {"tokens_per_s", "pairs_per_s"}

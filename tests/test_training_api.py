@@ -1,13 +1,17 @@
 """The training API without training: validation, job records, cancel, metrics, policies."""
 
+import asyncio
 import threading
 
 import pytest
 from sqlalchemy import select
 
-from app import queries
-from app.db import session_scope
-from app.models import Pair, TrainingJob, Worker
+from cai_dpo.core.db import session_scope
+from cai_dpo.core.pair_filter import PairFilter
+from cai_dpo.core.queries import pairs as pair_queries
+from cai_dpo.core.queries import policies as policy_queries
+from cai_dpo.core.queries import training as training_queries
+from cai_dpo.core.tables import Pair, TrainingJob, Worker
 from tests.test_api import insert_pairs
 
 
@@ -70,7 +74,7 @@ def test_metrics_as_json_and_csv(client, db):
     train_id = client.post("/train", json={}).json()["train_id"]
     with session_scope(db) as session:
         for step in (1, 2):
-            queries.record_training_metrics(
+            training_queries.record_training_metrics(
                 session, train_id, step, {"loss": 0.7 - step / 10, "rewards/accuracies": 0.5}
             )
     assert [m["step"] for m in client.get(f"/train/{train_id}/metrics").json()] == [1, 2]
@@ -86,7 +90,8 @@ def test_policy_queues_exactly_one_job_under_concurrency(client, db):
     insert_pairs(db, 9, flagged_extra=True)  # 9 unflagged: not yet
     with session_scope(db) as session:
         assert (
-            queries.queue_policy_training(session, "harmless", default_model="smollm2-135m-instruct") is None
+            policy_queries.queue_policy_training(session, "harmless", default_model="smollm2-135m-instruct")
+            is None
         )
     insert_pairs(db, 3, flagged_extra=False)
     created = []
@@ -95,7 +100,9 @@ def test_policy_queues_exactly_one_job_under_concurrency(client, db):
     def trigger():
         barrier.wait()
         with session_scope(db) as session:
-            job = queries.queue_policy_training(session, "harmless", default_model="smollm2-135m-instruct")
+            job = policy_queries.queue_policy_training(
+                session, "harmless", default_model="smollm2-135m-instruct"
+            )
             if job is not None:
                 created.append(job.id)
 
@@ -109,13 +116,14 @@ def test_policy_queues_exactly_one_job_under_concurrency(client, db):
     assert job.policy == "harmless" and job.params["max_steps"] == 2
     assert job.dataset == {"constitution": "harmless", "policy_train_id": job.id}
     with session_scope(db) as session:
-        taken = queries.pair_ids(session, queries.PairFilter(policy_train_id=job.id))
+        taken = pair_queries.pair_ids(session, PairFilter(), taken_by_policy_job=job.id)
     assert len(taken) == 12  # every unflagged pair, none of the flagged one
     assert job.base_model == "smollm2-135m-instruct"
     # The same pairs never trigger a second job; new ones do once there are enough.
     with session_scope(db) as session:
         assert (
-            queries.queue_policy_training(session, "harmless", default_model="smollm2-135m-instruct") is None
+            policy_queries.queue_policy_training(session, "harmless", default_model="smollm2-135m-instruct")
+            is None
         )
     policies = client.get("/train/policies").json()
     assert policies[0]["pairs_waiting"] == 0
@@ -139,19 +147,21 @@ def test_policy_counts_a_pair_that_commits_after_a_later_one(client, db):
         )
         insert_pairs(db, 3, flagged_extra=False)  # higher ids, committed first
         with session_scope(db) as other:
-            first = queries.queue_policy_training(other, "harmless", default_model="m")
+            first = policy_queries.queue_policy_training(other, "harmless", default_model="m")
     # The import has committed its lower id only now.
     assert client.get("/train/policies").json()[0]["pairs_waiting"] == 1
     insert_pairs(db, 2, flagged_extra=False)
     with session_scope(db) as other:
-        second = queries.queue_policy_training(other, "harmless", default_model="m")
+        second = policy_queries.queue_policy_training(other, "harmless", default_model="m")
     with session_scope(db) as other:
         sources = {
-            job.id: sorted(p.source for p in queries.pairs_by_ids(other, queries.pair_ids(other, f)))
-            for job, f in [
-                (first, queries.PairFilter(policy_train_id=first.id)),
-                (second, queries.PairFilter(policy_train_id=second.id)),
-            ]
+            job.id: sorted(
+                p.source
+                for p in pair_queries.pairs_by_ids(
+                    other, pair_queries.pair_ids(other, PairFilter(), taken_by_policy_job=job.id)
+                )
+            )
+            for job in (first, second)
         }
     assert sources == {first.id: ["test"] * 3, second.id: ["import", "test", "test"]}
 
@@ -167,16 +177,16 @@ def test_bad_policies(client):
 
 
 def test_worker_applies_policies_from_settings_once(settings, db):
-    from workers.training.worker import TrainingWorker
+    from cai_dpo.workers.training.worker import TrainingWorker
 
     policies = '{"harmless": {"min_new_pairs": 5, "params": {"max_steps": 1, "lora": {"r": 4}}}}'
     worker = TrainingWorker(
         settings.model_copy(update={"train_policies": policies}), db, url=settings.database_url
     )
-    worker.sync_policies_from_settings()
+    asyncio.run(worker.sync_policies_from_settings())
     insert_pairs(db, 6, flagged_extra=False)
-    worker.queue_automatic_jobs()
-    worker.queue_automatic_jobs()
+    asyncio.run(worker.queue_automatic_jobs())
+    asyncio.run(worker.queue_automatic_jobs())
     (job,) = jobs(db)
     assert job.policy == "harmless" and job.params["lora"]["r"] == 4 and job.base_model == settings.model
 
@@ -184,7 +194,7 @@ def test_worker_applies_policies_from_settings_once(settings, db):
 def test_worker_outlives_a_database_outage(settings, db, monkeypatch):
     from sqlalchemy.exc import OperationalError
 
-    from workers.training.worker import TrainingWorker
+    from cai_dpo.workers.training.worker import TrainingWorker
 
     worker = TrainingWorker(settings.model_copy(update={"poll_seconds": 0.1}), db, url=settings.database_url)
     claims = []
@@ -193,11 +203,11 @@ def test_worker_outlives_a_database_outage(settings, db, monkeypatch):
         claims.append(kwargs["worker_id"])
         if len(claims) == 1:
             raise OperationalError("SELECT", {}, Exception("the database system is shutting down"))
-        worker.stopping.set()  # the second claim reached the database again: enough
+        worker.stop()  # the second claim reached the database again: enough
         return None
 
-    monkeypatch.setattr(queries, "claim_training_job", claim)
-    worker.run()
+    monkeypatch.setattr(training_queries, "claim_training_job", claim)
+    asyncio.run(worker.run())
     assert len(claims) == 2
     with session_scope(db) as session:
         (row,) = session.scalars(select(Worker)).all()
@@ -207,14 +217,14 @@ def test_worker_outlives_a_database_outage(settings, db, monkeypatch):
 def test_step_metrics_survive_a_failed_write(client, settings, db, monkeypatch):
     from sqlalchemy.exc import OperationalError
 
-    from workers.training.worker import TrainingWorker
+    from cai_dpo.workers.training.worker import TrainingWorker
 
     insert_pairs(db, 4)
     train_id = client.post("/train", json={"max_steps": 3}).json()["train_id"]
     worker = TrainingWorker(settings, db, url=settings.database_url)
     with session_scope(db) as session:
-        queries.claim_training_job(session, worker_id=worker.id, lease_seconds=60, max_attempts=3)
-    real_write = queries.record_training_metrics
+        training_queries.claim_training_job(session, worker_id=worker.id, lease_seconds=60, max_attempts=3)
+    real_write = training_queries.record_training_metrics
 
     def flaky_write(session, train_id, step, values):
         if step == 2 and not flaky_write.failed:
@@ -223,8 +233,8 @@ def test_step_metrics_survive_a_failed_write(client, settings, db, monkeypatch):
         real_write(session, train_id, step, values)
 
     flaky_write.failed = False
-    monkeypatch.setattr(queries, "record_training_metrics", flaky_write)
+    monkeypatch.setattr(training_queries, "record_training_metrics", flaky_write)
     for step in (1, 2, 3):
-        worker.record_step(train_id, step, 3, {"loss": 0.7 - step / 100})
+        asyncio.run(worker.record_step(train_id, step, 3, {"loss": 0.7 - step / 100}))
     assert [m["step"] for m in client.get(f"/train/{train_id}/metrics").json()] == [1, 2, 3]
     assert client.get(f"/train/{train_id}").json()["step"] == 3

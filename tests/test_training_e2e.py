@@ -16,14 +16,14 @@ import time
 import pytest
 from sqlalchemy import select
 
-from app.db import session_scope
-from app.models import TrainingJob
-from app.settings import PROJECT_ROOT
-from tests.fixtures.hh import hh_lines
+from cai_dpo.core.db import session_scope
+from cai_dpo.core.model_sources import training_output_dir
+from cai_dpo.core.settings import PROJECT_ROOT
+from cai_dpo.core.tables import TrainingJob
+from cai_dpo.workers.generation.worker import GenerationWorker
+from cai_dpo.workers.training.worker import TrainingWorker
 from tests.fixtures.model import TEST_MODELS_DIR
-from workers.generation.worker import GenerationWorker
-from workers.models import training_output_dir
-from workers.training.worker import TrainingWorker
+from tests.helpers import hh_lines
 
 pytestmark = [pytest.mark.training, pytest.mark.slow]
 
@@ -146,7 +146,7 @@ def test_a_killed_training_worker_is_resumed_from_its_checkpoint(client, setting
         "CAI_LEASE_SECONDS": "4",
         "CAI_POLL_SECONDS": "0.5",
     }
-    command = [sys.executable, "-m", "app.cli", "worker", "train"]
+    command = [sys.executable, "-m", "cai_dpo.cli.main", "worker", "train"]
     first = subprocess.Popen(command, env=env, cwd=PROJECT_ROOT, start_new_session=True)
     try:
         job = job_row(db, train_id)

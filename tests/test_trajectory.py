@@ -5,11 +5,10 @@ from collections import Counter
 
 import pytest
 
-from app.constitutions import ConstitutionSpec, ConstitutionStore
-from app.settings import PROJECT_ROOT
-from tests.fake_engine import ScriptedEngine
-from workers.generation.engines import Sampling
-from workers.generation.trajectory import (
+from cai_dpo.core.constitutions import ConstitutionSpec, ConstitutionStore
+from cai_dpo.core.settings import PROJECT_ROOT
+from cai_dpo.workers.generation.engines import Sampling
+from cai_dpo.workers.generation.trajectory import (
     few_shot_turns,
     principle_for,
     quality_flags,
@@ -17,6 +16,7 @@ from workers.generation.trajectory import (
     run_trajectory,
     with_few_shot,
 )
+from tests.fake_engine import ScriptedEngine
 
 
 def spec(sampling="random", n=5, **extra) -> ConstitutionSpec:

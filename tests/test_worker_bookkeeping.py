@@ -8,11 +8,11 @@ import asyncio
 
 from sqlalchemy import select
 
-from app.db import session_scope
-from app.models import Pair, Prompt, Worker
+from cai_dpo.core.db import session_scope
+from cai_dpo.core.tables import Pair, Prompt, Worker
+from cai_dpo.workers.generation.worker import GenerationWorker
 from tests.fake_engine import ScriptedEngine
-from tests.test_queue import make_job, statuses
-from workers.generation.worker import GenerationWorker
+from tests.test_queue import make_job, statuses  # moved to helpers later
 
 
 def run_until(worker: GenerationWorker, condition, timeout: float = 30.0) -> None:

@@ -1,1 +1,0 @@
-"""cai-dpo: the HTTP service, its settings, database models and queries."""

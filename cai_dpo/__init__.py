@@ -1,0 +1,1 @@
+"""cai-dpo: Constitutional-AI preference data and DPO training as a service."""

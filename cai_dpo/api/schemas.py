@@ -1,0 +1,252 @@
+"""Pydantic models at the HTTP edge: request bodies and response shapes.
+
+Limits that come from settings (prompt count, prompt length) are checked by
+`normalize_prompts`, which raises `FieldError` naming the offending field.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from cai_dpo.core.pair_filter import PairFilter
+from cai_dpo.core.settings import Settings
+from cai_dpo.core.storable import StorableJson, StorableText
+from cai_dpo.core.training_params import TrainParams  # pydantic only: the API never imports torch
+
+Role = Literal["system", "user", "assistant"]
+
+# A `next_cursor`: the last id of the previous page.
+Cursor = Annotated[str, Field(pattern=r"^\d{1,18}$", description="`next_cursor` of the previous page.")]
+
+
+class FieldError(ValueError):
+    """A request error tied to one field; rendered as a 4xx whose message names the field."""
+
+    def __init__(self, field: str, message: str, status_code: int = 422):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+        self.status_code = status_code
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Role
+    content: StorableText
+
+
+class SamplingRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    max_tokens: int | None = Field(None, ge=1, le=8192)
+    seed: int | None = Field(None, ge=0, le=2**31 - 1)
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompts: list[StorableText | list[ChatMessage]] = Field(
+        description="Plain strings, or chat messages ending with a user turn."
+    )
+    constitution: str = Field(min_length=1, max_length=64)
+    revisions: int | None = Field(
+        None, ge=1, description="Critique-and-revise rounds (default: the constitution's)."
+    )
+    sampling: SamplingRequest | None = None
+    model: str | None = Field(None, description="Default model, or `train:<id>` for a trained one.")
+    metadata: StorableJson = Field(default_factory=dict)
+
+
+def normalize_prompts(
+    prompts: list[str | list[ChatMessage]], settings: Settings
+) -> list[list[dict[str, str]]]:
+    """Check every prompt against the limits and turn it into a list of chat messages."""
+    if not prompts:
+        raise FieldError("prompts", "at least one prompt is required")
+    if len(prompts) > settings.max_prompts_per_request:
+        raise FieldError(
+            "prompts", f"{len(prompts)} prompts; at most {settings.max_prompts_per_request} per request", 413
+        )
+    normalized = []
+    for index, prompt in enumerate(prompts):
+        where = f"prompts.{index}"
+        if isinstance(prompt, str):
+            messages = [{"role": "user", "content": prompt}]
+        else:
+            messages = [m.model_dump() for m in prompt]
+            if not messages:
+                raise FieldError(where, "empty message list")
+            if len(messages) > settings.max_messages_per_prompt:
+                raise FieldError(
+                    where, f"{len(messages)} messages; at most {settings.max_messages_per_prompt}"
+                )
+            if messages[-1]["role"] != "user":
+                raise FieldError(f"{where}.{len(messages) - 1}.role", "the last message must be a user turn")
+            for n, message in enumerate(messages):
+                if message["role"] == "system" and n != 0:
+                    raise FieldError(f"{where}.{n}.role", "a system message may only come first")
+        for n, message in enumerate(messages):
+            if not message["content"].strip() and message["role"] != "system":
+                field = where if isinstance(prompt, str) else f"{where}.{n}.content"
+                raise FieldError(field, "empty or whitespace-only prompt")
+        total = sum(len(m["content"]) for m in messages)
+        if total > settings.max_prompt_chars:
+            raise FieldError(where, f"{total} characters; at most {settings.max_prompt_chars}")
+        normalized.append(messages)
+    return normalized
+
+
+class GenerateResponse(BaseModel):
+    job_id: int
+    n_prompts: int
+    constitution_version: str
+
+
+class JobOut(BaseModel):
+    id: int
+    status: str
+    constitution: str
+    constitution_version: str | None
+    model: str
+    revisions: int
+    sampling: dict[str, Any]
+    metadata: dict[str, Any]
+    n_prompts: int
+    counts: dict[str, int]
+    pairs_per_s: float | None
+    eta_s: float | None
+    created_at: datetime
+    cancelled_at: datetime | None
+
+
+class PromptOut(BaseModel):
+    id: int
+    position: int = Field(description="Index of the prompt in the `POST /generate` request.")
+    status: str
+    attempts: int
+    last_error: str | None
+    pair_id: int | None
+    messages: list[dict[str, Any]]
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class PromptPage(BaseModel):
+    items: list[PromptOut]
+    next_cursor: str | None
+
+
+class PairOut(BaseModel):
+    id: int
+    job_id: int | None
+    prompt_id: int | None
+    source: str
+    constitution: str | None
+    constitution_version: str | None
+    prompt: list[dict[str, Any]]
+    chosen: str
+    rejected: str
+    flags: list[str]
+    model: str | None
+    created_at: datetime
+    principles: list[str] = Field(default_factory=list)
+    trajectory: dict[str, Any] | None = None
+    sampling: dict[str, Any] | None = None
+    usage: dict[str, Any] | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class PairPageQuery(PairFilter):
+    """`GET /pairs`: the filters, and a page."""
+
+    cursor: Cursor | None = None
+    limit: int = Field(50, ge=1, description="Rows per page (at most CAI_PAGE_SIZE_MAX).")
+
+
+class ExportQuery(PairFilter):
+    """`GET /export`: the filters, and the file's format, style and split."""
+
+    format: Literal["jsonl", "parquet"] = "jsonl"
+    style: Literal["standard", "conversational"] = Field(
+        "conversational", description="TRL's standard (strings) or conversational (messages) rows."
+    )
+    split: Literal["train", "test", "all"] = Field("all", description="Deterministic split by pair id.")
+    test_fraction: float = Field(0.1, ge=0, le=1, description="Share of pairs in the test split.")
+    metadata: bool = Field(False, description="Add id, constitution, principles, source, flags, ...")
+
+
+class PairPage(BaseModel):
+    items: list[PairOut]
+    next_cursor: str | None
+
+
+class ConstitutionOut(BaseModel):
+    name: str
+    version: str
+    description: str
+    body: str | None = None
+    spec: dict[str, Any] | None = None
+    versions: list[dict[str, Any]] | None = None
+    error: dict[str, Any] | None = Field(
+        None, description="Set when the file on disk is invalid (last good version served)."
+    )
+
+
+class WorkerOut(BaseModel):
+    id: str
+    kind: str
+    host: str
+    pid: int
+    model: str | None
+    in_flight: int
+    tokens_per_s: float
+    stats: dict[str, Any]
+    started_at: datetime
+    heartbeat_at: datetime
+
+
+# --- training -------------------------------------------------------------------------------------
+
+
+class TrainRequest(TrainParams):
+    """`POST /train`: the base model, the data, and the hyperparameters at top level."""
+
+    base_model: str | None = Field(
+        None, description="Default: the bundled model; or `train:<id>` to continue."
+    )
+    dataset: PairFilter = Field(
+        default_factory=PairFilter, description="Which pairs: the filters of `GET /export`."
+    )
+
+    def params(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude={"base_model", "dataset"})
+
+
+class TrainJobOut(BaseModel):
+    id: int
+    status: str
+    base_model: str
+    dataset: dict[str, Any]
+    params: dict[str, Any]
+    policy: str | None
+    n_train_pairs: int | None
+    n_eval_pairs: int | None
+    step: int
+    total_steps: int | None
+    eta_s: float | None
+    latest_metrics: dict[str, Any] | None
+    eval_before: dict[str, Any] | None
+    eval_after: dict[str, Any] | None
+    artifact: str | None
+    model: str | None = Field(description="Use as `model` in POST /generate once succeeded.")
+    error: str | None
+    attempts: int
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None

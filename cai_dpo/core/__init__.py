@@ -1,0 +1,1 @@
+"""The core every other layer stands on: settings, tables, the database, the queue, queries, constitutions."""

@@ -1,0 +1,89 @@
+"""Which pairs: the one filter behind `GET /pairs`, `GET /export`, a `/train` dataset and the CLI.
+
+`PairFilter` is a pydantic model, so the same class is read from query parameters (FastAPI),
+from a JSON body (`POST /train`'s `dataset`), from a training job's stored `dataset`, and from the
+CLI's options; `pair_conditions` turns it into SQL.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any
+
+from annotated_types import Interval
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import ColumnElement, Select, and_, select
+
+from cai_dpo.core.storable import StorableText
+from cai_dpo.core.tables import ConstitutionVersion, Pair
+
+# Row ids are PostgreSQL bigints: a larger number names no row and must not reach a query.
+DB_ID_MAX = 2**63 - 1
+DbId = Annotated[int, Interval(ge=1, le=DB_ID_MAX)]
+
+
+class PairFilter(BaseModel):
+    """Filters over stored pairs; every field optional, all given ones must hold."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    job_id: DbId | None = Field(None, description="Pairs of this generation job.")
+    constitution: StorableText | None = Field(None, max_length=64, description="Constitution name.")
+    constitution_version: StorableText | None = Field(
+        None, min_length=8, max_length=64, description="Content hash (or its first 8+ characters)."
+    )
+    since: datetime | None = Field(None, description="Pairs created at or after this ISO time.")
+    include_flagged: bool = Field(False, description="Include pairs carrying a quality flag.")
+    source: StorableText | None = Field(
+        None, max_length=200, description="`generated`, or the source tag of an import."
+    )
+    import_id: DbId | None = Field(None, description="Pairs of this import.")
+
+    def only_filter(self) -> PairFilter:
+        """The filter part of a subclass that adds a route's own parameters (paging, format)."""
+        return PairFilter.model_validate(self.model_dump(include=set(PairFilter.model_fields)))
+
+    def described(self) -> dict[str, Any]:
+        """The fields that were set, for messages and stored datasets."""
+        return self.model_dump(mode="json", exclude_defaults=True)
+
+
+def pair_conditions(
+    f: PairFilter,
+    *,
+    ids: list[int] | None = None,
+    taken_by_policy_job: int | None = None,
+    untaken_by_policy: bool = False,
+) -> list[ColumnElement[bool]]:
+    """SQL conditions of a filter, plus the service's own selections (never query parameters):
+    explicit ids, the pairs an automatic training job took, or those no automatic job took yet."""
+    conditions: list[ColumnElement[bool]] = []
+    if f.job_id is not None:
+        conditions.append(Pair.job_id == f.job_id)
+    if f.constitution is not None:
+        conditions.append(Pair.constitution_name == f.constitution)
+    if f.constitution_version is not None:  # the full hash or a prefix of it, as git takes
+        versions = select(ConstitutionVersion.id).where(
+            ConstitutionVersion.content_hash.startswith(f.constitution_version, autoescape=True)
+        )
+        conditions.append(Pair.constitution_version_id.in_(versions))
+    if f.since is not None:
+        conditions.append(Pair.created_at >= f.since)
+    if not f.include_flagged:
+        conditions.append(Pair.flagged.is_(False))
+    if f.source is not None:
+        conditions.append(Pair.source == f.source)
+    if f.import_id is not None:
+        conditions.append(Pair.import_id == f.import_id)
+    if ids is not None:
+        conditions.append(Pair.id.in_(ids))
+    if taken_by_policy_job is not None:
+        conditions.append(Pair.policy_train_id == taken_by_policy_job)
+    if untaken_by_policy:
+        conditions.append(Pair.policy_train_id.is_(None))
+    return conditions
+
+
+def filtered(stmt: Select, f: PairFilter, **selection: Any) -> Select:
+    conditions = pair_conditions(f, **selection)
+    return stmt.where(and_(*conditions)) if conditions else stmt

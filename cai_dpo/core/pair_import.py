@@ -1,0 +1,132 @@
+"""Parsing imported preference pairs: TRL standard or conversational rows, or HH-RLHF transcripts.
+
+Pure functions: `parse_pairs` turns JSONL lines into pair rows or a list of errors by line
+number; the route stores the rows only when there is no error at all.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from cai_dpo.core.storable import find_unstorable
+
+_TURN = re.compile(r"\n\n(Human|Assistant|System): ")
+_ROLES = {"Human": "user", "Assistant": "assistant", "System": "system"}
+_MESSAGE_ROLES = {"system", "user", "assistant"}
+
+
+class RowError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class ImportedPair:
+    prompt: list[dict[str, str]]
+    chosen: str
+    rejected: str
+    format: str
+
+
+def transcript_turns(text: str) -> list[dict[str, str]]:
+    """`"\\n\\nHuman: a\\n\\nAssistant: b"` -> chat messages."""
+    if not _TURN.match(text):
+        raise RowError('a transcript must start with "\\n\\nHuman: "')
+    parts = _TURN.split(text)[1:]
+    return [
+        {"role": _ROLES[role], "content": content.strip()}
+        for role, content in zip(parts[::2], parts[1::2], strict=True)
+    ]
+
+
+def _hh_pair(chosen: str, rejected: str) -> ImportedPair:
+    chosen_turns, rejected_turns = transcript_turns(chosen), transcript_turns(rejected)
+    if chosen_turns[-1]["role"] != "assistant" or rejected_turns[-1]["role"] != "assistant":
+        raise RowError("chosen/rejected: a transcript must end with an Assistant turn")
+    if chosen_turns[:-1] != rejected_turns[:-1]:
+        raise RowError("chosen/rejected: the two transcripts have different prompts")
+    return ImportedPair(
+        chosen_turns[:-1], chosen_turns[-1]["content"], rejected_turns[-1]["content"], "hh-rlhf"
+    )
+
+
+def _messages(value: Any, field: str) -> list[dict[str, str]]:
+    if not isinstance(value, list) or not value:
+        raise RowError(f"{field}: expected a non-empty list of messages")
+    for n, message in enumerate(value):
+        if (
+            not isinstance(message, dict)
+            or message.get("role") not in _MESSAGE_ROLES
+            or not isinstance(message.get("content"), str)
+        ):
+            raise RowError(f"{field}.{n}: expected {{'role': system|user|assistant, 'content': str}}")
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def _single_answer(value: Any, field: str) -> str:
+    messages = _messages(value, field)
+    if len(messages) != 1 or messages[0]["role"] != "assistant":
+        raise RowError(f"{field}: expected exactly one assistant message")
+    return messages[0]["content"]
+
+
+def parse_pair(row: Any) -> ImportedPair:
+    """One imported row in any of the accepted formats."""
+    if not isinstance(row, dict):
+        raise RowError("expected a JSON object")
+    if "prompt" not in row:
+        if isinstance(row.get("chosen"), str) and isinstance(row.get("rejected"), str):
+            return _hh_pair(row["chosen"], row["rejected"])
+        raise RowError("prompt: missing (or give HH-RLHF 'chosen'/'rejected' transcripts)")
+    for field in ("chosen", "rejected"):
+        if field not in row:
+            raise RowError(f"{field}: missing")
+    prompt = row["prompt"]
+    if isinstance(prompt, str):
+        if not isinstance(row["chosen"], str) or not isinstance(row["rejected"], str):
+            raise RowError("chosen/rejected: a string prompt needs string answers (TRL standard format)")
+        if _TURN.match(prompt) and prompt.rstrip().endswith("Assistant:"):  # our own multi-turn export
+            messages = transcript_turns(prompt.rstrip().removesuffix("Assistant:").rstrip())
+        else:
+            messages = [{"role": "user", "content": prompt}]
+        pair = ImportedPair(messages, row["chosen"], row["rejected"], "standard")
+    else:
+        messages = _messages(prompt, "prompt")
+        pair = ImportedPair(
+            messages,
+            _single_answer(row["chosen"], "chosen"),
+            _single_answer(row["rejected"], "rejected"),
+            "conversational",
+        )
+    if not any(m["role"] == "user" and m["content"].strip() for m in pair.prompt):
+        raise RowError("prompt: no user turn with text")
+    if pair.prompt[-1]["role"] != "user":
+        raise RowError("prompt: the last message must be a user turn")
+    if not pair.chosen.strip() or not pair.rejected.strip():
+        raise RowError("chosen/rejected: empty answer")
+    # Only what is stored is checked: a column the import ignores may hold anything.
+    if found := find_unstorable({"prompt": pair.prompt, "chosen": pair.chosen, "rejected": pair.rejected}):
+        where, reason = found
+        raise RowError(f"{where}: {reason}")
+    return pair
+
+
+def parse_pairs(lines: list[str], *, max_errors: int = 20) -> tuple[list[ImportedPair], list[dict[str, Any]]]:
+    """Parse JSONL lines (blank lines skipped); errors carry their 1-based line number."""
+    pairs, errors = [], []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            pairs.append(parse_pair(json.loads(line)))
+        except json.JSONDecodeError as exc:
+            errors.append({"line": number, "message": f"invalid JSON: {exc.msg}"})
+        except RecursionError:
+            errors.append({"line": number, "message": "invalid JSON: nested too deeply"})
+        except RowError as exc:
+            errors.append({"line": number, "message": str(exc)})
+        if len(errors) >= max_errors:
+            break
+    return pairs, errors

@@ -1,0 +1,250 @@
+"""Generation jobs and their prompts: create, follow, cancel, retry, and the prompt queue."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal, get_args
+
+from psycopg.types.json import Jsonb
+from sqlalchemy import func, select, update
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.orm import Session
+
+from cai_dpo.core import queue
+from cai_dpo.core.tables import ConstitutionVersion, GenerationJob, Pair, Prompt
+
+PromptStatus = Literal["queued", "running", "done", "failed", "cancelled"]
+PROMPT_STATES: tuple[str, ...] = get_args(PromptStatus)
+
+
+def find_job_by_idempotency_key(session: Session, key: str) -> GenerationJob | None:
+    return session.scalars(select(GenerationJob).where(GenerationJob.idempotency_key == key)).one_or_none()
+
+
+def create_generation_job(
+    session: Session,
+    *,
+    constitution_version: ConstitutionVersion,
+    model: str,
+    revisions: int,
+    sampling: dict[str, Any],
+    metadata: dict[str, Any],
+    prompts: Sequence[list[dict[str, str]]],
+    idempotency_key: str | None,
+    request_hash: str | None,
+) -> GenerationJob | None:
+    """Insert a job and its prompt rows; None if another request took the idempotency key first."""
+    job_id = session.execute(
+        insert(GenerationJob)
+        .values(
+            constitution_version_id=constitution_version.id,
+            constitution_name=constitution_version.name,
+            model=model,
+            revisions=revisions,
+            sampling=sampling,
+            job_metadata=metadata,
+            n_prompts=len(prompts),
+            idempotency_key=idempotency_key,
+            request_hash=request_hash,
+        )
+        .on_conflict_do_nothing(index_elements=["idempotency_key"])
+        .returning(GenerationJob.id)
+    ).scalar_one_or_none()
+    if job_id is None:
+        return None
+    # COPY: 10,000 prompts go in as one stream instead of 10,000 parameter sets.
+    cursor = session.connection().connection.driver_connection.cursor()
+    with cursor.copy("COPY prompts (job_id, position, messages) FROM STDIN") as copy:
+        for position, messages in enumerate(prompts):
+            copy.write_row((job_id, position, Jsonb(messages)))
+    queue.notify(session, queue.PROMPTS, model)
+    return session.get(GenerationJob, job_id)
+
+
+def get_job(session: Session, job_id: int) -> GenerationJob | None:
+    return session.get(GenerationJob, job_id)
+
+
+def list_jobs(session: Session, *, limit: int, before_id: int | None = None) -> list[GenerationJob]:
+    stmt = select(GenerationJob).order_by(GenerationJob.id.desc()).limit(limit)
+    if before_id is not None:
+        stmt = stmt.where(GenerationJob.id < before_id)
+    return list(session.scalars(stmt))
+
+
+@dataclass
+class JobStats:
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(PROMPT_STATES, 0))
+    flagged: int = 0
+    first_started_at: datetime | None = None
+    last_finished_at: datetime | None = None
+
+
+def job_stats(session: Session, job_ids: Sequence[int]) -> dict[int, JobStats]:
+    """Prompt counts per state, flagged pairs and timing of each job, in two grouped queries."""
+    stats = {job_id: JobStats() for job_id in job_ids}
+    if not job_ids:
+        return stats
+    rows = session.execute(
+        select(
+            Prompt.job_id,
+            Prompt.status,
+            func.count(),
+            func.min(Prompt.started_at),
+            func.max(Prompt.finished_at),
+        )
+        .where(Prompt.job_id.in_(job_ids))
+        .group_by(Prompt.job_id, Prompt.status)
+    )
+    for job_id, status, count, started, finished in rows:
+        entry = stats[job_id]
+        entry.counts[status] = count
+        if started and (entry.first_started_at is None or started < entry.first_started_at):
+            entry.first_started_at = started
+        if finished and (entry.last_finished_at is None or finished > entry.last_finished_at):
+            entry.last_finished_at = finished
+    flagged = session.execute(
+        select(Pair.job_id, func.count()).where(Pair.job_id.in_(job_ids), Pair.flagged).group_by(Pair.job_id)
+    )
+    for job_id, count in flagged:
+        stats[job_id].flagged = count
+    return stats
+
+
+def cancel_job(session: Session, job_id: int) -> int:
+    """Mark the job cancelled and its unclaimed prompts `cancelled`; running ones finish."""
+    session.execute(
+        update(GenerationJob)
+        .where(GenerationJob.id == job_id, GenerationJob.cancelled_at.is_(None))
+        .values(cancelled_at=func.now())
+    )
+    result = session.execute(
+        update(Prompt)
+        .where(Prompt.job_id == job_id, Prompt.status == "queued")
+        .values(status="cancelled", finished_at=func.now())
+    )
+    return result.rowcount
+
+
+def list_job_prompts(
+    session: Session, job_id: int, *, status: PromptStatus | None, after_id: int | None, limit: int
+) -> list[tuple[Prompt, int | None]]:
+    """A job's prompt rows in id order, each with the id of its pair if it has one."""
+    stmt = (
+        select(Prompt, Pair.id)
+        .outerjoin(Pair, Pair.prompt_id == Prompt.id)
+        .where(Prompt.job_id == job_id)
+        .order_by(Prompt.id)
+        .limit(limit)
+    )
+    if status is not None:
+        stmt = stmt.where(Prompt.status == status)
+    if after_id is not None:
+        stmt = stmt.where(Prompt.id > after_id)
+    return [tuple(row) for row in session.execute(stmt)]
+
+
+def retry_failed_prompts(session: Session, job_id: int) -> int:
+    """Queue a job's failed prompts again with fresh attempts; their last error stays for reference."""
+    result = session.execute(
+        update(Prompt)
+        .where(Prompt.job_id == job_id, Prompt.status == "failed")
+        .values(status="queued", attempts=0, finished_at=None)
+    )
+    if result.rowcount:
+        queue.notify(session, queue.PROMPTS)
+    return result.rowcount
+
+
+@dataclass
+class ClaimedPrompt:
+    """A claimed prompt with what its trajectory needs from its job."""
+
+    id: int
+    job_id: int
+    position: int
+    messages: list[dict[str, str]]
+    attempts: int
+    revisions: int
+    sampling: dict[str, Any]
+    constitution_version_id: int
+    constitution_hash: str
+    constitution_name: str
+    model: str
+
+
+def claim_prompts(
+    session: Session, *, worker_id: str, model: str, n: int, lease_seconds: float, max_attempts: int
+) -> list[ClaimedPrompt]:
+    """Claim up to `n` prompts of jobs for `model`: queued ones, or ones whose lease ran out."""
+    ids = queue.claim(
+        session,
+        queue.PROMPTS,
+        worker_id=worker_id,
+        n=n,
+        lease_seconds=lease_seconds,
+        max_attempts=max_attempts,
+        where=[Prompt.job_id.in_(select(GenerationJob.id).where(GenerationJob.model == model))],
+    )
+    if not ids:
+        return []
+    rows = session.execute(
+        select(
+            Prompt.id,
+            Prompt.job_id,
+            Prompt.position,
+            Prompt.messages,
+            Prompt.attempts,
+            GenerationJob.revisions,
+            GenerationJob.sampling,
+            GenerationJob.constitution_version_id,
+            ConstitutionVersion.content_hash.label("constitution_hash"),
+            GenerationJob.constitution_name,
+            GenerationJob.model,
+        )
+        .join(GenerationJob, GenerationJob.id == Prompt.job_id)
+        .join(ConstitutionVersion, ConstitutionVersion.id == GenerationJob.constitution_version_id)
+        .where(Prompt.id.in_(ids))
+        .order_by(Prompt.id)
+    )
+    return [ClaimedPrompt(**row._mapping) for row in rows]
+
+
+def claimable_models(session: Session, *, max_attempts: int) -> list[str]:
+    """Models that have prompts waiting (queued, or under a lease that ran out), most first: an
+    idle worker may switch to one."""
+    rows = session.execute(
+        select(GenerationJob.model, func.count())
+        .join(Prompt, Prompt.job_id == GenerationJob.id)
+        .where(queue.claimable(queue.PROMPTS, max_attempts=max_attempts))
+        .group_by(GenerationJob.model)
+        .order_by(func.count().desc())
+    )
+    return [model for model, _ in rows]
+
+
+def complete_prompt(session: Session, *, worker_id: str, prompt_id: int, pair: dict[str, Any]) -> bool:
+    """Mark the prompt done and insert its pair, in the caller's transaction.
+
+    Only the lease holder completes: a worker that lost its lease (it stalled, the prompt went to
+    another worker) writes nothing. The unique pair per prompt is the last line of defence.
+    """
+    if not queue.finish(
+        session, queue.PROMPTS, worker_id=worker_id, id=prompt_id, status="done", last_error=None
+    ):
+        return False
+    inserted = session.execute(
+        insert(Pair)
+        .values(prompt_id=prompt_id, **pair)
+        .on_conflict_do_nothing(index_elements=["prompt_id"])
+        .returning(Pair.id)
+    ).scalar_one_or_none()
+    return inserted is not None
+
+
+def queue_depth(session: Session) -> dict[str, int]:
+    counts = dict.fromkeys(PROMPT_STATES, 0)
+    counts.update(session.execute(select(Prompt.status, func.count()).group_by(Prompt.status)).all())
+    return counts

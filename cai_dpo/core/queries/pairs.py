@@ -1,0 +1,89 @@
+"""Pairs: browse, stream for export, count, select for training, import."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+from sqlalchemy import Select, func, select
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.orm import Session
+
+from cai_dpo.core.pair_filter import PairFilter, filtered
+from cai_dpo.core.tables import ConstitutionVersion, DatasetImport, Pair
+
+
+def _pairs_with_version() -> Select:
+    return select(Pair, ConstitutionVersion.content_hash).outerjoin(
+        ConstitutionVersion, ConstitutionVersion.id == Pair.constitution_version_id
+    )
+
+
+def list_pairs(
+    session: Session, f: PairFilter, *, after_id: int | None, limit: int
+) -> list[tuple[Pair, str | None]]:
+    stmt = filtered(_pairs_with_version(), f).order_by(Pair.id).limit(limit)
+    if after_id is not None:
+        stmt = stmt.where(Pair.id > after_id)
+    return [tuple(row) for row in session.execute(stmt)]
+
+
+def get_pair(session: Session, pair_id: int) -> tuple[Pair, str | None] | None:
+    row = session.execute(_pairs_with_version().where(Pair.id == pair_id)).one_or_none()
+    return tuple(row) if row else None
+
+
+_EXPORT_COLUMNS = (
+    Pair.id,
+    Pair.prompt,
+    Pair.chosen,
+    Pair.rejected,
+    Pair.source,
+    Pair.constitution_name,
+    Pair.trajectory["principles"].label("principles"),
+    Pair.flags,
+    Pair.model,
+    Pair.job_id,
+    ConstitutionVersion.content_hash.label("constitution_version"),
+)
+
+
+def stream_pairs(session: Session, f: PairFilter, *, batch_size: int = 1000) -> Iterator[Any]:
+    """Yield export rows in id order through a server-side cursor: memory stays flat."""
+    stmt = filtered(
+        select(*_EXPORT_COLUMNS).outerjoin(
+            ConstitutionVersion, ConstitutionVersion.id == Pair.constitution_version_id
+        ),
+        f,
+    ).order_by(Pair.id)
+    yield from session.execute(stmt.execution_options(yield_per=batch_size))
+
+
+def count_pairs(session: Session, f: PairFilter, **selection: Any) -> int:
+    """Pairs matching the filter (and the `pair_conditions` selection keywords)."""
+    return session.scalar(filtered(select(func.count(Pair.id)), f, **selection)) or 0
+
+
+def pair_ids(session: Session, f: PairFilter, **selection: Any) -> list[int]:
+    return list(session.scalars(filtered(select(Pair.id), f, **selection).order_by(Pair.id)))
+
+
+def pairs_by_ids(session: Session, ids: Sequence[int]) -> list[Pair]:
+    return list(session.scalars(select(Pair).where(Pair.id.in_(ids)).order_by(Pair.id)))
+
+
+def pairs_total(session: Session) -> dict[str, int]:
+    row = session.execute(select(func.count(Pair.id), func.count(Pair.id).filter(Pair.flagged))).one()
+    return {"total": row[0], "flagged": row[1]}
+
+
+def insert_imported_pairs(
+    session: Session, *, source: str, format: str, rows: Iterable[dict[str, Any]]
+) -> DatasetImport:
+    rows = list(rows)
+    record = DatasetImport(source=source, format=format, n_pairs=len(rows))
+    session.add(record)
+    session.flush()
+    if rows:
+        session.execute(insert(Pair), [{**row, "import_id": record.id, "source": source} for row in rows])
+    return record

@@ -1,0 +1,215 @@
+"""The one queue: claim, renew, expire, release and finish for every kind of leased work.
+
+A leased row is a task: `queued -> running -> done | failed | cancelled` (a training job ends
+`succeeded`). A worker claims rows with one `UPDATE ... FROM (SELECT ... FOR UPDATE SKIP LOCKED)`,
+which sets it as `lease_owner` until `lease_expires_at`, and renews the leases it holds in batch.
+A lease that runs out (the worker was killed) makes the row claimable again, and that counts as
+an attempt: a prompt that crashes every worker that takes it must end `failed`, not loop. A
+worker that stops, or whose engine died, releases its rows at once, and that attempt is not
+counted. Only the lease holder can finish a row, so a worker that lost its lease writes nothing.
+
+Prompts and training jobs are the two kinds; each is a `WorkKind` that names its table, its
+NOTIFY channel and what "cancelled" means for it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import ColumnElement, and_, case, false, func, literal, not_, null, or_, select, text, update
+from sqlalchemy.orm import Session
+
+from cai_dpo.core.tables import GenerationJob, Prompt, TrainingJob
+
+
+@dataclass(frozen=True)
+class WorkKind:
+    name: str
+    table: Any  # a mapped class with status, attempts, lease_owner, lease_expires_at, ... columns
+    channel: str
+    # Rows whose work nobody wants any more.
+    cancelled: Callable[[], ColumnElement[bool]]
+    # Whether a holder loses its lease when its row is cancelled (a training run stops at once;
+    # a prompt already running is cheap to finish).
+    stop_when_cancelled: bool
+
+
+PROMPTS = WorkKind(
+    name="prompts",
+    table=Prompt,
+    channel="cai_prompts",
+    cancelled=lambda: Prompt.job_id.in_(
+        select(GenerationJob.id).where(GenerationJob.cancelled_at.is_not(None)).scalar_subquery()
+    ),
+    stop_when_cancelled=False,
+)
+TRAINING = WorkKind(
+    name="training",
+    table=TrainingJob,
+    channel="cai_training",
+    cancelled=lambda: TrainingJob.cancel_requested.is_(True),
+    stop_when_cancelled=True,
+)
+KINDS = (PROMPTS, TRAINING)
+
+
+def _lease_until(lease_seconds: float) -> ColumnElement[Any]:
+    return func.now() + func.make_interval(0, 0, 0, 0, 0, 0, lease_seconds)
+
+
+def _lease_ran_out(t: Any) -> ColumnElement[bool]:
+    return and_(t.status == "running", t.lease_expires_at < func.now())
+
+
+def notify(session: Session, kind: WorkKind, payload: str = "") -> None:
+    """Wake idle workers of this kind (delivered when the transaction commits)."""
+    session.execute(
+        text("SELECT pg_notify(:channel, :payload)"), {"channel": kind.channel, "payload": payload}
+    )
+
+
+def expire(session: Session, kind: WorkKind, *, max_attempts: int) -> None:
+    """Settle rows nobody holds any more: cancelled ones end `cancelled`, and one whose lease ran
+    out on its last attempt ends `failed` instead of being retried for ever."""
+    t = kind.table
+    unheld = or_(t.status == "queued", _lease_ran_out(t))
+    session.execute(
+        update(t)
+        .where(unheld, kind.cancelled())
+        .values(status="cancelled", finished_at=func.now(), lease_owner=None, lease_expires_at=None)
+    )
+    session.execute(
+        update(t)
+        .where(_lease_ran_out(t), t.attempts >= max_attempts)
+        .values(
+            status="failed",
+            finished_at=func.now(),
+            lease_owner=None,
+            lease_expires_at=None,
+            last_error=func.concat(
+                func.coalesce(t.last_error + "; ", ""), "lease expired on attempt ", t.attempts
+            ),
+        )
+    )
+
+
+def claimable(kind: WorkKind, *, max_attempts: int) -> ColumnElement[bool]:
+    """Rows a worker may claim: queued, or running under a lease that ran out."""
+    t = kind.table
+    return and_(
+        or_(t.status == "queued", _lease_ran_out(t)), t.attempts < max_attempts, not_(kind.cancelled())
+    )
+
+
+def claim(
+    session: Session,
+    kind: WorkKind,
+    *,
+    worker_id: str,
+    n: int,
+    lease_seconds: float,
+    max_attempts: int,
+    where: Sequence[ColumnElement[bool]] = (),
+) -> list[int]:
+    """Claim up to `n` rows (oldest first) for `worker_id`; returns their ids in order."""
+    expire(session, kind, max_attempts=max_attempts)
+    t = kind.table
+    candidates = (
+        select(t.id)
+        .where(claimable(kind, max_attempts=max_attempts), *where)
+        .order_by(t.id)
+        .limit(n)
+        .with_for_update(skip_locked=True)
+        .cte("candidates")
+    )
+    claimed = session.execute(
+        update(t)
+        .where(t.id == candidates.c.id)
+        .values(
+            status="running",
+            attempts=t.attempts + 1,
+            lease_owner=worker_id,
+            lease_expires_at=_lease_until(lease_seconds),
+            started_at=func.coalesce(t.started_at, func.now()),
+        )
+        .returning(t.id)
+    )
+    return sorted(claimed.scalars())
+
+
+def renew(
+    session: Session, kind: WorkKind, *, worker_id: str, ids: Sequence[int], lease_seconds: float
+) -> set[int]:
+    """Extend the leases this worker still holds; returns the ids it still holds."""
+    if not ids:
+        return set()
+    t = kind.table
+    conditions = [t.id.in_(ids), t.lease_owner == worker_id, t.status == "running"]
+    if kind.stop_when_cancelled:
+        conditions.append(not_(kind.cancelled()))
+    rows = session.execute(
+        update(t).where(*conditions).values(lease_expires_at=_lease_until(lease_seconds)).returning(t.id)
+    )
+    return set(rows.scalars())
+
+
+def release(session: Session, kind: WorkKind, *, worker_id: str, ids: Sequence[int]) -> int:
+    """Give rows back at once (worker stopping, engine dead): queued again, the attempt not counted."""
+    if not ids:
+        return 0
+    t = kind.table
+    result = session.execute(
+        update(t)
+        .where(t.id.in_(ids), t.lease_owner == worker_id, t.status == "running")
+        .values(
+            status="queued",
+            attempts=func.greatest(t.attempts - 1, 0),
+            lease_owner=None,
+            lease_expires_at=None,
+        )
+    )
+    notify(session, kind)
+    return result.rowcount
+
+
+def finish(session: Session, kind: WorkKind, *, worker_id: str, id: int, status: str, **values: Any) -> bool:
+    """End a held row with `status` (and any other column values); False if the lease was lost."""
+    t = kind.table
+    done = session.execute(
+        update(t)
+        .where(t.id == id, t.lease_owner == worker_id, t.status == "running")
+        .values(status=status, finished_at=func.now(), lease_owner=None, lease_expires_at=None, **values)
+        .returning(t.id)
+    ).scalar_one_or_none()
+    return done is not None
+
+
+def fail(
+    session: Session,
+    kind: WorkKind,
+    *,
+    worker_id: str,
+    id: int,
+    error: str,
+    retryable: bool,
+    max_attempts: int,
+) -> str | None:
+    """Record the row's own fault: queued again if attempts remain and a retry may help, else
+    `failed`. Returns the new status, or None if the lease was lost."""
+    t = kind.table
+    # Attempts count from the claim: a retry is only worth it while some are left.
+    again = t.attempts < max_attempts if retryable else false()
+    return session.execute(
+        update(t)
+        .where(t.id == id, t.lease_owner == worker_id, t.status == "running")
+        .values(
+            status=case((again, literal("queued")), else_=literal("failed")),
+            finished_at=case((again, null()), else_=func.now()),
+            last_error=error[:4000],
+            lease_owner=None,
+            lease_expires_at=None,
+        )
+        .returning(t.status)
+    ).scalar_one_or_none()

@@ -1,0 +1,165 @@
+"""Every setting of the service, read from environment variables (and an optional `.env` file).
+
+One class, one place: the README's settings table is generated from the field descriptions here
+(`cai-dpo settings`), so a default documented there is the default used here.
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, computed_field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+BUNDLED_MODEL = "smollm2-135m-instruct"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CAI_", env_file=".env", extra="ignore")
+
+    # --- storage -------------------------------------------------------------------------------
+    database_url: str | None = Field(
+        None,
+        validation_alias=AliasChoices("DATABASE_URL", "CAI_DATABASE_URL"),
+        description="PostgreSQL URL. Unset: an embedded PostgreSQL runs in `$CAI_DATA_DIR/postgres`.",
+    )
+    data_dir: Path = Field(
+        PROJECT_ROOT / "data",
+        description="Data folder: embedded database, prepared models, training artifacts.",
+    )
+    models_dir_override: Path | None = Field(
+        None,
+        validation_alias=AliasChoices("CAI_MODELS_DIR"),
+        description="Where prepared models live. Unset: `$CAI_DATA_DIR/models`.",
+    )
+    constitutions_dir: Path = Field(
+        PROJECT_ROOT / "constitutions", description="Folder of constitution YAML files."
+    )
+
+    # --- HTTP ----------------------------------------------------------------------------------
+    host: str = Field("127.0.0.1", description="Bind address of the API.")
+    port: int = Field(8000, ge=1, le=65535, description="Port of the API.")
+    api_keys: str = Field(
+        "",
+        description="Comma-separated API keys (`Authorization: Bearer KEY`). Empty: no auth, loopback only.",
+    )
+    max_prompts_per_request: int = Field(10_000, ge=1, description="Most prompts one `POST /generate` takes.")
+    max_prompt_chars: int = Field(16_000, ge=1, description="Longest prompt (all message contents together).")
+    max_messages_per_prompt: int = Field(64, ge=1, description="Most chat messages in one prompt.")
+    max_body_bytes: int = Field(64 * 2**20, ge=1024, description="Largest request body accepted, in bytes.")
+    max_revisions: int = Field(8, ge=1, description="Most critique-and-revise rounds a job may ask for.")
+    page_size_max: int = Field(500, ge=1, description="Most rows one page of `GET /pairs` returns.")
+
+    # --- models --------------------------------------------------------------------------------
+    model: str = Field(
+        BUNDLED_MODEL,
+        description="Default model: the bundled SmolLM2-135M-Instruct, or a local Hugging Face model folder.",
+    )
+    engine: Literal["vllm", "openai"] = Field(
+        "vllm", description="Generation engine: in-process vLLM, or a remote OpenAI-compatible server."
+    )
+
+    # --- queue ---------------------------------------------------------------------------------
+    lease_seconds: float = Field(60.0, gt=0, description="How long a claimed prompt or training job is held.")
+    max_attempts: int = Field(3, ge=1, description="Attempts per prompt before it is marked failed.")
+    poll_seconds: float = Field(5.0, gt=0, description="Idle workers poll this often if no NOTIFY comes.")
+    worker_seen_seconds: float = Field(
+        60.0, gt=0, description="A worker counts as live this long after a heartbeat."
+    )
+
+    # --- generation ----------------------------------------------------------------------------
+    max_in_flight: int = Field(64, ge=1, description="Trajectories a generation worker runs at once.")
+    claim_batch: int = Field(16, ge=1, description="Most prompts claimed in one statement.")
+    temperature: float = Field(0.7, ge=0, description="Default sampling temperature.")
+    top_p: float = Field(0.95, gt=0, le=1, description="Default nucleus sampling.")
+    max_tokens: int = Field(256, ge=1, description="Default new tokens per generated message.")
+    vllm_tensor_parallel_size: int = Field(
+        1, ge=1, description="vLLM tensor parallel size (GPUs per worker)."
+    )
+    vllm_memory_fraction: float | None = Field(
+        None, gt=0, le=1, description="vLLM `gpu_memory_utilization`. Unset: 0.25 on the CPU, 0.9 on a GPU."
+    )
+    vllm_max_model_len: int | None = Field(
+        2048, ge=128, description="vLLM context length; prompts longer than it fail alone."
+    )
+    vllm_enforce_eager: bool | None = Field(
+        None,
+        description="Skip torch.compile / CUDA graphs. Unset: on for the CPU (faster start), off on a GPU.",
+    )
+    vllm_dtype: str = Field(
+        "auto",
+        description="vLLM weights dtype. `auto`: the model's, but float32 on CPUs without AVX512-BF16.",
+    )
+    vllm_kv_cache_gib: float | None = Field(
+        None,
+        gt=0,
+        description="KV cache size in GiB (overrides the memory fraction; small values suit CPUs).",
+    )
+    openai_base_url: str = Field(
+        "http://127.0.0.1:8001/v1", description="Base URL of the OpenAI-compatible server (`engine=openai`)."
+    )
+    openai_api_key: str = Field("", description="Bearer key for the OpenAI-compatible server.")
+    openai_model: str | None = Field(None, description="Model name to request from it. Unset: `CAI_MODEL`.")
+    openai_concurrency: int = Field(
+        32, ge=1, description="Requests in flight to the OpenAI-compatible server."
+    )
+    openai_timeout_seconds: float = Field(120.0, gt=0, description="Timeout of one request to it.")
+    openai_max_retries: int = Field(4, ge=0, description="Retries (exponential backoff) of a failed request.")
+
+    # --- training ------------------------------------------------------------------------------
+    checkpoint_steps: int = Field(
+        50, ge=1, description="Training checkpoint every this many optimizer steps."
+    )
+    train_policies: str = Field(
+        "",
+        description='Automatic training policies as JSON: `{"harmless": {"min_new_pairs": 500, ...}}`.',
+    )
+
+    @field_validator("data_dir", "constitutions_dir", "models_dir_override")
+    @classmethod
+    def _absolute(cls, value: Path | None) -> Path | None:
+        return value.expanduser().resolve() if value is not None else None
+
+    @computed_field
+    @property
+    def api_key_list(self) -> list[str]:
+        return [key.strip() for key in self.api_keys.split(",") if key.strip()]
+
+    @property
+    def models_dir(self) -> Path:
+        return self.models_dir_override or self.data_dir / "models"
+
+    @property
+    def artifacts_dir(self) -> Path:
+        return self.data_dir / "training"
+
+
+class UnsafeBind(ValueError):
+    """The API would listen beyond this host with no API key to guard it."""
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_bind(settings: Settings) -> None:
+    """No API key means no auth: then only loopback may reach the service."""
+    if not settings.api_key_list and not is_loopback(settings.host):
+        raise UnsafeBind(
+            f"refusing to listen on {settings.host} without API keys: set CAI_API_KEYS or bind to 127.0.0.1"
+        )
+
+
+@functools.cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,60 @@
+"""What PostgreSQL can store: valid Unicode text without NUL, finite numbers.
+
+Checked at every edge where outside text comes in (requests, constitutions, imports), so a bad
+value is refused naming its field instead of failing as a database error.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from typing import Annotated, Any
+
+from pydantic import AfterValidator
+
+
+def text_problem(text: str) -> str | None:
+    """Why PostgreSQL cannot store this text, or None."""
+    if "\x00" in text:
+        return "contains a NUL character (\\u0000)"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "contains a lone surrogate (not valid Unicode)"
+    return None
+
+
+def find_unstorable(value: Any) -> tuple[str, str] | None:
+    """The first place in a JSON-like value that PostgreSQL cannot store, and why; None if none.
+
+    Text must be valid Unicode without NUL, numbers finite (JSON has no NaN). Iterative, so a
+    deeply nested upload cannot exhaust the stack.
+    """
+    queue = deque([("", value)])
+    while queue:
+        path, item = queue.popleft()
+        if isinstance(item, str):
+            if reason := text_problem(item):
+                return path, reason
+        elif isinstance(item, float) and not math.isfinite(item):
+            return path, f"{item} is not a JSON number"
+        elif isinstance(item, dict | list):
+            pairs = item.items() if isinstance(item, dict) else enumerate(item)
+            for key, child in pairs:
+                if isinstance(key, str) and (reason := text_problem(key)):
+                    return path, f"a key {reason}"  # the key itself could not be shown back
+                queue.append((f"{path}.{key}" if path else str(key), child))
+    return None
+
+
+def check_storable(value: Any) -> Any:
+    """A pydantic validator: the value unchanged, or a ValueError saying where and why."""
+    if found := find_unstorable(value):
+        where, reason = found
+        raise ValueError(f"{reason} at {where}" if where else reason)
+    return value
+
+
+# Text and JSON that PostgreSQL can store: anything else is refused with the field's name.
+StorableText = Annotated[str, AfterValidator(check_storable)]
+StorableJson = Annotated[dict[str, Any], AfterValidator(check_storable)]

@@ -1,0 +1,1 @@
+"""The workers: generation (vLLM critique-and-revise), scoring and DPO training."""

@@ -1,0 +1,253 @@
+"""The generation worker: claim prompts, run their trajectories on one engine, write pairs.
+
+One process holds one engine and runs up to `CAI_MAX_IN_FLIGHT` trajectories as asyncio tasks,
+refilling as each finishes, so the engine's continuous batching always has work and no prompt
+waits for another. Leases are renewed by a heartbeat; SIGTERM stops claiming and gives the
+prompts in flight back at once. Database calls are synchronous SQLAlchemy run in threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import asdict
+from typing import Any
+
+from sqlalchemy import Engine as DBEngine
+from sqlalchemy.exc import SQLAlchemyError
+
+from cai_dpo.core import queue
+from cai_dpo.core.constitutions import ConstitutionSpec
+from cai_dpo.core.db import database_url, get_engine
+from cai_dpo.core.model_sources import trained_model_path
+from cai_dpo.core.queries import constitutions as constitution_queries
+from cai_dpo.core.queries import jobs as job_queries
+from cai_dpo.core.settings import Settings
+from cai_dpo.workers.generation.engines import Engine, PromptTooLong, Sampling, make_engine
+from cai_dpo.workers.generation.trajectory import few_shot_turns, quality_flags, run_trajectory
+from cai_dpo.workers.runtime import WorkerRuntime
+
+log = logging.getLogger(__name__)
+
+
+class GenerationWorker(WorkerRuntime):
+    role = "generate"
+
+    def __init__(self, settings: Settings, db: DBEngine, *, url: str, engine_factory=make_engine):
+        super().__init__(settings, db, url=url, kind=queue.PROMPTS)
+        self.engine_factory = engine_factory
+        self.engine: Engine | None = None
+        # The model name jobs ask for (`smollm2-135m-instruct`, `train:3`); a remote engine may
+        # call the same model something else.
+        self.model = settings.model
+        self.unloadable: dict[str, float] = {}
+        self.specs: dict[str, tuple[ConstitutionSpec, list[dict[str, str]]]] = {}
+        self.pairs_written = 0
+        self._last_tokens = (time.monotonic(), 0)
+
+    # --- the loop ---------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        self.engine = await self.start_engine(self.settings.model)
+        background = self.start_background()
+        try:
+            while not self.stopping.is_set():
+                # Cleared before the claim: a NOTIFY that lands while it runs still wakes the wait.
+                self.wakeup.clear()
+                claimed = await self.claim()
+                for prompt in claimed:
+                    self.start_trajectory(prompt)
+                if not claimed and not self.in_flight:
+                    await self.maybe_switch_model()
+                if not claimed or len(self.in_flight) >= self.settings.max_in_flight:
+                    # The queue had prompts and there is room: claim again at once; else wait for
+                    # a free slot, a NOTIFY, a stop or the poll interval.
+                    await self.wait_for_work(*self.in_flight.values())
+        finally:
+            await self.release_all()
+            await self.stop_background(background)
+            await self.engine.shutdown()
+            log.info("worker %s stopped (%d pairs written)", self.id, self.pairs_written)
+
+    @property
+    def in_flight(self) -> dict[int, asyncio.Task]:
+        """Prompts held, each with the task running its trajectory."""
+        return self.leases.held
+
+    def start_trajectory(self, prompt: job_queries.ClaimedPrompt) -> None:
+        # A prompt claimed again after its lease ran out may still have its old task here.
+        if (old := self.in_flight.get(prompt.id)) is not None:
+            old.cancel()
+        self.leases.hold(prompt.id, asyncio.create_task(self.process(prompt)))
+
+    def lease_lost(self, prompt_id: int, task: asyncio.Task) -> None:
+        log.warning("prompt %d: lease lost; stopping its trajectory", prompt_id)
+        task.cancel()
+
+    async def claim(self) -> list[job_queries.ClaimedPrompt]:
+        free = self.settings.max_in_flight - len(self.in_flight)
+        if free <= 0 or self.stopping.is_set():
+            return []
+        try:
+            return await self.db_call(
+                job_queries.claim_prompts,
+                worker_id=self.id,
+                model=self.model,
+                n=min(free, self.settings.claim_batch),
+                lease_seconds=self.settings.lease_seconds,
+                max_attempts=self.settings.max_attempts,
+            )
+        except SQLAlchemyError as exc:  # the database restarting: keep the trajectories, retry
+            log.warning("claim failed (%s); retrying after the poll interval", exc.__class__.__name__)
+            return []
+
+    async def process(self, prompt: job_queries.ClaimedPrompt) -> None:
+        """Run one trajectory and write its pair, or record why it failed."""
+        try:
+            spec, few_shot = await self.constitution(prompt.constitution_version_id, prompt.constitution_hash)
+            sampling = Sampling(
+                temperature=prompt.sampling["temperature"],
+                top_p=prompt.sampling["top_p"],
+                max_tokens=prompt.sampling["max_tokens"],
+                seed=prompt.sampling.get("seed"),
+            )
+            trajectory = await run_trajectory(
+                self.engine,
+                spec=spec,
+                prompt_id=prompt.id,
+                prompt=prompt.messages,
+                revisions=prompt.revisions,
+                sampling=sampling,
+                few_shot=few_shot,
+                request_prefix=f"{self.id}-a{prompt.attempts}-",
+            )
+            pair = {
+                "job_id": prompt.job_id,
+                "source": "generated",
+                "constitution_name": prompt.constitution_name,
+                "constitution_version_id": prompt.constitution_version_id,
+                "prompt": prompt.messages,
+                "chosen": trajectory.chosen,
+                "rejected": trajectory.initial,
+                "trajectory": trajectory.to_record() | {"worker": self.id, "attempt": prompt.attempts},
+                "flags": quality_flags(
+                    rejected=trajectory.initial,
+                    chosen=trajectory.chosen,
+                    finish_reasons=trajectory.finish_reasons,
+                ),
+                "model": prompt.model,
+                "sampling": prompt.sampling,
+                "usage": trajectory.usage,
+            }
+            if await self.db_call(
+                job_queries.complete_prompt, worker_id=self.id, prompt_id=prompt.id, pair=pair
+            ):
+                self.pairs_written += 1
+            else:
+                log.warning("prompt %d: lease lost before its pair was written; discarded", prompt.id)
+        except PromptTooLong as exc:
+            await self.fail(prompt, f"prompt too long: {exc}", retryable=False)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - one prompt's failure must not stop the worker
+            log.exception("prompt %d failed", prompt.id)
+            await self.fail(prompt, f"{type(exc).__name__}: {exc}", retryable=True)
+        finally:
+            # After a lost lease this worker may already have claimed the prompt again.
+            self.leases.drop(prompt.id, asyncio.current_task())
+
+    async def fail(self, prompt: job_queries.ClaimedPrompt, error: str, *, retryable: bool) -> None:
+        status = await self.db_call(
+            queue.fail,
+            queue.PROMPTS,
+            worker_id=self.id,
+            id=prompt.id,
+            error=error,
+            retryable=retryable,
+            max_attempts=self.settings.max_attempts,
+        )
+        log.warning("prompt %d -> %s: %s", prompt.id, status, error)
+
+    # --- around the loop --------------------------------------------------------------------
+
+    async def constitution(
+        self, version_id: int, content_hash: str
+    ) -> tuple[ConstitutionSpec, list[dict[str, str]]]:
+        """The exact constitution text the job was created with (cached by content hash)."""
+        if content_hash not in self.specs:
+            row = await self.db_call(constitution_queries.get_constitution_version, version_id)
+            spec = ConstitutionSpec.model_validate(row.spec)
+            self.specs[content_hash] = (spec, few_shot_turns(spec))
+        return self.specs[content_hash]
+
+    async def start_engine(self, model: str) -> Engine:
+        started = time.monotonic()
+        trained_path = await self.db_call(trained_model_path, model)
+        engine = self.engine_factory(self.settings, model, trained_path)
+        await engine.start()
+        log.info("engine for %s ready in %.1f s", model, time.monotonic() - started)
+        return engine
+
+    async def maybe_switch_model(self) -> None:
+        """Idle, with prompts waiting for another model (e.g. `train:<id>`): load that model."""
+        waiting = await self.db_call(job_queries.claimable_models, max_attempts=self.settings.max_attempts)
+        now = time.monotonic()
+        models = [m for m in waiting if now - self.unloadable.get(m, -1e9) > 600]
+        if not models or self.model in waiting or self.settings.engine != "vllm":
+            return
+        log.info("switching model %s -> %s", self.model, models[0])
+        await self.engine.shutdown()
+        try:
+            self.engine, self.model = await self.start_engine(models[0]), models[0]
+        except Exception:
+            # Not loadable here (e.g. its folder is on another host): leave it to other workers.
+            log.exception("cannot load model %s; back to %s for 10 minutes", models[0], self.settings.model)
+            self.unloadable[models[0]] = now
+            self.engine, self.model = await self.start_engine(self.settings.model), self.settings.model
+
+    def status(self) -> dict[str, Any]:
+        stats = self.engine.stats() if self.engine else None
+        now, tokens = time.monotonic(), (stats.completion_tokens if stats else 0)
+        last_time, last_tokens = self._last_tokens
+        rate = (tokens - last_tokens) / (now - last_time) if now > last_time else 0.0
+        self._last_tokens = (now, tokens)
+        return self.base_status(
+            model=self.model,
+            in_flight=len(self.in_flight),
+            tokens_per_s=round(max(rate, 0.0), 2),
+            stats={"pairs_written": self.pairs_written}
+            | (
+                asdict(stats) | {"prefix_cache_hit_rate": round(stats.prefix_cache_hit_rate, 4)}
+                if stats
+                else {}
+            ),
+        )
+
+    async def release_all(self) -> None:
+        """Stop every trajectory in flight and hand its prompt back to the queue at once."""
+        ids = list(self.in_flight)
+        for task in self.in_flight.values():
+            task.cancel()
+        await asyncio.gather(*self.in_flight.values(), return_exceptions=True)
+        released = await self.db_call(queue.release, queue.PROMPTS, worker_id=self.id, ids=ids)
+        if ids:
+            log.info("released %d prompts in flight", released)
+
+
+async def run_worker(settings: Settings) -> None:
+    url = database_url(settings)
+    worker = GenerationWorker(settings, get_engine(settings, pool_size=4), url=url)
+    worker.install_signal_handlers()
+    log.info(
+        "generation worker %s starting (model %s, %d in flight)",
+        worker.id,
+        settings.model,
+        settings.max_in_flight,
+    )
+    await worker.run()
+
+
+def main(settings: Settings) -> int:
+    asyncio.run(run_worker(settings))
+    return 0

@@ -1,0 +1,264 @@
+"""The training worker: claim a training job, snapshot its pairs, run DPO, publish the model.
+
+Jobs are claimed from the one queue under a lease, like prompts; the runtime's heartbeat renews
+it while the trainer runs in a thread. The trainer checkpoints every N steps into the job's
+folder, so a job whose worker died resumes from its last checkpoint on the next worker that
+claims it. Idle, the worker also applies the automatic training policies (one job per batch of
+new pairs, whatever the number of processes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import time
+from typing import Any
+
+import psycopg
+from sqlalchemy import Engine as DBEngine
+from sqlalchemy.exc import SQLAlchemyError
+
+from cai_dpo.core import queue
+from cai_dpo.core.db import database_url, get_engine
+from cai_dpo.core.export_format import split_of
+from cai_dpo.core.model_sources import resolve_model, trained_model_path, training_output_dir
+from cai_dpo.core.queries import pairs as pair_queries
+from cai_dpo.core.queries import policies as policy_queries
+from cai_dpo.core.queries import training as training_queries
+from cai_dpo.core.settings import Settings
+from cai_dpo.core.tables import TrainingJob
+from cai_dpo.core.training_params import TrainParams, TrainPolicyIn
+from cai_dpo.workers.runtime import WorkerRuntime
+from cai_dpo.workers.training.data import PairExample
+
+log = logging.getLogger(__name__)
+
+
+def split_train_eval(pair_ids: list[int], eval_fraction: float) -> tuple[list[int], list[int]]:
+    """Held-out pairs are the export's `test` split at the same fraction: one notion of held out."""
+    evals = [i for i in pair_ids if split_of(i, eval_fraction) == "test"]
+    held = set(evals)
+    return [i for i in pair_ids if i not in held], evals
+
+
+class _Run:
+    """The lease token of one training run: set `lost` when the job is no longer this worker's."""
+
+    def __init__(self) -> None:
+        self.lost = threading.Event()
+
+
+class TrainingWorker(WorkerRuntime):
+    role = "train"
+
+    def __init__(self, settings: Settings, db: DBEngine, *, url: str):
+        super().__init__(settings, db, url=url, kind=queue.TRAINING)
+        self.tokens_per_s = 0.0
+        self.unsent_metrics: list[tuple[int, int, dict[str, float]]] = []
+
+    # --- the loop ---------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        await self.sync_policies_from_settings()
+        background = self.start_background()
+        try:
+            while not self.stopping.is_set():
+                self.wakeup.clear()
+                try:
+                    await self.queue_automatic_jobs()
+                    job = await self.db_call(
+                        training_queries.claim_training_job,
+                        worker_id=self.id,
+                        lease_seconds=self.settings.lease_seconds,
+                        max_attempts=self.settings.max_attempts,
+                    )
+                except (SQLAlchemyError, psycopg.Error) as exc:  # the database restarting
+                    log.warning("database unavailable (%s); retrying after the poll interval", exc)
+                    job = None
+                if job is not None:
+                    await self.train(job)
+                else:
+                    await self.wait_for_work()
+        finally:
+            await self.stop_background(background)
+            log.info("training worker %s stopped", self.id)
+
+    async def train(self, job: TrainingJob) -> None:
+        from cai_dpo.workers.training.trainer import TrainHooks, run_training
+
+        params = TrainParams.model_validate(job.params)
+        log.info("training job %d: claimed (attempt %d)", job.id, job.attempts)
+        try:
+            train_ids, eval_ids = await self.snapshot_pairs(job, params)
+            train_pairs, eval_pairs = await self.load_pairs(train_ids), await self.load_pairs(eval_ids)
+            base = job.base_model or self.settings.model
+            trained_path = await self.db_call(trained_model_path, base)
+            model_path = resolve_model(base, self.settings, trained_path=trained_path)
+        except Exception as exc:  # noqa: BLE001 - reported on the job
+            log.exception("training job %d cannot start", job.id)
+            await self.finish(job, "failed", error=str(exc)[:4000])
+            return
+        run = _Run()
+        self.leases.hold(job.id, run)
+        loop = asyncio.get_running_loop()
+
+        def record_step(step: int, total: int, metrics: dict[str, float]) -> None:
+            asyncio.run_coroutine_threadsafe(self.record_step(job.id, step, total, metrics), loop).result()
+
+        def record_eval(when: str, metrics: dict[str, float]) -> None:
+            asyncio.run_coroutine_threadsafe(
+                self.db_call(
+                    training_queries.update_training_job,
+                    job.id,
+                    worker_id=self.id,
+                    **{f"eval_{when}": metrics},
+                ),
+                loop,
+            ).result()
+
+        hooks = TrainHooks(
+            on_step=record_step,
+            on_eval=record_eval,
+            on_checkpoint=lambda step, path: log.info("training job %d: checkpoint at step %d", job.id, step),
+            should_stop=lambda: self.stop_requested.is_set() or run.lost.is_set(),
+        )
+        output_dir = training_output_dir(self.settings.artifacts_dir, job.id, job.created_at)
+        try:
+            result = await asyncio.to_thread(
+                run_training,
+                params,
+                model_path=model_path,
+                train_pairs=train_pairs,
+                eval_pairs=eval_pairs,
+                output_dir=output_dir,
+                hooks=hooks,
+                checkpoint_steps=self.settings.checkpoint_steps,
+            )
+        except Exception as exc:  # noqa: BLE001 - reported on the job
+            log.exception("training job %d failed", job.id)
+            await self.finish(job, "failed", error=f"{type(exc).__name__}: {exc}"[:4000])
+            return
+        finally:
+            self.leases.drop(job.id, run)
+        await self.settle(job, result)
+
+    def lease_lost(self, train_id: int, run: _Run) -> None:
+        log.warning("training job %d: lease lost (cancelled, or taken over); stopping", train_id)
+        run.lost.set()
+
+    async def finish(self, job: TrainingJob, status: str, **values: Any) -> None:
+        await self.db_call(
+            training_queries.finish_training_job, job.id, worker_id=self.id, status=status, **values
+        )
+
+    async def settle(self, job: TrainingJob, result: Any) -> None:
+        """Record how the run ended: done, cancelled, handed back (SIGTERM) or taken over."""
+        if result.status == "completed":
+            await self.finish(
+                job,
+                "succeeded",
+                step=result.step,
+                total_steps=result.total_steps,
+                artifact_path=str(result.model_dir),
+                eval_before=result.eval_before,
+                eval_after=result.eval_after,
+            )
+            log.info("training job %d succeeded: %s", job.id, result.model_dir)
+        elif self.stop_requested.is_set():
+            await self.db_call(queue.release, queue.TRAINING, worker_id=self.id, ids=[job.id])
+            log.info(
+                "training job %d handed back at step %d; it resumes from its checkpoint", job.id, result.step
+            )
+        else:
+            row = await self.db_call(training_queries.get_training_job, job.id)
+            if row.cancel_requested:
+                await self.finish(job, "cancelled")
+            log.info(
+                "training job %d stopped at step %d (%s)",
+                job.id,
+                result.step,
+                "cancelled" if row.cancel_requested else "lease lost",
+            )
+
+    async def snapshot_pairs(self, job: TrainingJob, params: TrainParams) -> tuple[list[int], list[int]]:
+        """The pairs a job trains on, fixed at its first start: later pairs never leak in."""
+        if job.pair_ids is not None:
+            return list(job.pair_ids), list(job.eval_pair_ids or [])
+        pair_filter, selection = training_queries.dataset_selection(job)
+        ids = await self.db_call(pair_queries.pair_ids, pair_filter, **selection)
+        if not ids:
+            raise ValueError(f"dataset {job.dataset} matches no pairs")
+        train_ids, eval_ids = split_train_eval(ids, params.eval_fraction)
+        await self.db_call(
+            training_queries.update_training_job,
+            job.id,
+            worker_id=self.id,
+            pair_ids=train_ids,
+            eval_pair_ids=eval_ids,
+        )
+        return train_ids, eval_ids
+
+    async def load_pairs(self, ids: list[int]) -> list[PairExample]:
+        pairs = await self.db_call(pair_queries.pairs_by_ids, ids)
+        return [PairExample(prompt=p.prompt, chosen=p.chosen, rejected=p.rejected) for p in pairs]
+
+    async def record_step(self, train_id: int, step: int, total: int, metrics: dict[str, float]) -> None:
+        """Write the step's metrics; a database blip delays them to the next step, never stops training."""
+        self.tokens_per_s = metrics.get("tokens_per_s", self.tokens_per_s)
+        self.unsent_metrics.append((train_id, step, metrics))
+
+        def write(session: Any) -> None:
+            for unsent in self.unsent_metrics:
+                training_queries.record_training_metrics(session, *unsent)
+            training_queries.update_training_job(
+                session, train_id, worker_id=self.id, step=step, total_steps=total
+            )
+
+        try:
+            await self.db_call(write)
+        except SQLAlchemyError as exc:
+            log.warning("training job %d: metrics of step %d not written yet (%s)", train_id, step, exc)
+            return
+        self.unsent_metrics.clear()
+
+    async def queue_automatic_jobs(self) -> None:
+        for policy in await self.db_call(policy_queries.list_train_policies):
+            job = await self.db_call(
+                policy_queries.queue_policy_training,
+                policy.constitution_name,
+                default_model=self.settings.model,
+            )
+            if job is not None:
+                log.info("policy %s queued training job %d", policy.constitution_name, job.id)
+
+    async def sync_policies_from_settings(self) -> None:
+        """Policies given in CAI_TRAIN_POLICIES are written to the database (the API can edit them)."""
+        if not self.settings.train_policies:
+            return
+        for name, body in json.loads(self.settings.train_policies).items():
+            policy = TrainPolicyIn.model_validate(body)
+            await self.db_call(
+                policy_queries.upsert_train_policy, constitution_name=name, **policy.db_values()
+            )
+
+    def status(self) -> dict[str, Any]:
+        return self.base_status(
+            model=None, in_flight=len(self.leases.held), tokens_per_s=round(self.tokens_per_s, 2)
+        )
+
+
+def main(settings: Settings) -> int:
+    url = database_url(settings)
+    worker = TrainingWorker(settings, get_engine(settings, pool_size=2), url=url)
+
+    async def run() -> None:
+        worker.install_signal_handlers()
+        log.info("training worker %s starting", worker.id)
+        await worker.run()
+
+    started = time.monotonic()
+    asyncio.run(run())
+    log.info("training worker ran %.0f s", time.monotonic() - started)
+    return 0

@@ -1,1 +1,0 @@
-"""Workers: generation (vLLM critique-and-revise) and training (DPO), each a package."""
