@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
 PYTEST_ARGS ?=
 
-.PHONY: up test lint format bench-submit bench-export bench-generation bench-training clean-venv
+.PHONY: up test test-fast lint format bench-submit bench-export bench-generation bench-training clean-venv
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -25,9 +25,14 @@ up: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
 
 test: lint
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+# Offline, in under a minute: no model, no vLLM, no network (the `unit` and `db` markers).
+test-fast: $(STAMP)
+	$(VENV)/bin/pytest -m "unit or db" $(PYTEST_ARGS)
 
 format: $(STAMP)
 	$(VENV)/bin/ruff format .
