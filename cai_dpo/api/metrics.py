@@ -1,20 +1,33 @@
-"""Prometheus text exposition: HTTP requests counted in process, queue and pair counts from Postgres."""
+"""Prometheus metrics with `prometheus_client`: HTTP requests counted in process, the state of the
+queue, the pairs, training and the workers read from PostgreSQL at each scrape.
+
+Workers report through their heartbeat rows, so the API alone serves every figure and no
+multiprocess collection is needed: a scrape reads the database once.
+"""
 
 from __future__ import annotations
 
-import threading
-from collections import Counter
+from collections.abc import Callable, Iterator
 
+from prometheus_client import CollectorRegistry, Counter
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from sqlalchemy import Engine
 from starlette.types import ASGIApp, Receive, Scope, Send
+
+from cai_dpo.core.db import session_scope
+from cai_dpo.core.queries import jobs as job_queries
+from cai_dpo.core.queries import pairs as pair_queries
+from cai_dpo.core.queries import training as training_queries
+from cai_dpo.core.queries import workers as worker_queries
 
 
 class RequestCounter:
     """ASGI middleware counting requests by method, route template and status code."""
 
-    def __init__(self, app: ASGIApp, counts: Counter[tuple[str, str, int]]):
+    def __init__(self, app: ASGIApp, counter: Counter):
         self.app = app
-        self.counts = counts
-        self._lock = threading.Lock()
+        self.counter = counter
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -33,60 +46,64 @@ class RequestCounter:
         finally:
             route = scope.get("route")
             path = getattr(route, "path", None) or "unmatched"
-            with self._lock:
-                self.counts[(scope["method"], path, status)] += 1
+            self.counter.labels(scope["method"], path, str(status)).inc()
 
 
-def _labels(**labels: object) -> str:
-    inner = ",".join(
-        f'{k}="{str(v).replace(chr(92), chr(92) * 2).replace(chr(34), chr(92) + chr(34))}"'
-        for k, v in labels.items()
+class ServiceCollector(Collector):
+    """Reads the service's state from PostgreSQL when scraped."""
+
+    def __init__(self, engine: Callable[[], Engine], worker_seen_seconds: float):
+        self.engine = engine
+        self.worker_seen_seconds = worker_seen_seconds
+
+    def collect(self) -> Iterator[Metric]:
+        with session_scope(self.engine()) as session:
+            prompts = job_queries.queue_depth(session)
+            pairs = pair_queries.pairs_total(session)
+            training = training_queries.training_job_counts(session)
+            workers = worker_queries.live_workers(session, seen_seconds=self.worker_seen_seconds)
+
+        by_state = GaugeMetricFamily("cai_prompts", "Prompts by state.", labels=["state"])
+        for state, count in prompts.items():
+            by_state.add_metric([state], count)
+        yield by_state
+        yield CounterMetricFamily("cai_pairs_written", "Preference pairs stored.", value=pairs["total"])
+        yield GaugeMetricFamily(
+            "cai_pairs_flagged", "Stored pairs carrying a quality flag.", pairs["flagged"]
+        )
+        jobs = GaugeMetricFamily("cai_training_jobs", "Training jobs by status.", labels=["status"])
+        for status, count in sorted(training.items()):
+            jobs.add_metric([status], count)
+        yield jobs
+
+        labels = ["worker", "kind"]
+        in_flight = GaugeMetricFamily(
+            "cai_worker_in_flight", "Trajectories (or training jobs) a live worker holds.", labels=labels
+        )
+        rate = GaugeMetricFamily(
+            "cai_worker_tokens_per_second", "Generated tokens/s of a live worker.", labels=labels
+        )
+        healthy = GaugeMetricFamily(
+            "cai_worker_healthy", "1 if a live worker can work, 0 if it reports a problem.", labels=labels
+        )
+        for worker in workers:
+            key = [worker.id, worker.kind]
+            in_flight.add_metric(key, worker.in_flight)
+            rate.add_metric(key, worker.tokens_per_s)
+            healthy.add_metric(key, 0 if (worker.stats or {}).get("problem") else 1)
+        yield from (in_flight, rate, healthy)
+
+
+def metrics_registry(
+    engine: Callable[[], Engine], worker_seen_seconds: float
+) -> tuple[CollectorRegistry, Counter]:
+    """A registry of the app's own (tests build several apps in one process) and its request counter."""
+    registry = CollectorRegistry(auto_describe=False)
+    requests = Counter(
+        "cai_http_requests",
+        "HTTP requests by method, route and status.",
+        ["method", "route", "status"],
+        registry=registry,
     )
-    return "{" + inner + "}"
-
-
-def render_metrics(
-    *,
-    requests: Counter[tuple[str, str, int]],
-    queue: dict[str, int],
-    pairs: dict[str, int],
-    training: dict[str, int],
-    workers: list[dict],
-) -> str:
-    lines = [
-        "# HELP cai_http_requests_total HTTP requests by method, route and status.",
-        "# TYPE cai_http_requests_total counter",
-    ]
-    for (method, path, status), count in sorted(requests.items()):
-        lines.append(f"cai_http_requests_total{_labels(method=method, route=path, status=status)} {count}")
-    lines += ["# HELP cai_prompts Prompts by state.", "# TYPE cai_prompts gauge"]
-    lines += [f"cai_prompts{_labels(state=state)} {count}" for state, count in queue.items()]
-    lines += [
-        "# HELP cai_pairs_written_total Preference pairs stored.",
-        "# TYPE cai_pairs_written_total counter",
-        f"cai_pairs_written_total {pairs['total']}",
-        "# HELP cai_pairs_flagged Stored pairs carrying a quality flag.",
-        "# TYPE cai_pairs_flagged gauge",
-        f"cai_pairs_flagged {pairs['flagged']}",
-        "# HELP cai_training_jobs Training jobs by status.",
-        "# TYPE cai_training_jobs gauge",
-    ]
-    lines += [
-        f"cai_training_jobs{_labels(status=status)} {count}" for status, count in sorted(training.items())
-    ]
-    lines += [
-        "# HELP cai_worker_in_flight Trajectories (or training jobs) a live worker holds.",
-        "# TYPE cai_worker_in_flight gauge",
-    ]
-    lines += [
-        f"cai_worker_in_flight{_labels(worker=w['id'], kind=w['kind'])} {w['in_flight']}" for w in workers
-    ]
-    lines += [
-        "# HELP cai_worker_tokens_per_second Generated tokens/s of a live worker.",
-        "# TYPE cai_worker_tokens_per_second gauge",
-    ]
-    lines += [
-        f"cai_worker_tokens_per_second{_labels(worker=w['id'], kind=w['kind'])} {w['tokens_per_s']}"
-        for w in workers
-    ]
-    return "\n".join(lines) + "\n"
+    registry.register(ServiceCollector(engine, worker_seen_seconds))
+    return registry, requests

@@ -2,14 +2,11 @@
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
 from cai_dpo.api.deps import Authorized, SettingsDep
-from cai_dpo.api.metrics import render_metrics
 from cai_dpo.core.db import session_scope
-from cai_dpo.core.queries import jobs as job_queries
-from cai_dpo.core.queries import pairs as pair_queries
-from cai_dpo.core.queries import training as training_queries
 from cai_dpo.core.queries import workers as worker_queries
 
 router = APIRouter(tags=["health"])
@@ -32,16 +29,6 @@ def health(request: Request, settings: SettingsDep) -> JSONResponse:
 
 
 @router.get("/metrics", dependencies=[Authorized], response_class=PlainTextResponse)
-def metrics(request: Request, settings: SettingsDep) -> str:
-    with session_scope(request.app.state.engine) as session:
-        live = worker_queries.live_workers(session, seen_seconds=settings.worker_seen_seconds)
-        return render_metrics(
-            requests=request.app.state.request_counts,
-            queue=job_queries.queue_depth(session),
-            pairs=pair_queries.pairs_total(session),
-            training=training_queries.training_job_counts(session),
-            workers=[
-                {"id": w.id, "kind": w.kind, "in_flight": w.in_flight, "tokens_per_s": w.tokens_per_s}
-                for w in live
-            ],
-        )
+def metrics(request: Request) -> PlainTextResponse:
+    """Prometheus text exposition."""
+    return PlainTextResponse(generate_latest(request.app.state.metrics), media_type=CONTENT_TYPE_LATEST)
