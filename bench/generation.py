@@ -16,23 +16,24 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
-import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from cai_dpo.core.pair_import import parse_pair
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-from tests.fixtures.hh import HH_PATH  # noqa: E402 - after the path insert
+# The HH-RLHF excerpt committed with the tests (a data file: the benchmarks import no test code).
+HH_PATH = ROOT / "tests" / "data" / "hh-rlhf-harmless-test-800.jsonl.gz"
 
 
 def hh_prompts(path: Path, n: int) -> list[str]:
+    """The first `n` distinct first human turns (red-team style prompts) shorter than 400 characters."""
     prompts: list[str] = []
     with gzip.open(path, "rt") as handle:
         for line in handle:
-            match = re.match(r"\n\nHuman: (.*?)\n\nAssistant:", json.loads(line)["chosen"], re.S)
-            text = match.group(1).strip()
+            text = parse_pair(json.loads(line)).prompt[0]["content"].strip()
             if text not in prompts and len(text) < 400:
                 prompts.append(text)
             if len(prompts) == n:
@@ -45,8 +46,8 @@ def raw_vllm(args: argparse.Namespace) -> dict:
     from vllm import LLM, SamplingParams
 
     from cai_dpo.core.constitutions import ConstitutionStore
-    from cai_dpo.workers.generation.trajectory import few_shot_turns, principle_for, with_few_shot
     from cai_dpo.core.model_sources import prepare_bundled_model
+    from cai_dpo.workers.generation.trajectory import few_shot_turns, principle_for, with_few_shot
 
     spec = ConstitutionStore(ROOT / "constitutions").get(args.constitution).spec
     few_shot = few_shot_turns(spec)

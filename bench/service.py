@@ -43,7 +43,9 @@ def running_service(*, workers: bool = False, env: dict[str, str] | None = None,
         if workers:
             command += ["--no-train-worker"]
         proc = subprocess.Popen(
-            [sys.executable, "-m", "cai_dpo.cli.main", *command, "--port", str(port)], env=environment, cwd=ROOT
+            [sys.executable, "-m", "cai_dpo.cli.main", *command, "--port", str(port)],
+            env=environment,
+            cwd=ROOT,
         )
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + timeout
