@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Iterator
 from typing import Annotated, TypeVar
 
@@ -10,6 +9,7 @@ from fastapi import Depends, HTTPException, Request
 from sqlalchemy.orm import Session
 
 from cai_dpo.api.schemas import FieldError
+from cai_dpo.core.api_keys import ApiKey
 from cai_dpo.core.constitutions import ConstitutionStore
 from cai_dpo.core.db import session_scope
 from cai_dpo.core.model_sources import ModelNotFound, check_model_name
@@ -38,25 +38,20 @@ SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 StoreDep = Annotated[ConstitutionStore, Depends(get_store)]
 
 
-def require_api_key(request: Request, settings: SettingsDep) -> None:
-    """With keys configured, every request needs `Authorization: Bearer <key>`."""
-    keys = settings.api_key_list
-    if not keys:
-        return
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    # Compare against every key without an early exit, so timing says nothing about which matched.
-    matched = False
-    for key in keys:
-        matched |= secrets.compare_digest(token.strip().encode(), key.encode())
-    if scheme.lower() != "bearer" or not matched:
+def get_caller(request: Request) -> ApiKey:
+    """The API key of this request, as the Guard middleware authenticated it."""
+    return request.state.caller
+
+
+CallerDep = Annotated[ApiKey, Depends(get_caller)]
+
+
+def require_owner_or_admin(caller: ApiKey, owner: str | None, what: str) -> None:
+    """A `generate`/`train` key acts on its own jobs; `admin` on any."""
+    if not caller.allows("admin") and owner is not None and owner != caller.name:
         raise HTTPException(
-            status_code=401,
-            detail="authorization: missing or invalid API key (send `Authorization: Bearer <key>`)",
-            headers={"WWW-Authenticate": "Bearer"},
+            403, f"authorization: {what} belongs to key {owner!r}; key {caller.name!r} lacks admin"
         )
-
-
-Authorized = Depends(require_api_key)
 
 
 def checked_model(session: Session, settings: Settings, model: str | None, *, field: str) -> str:

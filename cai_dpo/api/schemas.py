@@ -6,10 +6,11 @@ Limits that come from settings (prompt count, prompt length) are checked by
 
 from __future__ import annotations
 
+from contextvars import ContextVar
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from cai_dpo.core.pair_filter import PairFilter
 from cai_dpo.core.settings import Settings
@@ -48,11 +49,23 @@ class SamplingRequest(BaseModel):
     seed: int | None = Field(None, ge=0, le=2**31 - 1)
 
 
+# The settings of the app serving this request (set by the Guard middleware), for checks that run
+# inside body validation.
+request_settings: ContextVar[Settings | None] = ContextVar("request_settings", default=None)
+
+
+class TooManyPrompts(Exception):
+    """Not a ValueError on purpose: pydantic lets it through, so validation stops at once (413)."""
+
+    def __init__(self, count: int, limit: int):
+        self.count, self.limit = count, limit
+
+
 class GenerateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     prompts: list[StorableText | list[ChatMessage]] = Field(
-        description="Plain strings, or chat messages ending with a user turn."
+        min_length=1, description="Plain strings, or chat messages ending with a user turn."
     )
     constitution: str = Field(min_length=1, max_length=64)
     revisions: int | None = Field(
@@ -61,6 +74,19 @@ class GenerateRequest(BaseModel):
     sampling: SamplingRequest | None = None
     model: str | None = Field(None, description="Default model, or `train:<id>` for a trained one.")
     metadata: StorableJson = Field(default_factory=dict)
+
+    @field_validator("prompts", mode="before")
+    @classmethod
+    def _count_first(cls, prompts: Any) -> Any:
+        """The count is checked before any prompt is: 100,000 prompts are refused without reading them."""
+        settings = request_settings.get()
+        if (
+            settings is not None
+            and isinstance(prompts, list)
+            and len(prompts) > settings.max_prompts_per_request
+        ):
+            raise TooManyPrompts(len(prompts), settings.max_prompts_per_request)
+        return prompts
 
 
 def normalize_prompts(
@@ -198,6 +224,13 @@ class ConstitutionOut(BaseModel):
     )
 
 
+class ConstitutionVersionOut(BaseModel):
+    name: str
+    version: str
+    body: str
+    first_used_at: datetime
+
+
 class WorkerOut(BaseModel):
     id: str
     kind: str
@@ -206,6 +239,8 @@ class WorkerOut(BaseModel):
     model: str | None
     in_flight: int
     tokens_per_s: float
+    healthy: bool = Field(description="False while the worker reports a problem (e.g. its engine is down).")
+    problem: str | None = None
     stats: dict[str, Any]
     started_at: datetime
     heartbeat_at: datetime

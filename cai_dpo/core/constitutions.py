@@ -8,6 +8,7 @@ content hash (see `queries.store_constitution_version`).
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import re
@@ -54,8 +55,8 @@ class ConstitutionSpec(BaseModel):
     fixed_principle: str | None = Field(
         None, description="Principle id used by `fixed` sampling (default: first)."
     )
-    principles: list[Principle] = Field(min_length=1)
-    few_shot: list[FewShotExample] = Field(default_factory=list)
+    principles: list[Principle] = Field(min_length=1, max_length=256)
+    few_shot: list[FewShotExample] = Field(default_factory=list, max_length=32)
 
     @model_validator(mode="after")
     def _check_ids(self) -> ConstitutionSpec:
@@ -85,25 +86,42 @@ class Constitution(BaseModel):
 
 
 class ConstitutionError(ValueError):
-    """An invalid constitution, with the file and the field at fault."""
+    """An invalid constitution, with the file, the field at fault and its line where known."""
 
-    def __init__(self, message: str, *, path: Path | None = None, field: str | None = None):
+    def __init__(
+        self, message: str, *, path: Path | None = None, field: str | None = None, line: int | None = None
+    ):
         self.message = message
         self.path = path
         self.field = field
+        self.line = line
         super().__init__(": ".join(str(part) for part in (path, field, message) if part))
 
     def to_dict(self) -> dict:
-        return {"message": self.message, "path": str(self.path) if self.path else None, "field": self.field}
+        """For clients: the file's name (never the server's path), the field and its line."""
+        return {
+            "message": self.message,
+            "file": self.path.name if self.path else None,
+            "field": self.field,
+            "line": self.line,
+        }
 
 
 class UnknownConstitution(LookupError):
     pass
 
 
+class VersionMismatch(ValueError):
+    """`If-Match` named another version than the one on disk: someone else saved in between."""
+
+    def __init__(self, expected: str, current: str | None):
+        self.expected, self.current = expected, current
+        super().__init__(f"the constitution is at version {current}, not {expected}")
+
+
 def check_name(name: str) -> str:
     """Return `name` if it is a safe constitution name, else raise ConstitutionError."""
-    if not _NAME_RE.match(name):
+    if not _NAME_RE.fullmatch(name):
         raise ConstitutionError(
             f"{name!r} must match {NAME_PATTERN} (lower-case letters, digits, '-', '_')", field="name"
         )
@@ -114,37 +132,97 @@ def content_hash(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def parse_constitution(text: str, *, path: Path | None = None) -> ConstitutionSpec:
-    """Parse and validate YAML text; errors name the file and the field at fault."""
+# Bounds on what the YAML parser is asked to build: a small file must not become a huge object
+# (aliases of aliases) or a deep one (a RecursionError).
+_MAX_DEPTH = 32
+_MAX_ALIASES = 64
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+def _check_shape(text: str, path: Path | None) -> None:
+    depth = aliases = 0
     try:
-        data = yaml.safe_load(text)
+        for event in yaml.parse(text, Loader=_LOADER):
+            if isinstance(event, yaml.CollectionStartEvent):
+                depth += 1
+                if depth > _MAX_DEPTH:
+                    line = event.start_mark.line + 1 if event.start_mark else None
+                    raise ConstitutionError(f"nested deeper than {_MAX_DEPTH} levels", path=path, line=line)
+            elif isinstance(event, yaml.CollectionEndEvent):
+                depth -= 1
+            elif isinstance(event, yaml.AliasEvent):
+                aliases += 1
+                if aliases > _MAX_ALIASES:
+                    line = event.start_mark.line + 1 if event.start_mark else None
+                    raise ConstitutionError(f"more than {_MAX_ALIASES} YAML aliases", path=path, line=line)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConstitutionError(f"invalid YAML{where}: {getattr(exc, 'problem', exc)}", path=path) from exc
+        raise ConstitutionError(
+            f"invalid YAML{where}: {getattr(exc, 'problem', exc)}",
+            path=path,
+            line=mark.line + 1 if mark else None,
+        ) from exc
+
+
+def field_line(text: str, loc: tuple[str | int, ...]) -> int | None:
+    """The 1-based line of a field (`principles.2.critique`) in the YAML text, where it is found."""
+    try:
+        node = yaml.compose(text, Loader=_LOADER)
+    except yaml.YAMLError:
+        return None
+    line = node.start_mark.line + 1 if node is not None else None
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            match = next((v for k, v in node.value if getattr(k, "value", None) == str(part)), None)
+            if match is None:
+                break
+            key = next(k for k, v in node.value if v is match)
+            node, line = match, key.start_mark.line + 1
+        elif isinstance(node, yaml.SequenceNode) and str(part).isdigit() and int(part) < len(node.value):
+            node = node.value[int(part)]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line
+
+
+def parse_constitution(
+    text: str, *, path: Path | None = None, max_bytes: int | None = None
+) -> ConstitutionSpec:
+    """Parse and validate YAML text; errors name the file, the field at fault and its line."""
+    if max_bytes is not None and len(text.encode()) > max_bytes:
+        raise ConstitutionError(f"{len(text.encode())} bytes; at most {max_bytes}", path=path, field="body")
+    _check_shape(text, path)
+    data = yaml.load(text, Loader=_LOADER)  # noqa: S506 - a safe loader (C or Python)
     if not isinstance(data, dict):
-        raise ConstitutionError("a constitution must be a YAML mapping", path=path, field="(root)")
+        raise ConstitutionError("a constitution must be a YAML mapping", path=path, field="(root)", line=1)
     try:
         spec = ConstitutionSpec.model_validate(data)
     except ValidationError as exc:
         first = exc.errors()[0]
-        field = ".".join(str(part) for part in first["loc"]) or "(root)"
+        loc = tuple(first["loc"])
+        field = ".".join(str(part) for part in loc) or "(root)"
         message = first["msg"].removeprefix("Value error, ")
         if first["type"] == "value_error" and ": " in message:  # our validators say "field: problem"
             field, message = message.split(": ", 1)
-        raise ConstitutionError(message, path=path, field=field) from exc
-    # After validation: YAML may nest itself (`a: &a [*a]`), a validated spec cannot.
-    if found := find_unstorable(spec.model_dump()):  # e.g. a YAML "\0" escape
+            loc = tuple(field.split("."))
+        raise ConstitutionError(message, path=path, field=field, line=field_line(text, loc)) from exc
+    # After validation: YAML may hold what PostgreSQL cannot (a "\0" escape).
+    if found := find_unstorable(spec.model_dump()):
         where, reason = found
-        raise ConstitutionError(reason, path=path, field=where)
+        raise ConstitutionError(
+            reason, path=path, field=where, line=field_line(text, tuple(where.split(".")))
+        )
     return spec
 
 
 class ConstitutionStore:
     """Reads constitutions from a folder, keeping the last good version of each."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, *, max_bytes: int | None = None):
         self.folder = folder
+        self.max_bytes = max_bytes
         self._last_good: dict[str, Constitution] = {}
         self._errors: dict[str, ConstitutionError] = {}
         self._lock = threading.Lock()
@@ -155,7 +233,7 @@ class ConstitutionStore:
     def names(self) -> list[str]:
         if not self.folder.is_dir():
             return []
-        return sorted(p.stem for p in self.folder.glob("*.yaml") if _NAME_RE.match(p.stem))
+        return sorted(p.stem for p in self.folder.glob("*.yaml") if _NAME_RE.fullmatch(p.stem))
 
     def get(self, name: str) -> Constitution:
         """The current version of `name`: the file if valid, else the last good version read."""
@@ -167,13 +245,7 @@ class ConstitutionStore:
                 self._last_good.pop(name, None)
             raise UnknownConstitution(f"unknown constitution {name!r}") from None
         try:
-            constitution = Constitution(
-                name=name,
-                path=path,
-                text=text,
-                version=content_hash(text),
-                spec=parse_constitution(text, path=path),
-            )
+            constitution = self.validate(name, text)
         except ConstitutionError as exc:
             with self._lock:
                 self._errors[name] = exc
@@ -185,27 +257,51 @@ class ConstitutionStore:
             self._last_good[name] = constitution
         return constitution
 
+    def validate(self, name: str, text: str) -> Constitution:
+        """`text` as constitution `name`, validated (nothing is written)."""
+        path = self.path_for(name)
+        spec = parse_constitution(text, path=path, max_bytes=self.max_bytes)
+        return Constitution(name=name, path=path, text=text, version=content_hash(text), spec=spec)
+
     def error(self, name: str) -> ConstitutionError | None:
         """The problem with the file on disk, if it is invalid (the last good version is served)."""
         with self._lock:
             return self._errors.get(name)
 
-    def put(self, name: str, text: str) -> Constitution:
-        """Validate `text` and replace the file atomically; an invalid text changes nothing."""
-        path = self.path_for(name)
-        spec = parse_constitution(text, path=path)
+    def put(self, constitution: Constitution, *, if_match: str | None = None) -> Constitution:
+        """Replace the file atomically with a validated constitution (see `validate`).
+
+        With `if_match`, the file on disk must still be that version (its content hash), else
+        `VersionMismatch`: two editors never silently overwrite each other. A lock file makes the
+        check and the replace one step across processes; the new file is fsynced, then the folder.
+        """
+        name, path, text = constitution.name, constitution.path, constitution.text
         self.folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=f".{name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as handle:
-                handle.write(text)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        constitution = Constitution(name=name, path=path, text=text, version=content_hash(text), spec=spec)
+        with open(self.folder / ".lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if if_match is not None:
+                try:
+                    current = content_hash(path.read_text())
+                except FileNotFoundError:
+                    current = None
+                if current != if_match:
+                    raise VersionMismatch(if_match, current)
+            fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=f".{name}.", suffix=".tmp")
+            try:
+                with os.fdopen(fd, "w") as handle:
+                    handle.write(text)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                os.chmod(tmp, 0o644)  # mkstemp makes it private; the file is read by other processes
+                os.replace(tmp, path)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+            folder = os.open(self.folder, os.O_RDONLY)
+            try:
+                os.fsync(folder)  # the rename itself survives a crash
+            finally:
+                os.close(folder)
         with self._lock:
             self._errors.pop(name, None)
             self._last_good[name] = constitution

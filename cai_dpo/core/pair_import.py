@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -113,14 +114,32 @@ def parse_pair(row: Any) -> ImportedPair:
     return pair
 
 
-def parse_pairs(lines: list[str], *, max_errors: int = 20) -> tuple[list[ImportedPair], list[dict[str, Any]]]:
-    """Parse JSONL lines (blank lines skipped); errors carry their 1-based line number."""
+class TooManyRows(ValueError):
+    pass
+
+
+def parse_pairs(
+    lines: Iterable[str],
+    *,
+    max_errors: int = 20,
+    max_rows: int | None = None,
+    max_field_chars: int | None = None,
+) -> tuple[list[ImportedPair], list[dict[str, Any]]]:
+    """Parse JSONL lines (blank lines skipped); errors carry their 1-based line number.
+
+    `lines` may be a stream: parsing stops at `max_errors` errors, and more than `max_rows` pairs
+    raises TooManyRows. A prompt (all messages together) or an answer longer than
+    `max_field_chars` is an error of its line.
+    """
     pairs, errors = [], []
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            pairs.append(parse_pair(json.loads(line)))
+            pair = parse_pair(json.loads(line))
+            if max_field_chars is not None:
+                _check_sizes(pair, max_field_chars)
+            pairs.append(pair)
         except json.JSONDecodeError as exc:
             errors.append({"line": number, "message": f"invalid JSON: {exc.msg}"})
         except RecursionError:
@@ -129,4 +148,17 @@ def parse_pairs(lines: list[str], *, max_errors: int = 20) -> tuple[list[Importe
             errors.append({"line": number, "message": str(exc)})
         if len(errors) >= max_errors:
             break
+        if max_rows is not None and len(pairs) > max_rows:
+            raise TooManyRows(f"more than {max_rows} pairs (CAI_MAX_IMPORT_ROWS)")
     return pairs, errors
+
+
+def _check_sizes(pair: ImportedPair, max_chars: int) -> None:
+    sizes = {
+        "prompt": sum(len(m["content"]) for m in pair.prompt),
+        "chosen": len(pair.chosen),
+        "rejected": len(pair.rejected),
+    }
+    for field, size in sizes.items():
+        if size > max_chars:
+            raise RowError(f"{field}: {size} characters; at most {max_chars}")

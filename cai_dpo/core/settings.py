@@ -11,7 +11,7 @@ import ipaddress
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, computed_field, field_validator
+from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -46,14 +46,47 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=1, le=65535, description="Port of the API.")
     api_keys: str = Field(
         "",
-        description="Comma-separated API keys (`Authorization: Bearer KEY`). Empty: no auth, loopback only.",
+        description="API keys (`Authorization: Bearer KEY`), comma-separated: `SECRET` (every scope) or "
+        "`NAME:SCOPE+SCOPE:SECRET`. None here or in the keys file: no auth, loopback only.",
+    )
+    api_keys_file: Path | None = Field(
+        None,
+        description="YAML file of named keys with scopes (`keys: [{name, scopes, key or sha256}]`), "
+        "re-read when it changes.",
     )
     max_prompts_per_request: int = Field(10_000, ge=1, description="Most prompts one `POST /generate` takes.")
     max_prompt_chars: int = Field(16_000, ge=1, description="Longest prompt (all message contents together).")
     max_messages_per_prompt: int = Field(64, ge=1, description="Most chat messages in one prompt.")
-    max_body_bytes: int = Field(64 * 2**20, ge=1024, description="Largest request body accepted, in bytes.")
+    max_body_bytes: int = Field(
+        16 * 2**20, ge=1024, description="Largest JSON request body accepted, in bytes."
+    )
+    max_constitution_bytes: int = Field(
+        256 * 2**10, ge=1024, description="Largest constitution file, in bytes."
+    )
+    max_import_bytes: int = Field(
+        256 * 2**20, ge=1024, description="Largest `/datasets/import` upload, in bytes (read as a stream)."
+    )
+    max_import_rows: int = Field(200_000, ge=1, description="Most pairs one import takes.")
+    max_import_field_chars: int = Field(
+        64_000, ge=1, description="Longest imported prompt (all messages) or answer, in characters."
+    )
     max_revisions: int = Field(8, ge=1, description="Most critique-and-revise rounds a job may ask for.")
     page_size_max: int = Field(500, ge=1, description="Most rows one page of `GET /pairs` returns.")
+
+    db_pool_size: int = Field(
+        10, ge=1, description="Database connections the API keeps (as many again on demand)."
+    )
+    db_statement_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="PostgreSQL `statement_timeout` of every connection (export streams excepted).",
+    )
+    db_idle_in_transaction_timeout_s: float = Field(
+        60.0, gt=0, description="PostgreSQL `idle_in_transaction_session_timeout` of every connection."
+    )
+    export_concurrency: int = Field(
+        4, ge=1, description="`/export` streams served at once; more wait their turn (429 after 30 s)."
+    )
 
     # --- models --------------------------------------------------------------------------------
     model: str = Field(
@@ -74,6 +107,17 @@ class Settings(BaseSettings):
 
     # --- generation ----------------------------------------------------------------------------
     max_in_flight: int = Field(64, ge=1, description="Trajectories a generation worker runs at once.")
+    engine_restarts: int = Field(
+        3,
+        ge=0,
+        description="Times a generation worker restarts a dead engine in a row before it exits "
+        "(non-zero) for its supervisor to restart it.",
+    )
+    engine_error_limit: int = Field(
+        5,
+        ge=1,
+        description="Failed requests in a row (no prompt's own fault) after which the engine counts as down.",
+    )
     claim_batch: int = Field(16, ge=1, description="Most prompts claimed in one statement.")
     temperature: float = Field(0.7, ge=0, description="Default sampling temperature.")
     top_p: float = Field(0.95, gt=0, le=1, description="Default nucleus sampling.")
@@ -120,15 +164,19 @@ class Settings(BaseSettings):
         description='Automatic training policies as JSON: `{"harmless": {"min_new_pairs": 500, ...}}`.',
     )
 
-    @field_validator("data_dir", "constitutions_dir", "models_dir_override")
+    @field_validator("data_dir", "constitutions_dir", "models_dir_override", "api_keys_file")
     @classmethod
     def _absolute(cls, value: Path | None) -> Path | None:
         return value.expanduser().resolve() if value is not None else None
 
-    @computed_field
     @property
     def api_key_list(self) -> list[str]:
-        return [key.strip() for key in self.api_keys.split(",") if key.strip()]
+        """The secrets of `CAI_API_KEYS` (the CLI sends the first one)."""
+        return [entry.strip().split(":", 2)[-1] for entry in self.api_keys.split(",") if entry.strip()]
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.api_key_list) or self.api_keys_file is not None
 
     @property
     def models_dir(self) -> Path:
@@ -154,7 +202,7 @@ def is_loopback(host: str) -> bool:
 
 def check_bind(settings: Settings) -> None:
     """No API key means no auth: then only loopback may reach the service."""
-    if not settings.api_key_list and not is_loopback(settings.host):
+    if not settings.auth_enabled and not is_loopback(settings.host):
         raise UnsafeBind(
             f"refusing to listen on {settings.host} without API keys: set CAI_API_KEYS or bind to 127.0.0.1"
         )

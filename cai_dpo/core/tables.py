@@ -66,6 +66,8 @@ class GenerationJob(Base):
     n_prompts: Mapped[int] = mapped_column(Integer)
     idempotency_key: Mapped[str | None] = mapped_column(Text, unique=True)
     request_hash: Mapped[str | None] = mapped_column(String(64))
+    # The name of the API key that submitted it: a `generate` key may cancel and retry its own jobs.
+    created_by: Mapped[str | None] = mapped_column(Text)
     cancelled_at: Mapped[datetime | None]
     created_at: Mapped[datetime] = _now()
 
@@ -79,6 +81,8 @@ class Prompt(Base):
         # The claim scans only claimable rows, whatever the size of the history.
         Index("prompts_claimable", "id", postgresql_where=text("status IN ('queued', 'running')")),
         Index("prompts_job_status", "job_id", "status"),
+        # Expiry scans only the running rows, by when their lease runs out.
+        Index("prompts_lease", "status", "lease_expires_at"),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
@@ -102,6 +106,9 @@ class DatasetImport(Base):
     source: Mapped[str] = mapped_column(Text)
     format: Mapped[str] = mapped_column(String(32))
     n_pairs: Mapped[int] = mapped_column(Integer)
+    # A retried upload with the same key returns this import instead of adding its pairs again.
+    idempotency_key: Mapped[str | None] = mapped_column(Text, unique=True)
+    request_hash: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = _now()
 
 
@@ -111,6 +118,9 @@ class Pair(Base):
     __tablename__ = "pairs"
     __table_args__ = (
         Index("pairs_constitution_id", "constitution_name", "id"),
+        Index("pairs_constitution_version", "constitution_version_id"),
+        Index("pairs_source", "source"),
+        Index("pairs_created_at", "created_at"),
         # What the automatic training policies count: pairs no automatic job has taken yet.
         Index(
             "pairs_untaken_by_policy",
@@ -170,6 +180,7 @@ class TrainingJob(Base):
     eval_before: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
     eval_after: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
     artifact_path: Mapped[str | None] = mapped_column(Text)
+    created_by: Mapped[str | None] = mapped_column(Text)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, server_default="false")
     created_at: Mapped[datetime] = _now()
     started_at: Mapped[datetime | None]
@@ -216,3 +227,17 @@ class Worker(Base):
     started_at: Mapped[datetime] = _now()
     heartbeat_at: Mapped[datetime] = _now()
     stopped_at: Mapped[datetime | None]
+
+
+class AuditEntry(Base):
+    """One mutating API call, allowed or refused: who, what, on which ids, with what outcome."""
+
+    __tablename__ = "audit_log"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    at: Mapped[datetime] = _now()
+    key_name: Mapped[str | None] = mapped_column(Text)
+    method: Mapped[str] = mapped_column(String(8))
+    route: Mapped[str] = mapped_column(Text)
+    status: Mapped[int] = mapped_column(Integer)
+    ids: Mapped[dict[str, Any]] = mapped_column(JSONB, server_default=text("'{}'::jsonb"))

@@ -138,6 +138,10 @@ class WorkerRuntime:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop)
 
+    async def report(self) -> None:
+        """Write the heartbeat row now (a change of health must not wait for the next beat)."""
+        await self.db_call(worker_queries.record_worker_heartbeat, **self.status())
+
     async def heartbeat_loop(self) -> None:
         """Renew the leases held and report this worker, every third of a lease."""
         interval = self.settings.lease_seconds / 3

@@ -1,18 +1,34 @@
-"""Constitutions: list, read (with the versions used so far) and replace as YAML."""
+"""Constitutions: list, read (with the versions used so far), replace as YAML, and restore a version."""
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Header, HTTPException, Request
+from sqlalchemy.orm import Session
 
-from cai_dpo.api.deps import Authorized, SessionDep, StoreDep
-from cai_dpo.api.schemas import ConstitutionOut, FieldError
-from cai_dpo.core.constitutions import Constitution, check_name
+from cai_dpo.api.deps import SessionDep, StoreDep, or_404
+from cai_dpo.api.schemas import ConstitutionOut, ConstitutionVersionOut, FieldError
+from cai_dpo.core.constitutions import (
+    Constitution,
+    ConstitutionStore,
+    UnknownConstitution,
+    VersionMismatch,
+    check_name,
+)
+from cai_dpo.core.db import session_scope
 from cai_dpo.core.queries import constitutions as constitution_queries
 
-router = APIRouter(prefix="/constitutions", tags=["constitutions"], dependencies=[Authorized])
+router = APIRouter(prefix="/constitutions", tags=["constitutions"])
+
+IfMatch = Annotated[
+    str | None,
+    Header(
+        pattern=r'^"?[0-9a-f]{64}"?$',
+        description="The version (content hash) you edited: a save over another version is a 412.",
+    ),
+]
 
 
-def _out(constitution: Constitution, store, **extra) -> ConstitutionOut:
+def _out(constitution: Constitution, store: ConstitutionStore, **extra) -> ConstitutionOut:
     error = store.error(constitution.name)
     return ConstitutionOut(
         name=constitution.name,
@@ -24,11 +40,18 @@ def _out(constitution: Constitution, store, **extra) -> ConstitutionOut:
 
 
 async def yaml_body(request: Request) -> str:
-    """The raw request body (YAML, sent as application/yaml or text/plain)."""
+    """The raw request body (YAML, sent as application/yaml)."""
     try:
         return (await request.body()).decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise FieldError("body", f"not UTF-8 text: {exc}", 400) from exc
+        raise FieldError("body", f"not UTF-8 text: {exc.reason} at byte {exc.start}", 400) from exc
+
+
+def _current(store: ConstitutionStore, name: str) -> Constitution:
+    try:
+        return store.get(check_name(name))
+    except UnknownConstitution as exc:  # a 404 names the path parameter, as every route's does
+        raise FieldError("name", str(exc), 404) from None
 
 
 @router.get("", response_model=list[ConstitutionOut])
@@ -37,12 +60,17 @@ def list_constitutions(store: StoreDep):
     for name in store.names():
         try:
             out.append(_out(store.get(name), store))
-        except ValueError as exc:  # an invalid file with no good version yet: listed with its error
-            out.append(ConstitutionOut(name=name, version="", description="", error={"message": str(exc)}))
+        except ValueError:  # an invalid file with no good version yet: listed with its error
+            error = store.error(name)
+            out.append(
+                ConstitutionOut(
+                    name=name, version="", description="", error=error.to_dict() if error else None
+                )
+            )
     return out
 
 
-def _detail(constitution: Constitution, store, session) -> ConstitutionOut:
+def _detail(constitution: Constitution, store: ConstitutionStore, session: Session) -> ConstitutionOut:
     return _out(
         constitution,
         store,
@@ -54,16 +82,58 @@ def _detail(constitution: Constitution, store, session) -> ConstitutionOut:
 
 @router.get("/{name}", response_model=ConstitutionOut)
 def get_constitution(name: str, store: StoreDep, session: SessionDep):
-    return _detail(store.get(check_name(name)), store, session)
+    return _detail(_current(store, name), store, session)
+
+
+def _save(
+    request: Request, store: ConstitutionStore, name: str, text: str, if_match: str | None
+) -> Constitution:
+    """Validate, record the version in the database, then replace the file (so every text that was
+    ever on disk has its row), with the lost-update check of `If-Match`."""
+    constitution = store.validate(check_name(name), text)
+    with session_scope(request.app.state.engine) as record:
+        constitution_queries.store_constitution_version(record, constitution)
+    try:
+        return store.put(constitution, if_match=if_match.strip('"') if if_match else None)
+    except VersionMismatch as exc:
+        raise HTTPException(
+            412,
+            f"if-match: the constitution is at version {exc.current}, not {exc.expected}; reload and retry",
+        ) from None
 
 
 @router.put("/{name}", response_model=ConstitutionOut)
 def put_constitution(
     name: str,
+    request: Request,
     store: StoreDep,
     session: SessionDep,
     body: Annotated[str, Depends(yaml_body)],
+    if_match: IfMatch = None,
 ):
-    constitution = store.put(check_name(name), body)
-    constitution_queries.store_constitution_version(session, constitution)
-    return _detail(constitution, store, session)
+    """Replace the constitution's file with a YAML body (validated first; nothing changes if invalid)."""
+    return _detail(_save(request, store, name, body, if_match), store, session)
+
+
+@router.get("/{name}/versions/{version}", response_model=ConstitutionVersionOut)
+def get_version(name: str, version: str, session: SessionDep):
+    """One version used so far (its exact text), by content hash or a prefix of 8+ characters."""
+    row = or_404(
+        constitution_queries.find_version(session, check_name(name), version),
+        f"version: no version {version!r} of {name!r}",
+    )
+    return ConstitutionVersionOut(
+        name=row.name, version=row.content_hash, body=row.body, first_used_at=row.created_at
+    )
+
+
+@router.post("/{name}/versions/{version}/restore", response_model=ConstitutionOut)
+def restore_version(
+    name: str, version: str, request: Request, store: StoreDep, session: SessionDep, if_match: IfMatch = None
+):
+    """Make an earlier version the current file again (a new save of its exact text)."""
+    row = or_404(
+        constitution_queries.find_version(session, check_name(name), version),
+        f"version: no version {version!r} of {name!r}",
+    )
+    return _detail(_save(request, store, name, row.body, if_match), store, session)

@@ -5,10 +5,18 @@ import json
 from datetime import UTC, datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Header, HTTPException, Query, Response
+from fastapi import APIRouter, Header, HTTPException, Query, Request, Response
 from sqlalchemy.orm import Session
 
-from cai_dpo.api.deps import Authorized, SessionDep, SettingsDep, StoreDep, checked_model, or_404
+from cai_dpo.api.deps import (
+    CallerDep,
+    SessionDep,
+    SettingsDep,
+    StoreDep,
+    checked_model,
+    or_404,
+    require_owner_or_admin,
+)
 from cai_dpo.api.schemas import (
     Cursor,
     FieldError,
@@ -26,7 +34,7 @@ from cai_dpo.core.queries import constitutions as constitution_queries
 from cai_dpo.core.queries import jobs as job_queries
 from cai_dpo.core.tables import GenerationJob
 
-router = APIRouter(tags=["generation"], dependencies=[Authorized])
+router = APIRouter(tags=["generation"])
 
 
 def request_hash(body: GenerateRequest) -> str:
@@ -36,6 +44,8 @@ def request_hash(body: GenerateRequest) -> str:
 @router.post("/generate", status_code=202, response_model=GenerateResponse)
 def generate(
     body: GenerateRequest,
+    request: Request,
+    caller: CallerDep,
     response: Response,
     session: SessionDep,
     settings: SettingsDep,
@@ -73,9 +83,11 @@ def generate(
         prompts=prompts,
         idempotency_key=idempotency_key,
         request_hash=digest,
+        created_by=caller.name,
     )
     if job is None:  # a concurrent request with the same key won the insert; nothing was written
         return _replay(job_queries.find_job_by_idempotency_key(session, idempotency_key), digest, session)
+    request.state.audit_ids = {"job_id": str(job.id)}
     return GenerateResponse(job_id=job.id, n_prompts=job.n_prompts, constitution_version=constitution.version)
 
 
@@ -138,8 +150,9 @@ def get_job(job_id: DbId, session: SessionDep):
 
 
 @router.post("/jobs/{job_id}/cancel", response_model=JobOut)
-def cancel_job(job_id: DbId, session: SessionDep):
+def cancel_job(job_id: DbId, session: SessionDep, caller: CallerDep):
     job = or_404(job_queries.get_job(session, job_id), f"job_id: no job {job_id}")
+    require_owner_or_admin(caller, job.created_by, f"job {job_id}")
     job_queries.cancel_job(session, job_id)
     session.refresh(job)
     return _jobs_out(session, [job])[0]
@@ -178,9 +191,10 @@ def list_job_prompts(
 
 
 @router.post("/jobs/{job_id}/retry", response_model=JobOut)
-def retry_job(job_id: DbId, session: SessionDep):
+def retry_job(job_id: DbId, session: SessionDep, caller: CallerDep):
     """Queue the job's failed prompts again (e.g. after a model or settings fix)."""
     job = or_404(job_queries.get_job(session, job_id), f"job_id: no job {job_id}")
+    require_owner_or_admin(caller, job.created_by, f"job {job_id}")
     if job.cancelled_at is not None:
         raise HTTPException(409, f"job_id: job {job_id} is cancelled; submit its prompts again")
     job_queries.retry_failed_prompts(session, job_id)

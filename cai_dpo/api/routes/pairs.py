@@ -4,13 +4,13 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
-from cai_dpo.api.deps import Authorized, SessionDep, SettingsDep, or_404
+from cai_dpo.api.deps import SessionDep, SettingsDep, or_404
 from cai_dpo.api.schemas import PairOut, PairPage, PairPageQuery
 from cai_dpo.core.pair_filter import DbId
 from cai_dpo.core.queries import pairs as pair_queries
 from cai_dpo.core.tables import Pair
 
-router = APIRouter(prefix="/pairs", tags=["pairs"], dependencies=[Authorized])
+router = APIRouter(prefix="/pairs", tags=["pairs"])
 
 
 def pair_out(pair: Pair, version: str | None, *, detail: bool) -> PairOut:

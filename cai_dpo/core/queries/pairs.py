@@ -78,12 +78,34 @@ def pairs_total(session: Session) -> dict[str, int]:
 
 
 def insert_imported_pairs(
-    session: Session, *, source: str, format: str, rows: Iterable[dict[str, Any]]
-) -> DatasetImport:
+    session: Session,
+    *,
+    source: str,
+    format: str,
+    rows: Iterable[dict[str, Any]],
+    idempotency_key: str | None = None,
+    request_hash: str | None = None,
+) -> DatasetImport | None:
+    """Record an import and its pairs; None if another upload took the idempotency key first."""
     rows = list(rows)
-    record = DatasetImport(source=source, format=format, n_pairs=len(rows))
-    session.add(record)
-    session.flush()
+    import_id = session.execute(
+        insert(DatasetImport)
+        .values(
+            source=source,
+            format=format,
+            n_pairs=len(rows),
+            idempotency_key=idempotency_key,
+            request_hash=request_hash,
+        )
+        .on_conflict_do_nothing(index_elements=["idempotency_key"])
+        .returning(DatasetImport.id)
+    ).scalar_one_or_none()
+    if import_id is None:
+        return None
     if rows:
-        session.execute(insert(Pair), [{**row, "import_id": record.id, "source": source} for row in rows])
-    return record
+        session.execute(insert(Pair), [{**row, "import_id": import_id, "source": source} for row in rows])
+    return session.get(DatasetImport, import_id)
+
+
+def find_import_by_idempotency_key(session: Session, key: str) -> DatasetImport | None:
+    return session.scalars(select(DatasetImport).where(DatasetImport.idempotency_key == key)).one_or_none()

@@ -20,8 +20,11 @@ def create_training_job(
     dataset: dict[str, Any],
     params: dict[str, Any],
     policy: str | None = None,
+    created_by: str | None = None,
 ) -> TrainingJob:
-    job = TrainingJob(base_model=base_model, dataset=dataset, params=params, policy=policy)
+    job = TrainingJob(
+        base_model=base_model, dataset=dataset, params=params, policy=policy, created_by=created_by
+    )
     session.add(job)
     session.flush()
     queue.notify(session, queue.TRAINING)

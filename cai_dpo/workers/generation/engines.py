@@ -4,7 +4,8 @@ OpenAI-compatible server (`OpenAIEngine`).
 The critique-and-revise loop calls `chat(messages, sampling, request_id)` and gets text, a finish
 reason and token counts, without knowing which engine it has. A conversation that cannot fit the
 model's context raises `PromptTooLong` (never retryable); any other failed request raises
-`EngineError`. Engines are built inside functions only: vLLM spawns worker processes, which
+`EngineError`, or `EngineUnavailable` when the engine itself is down. Engines are built inside
+functions only: vLLM spawns worker processes, which
 re-import the entry point, so nothing here starts at import time.
 """
 
@@ -74,6 +75,14 @@ class PromptTooLong(ValueError):
 
 class EngineError(RuntimeError):
     """A chat request failed for a reason other than its length (after any retries)."""
+
+
+class EngineUnavailable(EngineError):
+    """The engine cannot serve any request now (its process died, the server is unreachable).
+
+    Not the prompt's fault: the worker gives its prompts back without spending an attempt and
+    restarts the engine (or exits for its supervisor to restart it).
+    """
 
 
 @runtime_checkable
@@ -179,6 +188,12 @@ class VLLMEngine:
             enable_prefix_caching=True,
             kv_cache_memory_bytes=self._kv_cache_memory_bytes,
             dtype=self.dtype,
+            # On the CPU a prefill split across engine steps makes vLLM rewind the request's seeded
+            # generator with set_offset(), which CPU generators do not have ("CPU Generator does
+            # not use offset"): the engine process dies. Whole prefills never rewind. Upstream:
+            # vllm-project/vllm PR 10097's thread (the rewind relies on CUDA's Philox offsets);
+            # other CPU backends skip the rewind (RBLN-SW/vllm-rbln PR 1025).
+            enable_chunked_prefill=False if on_cpu else None,
         )
         started = time.perf_counter()
         # Construction blocks for the whole engine start (process spawn, weights, KV cache);
@@ -246,6 +261,8 @@ class VLLMEngine:
             raise
         except Exception as exc:
             self._counters.failed += 1
+            if _is_engine_dead(exc):
+                raise EngineUnavailable(f"vLLM engine dead: {exc!r}") from exc
             if "maximum model length" in str(exc) or "context length" in str(exc):
                 raise PromptTooLong(str(exc)) from exc
             raise EngineError(f"request {engine_request_id} failed: {exc!r}") from exc
@@ -279,6 +296,12 @@ class VLLMEngine:
             # shutdown) from running during interpreter teardown, where it fails noisily.
             del engine
             gc.collect()
+
+
+def _is_engine_dead(exc: BaseException) -> bool:
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    return isinstance(exc, EngineDeadError) or isinstance(exc.__cause__, EngineDeadError)
 
 
 def _cpu_has_fast_bf16() -> bool:
@@ -345,6 +368,8 @@ class OpenAIEngine:
         self._client: httpx.AsyncClient | None = None
         self._ids = itertools.count()
         self._counters = _Counters()
+        # The served context length, where the server says it (vLLM lists it in /v1/models).
+        self.max_model_len: int | None = None
 
     async def start(self) -> None:
         if self._client is not None:
@@ -359,6 +384,40 @@ class OpenAIEngine:
             ),
             transport=self._transport,
         )
+        self.max_model_len = await self._served_max_model_len()
+
+    async def _served_max_model_len(self) -> int | None:
+        assert self._client is not None
+        try:
+            response = await self._client.get("/models")
+            models = response.json()["data"] if response.status_code == 200 else []
+        except (httpx.TransportError, ValueError, KeyError, TypeError):
+            return None
+        for entry in models:
+            if isinstance(entry, dict) and entry.get("id") == self.model:
+                length = entry.get("max_model_len")
+                return int(length) if isinstance(length, int) else None
+        return None
+
+    async def _room_for_answer(self, messages: Messages) -> int | None:
+        """Tokens left after the rendered conversation (vLLM's `/tokenize`); None if unknown.
+
+        `vllm serve` refuses a request whose prompt plus `max_tokens` exceeds the context (a 400)
+        where the in-process engine clamps `max_tokens`; asking first makes both behave alike.
+        """
+        if self.max_model_len is None or self._client is None:
+            return None
+        root = self.base_url.removesuffix("/v1")
+        body = {"model": self.model, "messages": messages, "add_generation_prompt": True}
+        try:
+            response = await self._client.post(f"{root}/tokenize", json=body)
+            count = int(response.json()["count"]) if response.status_code == 200 else None
+        except (httpx.TransportError, ValueError, KeyError, TypeError):
+            count = None
+        if count is None:  # a server without /tokenize: send the request as it is
+            self.max_model_len = None
+            return None
+        return self.max_model_len - count
 
     def backoff_seconds(self, attempt: int, retry_after: float | None = None) -> float:
         """Delay before retry number `attempt + 1`: exponential, with half of it jittered."""
@@ -371,12 +430,22 @@ class OpenAIEngine:
     async def chat(self, messages: Messages, sampling: Sampling, request_id: str) -> ChatResult:
         if self._client is None:
             raise EngineError("the engine is not started")
+        max_tokens = sampling.max_tokens
+        room = await self._room_for_answer(messages)
+        if room is not None:
+            if room < 1:
+                self._counters.failed += 1
+                raise PromptTooLong(
+                    f"the conversation leaves no room for an answer in the model's context of "
+                    f"{self.max_model_len} tokens"
+                )
+            max_tokens = min(max_tokens, room)
         body: dict[str, Any] = {
             "model": self.model,
             "messages": messages,
             "temperature": sampling.temperature,
             "top_p": sampling.top_p,
-            "max_tokens": sampling.max_tokens,
+            "max_tokens": max_tokens,
         }
         if sampling.seed is not None:
             body["seed"] = sampling.seed
@@ -418,7 +487,10 @@ class OpenAIEngine:
             delay = self.backoff_seconds(attempt, retry_after)
             log.warning("request %s: %s; retry %d in %.2f s", request_id, problem, attempt + 1, delay)
             await self._sleep(delay)
-        raise EngineError(f"request {request_id} failed after {self._max_retries + 1} attempts: {problem}")
+        # Unreachable or failing for every retry: the server is down, not this prompt's fault.
+        raise EngineUnavailable(
+            f"request {request_id} failed after {self._max_retries + 1} attempts: {problem}"
+        )
 
     @staticmethod
     def _parse(response: httpx.Response, request_id: str) -> ChatResult:

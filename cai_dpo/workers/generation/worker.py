@@ -4,11 +4,19 @@ One process holds one engine and runs up to `CAI_MAX_IN_FLIGHT` trajectories as 
 refilling as each finishes, so the engine's continuous batching always has work and no prompt
 waits for another. Leases are renewed by a heartbeat; SIGTERM stops claiming and gives the
 prompts in flight back at once. Database calls are synchronous SQLAlchemy run in threads.
+
+Only a prompt's own fault (too long for the context, a request error of its own) costs it an
+attempt. An engine that is down (its process died, the server is unreachable, or
+`CAI_ENGINE_ERROR_LIMIT` requests failed in a row) costs none: the worker gives every prompt it
+holds back at once, reports the problem in its heartbeat (`/workers`, `/health`, `/metrics`),
+and restarts the engine; after `CAI_ENGINE_RESTARTS` failed restarts it exits non-zero so its
+supervisor (`cai-dpo up`, compose's restart policy) starts a fresh process.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import asdict
@@ -24,7 +32,14 @@ from cai_dpo.core.model_sources import trained_model_path
 from cai_dpo.core.queries import constitutions as constitution_queries
 from cai_dpo.core.queries import jobs as job_queries
 from cai_dpo.core.settings import Settings
-from cai_dpo.workers.generation.engines import Engine, PromptTooLong, Sampling, make_engine
+from cai_dpo.workers.generation.engines import (
+    Engine,
+    EngineError,
+    EngineUnavailable,
+    PromptTooLong,
+    Sampling,
+    make_engine,
+)
 from cai_dpo.workers.generation.trajectory import few_shot_turns, quality_flags, run_trajectory
 from cai_dpo.workers.runtime import WorkerRuntime
 
@@ -45,6 +60,10 @@ class GenerationWorker(WorkerRuntime):
         self.specs: dict[str, tuple[ConstitutionSpec, list[dict[str, str]]]] = {}
         self.pairs_written = 0
         self._last_tokens = (time.monotonic(), 0)
+        # Set by a trajectory that found the engine down; the loop then recovers it.
+        self.engine_down = asyncio.Event()
+        self.engine_down_reason = ""
+        self.engine_errors_in_a_row = 0
 
     # --- the loop ---------------------------------------------------------------------------
 
@@ -53,6 +72,9 @@ class GenerationWorker(WorkerRuntime):
         background = self.start_background()
         try:
             while not self.stopping.is_set():
+                if self.engine_down.is_set():
+                    await self.recover_engine()
+                    continue
                 # Cleared before the claim: a NOTIFY that lands while it runs still wakes the wait.
                 self.wakeup.clear()
                 claimed = await self.claim()
@@ -67,7 +89,8 @@ class GenerationWorker(WorkerRuntime):
         finally:
             await self.release_all()
             await self.stop_background(background)
-            await self.engine.shutdown()
+            with contextlib.suppress(Exception):  # a dead engine may fail its own shutdown
+                await self.engine.shutdown()
             log.info("worker %s stopped (%d pairs written)", self.id, self.pairs_written)
 
     @property
@@ -87,7 +110,7 @@ class GenerationWorker(WorkerRuntime):
 
     async def claim(self) -> list[job_queries.ClaimedPrompt]:
         free = self.settings.max_in_flight - len(self.in_flight)
-        if free <= 0 or self.stopping.is_set():
+        if free <= 0 or self.stopping.is_set() or self.engine_down.is_set():
             return []
         try:
             return await self.db_call(
@@ -140,6 +163,7 @@ class GenerationWorker(WorkerRuntime):
                 "sampling": prompt.sampling,
                 "usage": trajectory.usage,
             }
+            self.engine_errors_in_a_row = 0
             if await self.db_call(
                 job_queries.complete_prompt, worker_id=self.id, prompt_id=prompt.id, pair=pair
             ):
@@ -148,9 +172,17 @@ class GenerationWorker(WorkerRuntime):
                 log.warning("prompt %d: lease lost before its pair was written; discarded", prompt.id)
         except PromptTooLong as exc:
             await self.fail(prompt, f"prompt too long: {exc}", retryable=False)
+        except EngineUnavailable as exc:
+            await self.give_back_on_engine_failure(prompt, str(exc))
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - one prompt's failure must not stop the worker
+            if isinstance(exc, EngineError):
+                self.engine_errors_in_a_row += 1
+                if self.engine_errors_in_a_row >= self.settings.engine_error_limit:
+                    reason = f"{self.engine_errors_in_a_row} requests failed in a row, last: {exc}"
+                    await self.give_back_on_engine_failure(prompt, reason)
+                    return
             log.exception("prompt %d failed", prompt.id)
             await self.fail(prompt, f"{type(exc).__name__}: {exc}", retryable=True)
         finally:
@@ -168,6 +200,39 @@ class GenerationWorker(WorkerRuntime):
             max_attempts=self.settings.max_attempts,
         )
         log.warning("prompt %d -> %s: %s", prompt.id, status, error)
+
+    async def give_back_on_engine_failure(self, prompt: job_queries.ClaimedPrompt, reason: str) -> None:
+        """The engine, not the prompt, failed: the prompt goes back without spending an attempt."""
+        if not self.engine_down.is_set():
+            log.error("engine for %s is down: %s", self.model, reason)
+            self.engine_down_reason = reason
+            self.engine_down.set()
+            self.wakeup.set()  # the loop may be waiting for work: it has to recover first
+        await self.db_call(queue.release, queue.PROMPTS, worker_id=self.id, ids=[prompt.id])
+
+    async def recover_engine(self) -> None:
+        """Give back every prompt held, report the problem, then restart the engine; exit if it
+        cannot be restarted (the supervisor starts a fresh worker process)."""
+        self.problem = f"engine down: {self.engine_down_reason}"[:1000]
+        await self.release_all()
+        await self.report()
+        for attempt in range(1, self.settings.engine_restarts + 1):
+            if self.stopping.is_set():
+                return
+            with contextlib.suppress(Exception):  # a dead engine may fail its own shutdown
+                await asyncio.wait_for(self.engine.shutdown(), timeout=60)
+            try:
+                self.engine = await self.start_engine(self.model)
+            except Exception:  # noqa: BLE001 - retried, then the process exits
+                log.exception("engine restart %d of %d failed", attempt, self.settings.engine_restarts)
+                await asyncio.sleep(min(2**attempt, 30))
+                continue
+            log.info("engine for %s restarted (attempt %d)", self.model, attempt)
+            self.problem, self.engine_errors_in_a_row = None, 0
+            self.engine_down.clear()
+            await self.report()
+            return
+        raise EngineRestartsExhausted(self.problem)
 
     # --- around the loop --------------------------------------------------------------------
 
@@ -235,6 +300,10 @@ class GenerationWorker(WorkerRuntime):
             log.info("released %d prompts in flight", released)
 
 
+class EngineRestartsExhausted(RuntimeError):
+    """The engine could not be restarted in process: the worker exits for its supervisor."""
+
+
 async def run_worker(settings: Settings) -> None:
     url = database_url(settings)
     worker = GenerationWorker(settings, get_engine(settings, pool_size=4), url=url)
@@ -249,5 +318,9 @@ async def run_worker(settings: Settings) -> None:
 
 
 def main(settings: Settings) -> int:
-    asyncio.run(run_worker(settings))
+    try:
+        asyncio.run(run_worker(settings))
+    except EngineRestartsExhausted as exc:
+        log.error("exiting: %s", exc)
+        return 3
     return 0

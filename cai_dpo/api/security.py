@@ -1,0 +1,213 @@
+"""Who may call what, decided before a byte of the request body is read.
+
+`Guard` is the outermost ASGI middleware. With API keys configured it answers a request that
+has no valid key with 401, and one whose key lacks the route's scope with 403, without reading
+its body. With no keys (loopback mode) it accepts only loopback `Host` names and refuses
+cross-site browser requests (an `Origin` of another host), so a web page open in the user's
+browser cannot drive the service. Either way, a body must come with its route's content type and
+within its route's size cap (415 / 413), and every mutating call is written to the audit log.
+
+The scope of every route is decided here, in `required_scope`, in one table.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import urlsplit
+
+import anyio
+from starlette.datastructures import Headers
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from cai_dpo.api.schemas import request_settings
+from cai_dpo.core.api_keys import SCOPES, ApiKey, KeyRing
+from cai_dpo.core.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# The caller when no key is configured (loopback mode): every scope.
+LOCAL_CALLER = ApiKey("local", frozenset(SCOPES), "")
+
+PUBLIC_PATHS = {"/health"}
+MUTATING = {"POST", "PUT", "PATCH", "DELETE"}
+
+JSON = ("application/json",)
+YAML = ("application/yaml", "application/x-yaml", "text/yaml")
+NDJSON = ("application/x-ndjson", "application/jsonl", "application/json-lines")
+MULTIPART = ("multipart/form-data",)
+# A cross-site HTML form can send multipart/form-data but cannot add a header: an upload must
+# carry this one (any value), which makes a browser ask first (CORS), and we never say yes.
+UPLOAD_HEADER = "x-requested-by"
+
+
+def required_scope(method: str, path: str) -> str | None:
+    """The scope a request needs; None for public paths."""
+    if path in PUBLIC_PATHS:
+        return None
+    if method in ("GET", "HEAD", "OPTIONS"):
+        return "admin" if path.startswith(("/audit", "/keys")) else "read"
+    if path == "/generate" or path.startswith("/jobs/"):
+        return "generate"
+    if path.startswith("/train"):
+        return "train"
+    return "admin"  # constitutions, imports, and anything new until it says otherwise
+
+
+def accepted_types(method: str, path: str) -> tuple[str, ...]:
+    if path.startswith("/constitutions/"):
+        return YAML
+    if path.startswith("/datasets/import"):
+        return NDJSON + MULTIPART
+    return JSON
+
+
+def body_cap(method: str, path: str, settings: Settings) -> int:
+    if path.startswith("/constitutions/"):
+        return settings.max_constitution_bytes
+    if path.startswith("/datasets/import"):
+        return settings.max_import_bytes
+    return settings.max_body_bytes
+
+
+def error(status: int, field: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(
+        status_code=status,
+        content={"detail": f"{field}: {message}", "errors": [{"field": field, "message": message}]},
+        headers=headers,
+    )
+
+
+def bearer_token(headers: Headers) -> str | None:
+    scheme, _, token = headers.get("authorization", "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class Guard:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        settings: Settings,
+        keyring: KeyRing,
+        audit: Callable[[dict[str, Any]], None],
+    ) -> None:
+        self.app = app
+        self.settings = settings
+        self.keyring = keyring
+        self.audit = audit
+        self.local_hosts = {"localhost", "127.0.0.1", "::1", settings.host.lower()}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        method, path = scope["method"], scope["path"]
+        headers = Headers(scope=scope)
+        caller, refusal = self.authenticate(method, path, headers)
+        if refusal is None:
+            refusal = self.check_body_headers(method, path, headers)
+        if refusal is not None:
+            await refusal(scope, receive, send)
+            await self.record(scope, caller, refusal.status_code)
+            return
+        scope.setdefault("state", {})["caller"] = caller
+        request_settings.set(self.settings)
+        cap = body_cap(method, path, self.settings)
+        received = 0
+        status = 500
+
+        async def capped_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > cap:
+                raise BodyTooLarge
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, capped_receive, tracking_send)
+        except BodyTooLarge:
+            if status == 500:  # nothing sent yet
+                status = 413
+                await error(413, "body", f"more than {cap} bytes for {path}")(scope, receive, send)
+        finally:
+            await self.record(scope, caller, status)
+
+    def authenticate(self, method: str, path: str, headers: Headers) -> tuple[ApiKey | None, Any]:
+        needed = required_scope(method, path)
+        if not self.keyring.enabled:
+            host = (headers.get("host") or "").rsplit(":", 1)[0].strip("[]").lower()
+            if host and host not in self.local_hosts:
+                return None, error(400, "host", f"{host!r} is not this service's loopback address")
+            origin = headers.get("origin")
+            if origin and (urlsplit(origin).hostname or "").lower() not in self.local_hosts:
+                return None, error(403, "origin", "cross-site requests are refused")
+            return LOCAL_CALLER, None
+        token = bearer_token(headers)
+        caller = self.keyring.find(token) if token else None
+        if needed is None:
+            return caller, None
+        if caller is None:
+            return None, error(
+                401,
+                "authorization",
+                "missing or invalid API key (send `Authorization: Bearer <key>`)",
+                {"WWW-Authenticate": "Bearer"},
+            )
+        if not caller.allows(needed):
+            return caller, error(403, "authorization", f"key {caller.name!r} lacks the {needed!r} scope")
+        return caller, None
+
+    def check_body_headers(self, method: str, path: str, headers: Headers) -> Any:
+        if method not in MUTATING:
+            return None
+        length = headers.get("content-length")
+        has_body = (length is not None and length != "0") or "transfer-encoding" in headers
+        cap = body_cap(method, path, self.settings)
+        if length is not None and length.isdigit() and int(length) > cap:
+            return error(413, "body", f"{int(length)} bytes; at most {cap} for {path}")
+        if not has_body:
+            return None
+        media = headers.get("content-type", "").split(";")[0].strip().lower()
+        accepted = accepted_types(method, path)
+        if media not in accepted:
+            return error(415, "content-type", f"{media or 'none'}; expected {' or '.join(accepted)}")
+        if media in MULTIPART and UPLOAD_HEADER not in headers:
+            return error(403, UPLOAD_HEADER, "a multipart upload needs this header (any value)")
+        return None
+
+    async def record(self, scope: Scope, caller: ApiKey | None, status: int) -> None:
+        """Every mutating call, allowed or not, goes to the audit log (written off the event loop)."""
+        if scope["method"] not in MUTATING:
+            return
+        route = scope.get("route")
+        entry = {
+            "key_name": caller.name if caller else None,
+            "method": scope["method"],
+            "route": getattr(route, "path", None) or scope["path"],
+            "status": status,
+            "ids": {k: str(v) for k, v in (scope.get("path_params") or {}).items()}
+            | (scope.get("state") or {}).get("audit_ids", {}),
+        }
+        try:
+            json.dumps(entry)
+        except (TypeError, ValueError):
+            entry["ids"] = {}
+        try:
+            await anyio.to_thread.run_sync(self.audit, entry)
+        except Exception:  # noqa: BLE001 - the response is sent; a lost audit row is logged
+            log.exception("audit log write failed: %s", entry)
