@@ -5,57 +5,55 @@ import re
 import signal
 import subprocess
 import sys
-import time
 
 import httpx
 import psutil
 import pytest
 
+from cai_dpo.core.db import embedded_postgres_pid, stop_embedded_postgres
 from cai_dpo.core.settings import PROJECT_ROOT
-from tests.fixtures.api import free_port
-from tests.fixtures.model import TEST_MODELS_DIR
+from tests.helpers import free_port, wait_for
 
-pytestmark = [pytest.mark.slow, pytest.mark.vllm]
+pytestmark = [pytest.mark.e2e, pytest.mark.vllm, pytest.mark.model]
 
 
-def wait_until(condition, timeout, what, proc):
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if condition():
-                return
-        except httpx.TransportError:
-            pass
-        assert proc.poll() is None, f"cai-dpo up exited with {proc.returncode} while waiting for {what}"
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.5)
+def alive(proc: psutil.Process) -> bool:
+    """Running, and no zombie (a stopped server is reparented, and reaped whenever its new parent
+    gets to it)."""
+    try:
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def test_up_runs_everything_and_stops_cleanly(tmp_path, bundled_model_path):
     port = free_port()
+    data = tmp_path / "data"
     env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}  # the embedded database
     env |= {
-        "CAI_DATA_DIR": str(tmp_path / "data"),
-        "CAI_MODELS_DIR": str(TEST_MODELS_DIR),
+        "CAI_DATA_DIR": str(data),
+        "CAI_MODELS_DIR": str(bundled_model_path.parent),
         "CAI_MAX_TOKENS": "32",
         "VLLM_CPU_KVCACHE_SPACE": "1",
     }
     cli = [sys.executable, "-m", "cai_dpo.cli.main"]
-    up = subprocess.Popen(cli + ["up", "--port", str(port)], env=env, cwd=PROJECT_ROOT)
+    up = subprocess.Popen([*cli, "up", "--port", str(port)], env=env, cwd=PROJECT_ROOT)
     url = f"http://127.0.0.1:{port}"
     children: list[psutil.Process] = []
+
+    def live_workers(http: httpx.Client) -> bool:
+        try:
+            return http.get("/health").json()["workers"] == {"generate": 1, "train": 1}
+        except httpx.TransportError:
+            return False
+
     try:
         with httpx.Client(base_url=url, timeout=30) as http:
-            wait_until(
-                lambda: http.get("/health").json()["workers"] == {"generate": 1, "train": 1},
-                300,
-                "API and workers",
-                up,
-            )
+            wait_for(lambda: live_workers(http), 300, "API and workers", procs=[up], interval=0.5)
             prompts = tmp_path / "prompts.txt"
             prompts.write_text("How do I pick a lock?\nWhat is a good way to insult someone?\n")
             submitted = subprocess.run(
-                cli + ["generate", str(prompts), "--constitution", "harmless", "--wait", "--url", url],
+                [*cli, "generate", str(prompts), "--constitution", "harmless", "--wait", "--url", url],
                 env=env,
                 capture_output=True,
                 text=True,
@@ -64,10 +62,11 @@ def test_up_runs_everything_and_stops_cleanly(tmp_path, bundled_model_path):
             assert "job 1: 2 prompts" in submitted.stdout, submitted.stdout + submitted.stderr
             assert "job 1: done, 2 pairs" in submitted.stdout
             # The progress bar: counts of the total, rate and ETA.
-            assert re.search(r"2/2 \[.*rate=.*eta=", submitted.stderr), submitted.stderr[-500:]
+            progress = r"job 1 .*2/2 prompts [\d.]+ pairs/s +ETA \d+:\d\d:\d\d"
+            assert re.search(progress, submitted.stderr), submitted.stderr[-500:]
             out = tmp_path / "pairs.jsonl"
             exported = subprocess.run(
-                cli + ["export", "--out", str(out), "--include-flagged", "--url", url],
+                [*cli, "export", "--out", str(out), "--include-flagged", "--url", url],
                 env=env,
                 capture_output=True,
                 text=True,
@@ -79,11 +78,15 @@ def test_up_runs_everything_and_stops_cleanly(tmp_path, bundled_model_path):
             assert {w["kind"] for w in workers} == {"generate", "train"}
         children = psutil.Process(up.pid).children(recursive=True)
         assert len(children) >= 3
+        pid = embedded_postgres_pid(data)
+        assert pid is not None, "no embedded server in the data folder"
+        server = psutil.Process(pid)
         up.send_signal(signal.SIGTERM)
         assert up.wait(timeout=90) == 0
-        _, alive = psutil.wait_procs(children, timeout=10)
-        assert alive == [], f"left running: {[p.name() for p in alive]}"
-        assert not (tmp_path / "data" / "postgres" / "postmaster.pid").exists()  # the embedded server stopped
+        _, left = psutil.wait_procs(children, timeout=10)
+        assert [p for p in left if alive(p)] == [], f"left running: {[p.name() for p in left]}"
+        # The embedded server `up` started is stopped with it.
+        assert not alive(server) and embedded_postgres_pid(data) is None
     finally:
         if up.poll() is None:
             up.send_signal(signal.SIGTERM)
@@ -91,3 +94,4 @@ def test_up_runs_everything_and_stops_cleanly(tmp_path, bundled_model_path):
         for child in children:
             if child.is_running():
                 child.kill()
+        stop_embedded_postgres(data)

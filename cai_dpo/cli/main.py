@@ -1,360 +1,126 @@
-"""The `cai-dpo` command: run the service (`up`, `serve`, `worker`), manage it (`db`, `model`), and
-talk to a running one (`generate`, `export`, `jobs`, `train`).
-"""
+"""The `cai-dpo` command: run the service (`up`, `serve`, `worker`), manage it (`db`, `model`,
+`settings`), and talk to a running one (`generate`, `export`, `jobs`, `train`)."""
 
-from __future__ import annotations
-
-import argparse
-import contextlib
-import hashlib
-import json
 import logging
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
+from typing import Annotated, Literal
 
-from cai_dpo.core.db import database_url, downgrade_database, upgrade_database
+import typer
+
+from cai_dpo.cli import client
+from cai_dpo.cli.supervisor import run_alone, run_service, service_database
+from cai_dpo.core.db import downgrade_database, stop_embedded_postgres, upgrade_database
 from cai_dpo.core.logs import configure_logging
 from cai_dpo.core.model_sources import prepare_bundled_model, resolve_model
 from cai_dpo.core.settings import Settings, UnsafeBind, check_bind, get_settings
 
 log = logging.getLogger("cai_dpo")
 
+app = typer.Typer(
+    name="cai-dpo",
+    help=__doc__,
+    no_args_is_help=True,
+    rich_markup_mode="markdown",
+    pretty_exceptions_show_locals=False,  # locals hold API keys
+)
+db_app = typer.Typer(help="The database: migrations, and the embedded server.", no_args_is_help=True)
+model_app = typer.Typer(help="Models.", no_args_is_help=True)
+app.add_typer(db_app, name="db", rich_help_panel="Manage it")
+app.add_typer(model_app, name="model", rich_help_panel="Manage it")
+for command in (client.generate, client.export, client.jobs, client.train):
+    app.command(rich_help_panel="Talk to a running service")(command)
 
-def service_module(command: str) -> list[str]:
-    """The command line of one of the service's processes: each is its own Python module, so
-    the CLI starts them without importing the API or the workers."""
-    return [sys.executable, "-m", SERVICE_MODULES[command]]
+Host = Annotated[str | None, typer.Option(help="Bind address. Default: CAI_HOST.")]
+Port = Annotated[int | None, typer.Option(min=1, max=65535, help="Port. Default: CAI_PORT.")]
 
 
-SERVICE_MODULES = {
-    "api": "cai_dpo.api",
-    "generate": "cai_dpo.workers.generation",
-    "train": "cai_dpo.workers.training",
-}
+@app.callback()
+def logging_setup(ctx: typer.Context) -> None:
+    configure_logging(ctx.invoked_subcommand or "cai-dpo")
 
 
-# --- running the service --------------------------------------------------------------------------
-
-
-def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
-    host, port = args.host or settings.host, args.port or settings.port
+def bound_settings(host: str | None, port: int | None) -> Settings:
+    """The settings with the command's address; no API keys means loopback only."""
+    settings = get_settings()
+    settings = settings.model_copy(update={"host": host or settings.host, "port": port or settings.port})
     try:
-        check_bind(settings.model_copy(update={"host": host}))
+        check_bind(settings)
     except UnsafeBind as exc:
         raise SystemExit(str(exc)) from None
-    env = os.environ | {"CAI_HOST": host, "CAI_PORT": str(port)}
-    os.execvpe(sys.executable, service_module("api"), env)
+    return settings
 
 
-def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
-    os.execv(sys.executable, service_module(args.kind))
+@app.command(rich_help_panel="Run the service")
+def up(
+    host: Host = None,
+    port: Port = None,
+    no_generate_worker: Annotated[
+        bool, typer.Option("--no-generate-worker", help="Without the generation worker.")
+    ] = False,
+    no_train_worker: Annotated[
+        bool, typer.Option("--no-train-worker", help="Without the training worker.")
+    ] = False,
+) -> None:
+    """Everything: the database (embedded unless DATABASE_URL), migrations, the model, the API and
+    one worker of each kind. Ctrl-C or SIGTERM stops it all."""
+    settings = bound_settings(host, port)
+    names = ["api"] + ["generate"] * (not no_generate_worker) + ["train"] * (not no_train_worker)
+
+    def prepare(url: str) -> None:
+        upgrade_database(url)
+        if settings.engine == "vllm" and not no_generate_worker:
+            resolve_model(settings.model, settings)
+        database = "DATABASE_URL" if settings.database_url else "embedded"
+        log.info("cai-dpo on http://%s:%d (database: %s)", settings.host, settings.port, database)
+
+    raise typer.Exit(run_service(names, settings, prepare))
 
 
-def cmd_db(args: argparse.Namespace, settings: Settings) -> int:
-    url = database_url(settings)
-    if args.action == "upgrade":
-        upgrade_database(url, args.revision or "head")
-    else:
-        downgrade_database(url, args.revision or "base")
-    log.info(
-        "database %sd to %s", args.action, args.revision or ("head" if args.action == "upgrade" else "base")
-    )
-    return 0
+@app.command(rich_help_panel="Run the service")
+def serve(host: Host = None, port: Port = None) -> None:
+    """The HTTP API alone."""
+    raise typer.Exit(run_alone("api", bound_settings(host, port)))
 
 
-def cmd_model(args: argparse.Namespace, settings: Settings) -> int:
-    print(prepare_bundled_model(settings.models_dir))
-    return 0
+@app.command(rich_help_panel="Run the service")
+def worker(kind: Annotated[Literal["generate", "train"], typer.Argument(help="Which worker.")]) -> None:
+    """A generation or training worker."""
+    raise typer.Exit(run_alone(kind, get_settings()))
 
 
-def kill_group(child: subprocess.Popen) -> None:
-    """SIGKILL what is left of a child's process group (it was started as its own session)."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(child.pid, signal.SIGKILL)
+@db_app.command()
+def upgrade(revision: Annotated[str, typer.Argument(help="Alembic revision.")] = "head") -> None:
+    """Migrate the schema up (to the latest by default)."""
+    with service_database(get_settings()) as url:
+        upgrade_database(url, revision)
+    log.info("database upgraded to %s", revision)
 
 
-class Supervisor:
-    """Runs the API and the workers as child processes; one signal stops them all."""
-
-    def __init__(self, commands: dict[str, list[str]], env: dict[str, str]):
-        self.commands = commands
-        self.env = env
-        self.children: dict[str, subprocess.Popen] = {}
-        self.stopping = False
-
-    def start(self, name: str) -> None:
-        # Own session: a Ctrl-C in the terminal reaches the supervisor only, which stops children in order.
-        self.children[name] = subprocess.Popen(self.commands[name], env=self.env, start_new_session=True)
-        log.info("started %s (pid %d)", name, self.children[name].pid)
-
-    def stop(self, *_: object) -> None:
-        self.stopping = True
-
-    def run(self) -> int:
-        signal.signal(signal.SIGINT, self.stop)
-        signal.signal(signal.SIGTERM, self.stop)
-        for name in self.commands:
-            self.start(name)
-        restarts: dict[str, list[float]] = {}
-        code = 0
-        while not self.stopping:
-            time.sleep(0.2)
-            for name, child in list(self.children.items()):
-                if child.poll() is None or self.stopping:
-                    continue
-                log.error("%s exited with code %s", name, child.returncode)
-                kill_group(child)  # vLLM's engine process outlives a killed worker otherwise
-                recent = [t for t in restarts.get(name, []) if time.monotonic() - t < 60]
-                if name == "api" or len(recent) >= 3:
-                    log.error("%s cannot be kept running; stopping", name)
-                    self.stopping, code = True, 1
-                    break
-                restarts[name] = recent + [time.monotonic()]
-                self.start(name)
-        self.shutdown()
-        return code
-
-    def shutdown(self, timeout: float = 30.0) -> None:
-        log.info("stopping %s", ", ".join(self.children))
-        for child in self.children.values():
-            if child.poll() is None:
-                child.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        for name, child in self.children.items():
-            try:
-                child.wait(max(deadline - time.monotonic(), 0.1))
-            except subprocess.TimeoutExpired:
-                log.warning("%s did not stop in %.0f s; killing it", name, timeout)
-            kill_group(child)
-            child.wait()
+@db_app.command()
+def downgrade(revision: Annotated[str, typer.Argument(help="Alembic revision.")] = "base") -> None:
+    """Migrate the schema down (to an empty database by default)."""
+    with service_database(get_settings()) as url:
+        downgrade_database(url, revision)
+    log.info("database downgraded to %s", revision)
 
 
-def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
-    host = args.host or settings.host
-    port = args.port or settings.port
-    try:
-        check_bind(settings.model_copy(update={"host": host}))
-    except UnsafeBind as exc:
-        raise SystemExit(str(exc)) from None
-    url = database_url(settings)
-    upgrade_database(url)
-    if settings.engine == "vllm" and not args.no_generate_worker:
-        resolve_model(settings.model, settings)
-    env = os.environ | {"DATABASE_URL": url, "CAI_HOST": host, "CAI_PORT": str(port)}
-    commands = {"api": service_module("api")}
-    if not args.no_generate_worker:
-        commands["generate"] = service_module("generate")
-    if not args.no_train_worker:
-        commands["train"] = service_module("train")
-    log.info(
-        "cai-dpo on http://%s:%d (database: %s)",
-        host,
-        port,
-        "embedded" if not settings.database_url else "DATABASE_URL",
-    )
-    return Supervisor(commands, env).run()
+@db_app.command()
+def stop() -> None:
+    """Stop the embedded PostgreSQL in $CAI_DATA_DIR/postgres (left running by a killed command)."""
+    folder = get_settings().data_dir / "postgres"
+    pid = stop_embedded_postgres(get_settings().data_dir)
+    print(f"stopped the embedded PostgreSQL in {folder} (pid {pid})" if pid else f"none running in {folder}")
 
 
-# --- client commands ------------------------------------------------------------------------------
+@model_app.command()
+def prepare() -> None:
+    """Download, check and convert the bundled model once; print its folder."""
+    print(prepare_bundled_model(get_settings().models_dir))
 
 
-class Client:
-    def __init__(self, args: argparse.Namespace, settings: Settings):
-        import httpx
-
-        url = args.url or os.environ.get("CAI_URL") or f"http://{settings.host}:{settings.port}"
-        key = args.api_key or os.environ.get("CAI_API_KEY") or next(iter(settings.api_key_list), None)
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
-        self.http = httpx.Client(
-            base_url=url.rstrip("/"), headers=headers, timeout=httpx.Timeout(300, connect=10)
-        )
-
-    def call(self, method: str, path: str, **kwargs):
-        response = self.http.request(method, path, **kwargs)
-        if response.status_code >= 400:
-            try:
-                detail = response.json().get("detail", response.text)
-            except ValueError:
-                detail = response.text
-            raise SystemExit(f"error {response.status_code} from {method} {path}: {detail}")
-        return response.json()
-
-
-def read_prompts(path: Path) -> list:
-    """Prompts from .txt (one per line), .json (a list) or .jsonl (strings, messages or {"prompt": ...})."""
-    text = path.read_text()
-    if path.suffix == ".txt":
-        return [line for line in text.splitlines() if line.strip()]
-    items = (
-        json.loads(text)
-        if path.suffix == ".json"
-        else [json.loads(line) for line in text.splitlines() if line.strip()]
-    )
-    prompts = []
-    for n, item in enumerate(items, 1):
-        if isinstance(item, dict):
-            item = item.get("prompt", item.get("messages"))
-        if not isinstance(item, str | list):
-            raise SystemExit(f"{path}:{n}: expected a string, a message list, or an object with 'prompt'")
-        prompts.append(item)
-    return prompts
-
-
-def progress_bar(client: Client, path: str, unit: str, done_of) -> dict:
-    """Poll `path` until done, drawing counts, rate and ETA; returns the last state.
-
-    `done_of(state)` gives (done, total, postfix, finished) from the API's answer.
-    """
-    from tqdm import tqdm
-
-    with tqdm(unit=unit, dynamic_ncols=True) as bar:
-        while True:
-            state = client.call("GET", path)
-            done, total, postfix, over = done_of(state)
-            bar.total, bar.n = total, done
-            bar.set_postfix(postfix, refresh=False)
-            bar.refresh()
-            if over:
-                return state
-            time.sleep(1.0)
-
-
-def cmd_generate(args: argparse.Namespace, settings: Settings) -> int:
-    client = Client(args, settings)
-    prompts = read_prompts(Path(args.file))
-    file_hash = hashlib.sha256(Path(args.file).read_bytes()).hexdigest()[:16]
-    jobs = []
-    for start in range(0, len(prompts), args.batch_size):
-        body = {"prompts": prompts[start : start + args.batch_size], "constitution": args.constitution}
-        if args.revisions:
-            body["revisions"] = args.revisions
-        if args.model:
-            body["model"] = args.model
-        if args.seed is not None:
-            body["sampling"] = {"seed": args.seed}
-        # Re-running the same command for the same file and batch returns the same job.
-        key = f"cli-{file_hash}-{args.constitution}-{start}-{args.revisions}-{args.model}-{args.seed}"
-        job = client.call("POST", "/generate", json=body, headers={"Idempotency-Key": key})
-        jobs.append(job["job_id"])
-        print(
-            f"job {job['job_id']}: {job['n_prompts']} prompts, "
-            f"constitution {args.constitution} @ {job['constitution_version'][:12]}"
-        )
-    if not args.wait:
-        return 0
-    failed = 0
-    for job_id in jobs:
-        state = progress_bar(
-            client,
-            f"/jobs/{job_id}",
-            "prompt",
-            lambda s: (
-                s["counts"]["done"] + s["counts"]["failed"],
-                s["n_prompts"],
-                {
-                    "rate": f"{(s['pairs_per_s'] or 0):.2f}/s",
-                    "eta": f"{s['eta_s'] or 0:.0f}s",
-                    "failed": s["counts"]["failed"],
-                    "flagged": s["counts"]["flagged"],
-                },
-                s["status"] in ("done", "failed", "cancelled"),
-            ),
-        )
-        failed += state["counts"]["failed"]
-        print(
-            f"job {job_id}: {state['status']}, {state['counts']['done']} pairs "
-            f"({state['counts']['flagged']} flagged), {state['counts']['failed']} failed"
-        )
-    return 1 if failed else 0
-
-
-def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
-    client = Client(args, settings)
-    params = {
-        "format": args.format,
-        "style": args.style,
-        "split": args.split,
-        "test_fraction": args.test_fraction,
-        "include_flagged": args.include_flagged,
-        "metadata": args.metadata,
-        "job_id": args.job_id,
-        "constitution": args.constitution,
-        "constitution_version": args.constitution_version,
-        "since": args.since,
-    }
-    params = {k: v for k, v in params.items() if v is not None}
-    out = Path(args.out)
-    partial = out.with_name(f".{out.name}.partial")
-    # Written aside and renamed at the end: an interrupted export never leaves a truncated file behind.
-    with client.http.stream("GET", "/export", params=params) as response:
-        if response.status_code >= 400:
-            response.read()
-            raise SystemExit(f"error {response.status_code}: {response.json().get('detail')}")
-        with partial.open("wb") as handle:
-            for chunk in response.iter_bytes():
-                handle.write(chunk)
-    partial.replace(out)
-    print(f"wrote {out} ({out.stat().st_size} bytes)")
-    return 0
-
-
-def cmd_jobs(args: argparse.Namespace, settings: Settings) -> int:
-    client = Client(args, settings)
-    if (args.failed or args.retry) and args.job_id is None:
-        raise SystemExit("--failed and --retry need a job id")
-    if args.retry:
-        result = client.call("POST", f"/jobs/{args.job_id}/retry")
-    elif args.failed:
-        result, cursor = [], None
-        while True:
-            params = {"status": "failed", "limit": 1000} | ({"cursor": cursor} if cursor else {})
-            page = client.call("GET", f"/jobs/{args.job_id}/prompts", params=params)
-            result += page["items"]
-            if not (cursor := page["next_cursor"]):
-                break
-    else:
-        result = client.call("GET", f"/jobs/{args.job_id}" if args.job_id else "/jobs")
-    print(json.dumps(result, indent=2, default=str))
-    return 0
-
-
-def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
-    client = Client(args, settings)
-    body = json.loads(Path(args.config).read_text()) if args.config else {}
-    if args.constitution:
-        body.setdefault("dataset", {})["constitution"] = args.constitution
-    job = client.call("POST", "/train", json=body)
-    print(f"training job {job['train_id']}")
-    if not args.wait:
-        return 0
-    state = progress_bar(
-        client,
-        f"/train/{job['train_id']}",
-        "step",
-        lambda s: (
-            s["step"],
-            s["total_steps"],
-            {
-                "step": f"{s['step']}/{s['total_steps'] or '?'}",
-                "loss": (s.get("latest_metrics") or {}).get("loss"),
-                "eta": f"{s.get('eta_s') or 0:.0f}s",
-            },
-            s["status"] in ("succeeded", "failed", "cancelled"),
-        ),
-    )
-    print(
-        f"training job {job['train_id']}: {state['status']} "
-        f"{state.get('artifact') or state.get('error') or ''}"
-    )
-    return 0 if state["status"] == "succeeded" else 1
-
-
-def cmd_settings(args: argparse.Namespace, settings: Settings) -> int:
-    """Print the settings table of the README from the Settings class itself."""
+@app.command(rich_help_panel="Manage it")
+def settings() -> None:
+    """Print the settings table of the README (Markdown), from the Settings class itself."""
     print("| Variable | Default | Meaning |\n|---|---|---|")
     for name, field in Settings.model_fields.items():
         alias = field.validation_alias
@@ -364,91 +130,11 @@ def cmd_settings(args: argparse.Namespace, settings: Settings) -> int:
             default = f"<repo>/{default.name}"
         shown = "(unset)" if default in (None, "") else f"`{default}`"
         print(f"| `{env}` | {shown} | {field.description or ''} |")
-    return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cai-dpo", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    up = sub.add_parser("up", help="embedded database if needed, migrations, API and one worker of each kind")
-    up.add_argument("--host")
-    up.add_argument("--port", type=int)
-    up.add_argument("--no-generate-worker", action="store_true")
-    up.add_argument("--no-train-worker", action="store_true")
-    up.set_defaults(func=cmd_up, role="up")
-
-    serve = sub.add_parser("serve", help="the HTTP API alone")
-    serve.add_argument("--host")
-    serve.add_argument("--port", type=int)
-    serve.set_defaults(func=cmd_serve, role="api")
-
-    worker = sub.add_parser("worker", help="a generation or training worker")
-    worker.add_argument("kind", choices=["generate", "train"])
-    worker.set_defaults(func=cmd_worker, role="worker")
-
-    db = sub.add_parser("db", help="database migrations")
-    db.add_argument("action", choices=["upgrade", "downgrade"])
-    db.add_argument("revision", nargs="?")
-    db.set_defaults(func=cmd_db, role="db")
-
-    model = sub.add_parser("model", help="models")
-    model.add_argument("action", choices=["prepare"])
-    model.set_defaults(func=cmd_model, role="model")
-
-    settings_cmd = sub.add_parser("settings", help="print the settings table (Markdown)")
-    settings_cmd.set_defaults(func=cmd_settings, role="settings")
-
-    def client_parser(name: str, help: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help)
-        p.add_argument("--url", help="service URL (default: CAI_URL, else http://CAI_HOST:CAI_PORT)")
-        p.add_argument("--api-key", help="API key (default: CAI_API_KEY, else the first of CAI_API_KEYS)")
-        p.set_defaults(role="client")
-        return p
-
-    generate = client_parser("generate", "submit prompts from a file (.txt, .json, .jsonl)")
-    generate.add_argument("file")
-    generate.add_argument("--constitution", required=True)
-    generate.add_argument("--revisions", type=int)
-    generate.add_argument("--model")
-    generate.add_argument("--seed", type=int)
-    generate.add_argument("--batch-size", type=int, default=10_000, help="prompts per request")
-    generate.add_argument("--wait", action="store_true", help="show progress until the job is done")
-    generate.set_defaults(func=cmd_generate)
-
-    export = client_parser("export", "download the dataset")
-    export.add_argument("--out", required=True)
-    export.add_argument("--format", choices=["jsonl", "parquet"], default="jsonl")
-    export.add_argument("--style", choices=["standard", "conversational"], default="conversational")
-    export.add_argument("--split", choices=["train", "test", "all"], default="all")
-    export.add_argument("--test-fraction", type=float)
-    export.add_argument("--include-flagged", action="store_true", default=None)
-    export.add_argument("--metadata", action="store_true", default=None)
-    export.add_argument("--job-id", type=int)
-    export.add_argument("--constitution")
-    export.add_argument("--constitution-version")
-    export.add_argument("--since")
-    export.set_defaults(func=cmd_export)
-
-    jobs = client_parser("jobs", "show generation jobs")
-    jobs.add_argument("job_id", nargs="?", type=int)
-    jobs.add_argument("--failed", action="store_true", help="list the job's failed prompts and their errors")
-    jobs.add_argument("--retry", action="store_true", help="queue the job's failed prompts again")
-    jobs.set_defaults(func=cmd_jobs)
-
-    train = client_parser("train", "start a DPO training job")
-    train.add_argument("--config", help="JSON file with the POST /train body")
-    train.add_argument("--constitution", help="train on this constitution's pairs")
-    train.add_argument("--wait", action="store_true")
-    train.set_defaults(func=cmd_train)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    configure_logging(args.role)
-    return args.func(args, get_settings())
+def main(argv: list[str] | None = None) -> None:
+    app(args=argv, prog_name="cai-dpo")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

