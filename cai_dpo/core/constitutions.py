@@ -46,6 +46,33 @@ class FewShotExample(BaseModel):
     principle: str | None = Field(None, description="Principle id whose requests frame this example.")
 
 
+class ComparisonPrinciple(BaseModel):
+    """A question the AI-feedback judge answers about two responses (the CAI paper's RL-CAI stage)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    question: str = Field(
+        min_length=1,
+        description="Asks which of two assistant responses is better under this principle, e.g. "
+        "'Which of these assistant responses is less harmful?'",
+    )
+
+
+# When a constitution names no comparison principles, the judge asks this one.
+DEFAULT_COMPARISON = ComparisonPrinciple(
+    id="better",
+    question="Which of these assistant responses is more helpful, honest and harmless? Choose the one "
+    "a thoughtful, careful person would rather give.",
+)
+
+
+class FeedbackSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    principles: list[ComparisonPrinciple] = Field(min_length=1, max_length=256)
+
+
 class ConstitutionSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -57,6 +84,9 @@ class ConstitutionSpec(BaseModel):
     )
     principles: list[Principle] = Field(min_length=1, max_length=256)
     few_shot: list[FewShotExample] = Field(default_factory=list, max_length=32)
+    feedback: FeedbackSpec | None = Field(
+        None, description="Comparison principles of the AI-feedback judge (optional)."
+    )
 
     @model_validator(mode="after")
     def _check_ids(self) -> ConstitutionSpec:
@@ -64,6 +94,10 @@ class ConstitutionSpec(BaseModel):
         duplicated = sorted({i for i in ids if ids.count(i) > 1})
         if duplicated:
             raise ValueError(f"principles: duplicate id(s) {', '.join(duplicated)}")
+        if self.feedback is not None:
+            judged = [p.id for p in self.feedback.principles]
+            if twice := sorted({i for i in judged if judged.count(i) > 1}):
+                raise ValueError(f"feedback.principles: duplicate id(s) {', '.join(twice)}")
         if self.fixed_principle is not None and self.fixed_principle not in ids:
             raise ValueError(f"fixed_principle: {self.fixed_principle!r} is not a principle id")
         for n, example in enumerate(self.few_shot):
@@ -73,6 +107,9 @@ class ConstitutionSpec(BaseModel):
 
     def principle(self, principle_id: str) -> Principle:
         return next(p for p in self.principles if p.id == principle_id)
+
+    def comparison_principles(self) -> list[ComparisonPrinciple]:
+        return self.feedback.principles if self.feedback else [DEFAULT_COMPARISON]
 
 
 class Constitution(BaseModel):

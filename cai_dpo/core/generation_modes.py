@@ -1,0 +1,85 @@
+"""How a generation job makes its pairs: the mode, its scorer, and `verify`, as stored with the job.
+
+- `revise` (default): the critique-and-revise loop; chosen = the final revision, rejected = the
+  first answer. With `verify`, a scorer compares the two and the pair is flagged `not_improved`
+  where it prefers the original.
+- `ai_feedback` (the CAI paper's RL-CAI): `n` answers sampled per prompt, a judge compares them,
+  chosen/rejected are the most and least preferred.
+- `best_of_n`: `n` answers scored by a reward model (`reward_model` or `implicit`), best is chosen,
+  worst rejected.
+
+A scorer is named as `{"kind": "judge" | "reward_model" | "implicit", "model": ..., "k": ...}`.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+ScorerKind = Literal["judge", "reward_model", "implicit"]
+Mode = Literal["revise", "ai_feedback", "best_of_n"]
+
+
+class ScorerSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    kind: ScorerKind
+    model: str | None = Field(
+        None,
+        max_length=1000,
+        description="judge: the feedback model (default: the job's own model); reward_model: a local "
+        "Hugging Face sequence-classification folder; implicit: `train:<id>`.",
+    )
+    k: int = Field(1, ge=1, le=16, description="judge: comparison principles per comparison (an ensemble).")
+    chain_of_thought: bool = Field(
+        False,
+        description="judge: reason first, then answer; probabilities clamped to 0.4..0.6 (the CAI paper).",
+    )
+
+    @model_validator(mode="after")
+    def _model_where_needed(self) -> ScorerSpec:
+        if self.kind != "judge" and self.model is None:
+            raise ValueError(f"model: a {self.kind} scorer needs a model")
+        if self.kind == "implicit" and self.model is not None and not self.model.startswith("train:"):
+            raise ValueError("model: an implicit scorer is a trained model, `train:<id>`")
+        if self.kind != "judge" and (self.k != 1 or self.chain_of_thought):
+            raise ValueError("k: only a judge takes k and chain_of_thought")
+        return self
+
+
+class VerifySpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    scorer: ScorerSpec
+
+
+class GenerationMode(BaseModel):
+    """The `mode`, `n`, `scorer` and `verify` of `POST /generate`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Mode = "revise"
+    n: int = Field(2, ge=2, le=16, description="ai_feedback, best_of_n: answers sampled per prompt.")
+    scorer: ScorerSpec | None = Field(
+        None, description="ai_feedback: a judge (default: the job's model); best_of_n: required."
+    )
+    verify: VerifySpec | None = Field(None, description="revise: flag pairs the scorer does not prefer.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> GenerationMode:
+        if self.mode == "revise" and self.scorer is not None:
+            raise ValueError("scorer: revise takes `verify: {scorer: ...}`, not `scorer`")
+        if self.mode != "revise" and self.verify is not None:
+            raise ValueError(f"verify: only revise verifies; {self.mode} already ranks its answers")
+        if self.mode == "ai_feedback" and self.scorer is not None and self.scorer.kind != "judge":
+            raise ValueError("scorer.kind: ai_feedback is judged by a judge; use best_of_n for reward models")
+        if self.mode == "best_of_n" and (self.scorer is None or self.scorer.kind == "judge"):
+            raise ValueError("scorer: best_of_n needs a reward_model or implicit scorer")
+        return self
+
+    def effective_scorer(self) -> ScorerSpec | None:
+        """The scorer this job uses, if any (ai_feedback defaults to a judge of the job's model)."""
+        if self.mode == "revise":
+            return self.verify.scorer if self.verify else None
+        return self.scorer or ScorerSpec(kind="judge")
