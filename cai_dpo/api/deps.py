@@ -12,7 +12,8 @@ from cai_dpo.api.schemas import FieldError
 from cai_dpo.core.api_keys import ApiKey
 from cai_dpo.core.constitutions import ConstitutionStore
 from cai_dpo.core.db import session_scope
-from cai_dpo.core.model_sources import ModelNotFound, check_model_name
+from cai_dpo.core.generation_modes import ScorerSpec
+from cai_dpo.core.model_sources import ModelNotFound, check_model_name, local_model_folder
 from cai_dpo.core.settings import Settings
 
 T = TypeVar("T")
@@ -58,6 +59,18 @@ def checked_model(session: Session, settings: Settings, model: str | None, *, fi
     """A model name a job may use, or a 422 naming the request's field."""
     try:
         return check_model_name(session, model, settings)
+    except ModelNotFound as exc:
+        raise FieldError(field, str(exc)) from None
+
+
+def checked_scorer_model(session: Session, settings: Settings, spec: ScorerSpec, *, field: str) -> None:
+    """A scorer's model exists: a judge's is a model a job may use, a reward model is a local
+    Hugging Face folder, an implicit scorer a finished training job."""
+    try:
+        if spec.kind == "reward_model":
+            local_model_folder(spec.model or "")
+        else:
+            check_model_name(session, spec.model, settings)
     except ModelNotFound as exc:
         raise FieldError(field, str(exc)) from None
 

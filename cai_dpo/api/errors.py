@@ -4,6 +4,7 @@ database message (those go to the log)."""
 from __future__ import annotations
 
 import logging
+import re
 
 from fastapi import Request
 from fastapi.exception_handlers import http_exception_handler
@@ -17,6 +18,7 @@ from cai_dpo.core.constitutions import ConstitutionError, UnknownConstitution
 log = logging.getLogger(__name__)
 
 # Pydantic names union members in error locations ("str", "list[ChatMessage]"): not fields.
+_NAMED = re.compile(r"^([a-z_][a-z0-9_.]*): (.+)$", re.S)
 _NOT_FIELDS = {"body", "query", "path", "header", "str", "int", "float", "bool", "dict", "list"}
 
 
@@ -48,7 +50,12 @@ async def validation_error(request: Request, exc: RequestValidationError) -> JSO
             )
         else:
             message = error["msg"].removeprefix("Value error, ")  # pydantic's prefix for our checks
-            errors.append({"field": field_name(error["loc"]), "message": message})
+            field = field_name(error["loc"])
+            # A model-level check says "field: problem" (a field inside the object it checked).
+            if error.get("type") == "value_error" and (named := _NAMED.match(message)):
+                inner, message = named.groups()
+                field = inner if field == "body" else f"{field}.{inner}"
+            errors.append({"field": field, "message": message})
     return error_response(status, errors)
 
 

@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from cai_dpo.core.generation_modes import GenerationMode
 from cai_dpo.core.pair_filter import PairFilter
 from cai_dpo.core.settings import Settings
 from cai_dpo.core.storable import StorableJson, StorableText
@@ -61,7 +62,10 @@ class TooManyPrompts(Exception):
         self.count, self.limit = count, limit
 
 
-class GenerateRequest(BaseModel):
+class GenerateRequest(GenerationMode):
+    """`POST /generate`: prompts, a constitution, and how to make pairs of them (`mode`, `n`,
+    `scorer`, `verify`: see `GenerationMode`)."""
+
     model_config = ConfigDict(extra="forbid")
 
     prompts: list[StorableText | list[ChatMessage]] = Field(
@@ -74,6 +78,9 @@ class GenerateRequest(BaseModel):
     sampling: SamplingRequest | None = None
     model: str | None = Field(None, description="Default model, or `train:<id>` for a trained one.")
     metadata: StorableJson = Field(default_factory=dict)
+
+    def generation_mode(self) -> GenerationMode:
+        return GenerationMode.model_validate(self.model_dump(include=set(GenerationMode.model_fields)))
 
     @field_validator("prompts", mode="before")
     @classmethod
@@ -142,6 +149,7 @@ class JobOut(BaseModel):
     model: str
     revisions: int
     sampling: dict[str, Any]
+    options: dict[str, Any] = Field(description="mode, n, scorer, verify (see POST /generate).")
     metadata: dict[str, Any]
     n_prompts: int
     counts: dict[str, int]
@@ -181,6 +189,13 @@ class PairOut(BaseModel):
     flags: list[str]
     model: str | None
     created_at: datetime
+    scores: dict[str, float] | None = Field(
+        None, description="{chosen, rejected} where a scorer scored them."
+    )
+    preference: dict[str, Any] | None = Field(
+        None, description="p_chosen, scorer, model, principles, orders: how a scorer judged the pair."
+    )
+    margin: float | None = Field(None, description="log(p_chosen / (1 - p_chosen)).")
     principles: list[str] = Field(default_factory=list)
     trajectory: dict[str, Any] | None = None
     sampling: dict[str, Any] | None = None

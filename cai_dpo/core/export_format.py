@@ -62,6 +62,12 @@ def export_row(row: Any, *, style: Style, metadata: bool) -> dict[str, Any]:
             "flags": list(row.flags or []),
             "model": row.model,
             "job_id": row.job_id,
+            # The names UltraFeedback-style datasets use; None where no scorer judged the pair.
+            "score_chosen": (row.scores or {}).get("chosen"),
+            "score_rejected": (row.scores or {}).get("rejected"),
+            "p_chosen": (row.preference or {}).get("p_chosen"),
+            "margin": row.margin,
+            "scorer": row.scorer,
         }
     return out
 
@@ -93,6 +99,11 @@ def parquet_schema(style: Style, metadata: bool) -> pa.Schema:
             ("flags", pa.list_(pa.string())),
             ("model", pa.string()),
             ("job_id", pa.int64()),
+            ("score_chosen", pa.float64()),
+            ("score_rejected", pa.float64()),
+            ("p_chosen", pa.float64()),
+            ("margin", pa.float64()),
+            ("scorer", pa.string()),
         ]
     return pa.schema(fields)
 

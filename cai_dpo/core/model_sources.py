@@ -132,6 +132,14 @@ def check_model_name(session: Session, spec: str | None, settings: Settings) -> 
     raise ModelNotFound(f"unknown model {spec!r}: use {settings.model!r} or train:<id>")
 
 
+def local_model_folder(spec: str) -> Path:
+    """A local Hugging Face model folder named by path (it must hold a config.json)."""
+    path = Path(spec).expanduser()
+    if not spec or not (path / "config.json").is_file():
+        raise ModelNotFound(f"model {spec!r}: no Hugging Face model folder (config.json) there")
+    return path
+
+
 def resolve_model(
     spec: str, settings: Settings, *, trained_path: str | None = None, prepare: bool = True
 ) -> Path:

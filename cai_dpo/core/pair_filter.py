@@ -14,6 +14,7 @@ from annotated_types import Interval
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import ColumnElement, Select, and_, select
 
+from cai_dpo.core.generation_modes import ScorerKind
 from cai_dpo.core.storable import StorableText
 from cai_dpo.core.tables import ConstitutionVersion, Pair
 
@@ -38,6 +39,14 @@ class PairFilter(BaseModel):
         None, max_length=200, description="`generated`, or the source tag of an import."
     )
     import_id: DbId | None = Field(None, description="Pairs of this import.")
+    scorer: ScorerKind | None = Field(None, description="Pairs a scorer of this kind judged.")
+    min_margin: float | None = Field(
+        None,
+        ge=-1e6,
+        le=1e6,
+        description="Pairs the scorer preferred by at least this margin: log(p / (1 - p)) of the chosen "
+        "answer (0: indifferent; 1: p = 0.73; 2: p = 0.88). Pairs no scorer judged are left out.",
+    )
 
     def only_filter(self) -> PairFilter:
         """The filter part of a subclass that adds a route's own parameters (paging, format)."""
@@ -75,6 +84,10 @@ def pair_conditions(
         conditions.append(Pair.source == f.source)
     if f.import_id is not None:
         conditions.append(Pair.import_id == f.import_id)
+    if f.scorer is not None:
+        conditions.append(Pair.scorer == f.scorer)
+    if f.min_margin is not None:
+        conditions.append(Pair.margin >= f.min_margin)
     if ids is not None:
         conditions.append(Pair.id.in_(ids))
     if taken_by_policy_job is not None:

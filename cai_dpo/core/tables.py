@@ -60,6 +60,8 @@ class GenerationJob(Base):
     model: Mapped[str] = mapped_column(Text)
     revisions: Mapped[int] = mapped_column(Integer)
     sampling: Mapped[dict[str, Any]]
+    # `GenerationMode`: mode (revise | ai_feedback | best_of_n), n, scorer, verify.
+    options: Mapped[dict[str, Any]] = mapped_column(JSONB, server_default=text("'{}'::jsonb"))
     job_metadata: Mapped[dict[str, Any]] = mapped_column(
         "metadata", JSONB, server_default=text("'{}'::jsonb")
     )
@@ -83,6 +85,8 @@ class Prompt(Base):
         Index("prompts_job_status", "job_id", "status"),
         # Expiry scans only the running rows, by when their lease runs out.
         Index("prompts_lease", "status", "lease_expires_at"),
+        # /metrics counts the prompts not done through this; the done ones are the rest.
+        Index("prompts_not_done", "status", postgresql_where=text("status <> 'done'")),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
@@ -121,6 +125,7 @@ class Pair(Base):
         Index("pairs_constitution_version", "constitution_version_id"),
         Index("pairs_source", "source"),
         Index("pairs_created_at", "created_at"),
+        Index("pairs_flagged", "id", postgresql_where=text("flagged")),
         # What the automatic training policies count: pairs no automatic job has taken yet.
         Index(
             "pairs_untaken_by_policy",
@@ -150,6 +155,13 @@ class Pair(Base):
     model: Mapped[str | None] = mapped_column(Text)
     sampling: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
     usage: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    # Where a scorer judged the pair: {"chosen": float, "rejected": float} (scoring scorers only),
+    # the preference ({"p_chosen", "scorer", "model", "principles", "orders"}), the scorer's kind,
+    # and the margin: log(p_chosen / (1 - p_chosen)), the Bradley-Terry reward difference.
+    scores: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    preference: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    scorer: Mapped[str | None] = mapped_column(String(16))
+    margin: Mapped[float | None] = mapped_column(Float)
     pair_metadata: Mapped[dict[str, Any]] = mapped_column(
         "metadata", JSONB, server_default=text("'{}'::jsonb")
     )

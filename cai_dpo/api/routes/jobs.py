@@ -14,6 +14,7 @@ from cai_dpo.api.deps import (
     SettingsDep,
     StoreDep,
     checked_model,
+    checked_scorer_model,
     or_404,
     require_owner_or_admin,
 )
@@ -61,6 +62,10 @@ def generate(
     if revisions > settings.max_revisions:
         raise FieldError("revisions", f"{revisions}; at most {settings.max_revisions} (CAI_MAX_REVISIONS)")
     model = checked_model(session, settings, body.model, field="model")
+    mode = body.generation_mode()
+    if (scorer := mode.effective_scorer()) is not None and scorer.model is not None:
+        field = "verify.scorer.model" if mode.mode == "revise" else "scorer.model"
+        checked_scorer_model(session, settings, scorer, field=field)
     digest = request_hash(body)
     if idempotency_key is not None:
         existing = job_queries.find_job_by_idempotency_key(session, idempotency_key)
@@ -79,6 +84,7 @@ def generate(
         model=model,
         revisions=revisions,
         sampling=sampling,
+        options=mode.model_dump(mode="json", exclude_none=True),
         metadata=body.metadata,
         prompts=prompts,
         idempotency_key=idempotency_key,
@@ -114,6 +120,7 @@ def job_out(job: GenerationJob, stats: job_queries.JobStats, version: str | None
         model=job.model,
         revisions=job.revisions,
         sampling=job.sampling,
+        options=job.options,
         metadata=job.job_metadata,
         n_prompts=job.n_prompts,
         counts=stats.counts | {"flagged": stats.flagged},

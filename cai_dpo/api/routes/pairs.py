@@ -31,6 +31,9 @@ def pair_out(pair: Pair, version: str | None, *, detail: bool) -> PairOut:
         trajectory=pair.trajectory if detail else None,
         sampling=pair.sampling if detail else None,
         usage=pair.usage if detail else None,
+        scores=pair.scores,
+        preference=pair.preference,
+        margin=pair.margin,
         metadata=pair.pair_metadata,
     )
 

@@ -32,6 +32,7 @@ def create_generation_job(
     sampling: dict[str, Any],
     metadata: dict[str, Any],
     prompts: Sequence[list[dict[str, str]]],
+    options: dict[str, Any] | None = None,
     idempotency_key: str | None,
     request_hash: str | None,
     created_by: str | None = None,
@@ -45,6 +46,7 @@ def create_generation_job(
             model=model,
             revisions=revisions,
             sampling=sampling,
+            options=options or {},
             job_metadata=metadata,
             n_prompts=len(prompts),
             idempotency_key=idempotency_key,
@@ -171,6 +173,7 @@ class ClaimedPrompt:
     attempts: int
     revisions: int
     sampling: dict[str, Any]
+    options: dict[str, Any]
     constitution_version_id: int
     constitution_hash: str
     constitution_name: str
@@ -201,6 +204,7 @@ def claim_prompts(
             Prompt.attempts,
             GenerationJob.revisions,
             GenerationJob.sampling,
+            GenerationJob.options,
             GenerationJob.constitution_version_id,
             ConstitutionVersion.content_hash.label("constitution_hash"),
             GenerationJob.constitution_name,
@@ -247,6 +251,17 @@ def complete_prompt(session: Session, *, worker_id: str, prompt_id: int, pair: d
 
 
 def queue_depth(session: Session) -> dict[str, int]:
+    """Prompts per state without counting the whole table (a `/metrics` scrape runs this).
+
+    The prompts not done are counted through their partial index; `done` is the rest of the
+    prompts the jobs were created with.
+    """
     counts = dict.fromkeys(PROMPT_STATES, 0)
-    counts.update(session.execute(select(Prompt.status, func.count()).group_by(Prompt.status)).all())
+    counts.update(
+        session.execute(
+            select(Prompt.status, func.count()).where(Prompt.status != "done").group_by(Prompt.status)
+        ).all()
+    )
+    total = session.scalar(select(func.coalesce(func.sum(GenerationJob.n_prompts), 0))) or 0
+    counts["done"] = total - sum(counts.values())
     return counts

@@ -10,7 +10,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from cai_dpo.core.pair_filter import PairFilter, filtered
-from cai_dpo.core.tables import ConstitutionVersion, DatasetImport, Pair
+from cai_dpo.core.tables import ConstitutionVersion, DatasetImport, GenerationJob, Pair, Prompt
 
 
 def _pairs_with_version() -> Select:
@@ -44,6 +44,10 @@ _EXPORT_COLUMNS = (
     Pair.flags,
     Pair.model,
     Pair.job_id,
+    Pair.scores,
+    Pair.preference,
+    Pair.scorer,
+    Pair.margin,
     ConstitutionVersion.content_hash.label("constitution_version"),
 )
 
@@ -73,8 +77,14 @@ def pairs_by_ids(session: Session, ids: Sequence[int]) -> list[Pair]:
 
 
 def pairs_total(session: Session) -> dict[str, int]:
-    row = session.execute(select(func.count(Pair.id), func.count(Pair.id).filter(Pair.flagged))).one()
-    return {"total": row[0], "flagged": row[1]}
+    """Pairs stored and flagged, without counting the whole table: a done prompt has exactly one
+    pair, an import records how many it added, and flagged pairs have an index of their own."""
+    done = session.scalar(select(func.coalesce(func.sum(GenerationJob.n_prompts), 0))) - session.scalar(
+        select(func.count()).where(Prompt.status != "done")
+    )
+    imported = session.scalar(select(func.coalesce(func.sum(DatasetImport.n_pairs), 0)))
+    flagged = session.scalar(select(func.count()).where(Pair.flagged))
+    return {"total": done + imported, "flagged": flagged}
 
 
 def insert_imported_pairs(
