@@ -278,6 +278,24 @@ class TrainRequest(TrainParams):
         return self.model_dump(mode="json", exclude={"base_model", "dataset"})
 
 
+class EvaluationOut(BaseModel):
+    id: int
+    status: str = Field(description="queued, running (reward accuracy), comparing (win rate), done, failed.")
+    request: dict[str, Any]
+    win_rate: dict[str, Any] | None = Field(
+        None,
+        description="wins, ties, losses, n, rate = (wins + ties/2) / n, ci95 (Wilson), open and failed "
+        "prompts: the trained model against its base, judged in both orders. Live while comparing.",
+    )
+    reward_accuracy: dict[str, Any] | None = Field(
+        None, description="held_out (from training) and external: accuracy and mean margin, base and trained."
+    )
+    promotion: dict[str, Any] | None = None
+    error: str | None = None
+    created_at: datetime
+    finished_at: datetime | None
+
+
 class TrainJobOut(BaseModel):
     id: int
     status: str
@@ -295,6 +313,9 @@ class TrainJobOut(BaseModel):
     eval_after: dict[str, Any] | None
     artifact: str | None
     model: str | None = Field(description="Use as `model` in POST /generate once succeeded.")
+    evaluation: EvaluationOut | None = Field(
+        None, description="The latest evaluation: win rate against the base model, reward accuracy."
+    )
     error: str | None
     attempts: int
     created_at: datetime

@@ -8,8 +8,8 @@ an attempt: a prompt that crashes every worker that takes it must end `failed`, 
 worker that stops, or whose engine died, releases its rows at once, and that attempt is not
 counted. Only the lease holder can finish a row, so a worker that lost its lease writes nothing.
 
-Prompts and training jobs are the two kinds; each is a `WorkKind` that names its table, its
-NOTIFY channel and what "cancelled" means for it.
+Prompts, training jobs and evaluations are the kinds; each is a `WorkKind` that names its table,
+its NOTIFY channel and what "cancelled" means for it.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, and_, case, false, func, literal, not_, null, or_, select, text, update
 from sqlalchemy.orm import Session
 
-from cai_dpo.core.tables import GenerationJob, Prompt, TrainingJob
+from cai_dpo.core.tables import Evaluation, GenerationJob, Prompt, TrainingJob
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,14 @@ TRAINING = WorkKind(
     cancelled=lambda: TrainingJob.cancel_requested.is_(True),
     stop_when_cancelled=True,
 )
-KINDS = (PROMPTS, TRAINING)
+EVALUATIONS = WorkKind(
+    name="evaluations",
+    table=Evaluation,
+    channel="cai_training",  # the training workers take them
+    cancelled=lambda: false(),
+    stop_when_cancelled=False,
+)
+KINDS = (PROMPTS, TRAINING, EVALUATIONS)
 
 
 def _lease_until(lease_seconds: float) -> ColumnElement[Any]:

@@ -220,7 +220,67 @@ class TrainPolicy(Base):
     params: Mapped[dict[str, Any]]
     base_model: Mapped[str | None] = mapped_column(Text)
     enabled: Mapped[bool] = mapped_column(Boolean, server_default="true")
+    # After each automatic job's evaluation, make its model the constitution's default when the win
+    # rate's lower 95% bound is above 0.5.
+    promote: Mapped[bool] = mapped_column(Boolean, server_default="false")
     updated_at: Mapped[datetime] = _now()
+
+
+class Evaluation(Base):
+    """An evaluation of a trained model, leased work of the training workers (`queue.EVALUATIONS`):
+    they measure reward accuracy on an imported set and queue the win-rate comparison job; the
+    job's comparisons are summed up when it finishes (`status`: queued -> running -> comparing ->
+    done | failed)."""
+
+    __tablename__ = "evaluations"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    train_id: Mapped[int] = mapped_column(ForeignKey("training_jobs.id", ondelete="CASCADE"), index=True)
+    status: Mapped[str] = mapped_column(String(16), server_default="queued")
+    request: Mapped[dict[str, Any]]
+    attempts: Mapped[int] = mapped_column(Integer, server_default="0")
+    lease_owner: Mapped[str | None] = mapped_column(Text)
+    lease_expires_at: Mapped[datetime | None]
+    last_error: Mapped[str | None] = mapped_column(Text)
+    compare_job_id: Mapped[int | None] = mapped_column(ForeignKey("generation_jobs.id", ondelete="SET NULL"))
+    external: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    win_rate: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    promotion: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    created_by: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = _now()
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+
+
+class Comparison(Base):
+    """One held-out prompt of an evaluation: both models' answers and the judge's preference."""
+
+    __tablename__ = "comparisons"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    prompt_id: Mapped[int] = mapped_column(ForeignKey("prompts.id", ondelete="CASCADE"), unique=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("generation_jobs.id", ondelete="CASCADE"), index=True)
+    model_a: Mapped[str] = mapped_column(Text)
+    model_b: Mapped[str] = mapped_column(Text)
+    answer_a: Mapped[str] = mapped_column(Text)
+    answer_b: Mapped[str] = mapped_column(Text)
+    # P(answer_a preferred), the judge's ensemble over principles and both orders.
+    p_a: Mapped[float] = mapped_column(Float)
+    preference: Mapped[dict[str, Any]]
+    created_at: Mapped[datetime] = _now()
+
+
+class Promotion(Base):
+    """A constitution's default generation model, set by an evaluation that cleared the gate."""
+
+    __tablename__ = "promotions"
+
+    constitution_name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    model: Mapped[str] = mapped_column(Text)
+    train_id: Mapped[int] = mapped_column(ForeignKey("training_jobs.id", ondelete="CASCADE"))
+    evaluation_id: Mapped[int | None] = mapped_column(ForeignKey("evaluations.id", ondelete="SET NULL"))
+    reason: Mapped[str] = mapped_column(Text)
+    promoted_at: Mapped[datetime] = _now()
 
 
 class Worker(Base):

@@ -32,6 +32,7 @@ from cai_dpo.core.constitutions import ConstitutionError
 from cai_dpo.core.pair_filter import DbId
 from cai_dpo.core.progress import job_progress
 from cai_dpo.core.queries import constitutions as constitution_queries
+from cai_dpo.core.queries import evaluations as evaluation_queries
 from cai_dpo.core.queries import jobs as job_queries
 from cai_dpo.core.tables import GenerationJob
 
@@ -61,7 +62,9 @@ def generate(
     revisions = body.revisions or constitution.spec.revisions
     if revisions > settings.max_revisions:
         raise FieldError("revisions", f"{revisions}; at most {settings.max_revisions} (CAI_MAX_REVISIONS)")
-    model = checked_model(session, settings, body.model, field="model")
+    # With no model named, a constitution whose evaluated model cleared the promotion gate uses it.
+    promoted = evaluation_queries.promotion_for(session, constitution.name) if body.model is None else None
+    model = checked_model(session, settings, promoted.model if promoted else body.model, field="model")
     mode = body.generation_mode()
     if (scorer := mode.effective_scorer()) is not None and scorer.model is not None:
         field = "verify.scorer.model" if mode.mode == "revise" else "scorer.model"

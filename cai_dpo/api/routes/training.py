@@ -10,10 +10,12 @@ from fastapi.responses import PlainTextResponse
 from sqlalchemy.orm import Session
 
 from cai_dpo.api.deps import CallerDep, SessionDep, SettingsDep, checked_model, or_404, require_owner_or_admin
-from cai_dpo.api.schemas import FieldError, TrainJobOut, TrainRequest
+from cai_dpo.api.schemas import EvaluationOut, FieldError, TrainJobOut, TrainRequest
 from cai_dpo.core.constitutions import check_name
+from cai_dpo.core.evaluation import EvaluationRequest
 from cai_dpo.core.pair_filter import DbId
 from cai_dpo.core.progress import eta_seconds
+from cai_dpo.core.queries import evaluations as evaluation_queries
 from cai_dpo.core.queries import pairs as pair_queries
 from cai_dpo.core.queries import policies as policy_queries
 from cai_dpo.core.queries import training as training_queries
@@ -21,6 +23,28 @@ from cai_dpo.core.tables import TrainingJob
 from cai_dpo.core.training_params import TrainPolicyIn
 
 router = APIRouter(prefix="/train", tags=["training"])
+
+
+def evaluation_out(session: Session, job: TrainingJob) -> EvaluationOut | None:
+    evaluation = evaluation_queries.latest_evaluation(session, job.id)
+    if evaluation is None:
+        return None
+    win = evaluation.win_rate
+    if win is None and evaluation.compare_job_id is not None:  # still comparing: the count so far
+        win = evaluation_queries.comparison_summary(session, evaluation.compare_job_id)
+    held_out = {"before": job.eval_before, "after": job.eval_after} if job.eval_after else None
+    accuracy = {"held_out": held_out, "external": evaluation.external}
+    return EvaluationOut(
+        id=evaluation.id,
+        status=evaluation.status,
+        request=evaluation.request,
+        win_rate=win,
+        reward_accuracy=accuracy if any(accuracy.values()) else None,
+        promotion=evaluation.promotion,
+        error=evaluation.last_error,
+        created_at=evaluation.created_at,
+        finished_at=evaluation.finished_at,
+    )
 
 
 def train_out(session: Session, job: TrainingJob) -> TrainJobOut:
@@ -44,6 +68,7 @@ def train_out(session: Session, job: TrainingJob) -> TrainJobOut:
         eval_after=job.eval_after,
         artifact=job.artifact_path,
         model=f"train:{job.id}" if job.status == "succeeded" else None,
+        evaluation=evaluation_out(session, job),
         error=job.last_error,
         attempts=job.attempts,
         created_at=job.created_at,
@@ -73,7 +98,16 @@ def delete_policy(name: str, session: SessionDep):
     or_404(policy_queries.delete_train_policy(session, name) or None, f"name: no policy for {name!r}")
 
 
+@router.delete("/policies/{name}/promotion", status_code=204)
+def demote(name: str, session: SessionDep):
+    """Undo a promotion: the constitution generates with the default model again."""
+    or_404(
+        evaluation_queries.demote(session, check_name(name)) or None, f"name: no promoted model for {name!r}"
+    )
+
+
 def _policy_out(policy, session) -> dict:
+    promotion = evaluation_queries.promotion_for(session, policy.constitution_name)
     return {
         "constitution": policy.constitution_name,
         "min_new_pairs": policy.min_new_pairs,
@@ -82,6 +116,15 @@ def _policy_out(policy, session) -> dict:
         "params": policy.params,
         # Progress towards the next automatic job: it starts when this reaches min_new_pairs.
         "pairs_waiting": policy_queries.policy_pairs_waiting(session, policy.constitution_name),
+        "promote": policy.promote,
+        "promoted": None
+        if promotion is None
+        else {
+            "model": promotion.model,
+            "train_id": promotion.train_id,
+            "reason": promotion.reason,
+            "promoted_at": promotion.promoted_at.isoformat(),
+        },
     }
 
 
@@ -151,4 +194,33 @@ def cancel_training(train_id: DbId, session: SessionDep, caller: CallerDep):
     )
     session.flush()
     session.refresh(job)
+    return train_out(session, job)
+
+
+@router.post("/{train_id}/evaluate", status_code=202, response_model=TrainJobOut)
+def evaluate_training(
+    train_id: DbId,
+    request: Request,
+    caller: CallerDep,
+    session: SessionDep,
+    body: EvaluationRequest | None = None,
+):
+    """Queue an evaluation of the trained model: a win rate against its base model on held-out
+    prompts (judged in both orders), and reward accuracy on an imported preference set."""
+    job = or_404(
+        training_queries.get_training_job(session, train_id), f"train_id: no training job {train_id}"
+    )
+    if job.status != "succeeded":
+        raise FieldError(
+            "train_id", f"training job {train_id} is {job.status}; only a finished model is evaluated", 409
+        )
+    body = body or EvaluationRequest()
+    if body.prompts is None and not job.eval_pair_ids:
+        raise FieldError(
+            "prompts", "the job held out no pairs (eval_fraction 0): give the prompts to compare on"
+        )
+    if body.judge.model is not None:
+        checked_model(session, request.app.state.settings, body.judge.model, field="judge.model")
+    evaluation = evaluation_queries.create_evaluation(session, train_id, body, created_by=caller.name)
+    request.state.audit_ids = {"train_id": str(train_id), "evaluation_id": str(evaluation.id)}
     return train_out(session, job)

@@ -1,0 +1,215 @@
+"""Evaluations of trained models: queue one, the win-rate comparison job, its comparisons,
+settling them into a win rate, and promotion of the model when it clears the gate."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.orm import Session
+
+from cai_dpo.core import queue
+from cai_dpo.core.evaluation import EvaluationRequest, WinRate, promotion_decision, win_rate
+from cai_dpo.core.queries.jobs import create_generation_job
+from cai_dpo.core.tables import (
+    Comparison,
+    ConstitutionVersion,
+    Evaluation,
+    GenerationJob,
+    Pair,
+    Promotion,
+    Prompt,
+    TrainingJob,
+    TrainPolicy,
+)
+
+OPEN_PROMPT_STATES = ("queued", "running")
+
+
+def create_evaluation(
+    session: Session, train_id: int, request: EvaluationRequest, *, created_by: str | None = None
+) -> Evaluation:
+    evaluation = Evaluation(train_id=train_id, request=request.model_dump(mode="json"), created_by=created_by)
+    session.add(evaluation)
+    session.flush()
+    queue.notify(session, queue.EVALUATIONS)
+    return evaluation
+
+
+def latest_evaluation(session: Session, train_id: int) -> Evaluation | None:
+    return session.scalars(
+        select(Evaluation).where(Evaluation.train_id == train_id).order_by(Evaluation.id.desc()).limit(1)
+    ).one_or_none()
+
+
+def claim_evaluation(
+    session: Session, *, worker_id: str, lease_seconds: float, max_attempts: int
+) -> Evaluation | None:
+    ids = queue.claim(
+        session,
+        queue.EVALUATIONS,
+        worker_id=worker_id,
+        n=1,
+        lease_seconds=lease_seconds,
+        max_attempts=max_attempts,
+    )
+    return session.get(Evaluation, ids[0], populate_existing=True) if ids else None
+
+
+def held_out_prompts(session: Session, job: TrainingJob, limit: int) -> list[list[dict[str, str]]]:
+    """The prompts of the training job's held-out pairs (distinct, in id order)."""
+    if not job.eval_pair_ids:
+        return []
+    prompts: list[list[dict[str, str]]] = []
+    for (prompt,) in session.execute(
+        select(Pair.prompt).where(Pair.id.in_(job.eval_pair_ids)).order_by(Pair.id)
+    ):
+        if prompt not in prompts:
+            prompts.append(prompt)
+        if len(prompts) == limit:
+            break
+    return prompts
+
+
+def queue_comparison_job(
+    session: Session,
+    *,
+    evaluation: Evaluation,
+    train_job: TrainingJob,
+    prompts: list[list[dict[str, str]]],
+    constitution_version: ConstitutionVersion,
+    baseline: str,
+    sampling: dict[str, Any],
+) -> GenerationJob:
+    """The win-rate job: the trained model (`train:<id>`) and the baseline answer each prompt, the
+    judge compares them. Its rows go through the prompt queue like any job's."""
+    request = EvaluationRequest.model_validate(evaluation.request)
+    job = create_generation_job(
+        session,
+        constitution_version=constitution_version,
+        model=f"train:{train_job.id}",
+        revisions=1,
+        sampling=sampling,
+        metadata={"evaluation_id": evaluation.id},
+        prompts=prompts,
+        idempotency_key=f"evaluation:{evaluation.id}",
+        request_hash=None,
+        options={"mode": "compare", "baseline": baseline, "scorer": request.judge.model_dump(mode="json")},
+        created_by=evaluation.created_by,
+    )
+    if job is None:  # queued by an earlier attempt of this evaluation: that one stands
+        job = session.scalars(
+            select(GenerationJob).where(GenerationJob.idempotency_key == f"evaluation:{evaluation.id}")
+        ).one()
+    return job
+
+
+def complete_comparison(
+    session: Session, *, worker_id: str, prompt_id: int, comparison: dict[str, Any]
+) -> bool:
+    """Mark a comparison prompt done and store its result, in one transaction (as a pair is)."""
+    if not queue.finish(
+        session, queue.PROMPTS, worker_id=worker_id, id=prompt_id, status="done", last_error=None
+    ):
+        return False
+    inserted = session.execute(
+        insert(Comparison)
+        .values(prompt_id=prompt_id, **comparison)
+        .on_conflict_do_nothing(index_elements=["prompt_id"])
+        .returning(Comparison.id)
+    ).scalar_one_or_none()
+    return inserted is not None
+
+
+def comparison_summary(session: Session, job_id: int) -> dict[str, Any]:
+    """The win rate of a comparison job so far (model_a is the trained model), with its progress."""
+    p_trained = list(session.scalars(select(Comparison.p_a).where(Comparison.job_id == job_id)))
+    open_prompts = session.scalar(
+        select(func.count()).where(Prompt.job_id == job_id, Prompt.status.in_(OPEN_PROMPT_STATES))
+    )
+    failed = session.scalar(select(func.count()).where(Prompt.job_id == job_id, Prompt.status == "failed"))
+    return win_rate(p_trained).to_dict() | {"open": open_prompts, "failed": failed, "job_id": job_id}
+
+
+def settle_evaluations(session: Session) -> list[Evaluation]:
+    """Finish the evaluations whose comparison job has no open prompt left: store the win rate and
+    apply the promotion gate. Rows are locked so that concurrent workers settle each once."""
+    waiting = session.scalars(
+        select(Evaluation).where(Evaluation.status == "comparing").with_for_update(skip_locked=True)
+    ).all()
+    settled = []
+    for evaluation in waiting:
+        summary = comparison_summary(session, evaluation.compare_job_id)
+        if summary["open"]:
+            continue
+        evaluation.win_rate = summary
+        evaluation.status = "done"
+        evaluation.finished_at = func.now()
+        evaluation.promotion = apply_promotion_gate(session, evaluation, summary)
+        settled.append(evaluation)
+    return settled
+
+
+def apply_promotion_gate(session: Session, evaluation: Evaluation, summary: dict[str, Any]) -> dict[str, Any]:
+    """Promote the trained model of an automatic job whose policy asks for it, if it clears the gate."""
+    train_job = session.get(TrainingJob, evaluation.train_id)
+    policy = session.get(TrainPolicy, train_job.policy) if train_job and train_job.policy else None
+    if policy is None or not policy.promote:
+        return {"promoted": False, "reason": "no training policy with promote: true"}
+    result = WinRate(
+        wins=summary["wins"],
+        ties=summary["ties"],
+        losses=summary["losses"],
+        n=summary["n"],
+        rate=summary["rate"],
+        ci95=tuple(summary["ci95"]),
+    )
+    promoted, reason = promotion_decision(result)
+    if promoted:
+        promote(
+            session,
+            constitution=policy.constitution_name,
+            model=f"train:{train_job.id}",
+            train_id=train_job.id,
+            evaluation_id=evaluation.id,
+            reason=reason,
+        )
+    return {"promoted": promoted, "reason": reason, "constitution": policy.constitution_name}
+
+
+def promote(
+    session: Session, *, constitution: str, model: str, train_id: int, evaluation_id: int | None, reason: str
+) -> None:
+    stmt = insert(Promotion).values(
+        constitution_name=constitution,
+        model=model,
+        train_id=train_id,
+        evaluation_id=evaluation_id,
+        reason=reason,
+    )
+    session.execute(
+        stmt.on_conflict_do_update(
+            index_elements=["constitution_name"],
+            set_={
+                "model": stmt.excluded.model,
+                "train_id": stmt.excluded.train_id,
+                "evaluation_id": stmt.excluded.evaluation_id,
+                "reason": stmt.excluded.reason,
+                "promoted_at": func.now(),
+            },
+        )
+    )
+
+
+def promotion_for(session: Session, constitution: str) -> Promotion | None:
+    return session.get(Promotion, constitution)
+
+
+def demote(session: Session, constitution: str) -> bool:
+    """Undo a promotion: the constitution generates with the default model again."""
+    promotion = session.get(Promotion, constitution)
+    if promotion is None:
+        return False
+    session.delete(promotion)
+    return True
