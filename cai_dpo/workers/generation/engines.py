@@ -7,6 +7,13 @@ model's context raises `PromptTooLong` (never retryable); any other failed reque
 `EngineError`, or `EngineUnavailable` when the engine itself is down. Engines are built inside
 functions only: vLLM spawns worker processes, which
 re-import the entry point, so nothing here starts at import time.
+
+For the AI-feedback judge (`cai_dpo.workers.scoring`) both engines also answer
+`option_logprobs(messages, assistant_prefix, options, request_id)`: the log-probs of one-token
+options (`A`, `B`) as the next token after an assistant turn started with `assistant_prefix`; and
+`continue_chat(messages, assistant_prefix, sampling, request_id)`: `chat` with the answer started
+by `assistant_prefix` (the judge's chain of thought). They run on the same engine as generation, so
+judge requests join the same continuous batch.
 """
 
 from __future__ import annotations
@@ -75,6 +82,10 @@ class PromptTooLong(ValueError):
 
 class EngineError(RuntimeError):
     """A chat request failed for a reason other than its length (after any retries)."""
+
+
+class OptionNotOneToken(EngineError):
+    """An option of `option_logprobs` is not exactly one token after the assistant prefix."""
 
 
 class EngineUnavailable(EngineError):
@@ -224,13 +235,71 @@ class VLLMEngine:
             )
         )
 
+    def prefixed_token_ids(self, messages: Messages, assistant_prefix: str) -> list[int]:
+        """The conversation ready for its answer (`prompt_token_ids`), the answer started with
+        `assistant_prefix` (its tokens on their own, no special tokens added)."""
+        prompt = self.prompt_token_ids(messages)
+        if not assistant_prefix:
+            return prompt
+        return prompt + list(self._tokenizer.encode(assistant_prefix, add_special_tokens=False))
+
+    def option_token_ids(self, assistant_prefix: str, options: list[str]) -> list[int]:
+        """The token of each option as the next token after `assistant_prefix`.
+
+        Each option must be exactly one token there: the tokens of prefix + option are the tokens
+        of the prefix and one more. Otherwise `OptionNotOneToken` (a read of one token's
+        log-prob would not be the option's probability).
+        """
+        if self._tokenizer is None:
+            raise EngineError("the engine is not started")
+        return option_token_ids(self._tokenizer, assistant_prefix, options)
+
     async def chat(self, messages: Messages, sampling: Sampling, request_id: str) -> ChatResult:
-        from vllm.inputs import TokensPrompt
+        return await self._chat_ids(self.prompt_token_ids(messages), sampling, request_id)
+
+    async def continue_chat(
+        self, messages: Messages, assistant_prefix: str, sampling: Sampling, request_id: str
+    ) -> ChatResult:
+        """`chat`, with the assistant's answer already started by `assistant_prefix` (the text
+        returned is what follows it)."""
+        return await self._chat_ids(self.prefixed_token_ids(messages, assistant_prefix), sampling, request_id)
+
+    async def option_logprobs(
+        self, messages: Messages, assistant_prefix: str, options: list[str], request_id: str
+    ) -> dict[str, float]:
+        """Log-probs of each one-token option as the next token after `assistant_prefix`.
+
+        Raw log-softmax values over the full vocabulary (vLLM's `logprob_token_ids` with one
+        generated token), whatever the sampling settings; not normalised over the options.
+        """
         from vllm.sampling_params import RequestOutputKind, SamplingParams
 
         if self._engine is None:
             raise EngineError("the engine is not started")
-        prompt_ids = self.prompt_token_ids(messages)
+        ids = self.option_token_ids(assistant_prefix, options)
+        prompt_ids = self.prefixed_token_ids(messages, assistant_prefix)
+        self._check_room(prompt_ids)
+        params = SamplingParams(
+            temperature=0.0,
+            max_tokens=1,
+            logprobs=len(ids),
+            logprob_token_ids=ids,
+            detokenize=False,
+            output_kind=RequestOutputKind.FINAL_ONLY,
+        )
+        engine_request_id, final = await self._generate(prompt_ids, params, request_id)
+        completion = final.outputs[0]
+        read = completion.logprobs[0] if completion.logprobs else {}
+        missing = [option for option, token in zip(options, ids, strict=True) if token not in read]
+        if missing:
+            self._counters.failed += 1
+            raise EngineError(f"request {engine_request_id}: no log-prob for option(s) {missing}")
+        self._counters.record(
+            ChatResult("", "length", len(prompt_ids), len(completion.token_ids), final.num_cached_tokens)
+        )
+        return {option: float(read[token].logprob) for option, token in zip(options, ids, strict=True)}
+
+    def _check_room(self, prompt_ids: list[int]) -> int:
         room = self.max_model_len - len(prompt_ids)
         if room < 1:
             self._counters.failed += 1
@@ -238,16 +307,14 @@ class VLLMEngine:
                 f"the conversation is {len(prompt_ids)} tokens; with at least one new token it "
                 f"does not fit the model's context of {self.max_model_len} tokens"
             )
-        params = SamplingParams(
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
-            max_tokens=min(sampling.max_tokens, room),
-            seed=sampling.seed,
-            stop_token_ids=[self._eos_token_id] if self._eos_token_id is not None else None,
-            skip_special_tokens=True,
-            # Only the final output: no per-token streaming work on this event loop.
-            output_kind=RequestOutputKind.FINAL_ONLY,
-        )
+        return room
+
+    async def _generate(self, prompt_ids: list[int], params: Any, request_id: str) -> tuple[str, Any]:
+        """Run one request to its final output; failures mapped as `chat` maps them."""
+        from vllm.inputs import TokensPrompt
+
+        if self._engine is None:
+            raise EngineError("the engine is not started")
         # The caller's id stays readable in vLLM's logs; the suffix keeps retries distinct.
         engine_request_id = f"{request_id}#{next(self._ids)}"
         self._counters.in_flight += 1
@@ -271,6 +338,25 @@ class VLLMEngine:
         if final is None or not final.outputs:
             self._counters.failed += 1
             raise EngineError(f"request {engine_request_id} ended without output")
+        return engine_request_id, final
+
+    async def _chat_ids(self, prompt_ids: list[int], sampling: Sampling, request_id: str) -> ChatResult:
+        from vllm.sampling_params import RequestOutputKind, SamplingParams
+
+        if self._engine is None:
+            raise EngineError("the engine is not started")
+        room = self._check_room(prompt_ids)
+        params = SamplingParams(
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            max_tokens=min(sampling.max_tokens, room),
+            seed=sampling.seed,
+            stop_token_ids=[self._eos_token_id] if self._eos_token_id is not None else None,
+            skip_special_tokens=True,
+            # Only the final output: no per-token streaming work on this event loop.
+            output_kind=RequestOutputKind.FINAL_ONLY,
+        )
+        engine_request_id, final = await self._generate(prompt_ids, params, request_id)
         completion = final.outputs[0]
         if completion.finish_reason not in ("stop", "length"):
             self._counters.failed += 1
@@ -296,6 +382,25 @@ class VLLMEngine:
             # shutdown) from running during interpreter teardown, where it fails noisily.
             del engine
             gc.collect()
+
+
+def option_token_ids(tokenizer: Any, assistant_prefix: str, options: list[str]) -> list[int]:
+    """The token id of each option as the one token that follows `assistant_prefix`, or
+    `OptionNotOneToken` (see `VLLMEngine.option_token_ids`)."""
+    prefix = list(tokenizer.encode(assistant_prefix, add_special_tokens=False))
+    ids = []
+    for option in options:
+        full = list(tokenizer.encode(assistant_prefix + option, add_special_tokens=False))
+        if len(full) != len(prefix) + 1 or full[: len(prefix)] != prefix:
+            raise OptionNotOneToken(
+                f"option {option!r} is not one token after {assistant_prefix[-40:]!r} for this "
+                f"model's tokenizer (the prefix is {len(prefix)} tokens, prefix + option "
+                f"{len(full)}): its probability cannot be read from one token's log-prob"
+            )
+        ids.append(full[-1])
+    if len(set(ids)) != len(ids):
+        raise OptionNotOneToken(f"options {options} are not distinct tokens after the prefix")
+    return ids
 
 
 def _is_engine_dead(exc: BaseException) -> bool:
@@ -399,7 +504,7 @@ class OpenAIEngine:
                 return int(length) if isinstance(length, int) else None
         return None
 
-    async def _room_for_answer(self, messages: Messages) -> int | None:
+    async def _room_for_answer(self, messages: Messages, *, continue_final: bool = False) -> int | None:
         """Tokens left after the rendered conversation (vLLM's `/tokenize`); None if unknown.
 
         `vllm serve` refuses a request whose prompt plus `max_tokens` exceeds the context (a 400)
@@ -408,7 +513,9 @@ class OpenAIEngine:
         if self.max_model_len is None or self._client is None:
             return None
         root = self.base_url.removesuffix("/v1")
-        body = {"model": self.model, "messages": messages, "add_generation_prompt": True}
+        body: dict[str, Any] = {"model": self.model, "messages": messages, "add_generation_prompt": True}
+        if continue_final:
+            body |= {"add_generation_prompt": False, "continue_final_message": True}
         try:
             response = await self._client.post(f"{root}/tokenize", json=body)
             count = int(response.json()["count"]) if response.status_code == 200 else None
@@ -428,10 +535,68 @@ class OpenAIEngine:
         return delay
 
     async def chat(self, messages: Messages, sampling: Sampling, request_id: str) -> ChatResult:
+        return await self._chat(messages, sampling, request_id)
+
+    async def continue_chat(
+        self, messages: Messages, assistant_prefix: str, sampling: Sampling, request_id: str
+    ) -> ChatResult:
+        """`chat`, with the assistant's answer already started by `assistant_prefix` (the text
+        returned is what follows it). Needs a server that continues a final assistant message
+        (vLLM's `continue_final_message`)."""
+        return await self._chat(
+            [*messages, {"role": "assistant", "content": assistant_prefix}],
+            sampling,
+            request_id,
+            extra=_CONTINUE_FINAL,
+        )
+
+    async def option_logprobs(
+        self, messages: Messages, assistant_prefix: str, options: list[str], request_id: str
+    ) -> dict[str, float]:
+        """Log-probs of each one-token option as the next token after `assistant_prefix`.
+
+        One `/chat/completions` request for one token with `logprobs` and the top 20 alternatives
+        (OpenAI's most), the answer started by `assistant_prefix` (vLLM's `continue_final_message`;
+        a server without it answers from a fresh assistant turn). Options are matched by token
+        text. An option that is not among the 20 gets the lowest log-prob returned, an upper bound
+        of its true value: normalised over the options, the result is then never more confident
+        than the truth (both missing: an even 0.5). The values are the server's log-probs over the
+        full vocabulary (vLLM: raw, before any sampling settings).
+        """
+        if self._client is None:
+            raise EngineError("the engine is not started")
+        body: dict[str, Any] = {
+            "model": self.model,
+            "messages": [*messages, {"role": "assistant", "content": assistant_prefix}],
+            "max_tokens": 1,
+            "temperature": 0.0,
+            "logprobs": True,
+            "top_logprobs": _TOP_LOGPROBS,
+            **_CONTINUE_FINAL,
+        }
+        call = next(self._ids)
+        self._counters.in_flight += 1
+        try:
+            result, read = await self._post_with_retries(
+                body,
+                f"{request_id}#{call}",
+                parse=lambda response, rid: _parse_option_logprobs(response, rid, options),
+            )
+        except BaseException:
+            self._counters.failed += 1
+            raise
+        finally:
+            self._counters.in_flight -= 1
+        self._counters.record(result)
+        return read
+
+    async def _chat(
+        self, messages: Messages, sampling: Sampling, request_id: str, extra: dict[str, Any] | None = None
+    ) -> ChatResult:
         if self._client is None:
             raise EngineError("the engine is not started")
         max_tokens = sampling.max_tokens
-        room = await self._room_for_answer(messages)
+        room = await self._room_for_answer(messages, continue_final=bool(extra))
         if room is not None:
             if room < 1:
                 self._counters.failed += 1
@@ -449,6 +614,7 @@ class OpenAIEngine:
         }
         if sampling.seed is not None:
             body["seed"] = sampling.seed
+        body |= extra or {}
         call = next(self._ids)
         self._counters.in_flight += 1
         try:
@@ -461,8 +627,15 @@ class OpenAIEngine:
         self._counters.record(result)
         return result
 
-    async def _post_with_retries(self, body: dict[str, Any], request_id: str) -> ChatResult:
+    async def _post_with_retries(
+        self,
+        body: dict[str, Any],
+        request_id: str,
+        parse: Callable[[httpx.Response, str], Any] | None = None,
+    ) -> Any:
+        """POST `body` to /chat/completions; `parse` (default: a ChatResult) reads a 200."""
         assert self._client is not None
+        parse = parse or self._parse
         for attempt in range(self._max_retries + 1):
             retry_after: float | None = None
             async with self._semaphore:
@@ -474,7 +647,7 @@ class OpenAIEngine:
                     problem = f"{type(exc).__name__}: {exc}"
                 else:
                     if response.status_code == 200:
-                        return self._parse(response, request_id)
+                        return parse(response, request_id)
                     message = _error_message(response)
                     if response.status_code == 400 and _CONTEXT_TOO_LONG.search(message):
                         raise PromptTooLong(message)
@@ -521,6 +694,49 @@ class OpenAIEngine:
         client, self._client = self._client, None
         if client is not None:
             await client.aclose()
+
+
+# vLLM's extra chat parameters that continue a final assistant message instead of starting a new one.
+_CONTINUE_FINAL = {"add_generation_prompt": False, "continue_final_message": True}
+_TOP_LOGPROBS = 20  # the most the OpenAI API (and vLLM's default max_logprobs) allows
+
+
+def _parse_option_logprobs(
+    response: httpx.Response, request_id: str, options: list[str]
+) -> tuple[ChatResult, dict[str, float]]:
+    """The option log-probs of a one-token answer with `top_logprobs` (see `option_logprobs`)."""
+    try:
+        data = response.json()
+        choice = data["choices"][0]
+        first = choice["logprobs"]["content"][0]
+        listed = {first["token"]: float(first["logprob"])}
+        for entry in first.get("top_logprobs") or []:
+            listed[entry["token"]] = float(entry["logprob"])
+        usage = data.get("usage") or {}
+        details = usage.get("prompt_tokens_details") or {}
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
+        raise EngineError(
+            f"request {request_id}: no log-probs in the response {response.text[:500]!r}"
+        ) from exc
+    floor = min(listed.values())
+    read = {option: listed.get(option, floor) for option in options}
+    if missing := [option for option in options if option not in listed]:
+        log.debug(
+            "request %s: option(s) %s not in the top %d; bounded by %.3f",
+            request_id,
+            missing,
+            len(listed),
+            floor,
+        )
+    cached = details.get("cached_tokens")
+    result = ChatResult(
+        text="",
+        finish_reason="length",
+        prompt_tokens=int(usage.get("prompt_tokens") or 0),
+        completion_tokens=int(usage.get("completion_tokens") or 0),
+        cached_tokens=int(cached) if cached is not None else None,
+    )
+    return result, read
 
 
 def _retry_after(response: httpx.Response) -> float | None:

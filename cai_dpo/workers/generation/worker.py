@@ -28,7 +28,8 @@ from sqlalchemy.exc import SQLAlchemyError
 from cai_dpo.core import queue
 from cai_dpo.core.constitutions import ConstitutionSpec
 from cai_dpo.core.db import database_url, get_engine
-from cai_dpo.core.model_sources import trained_model_path
+from cai_dpo.core.generation_modes import GenerationMode, ScorerSpec
+from cai_dpo.core.model_sources import resolve_model, trained_model_path
 from cai_dpo.core.queries import constitutions as constitution_queries
 from cai_dpo.core.queries import jobs as job_queries
 from cai_dpo.core.settings import Settings
@@ -40,8 +41,10 @@ from cai_dpo.workers.generation.engines import (
     Sampling,
     make_engine,
 )
-from cai_dpo.workers.generation.trajectory import few_shot_turns, quality_flags, run_trajectory
+from cai_dpo.workers.generation.modes import PairDraft, ranked_pair, revise_pair
+from cai_dpo.workers.generation.trajectory import few_shot_turns
 from cai_dpo.workers.runtime import WorkerRuntime
+from cai_dpo.workers.scoring import Scorer, make_scorer
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +61,9 @@ class GenerationWorker(WorkerRuntime):
         self.model = settings.model
         self.unloadable: dict[str, float] = {}
         self.specs: dict[str, tuple[ConstitutionSpec, list[dict[str, str]]]] = {}
+        self.scorers: dict[tuple[str, str], Scorer] = {}
+        # Engines of other models, started for judges that are not this worker's model.
+        self.extra_engines: dict[str, Engine] = {}
         self.pairs_written = 0
         self._last_tokens = (time.monotonic(), 0)
         # Set by a trajectory that found the engine down; the loop then recovers it.
@@ -89,8 +95,7 @@ class GenerationWorker(WorkerRuntime):
         finally:
             await self.release_all()
             await self.stop_background(background)
-            with contextlib.suppress(Exception):  # a dead engine may fail its own shutdown
-                await self.engine.shutdown()
+            await self.shutdown_engines()
             log.info("worker %s stopped (%d pairs written)", self.id, self.pairs_written)
 
     @property
@@ -126,42 +131,18 @@ class GenerationWorker(WorkerRuntime):
             return []
 
     async def process(self, prompt: job_queries.ClaimedPrompt) -> None:
-        """Run one trajectory and write its pair, or record why it failed."""
+        """Make the prompt's pair in its job's mode and write it, or record why it failed."""
         try:
-            spec, few_shot = await self.constitution(prompt.constitution_version_id, prompt.constitution_hash)
-            sampling = Sampling(
-                temperature=prompt.sampling["temperature"],
-                top_p=prompt.sampling["top_p"],
-                max_tokens=prompt.sampling["max_tokens"],
-                seed=prompt.sampling.get("seed"),
-            )
-            trajectory = await run_trajectory(
-                self.engine,
-                spec=spec,
-                prompt_id=prompt.id,
-                prompt=prompt.messages,
-                revisions=prompt.revisions,
-                sampling=sampling,
-                few_shot=few_shot,
-                request_prefix=f"{self.id}-a{prompt.attempts}-",
-            )
-            pair = {
+            draft = await self.make_pair(prompt)
+            pair = draft.columns() | {
                 "job_id": prompt.job_id,
                 "source": "generated",
                 "constitution_name": prompt.constitution_name,
                 "constitution_version_id": prompt.constitution_version_id,
                 "prompt": prompt.messages,
-                "chosen": trajectory.chosen,
-                "rejected": trajectory.initial,
-                "trajectory": trajectory.to_record() | {"worker": self.id, "attempt": prompt.attempts},
-                "flags": quality_flags(
-                    rejected=trajectory.initial,
-                    chosen=trajectory.chosen,
-                    finish_reasons=trajectory.finish_reasons,
-                ),
+                "trajectory": draft.trajectory | {"worker": self.id, "attempt": prompt.attempts},
                 "model": prompt.model,
                 "sampling": prompt.sampling,
-                "usage": trajectory.usage,
             }
             self.engine_errors_in_a_row = 0
             if await self.db_call(
@@ -188,6 +169,74 @@ class GenerationWorker(WorkerRuntime):
         finally:
             # After a lost lease this worker may already have claimed the prompt again.
             self.leases.drop(prompt.id, asyncio.current_task())
+
+    async def make_pair(self, prompt: job_queries.ClaimedPrompt) -> PairDraft:
+        spec, few_shot = await self.constitution(prompt.constitution_version_id, prompt.constitution_hash)
+        mode = GenerationMode.model_validate(prompt.options or {})
+        sampling = Sampling(
+            temperature=prompt.sampling["temperature"],
+            top_p=prompt.sampling["top_p"],
+            max_tokens=prompt.sampling["max_tokens"],
+            seed=prompt.sampling.get("seed"),
+        )
+        scorer_spec = mode.effective_scorer()
+        scorer = await self.scorer(scorer_spec, spec, prompt.constitution_hash) if scorer_spec else None
+        request_prefix = f"{self.id}-a{prompt.attempts}-"
+        if mode.mode == "revise":
+            return await revise_pair(
+                self.engine,
+                spec=spec,
+                prompt_id=prompt.id,
+                messages=prompt.messages,
+                revisions=prompt.revisions,
+                sampling=sampling,
+                few_shot=few_shot,
+                request_prefix=request_prefix,
+                verifier=scorer,
+            )
+        return await ranked_pair(
+            self.engine,
+            mode=mode.mode,
+            n=mode.n,
+            prompt_id=prompt.id,
+            messages=prompt.messages,
+            sampling=sampling,
+            request_prefix=request_prefix,
+            scorer=scorer,
+        )
+
+    async def scorer(
+        self, spec: ScorerSpec, constitution: ConstitutionSpec, constitution_hash: str
+    ) -> Scorer:
+        """The scorer a job names, built once per (scorer, constitution) and kept."""
+        key = (spec.model_dump_json(), constitution_hash)
+        if key not in self.scorers:
+            trained = await self.db_call(trained_model_path, spec.model) if spec.model else None
+
+            def resolve_path(model: str) -> str:
+                return str(resolve_model(model, self.settings, trained_path=trained))
+
+            self.scorers[key] = make_scorer(
+                spec, engine_for=self.engine_for, constitution_spec=constitution, resolve_path=resolve_path
+            )
+        return self.scorers[key]
+
+    async def engine_for(self, model: str | None) -> Engine:
+        """The engine of `model`: this worker's own, or a second one started for a judge model."""
+        if model is None or model == self.model:
+            return self.engine
+        if model not in self.extra_engines:
+            self.extra_engines[model] = await self.start_engine(model)
+        return self.extra_engines[model]
+
+    async def shutdown_engines(self) -> None:
+        """Stop every engine; scorers built on them go too (they are rebuilt on the next use)."""
+        self.scorers.clear()
+        engines = [self.engine, *self.extra_engines.values()]
+        self.extra_engines.clear()
+        for engine in engines:
+            with contextlib.suppress(Exception):  # a dead engine may fail its own shutdown
+                await asyncio.wait_for(engine.shutdown(), timeout=60)
 
     async def fail(self, prompt: job_queries.ClaimedPrompt, error: str, *, retryable: bool) -> None:
         status = await self.db_call(
@@ -219,8 +268,7 @@ class GenerationWorker(WorkerRuntime):
         for attempt in range(1, self.settings.engine_restarts + 1):
             if self.stopping.is_set():
                 return
-            with contextlib.suppress(Exception):  # a dead engine may fail its own shutdown
-                await asyncio.wait_for(self.engine.shutdown(), timeout=60)
+            await self.shutdown_engines()
             try:
                 self.engine = await self.start_engine(self.model)
             except Exception:  # noqa: BLE001 - retried, then the process exits
@@ -262,7 +310,7 @@ class GenerationWorker(WorkerRuntime):
         if not models or self.model in waiting or self.settings.engine != "vllm":
             return
         log.info("switching model %s -> %s", self.model, models[0])
-        await self.engine.shutdown()
+        await self.shutdown_engines()
         try:
             self.engine, self.model = await self.start_engine(models[0]), models[0]
         except Exception:
