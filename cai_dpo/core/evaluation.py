@@ -42,7 +42,7 @@ class EvaluationRequest(BaseModel):
         description="The judge comparing the answers (default model: the base model; 2 principles per "
         "comparison, both orders).",
     )
-    constitution: str | None = Field(
+    constitution: StorableText | None = Field(
         None,
         max_length=64,
         description="Whose comparison principles the judge asks. Default: the training dataset's "

@@ -83,3 +83,14 @@ class GenerationMode(BaseModel):
         if self.mode == "revise":
             return self.verify.scorer if self.verify else None
         return self.scorer or ScorerSpec(kind="judge")
+
+
+class CompareOptions(BaseModel):
+    """An evaluation's comparison job (not a mode of `POST /generate`): the job's model (the trained
+    one) and `baseline` answer each prompt, the judge `scorer` compares the two answers."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Literal["compare"] = "compare"
+    baseline: str
+    scorer: ScorerSpec

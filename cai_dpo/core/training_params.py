@@ -10,6 +10,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from cai_dpo.core.evaluation import EvaluationRequest
+
 LossType = Literal["sigmoid", "ipo", "hinge", "robust"]
 
 
@@ -94,8 +96,41 @@ class TrainParams(BaseModel):
     )
     save_dtype: Literal["float32", "bfloat16"] = Field(
         "float32",
-        description="dtype of the saved model. Training runs in float32; bfloat16 halves the files "
-        "but rounds away updates below ~0.4% of a weight.",
+        description="dtype of the saved model. The weights are trained in float32 (on a GPU: float32 "
+        "master weights behind a bfloat16 model); bfloat16 halves the files but rounds away updates "
+        "below ~0.4% of a weight.",
+    )
+    max_tokens_per_batch: int | None = Field(
+        None,
+        ge=16,
+        le=2**24,
+        description="Most tokens per forward pass (each pair's prompt once plus both answers): an "
+        "optimizer step's pairs are cut into forward passes under this budget, whatever batch_size. "
+        "None: batch_size pairs per forward pass. The step, its gradient and the data order are the same "
+        "either way; only memory and speed change.",
+    )
+    gradient_checkpointing: bool = Field(
+        False,
+        description="Recompute each decoder layer's activations in the backward pass: less memory, "
+        "about a third more compute.",
+    )
+    compile: bool = Field(
+        False,
+        description="torch.compile the decoder layers (GPU only: the first steps pay the compilation).",
+    )
+    attention: Literal["auto", "flex", "sdpa"] = Field(
+        "auto",
+        description="GPU attention. auto and flex: the pairs of a forward pass packed in one row "
+        "without padding, FlexAttention block masks (torch >= 2.5 and a model that supports it; else sdpa). "
+        "sdpa: one padded row per pair with a dense mask. The CPU always uses sdpa.",
+    )
+    evaluate: bool = Field(
+        True,
+        description="Evaluate the trained model when the job succeeds: win rate against the base model "
+        "on the held-out prompts (judged), reward accuracy on `evaluation.external`.",
+    )
+    evaluation: EvaluationRequest | None = Field(
+        None, description="How to evaluate (see POST /train/{id}/evaluate); None: the defaults."
     )
 
     @model_validator(mode="after")
@@ -119,6 +154,11 @@ class TrainPolicyIn(BaseModel):
     min_new_pairs: int = Field(ge=1, le=2**31 - 1)
     base_model: str | None = None
     enabled: bool = True
+    promote: bool = Field(
+        False,
+        description="After each job's evaluation, make its model this constitution's default for new "
+        "jobs when the win rate's lower 95% bound is above 0.5 (reversible: DELETE .../promotion).",
+    )
     params: TrainParams = Field(default_factory=TrainParams)
 
     def db_values(self) -> dict[str, Any]:
@@ -126,5 +166,6 @@ class TrainPolicyIn(BaseModel):
             "min_new_pairs": self.min_new_pairs,
             "base_model": self.base_model,
             "enabled": self.enabled,
+            "promote": self.promote,
             "params": self.params.model_dump(mode="json"),
         }

@@ -92,6 +92,8 @@ class WorkerRuntime:
         self.kind = kind
         self.id = new_worker_id(self.role)
         self.leases = LeaseKeeper(kind, self.id, settings.lease_seconds, self.lease_lost)
+        # Keepers of the other kinds of work this worker takes (a training worker: evaluations).
+        self.keepers = {kind.name: self.leases}
         self.stopping = asyncio.Event()
         # The same stop as a thread-safe flag, for work that runs in threads (training steps).
         self.stop_requested = threading.Event()
@@ -110,6 +112,12 @@ class WorkerRuntime:
         raise NotImplementedError
 
     # --- shared -----------------------------------------------------------------------------
+
+    def keeper(self, kind: queue.WorkKind) -> LeaseKeeper:
+        """The lease keeper of `kind`, renewed by the same heartbeat as every other."""
+        if kind.name not in self.keepers:
+            self.keepers[kind.name] = LeaseKeeper(kind, self.id, self.settings.lease_seconds, self.lease_lost)
+        return self.keepers[kind.name]
 
     def base_status(self, **values: Any) -> dict[str, Any]:
         stats = values.pop("stats", {}) | {"problem": self.problem}
@@ -148,15 +156,16 @@ class WorkerRuntime:
         last_renewal = time.monotonic()
         while True:
             try:
-                snapshot = dict(self.leases.held)
+                snapshots = {name: dict(keeper.held) for name, keeper in self.keepers.items()}
 
-                def renew_and_report(session: Any, snapshot: dict[int, Any] = snapshot) -> set[int]:
-                    held = self.leases.renew(session, snapshot)
+                def renew_and_report(session: Any, snapshots: dict = snapshots) -> dict[str, set[int]]:
+                    held = {name: self.keepers[name].renew(session, snap) for name, snap in snapshots.items()}
                     worker_queries.record_worker_heartbeat(session, **self.status())
                     return held
 
                 still_held = await self.db_call(renew_and_report)
-                self.leases.settle(snapshot, still_held)
+                for name, snapshot in snapshots.items():
+                    self.keepers[name].settle(snapshot, still_held[name])
                 # A starved host (CPU, database) shows here before leases start to run out.
                 now = time.monotonic()
                 if now - last_renewal > 2 * interval:

@@ -59,6 +59,17 @@ class PairDraft:
         }
 
 
+def finite(value: Any) -> Any:
+    """JSON PostgreSQL can store: a log-prob of -inf (an option the model gives no chance) is None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: finite(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite(item) for item in value]
+    return value
+
+
 def log_odds(p: float) -> float:
     p = min(max(p, _P_EPSILON), 1 - _P_EPSILON)
     return math.log(p / (1 - p))
@@ -81,7 +92,11 @@ def judged(draft: PairDraft, ranking: Ranking, scorer: Scorer, *, chosen: int, r
         "orders": comparison.orders if comparison else 1,
     }
     draft.scorer = scorer.kind
-    draft.margin = log_odds(p_chosen)
+    # The log-odds of the preference; with scores it is their difference exactly (Bradley-Terry),
+    # without the rounding of going through a probability.
+    draft.margin = (
+        draft.scores["chosen"] - draft.scores["rejected"] if draft.scores is not None else log_odds(p_chosen)
+    )
     return draft
 
 
@@ -179,6 +194,43 @@ async def ranked_pair(
         usage=usage,
     )
     return judged(draft, ranking, scorer, chosen=chosen, rejected=rejected)
+
+
+async def compare_models(
+    engine: Engine,
+    baseline: Engine,
+    judge: Scorer,
+    *,
+    prompt_id: int,
+    messages: list[Message],
+    sampling: Sampling,
+    request_prefix: str,
+) -> dict[str, Any]:
+    """Both models answer the prompt (the same seed), the judge compares: model A is `engine`'s."""
+    seeded = Sampling(
+        sampling.temperature,
+        sampling.top_p,
+        sampling.max_tokens,
+        request_seed(sampling.seed, prompt_id, "answer"),
+    )
+    answers = await asyncio.gather(
+        engine.chat(messages, seeded, request_id=f"{request_prefix}p{prompt_id}-a"),
+        baseline.chat(messages, seeded, request_id=f"{request_prefix}p{prompt_id}-b"),
+    )
+    answer_a, answer_b = (answer_text(r) for r in answers)
+    comparison = await judge.compare(messages, answer_a, answer_b, seed=_scoring_seed(sampling, prompt_id))
+    return {
+        "answer_a": answer_a,
+        "answer_b": answer_b,
+        "p_a": comparison.p_first,
+        "preference": {
+            "principles": comparison.principles,
+            "orders": comparison.orders,
+            "details": finite(comparison.details),
+            "judge": judge.model,
+            "finish_reasons": [r.finish_reason for r in answers],
+        },
+    }
 
 
 def _scoring_seed(sampling: Sampling, prompt_id: int) -> int:

@@ -28,9 +28,10 @@ from sqlalchemy.exc import SQLAlchemyError
 from cai_dpo.core import queue
 from cai_dpo.core.constitutions import ConstitutionSpec
 from cai_dpo.core.db import database_url, get_engine
-from cai_dpo.core.generation_modes import GenerationMode, ScorerSpec
+from cai_dpo.core.generation_modes import CompareOptions, GenerationMode, ScorerSpec
 from cai_dpo.core.model_sources import resolve_model, trained_model_path
 from cai_dpo.core.queries import constitutions as constitution_queries
+from cai_dpo.core.queries import evaluations as evaluation_queries
 from cai_dpo.core.queries import jobs as job_queries
 from cai_dpo.core.settings import Settings
 from cai_dpo.workers.generation.engines import (
@@ -41,7 +42,7 @@ from cai_dpo.workers.generation.engines import (
     Sampling,
     make_engine,
 )
-from cai_dpo.workers.generation.modes import PairDraft, ranked_pair, revise_pair
+from cai_dpo.workers.generation.modes import PairDraft, compare_models, ranked_pair, revise_pair
 from cai_dpo.workers.generation.trajectory import few_shot_turns
 from cai_dpo.workers.runtime import WorkerRuntime
 from cai_dpo.workers.scoring import Scorer, make_scorer
@@ -133,6 +134,9 @@ class GenerationWorker(WorkerRuntime):
     async def process(self, prompt: job_queries.ClaimedPrompt) -> None:
         """Make the prompt's pair in its job's mode and write it, or record why it failed."""
         try:
+            if (prompt.options or {}).get("mode") == "compare":
+                await self.write_comparison(prompt)
+                return
             draft = await self.make_pair(prompt)
             pair = draft.columns() | {
                 "job_id": prompt.job_id,
@@ -170,15 +174,43 @@ class GenerationWorker(WorkerRuntime):
             # After a lost lease this worker may already have claimed the prompt again.
             self.leases.drop(prompt.id, asyncio.current_task())
 
-    async def make_pair(self, prompt: job_queries.ClaimedPrompt) -> PairDraft:
-        spec, few_shot = await self.constitution(prompt.constitution_version_id, prompt.constitution_hash)
-        mode = GenerationMode.model_validate(prompt.options or {})
-        sampling = Sampling(
+    async def write_comparison(self, prompt: job_queries.ClaimedPrompt) -> None:
+        """An evaluation's prompt: this worker's model and the baseline answer, the judge compares."""
+        spec, _ = await self.constitution(prompt.constitution_version_id, prompt.constitution_hash)
+        options = CompareOptions.model_validate(prompt.options)
+        judge = await self.scorer(options.scorer, spec, prompt.constitution_hash)
+        result = await compare_models(
+            self.engine,
+            await self.engine_for(options.baseline),
+            judge,
+            prompt_id=prompt.id,
+            messages=prompt.messages,
+            sampling=self.sampling_of(prompt),
+            request_prefix=f"{self.id}-a{prompt.attempts}-",
+        )
+        self.engine_errors_in_a_row = 0
+        comparison = result | {"job_id": prompt.job_id, "model_a": prompt.model, "model_b": options.baseline}
+        if not await self.db_call(
+            evaluation_queries.complete_comparison,
+            worker_id=self.id,
+            prompt_id=prompt.id,
+            comparison=comparison,
+        ):
+            log.warning("prompt %d: lease lost before its comparison was written; discarded", prompt.id)
+
+    @staticmethod
+    def sampling_of(prompt: job_queries.ClaimedPrompt) -> Sampling:
+        return Sampling(
             temperature=prompt.sampling["temperature"],
             top_p=prompt.sampling["top_p"],
             max_tokens=prompt.sampling["max_tokens"],
             seed=prompt.sampling.get("seed"),
         )
+
+    async def make_pair(self, prompt: job_queries.ClaimedPrompt) -> PairDraft:
+        spec, few_shot = await self.constitution(prompt.constitution_version_id, prompt.constitution_hash)
+        mode = GenerationMode.model_validate(prompt.options or {})
+        sampling = self.sampling_of(prompt)
         scorer_spec = mode.effective_scorer()
         scorer = await self.scorer(scorer_spec, spec, prompt.constitution_hash) if scorer_spec else None
         request_prefix = f"{self.id}-a{prompt.attempts}-"

@@ -21,14 +21,18 @@ from sqlalchemy import Engine as DBEngine
 from sqlalchemy.exc import SQLAlchemyError
 
 from cai_dpo.core import queue
+from cai_dpo.core.constitutions import ConstitutionStore
 from cai_dpo.core.db import database_url, get_engine
+from cai_dpo.core.evaluation import EvaluationRequest
 from cai_dpo.core.export_format import split_of
 from cai_dpo.core.model_sources import resolve_model, trained_model_path, training_output_dir
+from cai_dpo.core.queries import constitutions as constitution_queries
+from cai_dpo.core.queries import evaluations as evaluation_queries
 from cai_dpo.core.queries import pairs as pair_queries
 from cai_dpo.core.queries import policies as policy_queries
 from cai_dpo.core.queries import training as training_queries
 from cai_dpo.core.settings import Settings
-from cai_dpo.core.tables import TrainingJob
+from cai_dpo.core.tables import Evaluation, TrainingJob
 from cai_dpo.core.training_params import TrainParams, TrainPolicyIn
 from cai_dpo.workers.runtime import WorkerRuntime
 from cai_dpo.workers.training.data import PairExample
@@ -68,17 +72,28 @@ class TrainingWorker(WorkerRuntime):
                 self.wakeup.clear()
                 try:
                     await self.queue_automatic_jobs()
+                    await self.settle_evaluations()
                     job = await self.db_call(
                         training_queries.claim_training_job,
                         worker_id=self.id,
                         lease_seconds=self.settings.lease_seconds,
                         max_attempts=self.settings.max_attempts,
                     )
+                    evaluation = None
+                    if job is None:
+                        evaluation = await self.db_call(
+                            evaluation_queries.claim_evaluation,
+                            worker_id=self.id,
+                            lease_seconds=self.settings.lease_seconds,
+                            max_attempts=self.settings.max_attempts,
+                        )
                 except (SQLAlchemyError, psycopg.Error) as exc:  # the database restarting
                     log.warning("database unavailable (%s); retrying after the poll interval", exc)
-                    job = None
+                    job = evaluation = None
                 if job is not None:
                     await self.train(job)
+                elif evaluation is not None:
+                    await self.evaluate(evaluation)
                 else:
                     await self.wait_for_work()
         finally:
@@ -166,6 +181,7 @@ class TrainingWorker(WorkerRuntime):
                 eval_after=result.eval_after,
             )
             log.info("training job %d succeeded: %s", job.id, result.model_dir)
+            await self.queue_automatic_evaluation(job)
         elif self.stop_requested.is_set():
             await self.db_call(queue.release, queue.TRAINING, worker_id=self.id, ids=[job.id])
             log.info(
@@ -181,6 +197,123 @@ class TrainingWorker(WorkerRuntime):
                 result.step,
                 "cancelled" if row.cancel_requested else "lease lost",
             )
+
+    # --- evaluation -------------------------------------------------------------------------
+
+    async def queue_automatic_evaluation(self, job: TrainingJob) -> None:
+        """Every finished job is evaluated unless its params say `evaluate: false`; a job that held
+        out no pairs and names no prompts has nothing to compare on."""
+        params = TrainParams.model_validate(job.params)
+        request = params.evaluation or EvaluationRequest()
+        if not params.evaluate:
+            return
+        row = await self.db_call(training_queries.get_training_job, job.id)
+        if request.prompts is None and not row.eval_pair_ids:
+            log.info("training job %d: no held-out prompts, so no automatic evaluation", job.id)
+            return
+        evaluation = await self.db_call(evaluation_queries.create_evaluation, job.id, request)
+        log.info("training job %d: evaluation %d queued", job.id, evaluation.id)
+
+    async def evaluate(self, evaluation: Evaluation) -> None:
+        """Reward accuracy on the external set (here, on torch), then the win-rate job for the
+        generation workers; the comparisons are summed up when that job is done."""
+        keeper = self.keeper(queue.EVALUATIONS)
+        token = _Run()
+        keeper.hold(evaluation.id, token)
+        try:
+            request = EvaluationRequest.model_validate(evaluation.request)
+            job = await self.db_call(training_queries.get_training_job, evaluation.train_id)
+            external = await self.external_accuracy(job, request) if request.external else None
+            compare_job = await self.db_call(self.queue_comparisons, evaluation, job, request)
+            done = await self.db_call(
+                queue.finish,
+                queue.EVALUATIONS,
+                worker_id=self.id,
+                id=evaluation.id,
+                status="comparing",
+                external=external,
+                compare_job_id=compare_job.id,
+            )
+            if done:
+                log.info("evaluation %d: comparing on job %d", evaluation.id, compare_job.id)
+        except Exception as exc:  # noqa: BLE001 - reported on the evaluation
+            log.exception("evaluation %d failed", evaluation.id)
+            await self.db_call(
+                queue.fail,
+                queue.EVALUATIONS,
+                worker_id=self.id,
+                id=evaluation.id,
+                error=f"{type(exc).__name__}: {exc}",
+                retryable=not isinstance(exc, ValueError),
+                max_attempts=self.settings.max_attempts,
+            )
+        finally:
+            keeper.drop(evaluation.id, token)
+
+    async def external_accuracy(self, job: TrainingJob, request: EvaluationRequest) -> dict[str, Any]:
+        from cai_dpo.workers.training.evaluation import external_reward_accuracy
+
+        ids = await self.db_call(pair_queries.pair_ids, request.external)
+        examples = await self.load_pairs(ids[: request.max_external_pairs])
+        if not examples:
+            raise ValueError(f"external: no pairs match {request.external.described()}")
+        params = TrainParams.model_validate(job.params)
+        trained = resolve_model(f"train:{job.id}", self.settings, trained_path=job.artifact_path)
+        base_name = job.base_model or self.settings.model
+        base = resolve_model(
+            base_name, self.settings, trained_path=await self.db_call(trained_model_path, base_name)
+        )
+        result = await asyncio.to_thread(
+            external_reward_accuracy,
+            trained=trained,
+            base=base,
+            beta=params.beta,
+            examples=examples,
+            max_length=params.max_length,
+        )
+        return result | {"filter": request.external.described()}
+
+    def queue_comparisons(
+        self, session: Any, evaluation: Evaluation, job: TrainingJob, request: EvaluationRequest
+    ):
+        """The win-rate job: held-out prompts (or the request's), the constitution whose comparison
+        principles the judge asks, answers sampled as by default."""
+        if request.prompts is not None:
+            prompts = [[{"role": "user", "content": text}] for text in request.prompts[: request.max_prompts]]
+        else:
+            prompts = evaluation_queries.held_out_prompts(session, job, request.max_prompts)
+        if not prompts:
+            raise ValueError("no held-out prompts to compare on: give `prompts`")
+        name = request.constitution or job.dataset.get("constitution") or "harmless"
+        constitution = ConstitutionStore(self.settings.constitutions_dir).get(name)
+        version = constitution_queries.store_constitution_version(session, constitution)
+        sampling = {
+            "temperature": self.settings.temperature,
+            "top_p": self.settings.top_p,
+            "max_tokens": request.max_tokens,
+            "seed": evaluation.id,
+        }
+        return evaluation_queries.queue_comparison_job(
+            session,
+            evaluation=evaluation,
+            train_job=job,
+            prompts=prompts,
+            constitution_version=version,
+            baseline=job.base_model or self.settings.model,
+            sampling=sampling,
+        )
+
+    async def settle_evaluations(self) -> None:
+        for evaluation in await self.db_call(evaluation_queries.settle_evaluations):
+            log.info(
+                "evaluation %d of training job %d: win rate %s, %s",
+                evaluation.id,
+                evaluation.train_id,
+                evaluation.win_rate.get("rate") if evaluation.win_rate else None,
+                (evaluation.promotion or {}).get("reason"),
+            )
+
+    # --- around the loop --------------------------------------------------------------------
 
     async def snapshot_pairs(self, job: TrainingJob, params: TrainParams) -> tuple[list[int], list[int]]:
         """The pairs a job trains on, fixed at its first start: later pairs never leak in."""

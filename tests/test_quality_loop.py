@@ -1,0 +1,408 @@
+"""The quality loop's bookkeeping: generation modes (revise + verify, ai_feedback, best_of_n) write
+pairs with their preference, scores and margin; exports filter on them; an evaluation compares
+the trained model with its base and the promotion gate acts on the win rate.
+
+A scripted engine stands in for vLLM (it prefers the longer of two options, so outcomes are
+known), with the real `Judge` building the questions; the same modes on the real engine and the
+bundled model are in test_quality_e2e.py. The statistics are tested alone at the top.
+"""
+
+import asyncio
+import json
+import math
+import re
+
+import pytest
+from sqlalchemy import select
+
+from cai_dpo.core.db import session_scope
+from cai_dpo.core.evaluation import (
+    EvaluationRequest,
+    promotion_decision,
+    reward_accuracy,
+    wilson_interval,
+    win_rate,
+)
+from cai_dpo.core.queries import evaluations as evaluation_queries
+from cai_dpo.core.queries import training as training_queries
+from cai_dpo.core.tables import Comparison, Pair, Prompt, TrainingJob, TrainPolicy
+from cai_dpo.workers.generation.modes import log_odds
+from cai_dpo.workers.generation.worker import GenerationWorker
+from cai_dpo.workers.training.worker import TrainingWorker
+from tests.fake_engine import ScriptedEngine
+from tests.helpers import statuses
+
+# --- the statistics, alone ------------------------------------------------------------------------
+
+
+@pytest.mark.unit
+def test_win_rate_counts_ties_as_half_and_gives_a_wilson_interval():
+    result = win_rate([0.9, 0.8, 0.52, 0.48, 0.1, 0.3])
+    assert (result.wins, result.ties, result.losses, result.n) == (2, 2, 2, 6)
+    assert result.rate == pytest.approx(0.5)
+    low, high = result.ci95
+    assert low < 0.5 < high and high - low > 0.5  # six comparisons decide nothing
+    # The Wilson interval of 45 successes in 50: known values (Wilson 1927; e.g. R's prop.test
+    # without continuity correction gives 0.7864..0.9565).
+    assert wilson_interval(45, 50) == pytest.approx((0.7864, 0.9565), abs=1e-4)
+    assert win_rate([]).n == 0 and win_rate([]).ci95 == (0.0, 1.0)
+
+
+@pytest.mark.unit
+def test_promotion_needs_the_lower_bound_above_one_half():
+    assert promotion_decision(win_rate([0.9] * 40))[0] is True
+    promoted, reason = promotion_decision(win_rate([0.9] * 6 + [0.1] * 4))
+    assert promoted is False and "does not exclude 0.5" in reason
+    assert promotion_decision(win_rate([]))[0] is False
+
+
+@pytest.mark.unit
+def test_reward_accuracy_and_margin():
+    assert reward_accuracy([1.0, 2.0, 0.0], [0.5, 3.0, -1.0]) == {
+        "accuracy": pytest.approx(2 / 3),
+        "mean_margin": pytest.approx((0.5 - 1.0 + 1.0) / 3),
+        "n": 3,
+    }
+
+
+@pytest.mark.unit
+def test_margin_is_the_log_odds_of_the_preference():
+    assert log_odds(0.5) == 0.0 and log_odds(0.731058578) == pytest.approx(1.0, abs=1e-6)
+    assert math.isfinite(log_odds(1.0)) and math.isfinite(log_odds(0.0))
+
+
+# --- modes on a scripted engine --------------------------------------------------------------------
+
+
+class LengthJudgeEngine(ScriptedEngine):
+    """Answers chats like ScriptedEngine; as a judge, it prefers the longer option by a known margin.
+
+    Sampled answers differ in length by their seed, so `n` samples rank deterministically.
+    """
+
+    def __init__(self, model: str = "smollm2-135m-instruct", **kwargs):
+        super().__init__(model=model, **kwargs)
+        self.judged = 0
+
+    async def chat(self, messages, sampling, request_id):
+        result = await super().chat(messages, sampling, request_id)
+        if "-sample" in request_id:  # ai_feedback / best_of_n: answers of different lengths
+            result.text = "word " * (1 + int(request_id.rsplit("sample", 1)[1].split("#")[0]))
+        return result
+
+    async def option_logprobs(self, messages, assistant_prefix, options, request_id):
+        self.judged += 1
+        text = messages[-1]["content"]
+        a = re.search(r"\n\(A\) (.*)\n\(B\) ", text, re.S).group(1)
+        b = text.rsplit("\n(B) ", 1)[1]
+        longer_a = len(a) >= len(b)
+        return {"A": math.log(0.8 if longer_a else 0.2), "B": math.log(0.2 if longer_a else 0.8)}
+
+    async def continue_chat(self, messages, assistant_prefix, sampling, request_id):
+        return await super().chat(messages, sampling, request_id)
+
+
+def run_generation(settings, db, engine, condition, timeout: float = 60.0) -> GenerationWorker:
+    settings = settings.model_copy(update={"max_in_flight": 4, "claim_batch": 4, "poll_seconds": 0.1})
+    worker = GenerationWorker(settings, db, url=settings.database_url, engine_factory=lambda *_: engine)
+
+    async def main():
+        task = asyncio.create_task(worker.run())
+        try:
+            async with asyncio.timeout(timeout):
+                while not await asyncio.to_thread(condition):
+                    if task.done():
+                        task.result()
+                    await asyncio.sleep(0.05)
+        finally:
+            worker.stop()
+            await task
+
+    asyncio.run(main())
+    return worker
+
+
+def all_done(db):
+    return lambda: bool(statuses(db)) and all(status == "done" for status, _, _ in statuses(db).values())
+
+
+def pairs(db) -> list[Pair]:
+    with session_scope(db) as session:
+        return list(session.scalars(select(Pair).order_by(Pair.id)))
+
+
+@pytest.mark.db
+def test_ai_feedback_keeps_the_judges_favourite_and_least_favourite(client, settings, db):
+    body = {"prompts": ["one", "two"], "constitution": "harmless", "mode": "ai_feedback", "n": 3}
+    body["scorer"] = {"kind": "judge", "k": 2}
+    assert client.post("/generate", json=body).status_code == 202
+    engine = LengthJudgeEngine()
+    run_generation(settings, db, engine, all_done(db))
+    stored = pairs(db)
+    assert len(stored) == 2
+    for pair in stored:
+        # Three samples of 1, 2 and 3 words: the judge prefers the longer one, 80:20 each time.
+        assert pair.chosen == "word word word" and pair.rejected == "word"
+        assert pair.trajectory["mode"] == "ai_feedback" and len(pair.trajectory["samples"]) == 3
+        assert pair.scorer == "judge" and pair.scores is None
+        assert pair.preference["p_chosen"] == pytest.approx(0.8)
+        assert pair.preference["orders"] == 2 and len(pair.preference["principles"]) == 2
+        assert pair.margin == pytest.approx(math.log(0.8 / 0.2))
+    # 3 pairs of samples, 2 principles, 2 orders, per prompt.
+    assert engine.judged == 2 * 3 * 2 * 2
+
+
+@pytest.mark.db
+def test_verify_flags_a_revision_the_judge_does_not_prefer_and_exports_filter_on_it(client, settings, db):
+    body = {"prompts": ["a", "b"], "constitution": "harmless", "verify": {"scorer": {"kind": "judge"}}}
+    assert client.post("/generate", json=body).status_code == 202
+    # Revisions are shorter than first answers here ("answer to: <critique request>"... vs the
+    # prompt): the length judge prefers whichever is longer; which one that is, the pair says.
+    run_generation(settings, db, LengthJudgeEngine(), all_done(db))
+    stored = pairs(db)
+    assert len(stored) == 2
+    for pair in stored:
+        preferred_revision = len(pair.chosen) >= len(pair.rejected)
+        assert pair.preference["p_chosen"] == pytest.approx(0.8 if preferred_revision else 0.2)
+        assert ("not_improved" in pair.flags) == (not preferred_revision)
+    exported = client.get("/export", params={"metadata": True, "include_flagged": True}).text.splitlines()
+    rows = [json.loads(line) for line in exported]
+    assert {row["scorer"] for row in rows} == {"judge"}
+    assert all(row["p_chosen"] in (pytest.approx(0.8), pytest.approx(0.2)) for row in rows)
+    assert all(row["score_chosen"] is None for row in rows)  # a judge compares; it gives no scores
+    improved = [row["id"] for row in rows if row["p_chosen"] > 0.5]
+    filtered = client.get("/pairs", params={"min_margin": 1, "include_flagged": True}).json()["items"]
+    assert sorted(item["id"] for item in filtered) == sorted(improved)
+    assert (
+        client.get("/pairs", params={"scorer": "reward_model", "include_flagged": True}).json()["items"] == []
+    )
+
+
+class LengthScorer:
+    """A scorer with scores (as a reward model): the number of characters."""
+
+    kind = "reward_model"
+    model = "length"
+
+    async def score(self, conversation, responses):
+        return [float(len(r)) for r in responses]
+
+    async def compare(self, conversation, first, second, *, seed):
+        raise AssertionError("a scoring scorer ranks by its scores")
+
+
+@pytest.mark.db
+def test_best_of_n_keeps_the_best_and_worst_scores(client, settings, db, tmp_path):
+    (tmp_path / "config.json").write_text("{}")  # a model folder (the scorer itself is scripted)
+    body = {
+        "prompts": ["one"],
+        "constitution": "harmless",
+        "mode": "best_of_n",
+        "n": 4,
+        "scorer": {"kind": "reward_model", "model": str(tmp_path)},
+    }
+    assert client.post("/generate", json=body).status_code == 202
+    engine = LengthJudgeEngine()
+    settings = settings.model_copy(update={"max_in_flight": 4})
+    worker = GenerationWorker(settings, db, url=settings.database_url, engine_factory=lambda *_: engine)
+
+    async def scripted_scorer(spec, constitution, constitution_hash):
+        assert spec.kind == "reward_model" and spec.model == str(tmp_path)
+        return LengthScorer()
+
+    worker.scorer = scripted_scorer
+
+    async def main():
+        task = asyncio.create_task(worker.run())
+        async with asyncio.timeout(60):
+            while not await asyncio.to_thread(all_done(db)):
+                await asyncio.sleep(0.05)
+        worker.stop()
+        await task
+
+    asyncio.run(main())
+    (pair,) = pairs(db)
+    assert pair.chosen == "word word word word" and pair.rejected == "word"  # answers are stored trimmed
+    assert pair.scores == {"chosen": 19.0, "rejected": 4.0}
+    assert pair.margin == pytest.approx(pair.scores["chosen"] - pair.scores["rejected"])  # Bradley-Terry
+    assert pair.scorer == "reward_model" and pair.preference["orders"] == 1
+
+
+@pytest.mark.db
+def test_bad_modes_are_refused_naming_the_field(client):
+    cases = [
+        ({"mode": "best_of_n"}, "scorer"),
+        ({"mode": "best_of_n", "scorer": {"kind": "judge"}}, "scorer"),
+        ({"mode": "ai_feedback", "n": 1}, "n"),
+        ({"mode": "revise", "scorer": {"kind": "judge"}}, "scorer"),
+        ({"mode": "ai_feedback", "verify": {"scorer": {"kind": "judge"}}}, "verify"),
+        ({"mode": "best_of_n", "scorer": {"kind": "reward_model", "model": "/nowhere"}}, "scorer.model"),
+        ({"mode": "best_of_n", "scorer": {"kind": "implicit", "model": "train:99"}}, "scorer.model"),
+        ({"verify": {"scorer": {"kind": "reward_model"}}}, "verify.scorer"),
+    ]
+    for extra, field in cases:
+        response = client.post("/generate", json={"prompts": ["x"], "constitution": "harmless"} | extra)
+        assert response.status_code == 422, (extra, response.text)
+        assert response.json()["detail"].startswith(field), (extra, response.json()["detail"])
+
+
+# --- evaluation and the promotion gate -------------------------------------------------------------
+
+
+def succeeded_training_job(db, tmp_path, *, policy: str | None = None) -> int:
+    artifact = tmp_path / "artifact"
+    artifact.mkdir()
+    (artifact / "config.json").write_text("{}")
+    with session_scope(db) as session:
+        if policy:
+            session.add(TrainPolicy(constitution_name=policy, min_new_pairs=10**6, params={}, promote=True))
+            session.flush()
+        job = training_queries.create_training_job(
+            session,
+            base_model="smollm2-135m-instruct",
+            dataset={"constitution": "harmless"},
+            params={},
+            policy=policy,
+        )
+        job.status, job.artifact_path = "succeeded", str(artifact)
+        return job.id
+
+
+class TrainedIsLonger(LengthJudgeEngine):
+    """The 'trained' model answers at length, the base model briefly: the judge prefers the trained one."""
+
+    async def chat(self, messages, sampling, request_id):
+        result = await super().chat(messages, sampling, request_id)
+        if request_id.endswith(("-a", "-b")) or "-a#" in request_id or "-b#" in request_id:
+            result.text = "a long and careful answer" if self.model.startswith("train:") else "no"
+        return result
+
+
+@pytest.mark.db
+def test_an_evaluation_compares_trained_and_base_and_promotes_past_the_gate(client, settings, db, tmp_path):
+    train_id = succeeded_training_job(db, tmp_path, policy="harmless")
+    prompts = [f"held-out question {i}" for i in range(12)]
+    response = client.post(
+        f"/train/{train_id}/evaluate", json={"prompts": prompts, "judge": {"kind": "judge"}}
+    )
+    assert response.status_code == 202, response.text
+    assert response.json()["evaluation"]["status"] == "queued"
+
+    # The training worker takes the evaluation and queues the comparison job...
+    trainer = TrainingWorker(settings, db, url=settings.database_url)
+
+    async def take_evaluation():
+        with session_scope(db) as session:
+            evaluation = evaluation_queries.claim_evaluation(
+                session, worker_id=trainer.id, lease_seconds=60, max_attempts=3
+            )
+        await trainer.evaluate(evaluation)
+
+    asyncio.run(take_evaluation())
+    state = client.get(f"/train/{train_id}").json()["evaluation"]
+    assert state["status"] == "comparing" and state["win_rate"]["open"] == 12
+
+    # ...the generation workers answer with both models and judge...
+    engines = {}
+
+    def engine_factory(settings_, model, trained_path):
+        engines[model] = TrainedIsLonger(model=model)
+        return engines[model]
+
+    worker_settings = settings.model_copy(
+        update={"model": f"train:{train_id}", "max_in_flight": 4, "poll_seconds": 0.1}
+    )
+    worker = GenerationWorker(worker_settings, db, url=settings.database_url, engine_factory=engine_factory)
+
+    async def compare():
+        task = asyncio.create_task(worker.run())
+        async with asyncio.timeout(60):
+            while not await asyncio.to_thread(all_done(db)):
+                await asyncio.sleep(0.05)
+        worker.stop()
+        await task
+
+    asyncio.run(compare())
+    assert set(engines) == {f"train:{train_id}", "smollm2-135m-instruct"}
+    with session_scope(db) as session:
+        comparisons = session.scalars(select(Comparison)).all()
+        assert len(comparisons) == 12 and all(c.p_a == pytest.approx(0.8) for c in comparisons)
+        assert {c.model_a for c in comparisons} == {f"train:{train_id}"}
+
+    # ...and the next idle turn of a training worker settles it: 12 wins of 12.
+    asyncio.run(trainer.settle_evaluations())
+    evaluation = client.get(f"/train/{train_id}").json()["evaluation"]
+    assert evaluation["status"] == "done"
+    win = evaluation["win_rate"]
+    assert (win["wins"], win["ties"], win["losses"], win["n"]) == (12, 0, 0, 12)
+    assert win["rate"] == 1.0 and win["ci95"][0] > 0.5
+    assert evaluation["promotion"]["promoted"] is True
+    # The constitution now generates with the trained model by default; one call undoes it.
+    job = client.post("/generate", json={"prompts": ["next round"], "constitution": "harmless"}).json()
+    assert client.get(f"/jobs/{job['job_id']}").json()["model"] == f"train:{train_id}"
+    policy = client.get("/train/policies").json()[0]
+    assert policy["promoted"]["model"] == f"train:{train_id}"
+    assert client.delete("/train/policies/harmless/promotion").status_code == 204
+    job = client.post("/generate", json={"prompts": ["after"], "constitution": "harmless"}).json()
+    assert client.get(f"/jobs/{job['job_id']}").json()["model"] == "smollm2-135m-instruct"
+
+
+@pytest.mark.db
+def test_no_promotion_without_a_clear_win(client, settings, db, tmp_path):
+    train_id = succeeded_training_job(db, tmp_path, policy="harmless")
+    with session_scope(db) as session:
+        evaluation = evaluation_queries.create_evaluation(session, train_id, EvaluationRequest(prompts=["q"]))
+        job = session.get(TrainingJob, train_id)
+        compare_job = evaluation_queries.queue_comparison_job(
+            session,
+            evaluation=evaluation,
+            train_job=job,
+            prompts=[[{"role": "user", "content": "q"}]] * 4,
+            constitution_version=_any_version(session, settings),
+            baseline="smollm2-135m-instruct",
+            sampling={"temperature": 0.7, "top_p": 0.95, "max_tokens": 8, "seed": 0},
+        )
+        evaluation.status, evaluation.compare_job_id = "comparing", compare_job.id
+        for n, prompt in enumerate(session.scalars(select(Prompt).where(Prompt.job_id == compare_job.id))):
+            prompt.status = "done"
+            session.add(
+                Comparison(
+                    prompt_id=prompt.id,
+                    job_id=compare_job.id,
+                    model_a="t",
+                    model_b="b",
+                    answer_a="x",
+                    answer_b="y",
+                    p_a=[0.9, 0.9, 0.9, 0.2][n],
+                    preference={},
+                )
+            )
+    with session_scope(db) as session:
+        (settled,) = evaluation_queries.settle_evaluations(session)
+        assert settled.win_rate["wins"] == 3 and settled.promotion["promoted"] is False
+        assert "does not exclude 0.5" in settled.promotion["reason"]
+        assert evaluation_queries.promotion_for(session, "harmless") is None
+    with session_scope(db) as session:  # settled once: nothing left to settle
+        assert evaluation_queries.settle_evaluations(session) == []
+
+
+@pytest.mark.db
+def test_evaluate_refuses_what_it_cannot_do(client, settings, db, tmp_path):
+    assert client.post("/train/12345/evaluate").status_code == 404
+    train_id = succeeded_training_job(db, tmp_path)
+    response = client.post(f"/train/{train_id}/evaluate")  # no held-out pairs and no prompts
+    assert response.status_code == 422 and response.json()["detail"].startswith("prompts")
+    response = client.post(
+        f"/train/{train_id}/evaluate",
+        json={"prompts": ["q"], "judge": {"kind": "reward_model", "model": "x"}},
+    )
+    assert response.status_code == 422 and response.json()["detail"].startswith("judge")
+
+
+def _any_version(session, settings):
+    from cai_dpo.core.constitutions import ConstitutionStore
+    from cai_dpo.core.queries import constitutions as constitution_queries
+
+    return constitution_queries.store_constitution_version(
+        session, ConstitutionStore(settings.constitutions_dir).get("harmless")
+    )
