@@ -1,6 +1,7 @@
-"""Helpers the tests share: HH-RLHF data parsed by the import code, free ports, waiting for a state.
+"""Helpers the tests share: HH-RLHF data parsed by the import code, job and pair builders, free
+ports, waiting for a state.
 
-Test modules import from here, never from each other.
+Test modules import from here (and from tests/fixtures, tests/fake_engine.py), never from each other.
 """
 
 from __future__ import annotations
@@ -8,11 +9,24 @@ from __future__ import annotations
 import gzip
 import json
 import socket
+import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
+from sqlalchemy import Engine, select
+
+from cai_dpo.core.constitutions import ConstitutionStore
+from cai_dpo.core.db import libpq_url, session_scope
 from cai_dpo.core.pair_import import ImportedPair, parse_pair
+from cai_dpo.core.queries import constitutions as constitution_queries
+from cai_dpo.core.queries import jobs as job_queries
+from cai_dpo.core.queries import training as training_queries
+from cai_dpo.core.settings import Settings
+from cai_dpo.core.tables import Pair, Prompt
+
+MODEL = "smollm2-135m-instruct"
 
 HH_PATH = Path(__file__).parent / "data" / "hh-rlhf-harmless-test-800.jsonl.gz"
 
@@ -48,18 +62,113 @@ def hh_prompts(n: int, offset: int = 0, max_chars: int = 300) -> list[str]:
     raise AssertionError(f"the excerpt has fewer than {n + offset} distinct prompts")
 
 
+def with_database(url: str, name: str) -> str:
+    """`url` (any form the settings take) pointed at the database `name` on the same server."""
+    return urlunsplit(urlsplit(libpq_url(url))._replace(path=f"/{name}"))
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
-def wait_for(condition: Callable[[], object], timeout: float, what: str, *, interval: float = 0.2):
-    """Poll `condition` until it returns something truthy (returned), or fail naming `what`."""
+def wait_for(
+    condition: Callable[[], object],
+    timeout: float,
+    what: str,
+    *,
+    procs: Sequence[subprocess.Popen] = (),
+    interval: float = 0.2,
+):
+    """Poll `condition` until it returns something truthy (returned), or fail naming `what`; fail
+    at once if one of `procs` (the workers the condition waits on) exits meanwhile."""
     deadline = time.monotonic() + timeout
     while True:
         result = condition()
         if result:
             return result
+        for proc in procs:
+            assert proc.poll() is None, f"process {proc.pid} exited with {proc.returncode} waiting for {what}"
         assert time.monotonic() < deadline, f"timed out after {timeout:.0f} s waiting for {what}"
         time.sleep(interval)
+
+
+# --- rows written directly (the API and worker tests write them through the service) -------------
+
+
+def make_job(db: Engine, settings: Settings, n: int, model: str = MODEL) -> int:
+    """A generation job of `n` one-message prompts ("prompt 0", ...) on the harmless constitution."""
+    constitution = ConstitutionStore(settings.constitutions_dir).get("harmless")
+    with session_scope(db) as session:
+        version = constitution_queries.store_constitution_version(session, constitution)
+        job = job_queries.create_generation_job(
+            session,
+            constitution_version=version,
+            model=model,
+            revisions=1,
+            sampling={"temperature": 0.7, "top_p": 0.95, "max_tokens": 32, "seed": None},
+            metadata={},
+            prompts=[[{"role": "user", "content": f"prompt {i}"}] for i in range(n)],
+            idempotency_key=None,
+            request_hash=None,
+        )
+        return job.id
+
+
+def make_training_jobs(db: Engine, n: int, base_model: str = MODEL) -> list[int]:
+    """`n` queued training jobs (no pairs behind them: for the queue, not for a trainer)."""
+    with session_scope(db) as session:
+        return [
+            training_queries.create_training_job(
+                session, base_model=base_model, dataset={"source": "test"}, params={"max_steps": 1}
+            ).id
+            for _ in range(n)
+        ]
+
+
+def statuses(db: Engine, table: type = Prompt) -> dict[int, tuple[str, int, str | None]]:
+    """Every leased row of `table` (prompts, training jobs): id -> (status, attempts, lease owner)."""
+    with session_scope(db) as session:
+        return {row.id: (row.status, row.attempts, row.lease_owner) for row in session.scalars(select(table))}
+
+
+def insert_pairs(db: Engine, n: int, *, flagged_extra: bool = True) -> None:
+    """Pairs 1..n ("prompt i", "chosen i", "rejected i", source "test", constitution harmless), and
+    with `flagged_extra` one more flagged `unchanged`."""
+    with session_scope(db) as session:
+        rows = [
+            {
+                "source": "test",
+                "constitution_name": "harmless",
+                "prompt": [{"role": "user", "content": f"prompt {i}"}],
+                "chosen": f"chosen {i}",
+                "rejected": f"rejected {i}",
+                "trajectory": {
+                    "principles": ["harm"],
+                    "rounds": [{"principle": "harm", "critique": f"critique {i}", "revision": f"chosen {i}"}],
+                },
+                "flags": [],
+            }
+            for i in range(1, n + 1)
+        ]
+        if flagged_extra:
+            rows.append({**rows[0], "chosen": "same", "rejected": "same", "flags": ["unchanged"]})
+        session.execute(Pair.__table__.insert(), rows)
+
+
+class SharedEngine:
+    """The session's vLLM engine (`vllm_engine` fixture) lent to one in-process worker: the
+    worker's start and shutdown leave it running for the next test."""
+
+    def __init__(self, handle):
+        self.inner = handle.engine
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    async def start(self):
+        pass
+
+    async def shutdown(self):
+        pass

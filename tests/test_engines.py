@@ -8,7 +8,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,6 +27,7 @@ from cai_dpo.workers.generation.engines import (
     VLLMEngine,
     make_engine,
 )
+from tests.helpers import free_port
 
 MODEL_NAME = "smollm2-135m-instruct"
 GREEDY = Sampling(temperature=0.0, top_p=1.0, max_tokens=64)
@@ -67,16 +67,23 @@ def completion(text: str = "Paris.", finish: str = "stop", cached: int | None = 
 
 
 def mock_engine(handler, **kwargs) -> tuple[OpenAIEngine, list[float]]:
+    """An OpenAIEngine whose chat requests `handler` answers, on a server that does not say its
+    context length (`GET /models` is a 404), so no `/tokenize` request comes before a chat."""
     delays: list[float] = []
 
     async def record_sleep(seconds: float) -> None:
         delays.append(seconds)
 
+    def server(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/models":
+            return httpx.Response(404)
+        return handler(request)
+
     options = {"max_retries": 4, "backoff_base": 0.5, "backoff_max": 30.0, **kwargs}
     engine = OpenAIEngine(
         "http://llm.test/v1",
         MODEL_NAME,
-        transport=httpx.MockTransport(handler),
+        transport=httpx.MockTransport(server),
         sleep=record_sleep,
         **options,
     )
@@ -91,6 +98,7 @@ async def started(engine: OpenAIEngine, coro_factory):
         await engine.shutdown()
 
 
+@pytest.mark.unit
 def test_openai_engine_sends_the_request_and_reads_usage():
     seen: list[httpx.Request] = []
 
@@ -125,6 +133,7 @@ def test_openai_engine_sends_the_request_and_reads_usage():
     assert stats.in_flight == 0 and stats.failed == 0
 
 
+@pytest.mark.unit
 def test_openai_engine_without_cached_details_reports_none_and_length():
     bodies: list[dict] = []
 
@@ -138,6 +147,7 @@ def test_openai_engine_without_cached_details_reports_none_and_length():
     assert "seed" not in bodies[0] and "Authorization" not in bodies[0]
 
 
+@pytest.mark.unit
 def test_openai_engine_rejects_an_unexpected_finish_reason():
     engine, delays = mock_engine(lambda request: httpx.Response(200, json=completion(finish="abort")))
     with pytest.raises(EngineError, match="abort"):
@@ -145,6 +155,7 @@ def test_openai_engine_rejects_an_unexpected_finish_reason():
     assert engine.stats().failed == 1
 
 
+@pytest.mark.unit
 def test_openai_engine_retries_5xx_with_growing_backoff_then_succeeds():
     statuses = iter([503, 502, 200])
     request_ids: list[str] = []
@@ -165,6 +176,7 @@ def test_openai_engine_retries_5xx_with_growing_backoff_then_succeeds():
     assert engine.stats().requests == 1 and engine.stats().failed == 0
 
 
+@pytest.mark.unit
 def test_openai_engine_retries_429_honouring_retry_after():
     statuses = iter([429, 200])
 
@@ -179,6 +191,7 @@ def test_openai_engine_retries_429_honouring_retry_after():
     assert delays == [7.0]
 
 
+@pytest.mark.unit
 def test_openai_engine_gives_up_on_connection_errors_after_max_retries():
     calls = 0
 
@@ -195,6 +208,7 @@ def test_openai_engine_gives_up_on_connection_errors_after_max_retries():
     assert engine.stats().failed == 1 and engine.stats().requests == 0
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("status", [400, 401, 404, 422])
 def test_openai_engine_fails_client_errors_at_once(status):
     calls = 0
@@ -211,6 +225,7 @@ def test_openai_engine_fails_client_errors_at_once(status):
     assert calls == 1 and delays == []
 
 
+@pytest.mark.unit
 def test_openai_engine_maps_context_length_400_to_prompt_too_long():
     calls = 0
 
@@ -225,6 +240,7 @@ def test_openai_engine_maps_context_length_400_to_prompt_too_long():
     assert calls == 1 and delays == []
 
 
+@pytest.mark.unit
 def test_openai_engine_never_exceeds_its_concurrency_limit():
     limit, requests = 3, 12
     in_flight = peak = 0
@@ -249,6 +265,7 @@ def test_openai_engine_never_exceeds_its_concurrency_limit():
     assert engine.stats().requests == requests and engine.stats().in_flight == 0
 
 
+@pytest.mark.unit
 def test_openai_engine_backoff_is_exponential_capped_and_jittered():
     engine = OpenAIEngine("http://llm.test/v1", MODEL_NAME, backoff_base=1.0, backoff_max=10.0)
     for attempt, cap in [(0, 1.0), (1, 2.0), (2, 4.0), (3, 8.0), (4, 10.0), (9, 10.0)]:
@@ -257,6 +274,7 @@ def test_openai_engine_backoff_is_exponential_capped_and_jittered():
         assert len(delays) > 1, "no jitter"
 
 
+@pytest.mark.model
 def test_make_engine_picks_the_engine_from_settings(bundled_model_path):
     remote = make_engine(
         Settings(engine="openai", openai_base_url="http://gpu-box:8001/v1", openai_concurrency=5), "my-model"
@@ -274,6 +292,7 @@ def test_make_engine_picks_the_engine_from_settings(bundled_model_path):
 # --- the real in-process VLLMEngine ---------------------------------------------------------------
 
 
+@pytest.mark.model
 @pytest.mark.vllm
 def test_vllm_chat_returns_text_finish_reason_and_token_counts(vllm_engine):
     engine: VLLMEngine = vllm_engine.engine
@@ -288,6 +307,7 @@ def test_vllm_chat_returns_text_finish_reason_and_token_counts(vllm_engine):
     assert short.finish_reason == "length" and short.completion_tokens == 3 and short.text
 
 
+@pytest.mark.model
 @pytest.mark.vllm
 def test_vllm_many_concurrent_conversations_share_the_prefix_cache(vllm_engine):
     engine: VLLMEngine = vllm_engine.engine
@@ -322,6 +342,7 @@ def test_vllm_many_concurrent_conversations_share_the_prefix_cache(vllm_engine):
     assert gained > 0.7 * (after.prompt_tokens - before.prompt_tokens)
 
 
+@pytest.mark.model
 @pytest.mark.vllm
 def test_vllm_prompt_too_long_fails_alone(vllm_engine):
     engine: VLLMEngine = vllm_engine.engine
@@ -341,6 +362,7 @@ def test_vllm_prompt_too_long_fails_alone(vllm_engine):
     assert engine.stats().in_flight == 0 and engine.stats().failed >= 1
 
 
+@pytest.mark.model
 @pytest.mark.vllm
 def test_vllm_clamps_max_tokens_to_the_room_left(vllm_engine):
     engine: VLLMEngine = vllm_engine.engine
@@ -360,6 +382,7 @@ def test_vllm_clamps_max_tokens_to_the_room_left(vllm_engine):
     assert result.finish_reason == "length" or result.completion_tokens < room
 
 
+@pytest.mark.model
 @pytest.mark.vllm
 def test_vllm_same_seed_same_text(vllm_engine):
     engine: VLLMEngine = vllm_engine.engine
@@ -379,6 +402,7 @@ def test_vllm_same_seed_same_text(vllm_engine):
     assert len({first, *others}) > 1, "different seeds should give different samples at temperature 1"
 
 
+@pytest.mark.model
 @pytest.mark.vllm
 def test_vllm_cancelled_chat_frees_its_slot(vllm_engine):
     engine: VLLMEngine = vllm_engine.engine
@@ -401,12 +425,6 @@ def test_vllm_cancelled_chat_frees_its_slot(vllm_engine):
 
 
 # --- OpenAIEngine against a real `vllm serve` -----------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -463,7 +481,9 @@ async def with_openai_engine(base_url: str, work):
         await engine.shutdown()
 
 
+@pytest.mark.model
 @pytest.mark.vllm
+@pytest.mark.e2e  # `vllm serve` runs as a subprocess
 def test_openai_engine_against_vllm_serve(vllm_server, vllm_engine):
     local: VLLMEngine = vllm_engine.engine
     long_prefix = [SHARED_SYSTEM, {"role": "user", "content": "Name a river."}]
@@ -489,7 +509,9 @@ def test_openai_engine_against_vllm_serve(vllm_server, vllm_engine):
     assert stats.requests == 6 and stats.cached_prompt_tokens >= cached[1].cached_tokens
 
 
+@pytest.mark.model
 @pytest.mark.vllm
+@pytest.mark.e2e  # `vllm serve` runs as a subprocess
 def test_openai_engine_prompt_too_long_against_vllm_serve(vllm_server):
     async def work(engine: OpenAIEngine):
         with pytest.raises(PromptTooLong):

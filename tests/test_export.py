@@ -6,12 +6,12 @@ from types import SimpleNamespace
 
 import pyarrow.parquet as pq
 import pytest
-from datasets import load_dataset
 
 from cai_dpo.core.export_format import export_row, prompt_text, split_of
-from tests.test_api import insert_pairs
+from tests.helpers import insert_pairs
 
 
+@pytest.mark.unit
 def test_split_is_deterministic_and_close_to_the_fraction():
     splits = [split_of(i, 0.2) for i in range(1, 5001)]
     assert splits == [split_of(i, 0.2) for i in range(1, 5001)]
@@ -20,6 +20,7 @@ def test_split_is_deterministic_and_close_to_the_fraction():
     assert {split_of(i, 1.0) for i in range(100)} == {"test"}
 
 
+@pytest.mark.unit
 def test_export_row_formats():
     row = SimpleNamespace(
         id=3,
@@ -33,6 +34,10 @@ def test_export_row_formats():
         flags=[],
         model="m",
         job_id=1,
+        scores=None,  # no scorer judged it
+        preference=None,
+        margin=None,
+        scorer=None,
     )
     assert export_row(row, style="standard", metadata=False) == {
         "prompt": "Q?",
@@ -44,6 +49,7 @@ def test_export_row_formats():
     assert conversational["chosen"] == [{"role": "assistant", "content": "good"}]
     assert conversational["rejected"] == [{"role": "assistant", "content": "bad"}]
     assert conversational["id"] == 3 and conversational["principles"] == ["harm"]
+    assert conversational["score_chosen"] is conversational["p_chosen"] is conversational["scorer"] is None
     multi = [
         {"role": "system", "content": "S"},
         {"role": "user", "content": "A"},
@@ -53,9 +59,12 @@ def test_export_row_formats():
     assert prompt_text(multi) == "\n\nSystem: S\n\nHuman: A\n\nAssistant: B\n\nHuman: C\n\nAssistant:"
 
 
+@pytest.mark.db
 @pytest.mark.parametrize("style", ["standard", "conversational"])
 @pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
 def test_export_loads_with_datasets_in_trl_columns(client, db, tmp_path, style, fmt):
+    from datasets import load_dataset  # Hugging Face's loader, as TRL reads a dataset
+
     insert_pairs(db, 20)
     response = client.get("/export", params={"format": fmt, "style": style})
     assert response.status_code == 200
@@ -72,6 +81,7 @@ def test_export_loads_with_datasets_in_trl_columns(client, db, tmp_path, style, 
         assert first["chosen"] == [{"role": "assistant", "content": "chosen 1"}]
 
 
+@pytest.mark.db
 def test_export_filters_split_and_metadata(client, db):
     insert_pairs(db, 50)
 
@@ -91,6 +101,7 @@ def test_export_filters_split_and_metadata(client, db):
     assert row["source"] == "test" and row["principles"] == ["harm"] and row["flags"] == []
 
 
+@pytest.mark.db
 def test_parquet_export_is_written_in_row_groups(client, db):
     insert_pairs(db, 4500, flagged_extra=False)
     response = client.get("/export", params={"format": "parquet", "metadata": True})
@@ -98,6 +109,7 @@ def test_parquet_export_is_written_in_row_groups(client, db):
     assert table.metadata.num_rows == 4500 and table.metadata.num_row_groups == 3
 
 
+@pytest.mark.db
 @pytest.mark.parametrize(
     ("params", "field"),
     [

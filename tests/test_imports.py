@@ -11,6 +11,7 @@ from cai_dpo.core.tables import Pair
 from tests.helpers import hh_lines
 
 
+@pytest.mark.unit
 def test_parse_each_format():
     standard = parse_pair({"prompt": "Q?", "chosen": "good", "rejected": "bad"})
     assert standard.prompt == [{"role": "user", "content": "Q?"}] and standard.format == "standard"
@@ -41,6 +42,7 @@ def test_parse_each_format():
     assert roundtrip.prompt == hh.prompt
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("row", "message"),
     [
@@ -78,11 +80,13 @@ def test_parse_errors(row, message):
         parse_pair(row)
 
 
+@pytest.mark.unit
 def test_columns_the_import_ignores_may_hold_anything():
     pair = parse_pair({"prompt": "Q", "chosen": "x", "rejected": "y", "score": float("nan"), "id": "\x00"})
     assert (pair.chosen, pair.rejected) == ("x", "y")
 
 
+@pytest.mark.unit
 def test_errors_carry_line_numbers():
     pairs, errors = parse_pairs(
         ['{"prompt": "Q", "chosen": "a", "rejected": "b"}', "", "{oops", '{"prompt": "Q"}']
@@ -91,11 +95,16 @@ def test_errors_carry_line_numbers():
     assert [e["line"] for e in errors] == [3, 4]
 
 
+# A browser page cannot send this header to another origin: multipart uploads need it (any value).
+MULTIPART_TOKEN = {"X-Requested-By": "tests"}
+
+
 def pair_count(db) -> int:
     with session_scope(db) as session:
         return session.scalar(select(func.count(Pair.id)))
 
 
+@pytest.mark.db
 def test_import_hh_as_ndjson_then_export_and_filter(client, db):
     body = "".join(hh_lines(30))
     response = client.post(
@@ -116,14 +125,16 @@ def test_import_hh_as_ndjson_then_export_and_filter(client, db):
     assert first["prompt"][-1]["role"] == "user"
 
 
+@pytest.mark.db
 def test_import_multipart_file(client, db):
     rows = [{"prompt": f"Q{i}", "chosen": "good", "rejected": "bad"} for i in range(5)]
     files = {"file": ("mine.jsonl", "\n".join(json.dumps(r) for r in rows).encode(), "application/x-ndjson")}
-    response = client.post("/datasets/import", files=files)
+    response = client.post("/datasets/import", files=files, headers=MULTIPART_TOKEN)
     assert response.status_code == 201, response.text
     assert response.json()["source"] == "import:mine.jsonl" and pair_count(db) == 5
 
 
+@pytest.mark.db
 def test_a_file_with_one_bad_row_imports_nothing(client, db):
     lines = hh_lines(10)
     lines[6] = '{"prompt": "only a prompt"}\n'
@@ -136,11 +147,14 @@ def test_a_file_with_one_bad_row_imports_nothing(client, db):
     assert pair_count(db) == 0
 
 
+@pytest.mark.db
 def test_empty_and_undecodable_uploads(client, db):
-    assert client.post("/datasets/import", content=b"\n\n").json()["detail"].startswith("body:")
+    empty = client.post("/datasets/import", content=b"\n\n", headers={"content-type": "application/x-ndjson"})
+    assert empty.json()["detail"].startswith("body:")
     response = client.post(
         "/datasets/import", content=b"\xff\xfe", headers={"content-type": "application/x-ndjson"}
     )
     assert response.status_code == 400 and response.json()["detail"].startswith("body:")
-    assert client.post("/datasets/import", files={"other": ("x", b"{}")}).json()["detail"].startswith("file:")
+    no_file = client.post("/datasets/import", files={"other": ("x", b"{}")}, headers=MULTIPART_TOKEN)
+    assert no_file.json()["detail"].startswith("file:")
     assert pair_count(db) == 0

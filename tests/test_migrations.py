@@ -10,7 +10,9 @@ from sqlalchemy import create_engine, inspect
 
 from cai_dpo.core.db import downgrade_database, libpq_url, sqlalchemy_url, upgrade_database
 from cai_dpo.core.tables import Base
-from tests.fixtures.db import _with_database
+from tests.helpers import with_database
+
+pytestmark = pytest.mark.db
 
 
 @pytest.fixture
@@ -18,7 +20,7 @@ def empty_database(database_url):
     name = f"cai_migrations_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(libpq_url(database_url), autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
-    url = _with_database(database_url, name)
+    url = with_database(database_url, name)
     yield url
     with psycopg.connect(libpq_url(database_url), autocommit=True) as conn:
         conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')

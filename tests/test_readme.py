@@ -3,7 +3,12 @@
 import subprocess
 import sys
 
+import pytest
+
 from cai_dpo.core.settings import PROJECT_ROOT
+
+# The settings table is printed by a one-shot `cai-dpo settings` (a second or two, no service).
+pytestmark = pytest.mark.unit
 
 README = (PROJECT_ROOT / "README.md").read_text()
 

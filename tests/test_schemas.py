@@ -4,6 +4,8 @@ import pytest
 
 from cai_dpo.core.storable import find_unstorable
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.mark.parametrize(
     ("value", "found"),

@@ -12,7 +12,9 @@ from cai_dpo.core.queries import pairs as pair_queries
 from cai_dpo.core.queries import policies as policy_queries
 from cai_dpo.core.queries import training as training_queries
 from cai_dpo.core.tables import Pair, TrainingJob, Worker
-from tests.test_api import insert_pairs
+from tests.helpers import insert_pairs
+
+pytestmark = pytest.mark.db
 
 
 def jobs(db) -> list[TrainingJob]:

@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
 from sqlalchemy import select
@@ -23,9 +22,9 @@ from cai_dpo.core.tables import TrainingJob
 from cai_dpo.workers.generation.worker import GenerationWorker
 from cai_dpo.workers.training.worker import TrainingWorker
 from tests.fixtures.model import TEST_MODELS_DIR
-from tests.helpers import hh_lines
+from tests.helpers import hh_lines, wait_for
 
-pytestmark = [pytest.mark.training, pytest.mark.slow]
+pytestmark = pytest.mark.model  # real torch training on the bundled model
 
 SMALL_RUN = {
     "batch_size": 2,
@@ -38,18 +37,12 @@ SMALL_RUN = {
 
 def import_hh(client, n: int) -> None:
     response = client.post(
-        "/datasets/import", content="".join(hh_lines(n)), params={"source": "hh", "constitution": "harmless"}
+        "/datasets/import",
+        content="".join(hh_lines(n)),
+        params={"source": "hh", "constitution": "harmless"},
+        headers={"content-type": "application/x-ndjson"},
     )
     assert response.status_code == 201, response.text
-
-
-def wait_for(condition, timeout: float, what: str, proc=None):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if proc is not None:
-            assert proc.poll() is None, f"worker exited with {proc.returncode} while waiting for {what}"
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.5)
 
 
 def job_row(db, train_id: int) -> TrainingJob:
@@ -57,6 +50,7 @@ def job_row(db, train_id: int) -> TrainingJob:
         return session.scalars(select(TrainingJob).where(TrainingJob.id == train_id)).one()
 
 
+@pytest.mark.vllm  # the next round generates with the trained model
 def test_train_over_http_then_generate_with_the_trained_model(client, settings, db):
     settings = settings.model_copy(update={"models_dir_override": TEST_MODELS_DIR, "checkpoint_steps": 2})
     import_hh(client, 24)
@@ -65,17 +59,28 @@ def test_train_over_http_then_generate_with_the_trained_model(client, settings, 
     train_id = response.json()["train_id"]
 
     worker = TrainingWorker(settings, db, url=settings.database_url)
-    thread = threading.Thread(target=worker.run)
+    failure: list[BaseException] = []
+
+    def run_worker() -> None:
+        try:
+            asyncio.run(worker.run())
+        except BaseException as exc:  # noqa: BLE001 - reported by the test thread
+            failure.append(exc)
+
+    thread = threading.Thread(target=run_worker)
     thread.start()
     try:
         wait_for(
-            lambda: client.get(f"/train/{train_id}").json()["status"] in ("succeeded", "failed"),
+            lambda: failure or client.get(f"/train/{train_id}").json()["status"] in ("succeeded", "failed"),
             600,
             "training",
+            interval=0.5,
         )
     finally:
-        worker.stopping.set()
-        thread.join()
+        worker.stop()  # thread-safe: the worker's loop runs in `thread`
+        thread.join(timeout=120)
+    assert not thread.is_alive(), "the training worker did not stop"
+    assert not failure, failure
     state = client.get(f"/train/{train_id}").json()
     assert state["status"] == "succeeded", state["error"]
     assert state["step"] == state["total_steps"] == 3 and state["model"] == f"train:{train_id}"
@@ -134,6 +139,7 @@ def test_train_over_http_then_generate_with_the_trained_model(client, settings, 
     assert len(pairs) == 2 and all(p["model"] == f"train:{train_id}" and p["rejected"] for p in pairs)
 
 
+@pytest.mark.e2e  # training workers run as processes, the first one killed
 def test_a_killed_training_worker_is_resumed_from_its_checkpoint(client, settings, db):
     import_hh(client, 24)
     train_id = client.post(
@@ -155,7 +161,8 @@ def test_a_killed_training_worker_is_resumed_from_its_checkpoint(client, setting
             lambda: job_row(db, train_id).step >= 3 and checkpoint.exists(),
             600,
             "a checkpoint and a step past it",
-            first,
+            procs=(first,),
+            interval=0.5,
         )
         os.killpg(first.pid, signal.SIGKILL)
         first.wait()
@@ -169,7 +176,8 @@ def test_a_killed_training_worker_is_resumed_from_its_checkpoint(client, setting
             lambda: job_row(db, train_id).status in ("succeeded", "failed"),
             600,
             "the second worker to finish",
-            second,
+            procs=(second,),
+            interval=0.5,
         )
         job = job_row(db, train_id)
         assert job.status == "succeeded", job.last_error

@@ -18,6 +18,8 @@ from cai_dpo.workers.generation.trajectory import (
 )
 from tests.fake_engine import ScriptedEngine
 
+pytestmark = pytest.mark.unit
+
 
 def spec(sampling="random", n=5, **extra) -> ConstitutionSpec:
     return ConstitutionSpec(

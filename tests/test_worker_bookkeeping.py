@@ -6,13 +6,16 @@ does around the engine: pairs written once, failures recorded alone, stop releas
 
 import asyncio
 
+import pytest
 from sqlalchemy import select
 
 from cai_dpo.core.db import session_scope
 from cai_dpo.core.tables import Pair, Prompt, Worker
 from cai_dpo.workers.generation.worker import GenerationWorker
 from tests.fake_engine import ScriptedEngine
-from tests.test_queue import make_job, statuses  # moved to helpers later
+from tests.helpers import make_job, statuses
+
+pytestmark = pytest.mark.db
 
 
 def run_until(worker: GenerationWorker, condition, timeout: float = 30.0) -> None:

@@ -32,9 +32,7 @@ def upgrade() -> None:
     op.add_column("training_jobs", sa.Column("created_by", sa.Text(), nullable=True))
     op.add_column("dataset_imports", sa.Column("idempotency_key", sa.Text(), nullable=True))
     op.add_column("dataset_imports", sa.Column("request_hash", sa.String(64), nullable=True))
-    op.create_unique_constraint(
-        "dataset_imports_idempotency_key_key", "dataset_imports", ["idempotency_key"]
-    )
+    op.create_unique_constraint("dataset_imports_idempotency_key_key", "dataset_imports", ["idempotency_key"])
     op.create_index("prompts_lease", "prompts", ["status", "lease_expires_at"])
     op.create_index("pairs_constitution_version", "pairs", ["constitution_version_id"])
     op.create_index("pairs_source", "pairs", ["source"])

@@ -8,6 +8,7 @@ from pydantic import BaseModel
 from cai_dpo.api.deps import SessionDep
 from cai_dpo.core.pair_filter import DbId
 from cai_dpo.core.queries import audit as audit_queries
+from cai_dpo.core.storable import StorableText
 
 router = APIRouter(tags=["admin"])
 
@@ -32,7 +33,7 @@ def audit_log(
     session: SessionDep,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     before: Annotated[DbId | None, Query(description="Only entries with a smaller id (paging).")] = None,
-    key_name: Annotated[str | None, Query(max_length=64)] = None,
+    key_name: Annotated[StorableText | None, Query(max_length=64)] = None,
 ):
     """Mutating calls, newest first: who (key name), what (method, route), on which ids, and the outcome."""
     return [
