@@ -3,18 +3,35 @@
 Each trainer runs in its own subprocess so their peak memories are separate. TRL is configured as in
 ../shared/gpu/trl_dpo_baseline.py (reference model passed explicitly) and fed the pairs in the order
 our trainer uses, with a sequential sampler, so both see the same batches and their losses compare.
-Prints one JSON line per trainer and a summary line with the ratio ours/TRL of pairs/s.
+Prints one JSON line per trainer (appended to --out too) and a summary line with the ratio
+ours/TRL of pairs/s; `--table FILE` prints a Markdown table of such a file's lines.
 
     python bench/training.py                       # SmolLM2-135M, 64 HH pairs, batch 4, max_length 256
-    python bench/training.py --random-init 1b      # GPU: a random Llama of that shape, bf16
+    python bench/training.py --random-init 1b --pairs 512 --batch-size 8 --max-length 512  # GPU
+
+The pairs are the single-turn HH-RLHF pairs of the test excerpt (tests/data), parsed by the
+import code, repeated to --pairs. Counting:
+- pairs/s and tokens/s: over the timed region, TRL's `train()`; ours tokenizes, scores the
+  reference once and trains. tokens/s counts both sequences of a pair (its prompt twice), as TRL
+  counts tokens, for both trainers.
+- MFU (GPU): model FLOPs over the timed region / the card's dense bf16 peak; 6N per trained token
+  and 2N per reference token, N the parameter count, each trainer's own tokens (TRL runs the
+  prompt twice, ours once).
+- On a GPU our trainer first runs a short warm-up (--warmup-pairs, six steps) in the same
+  process, so the timed run does not include most of the one-off compilation (FlexAttention,
+  torch.compile); its cost is reported as `warmup_s`. `steady_pairs_per_s` is the median step's
+  rate after the first two steps; `slowest_steps` gives the five slowest steps' seconds.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
+import gzip
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -23,8 +40,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from tests.fixtures.hh import HH_PATH  # noqa: E402 - after the path insert
 
+HH_DATA = ROOT / "tests" / "data" / "hh-rlhf-harmless-test-800.jsonl.gz"
 SIZES = {  # hidden, intermediate, layers, heads, kv_heads (as trl_dpo_baseline.py)
     "tiny": (64, 128, 2, 4, 2),
     "135m": (576, 1536, 30, 9, 3),
@@ -37,7 +54,7 @@ def _args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("data", nargs="?", default=str(HH_PATH))
+    parser.add_argument("data", nargs="?", default=str(HH_DATA), help="HH-RLHF JSONL(.gz) file")
     parser.add_argument("--model", default=str(ROOT / "data/models/smollm2-135m-instruct"))
     parser.add_argument(
         "--random-init", choices=sorted(SIZES), help="random Llama of this shape (tokenizer: --model)"
@@ -49,22 +66,49 @@ def _args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--beta", type=float, default=0.1)
     parser.add_argument("--threads", type=int, help="torch threads in each trainer (default: torch's choice)")
     parser.add_argument("--trainers", default="ours,trl", help="comma-separated: ours, trl")
+    parser.add_argument("--max-tokens-per-batch", type=int, help="our trainer's token budget per forward")
+    parser.add_argument("--attention", default="auto", choices=["auto", "flex", "sdpa"])
+    parser.add_argument("--compile", action="store_true", help="torch.compile our decoder layers")
+    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--lora", type=int, metavar="RANK", help="LoRA of this rank (both trainers)")
+    parser.add_argument(
+        "--warmup-pairs", type=int, default=None, help="our warm-up run on a GPU (default 24; 0: none)"
+    )
+    parser.add_argument("--label", default="", help="a name for this configuration in the output")
+    parser.add_argument("--out", help="append each result line (JSON) to this file")
+    parser.add_argument("--timeout", type=float, default=None, help="seconds per trainer process")
+    parser.add_argument("--table", metavar="FILE", help="print a Markdown table of a results file and exit")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="check the packed FlexAttention log-probs (and, on a GPU, their gradients) against the "
+        "model's own forward and the padded SDPA path on --pairs pairs, print one JSON line, exit",
+    )
     parser.add_argument("--run", choices=["ours", "trl"], help=argparse.SUPPRESS)  # a child process
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
-def _pairs(args: argparse.Namespace):
-    from tests.fixtures.training import load_hh_pairs
+def load_pairs(path: Path, n: int) -> list:
+    """Single-turn HH pairs of the file, parsed by the import code, repeated to `n`."""
+    from cai_dpo.core.pair_import import parse_pair
+    from cai_dpo.workers.training.data import PairExample
 
-    rows = load_hh_pairs(Path(args.data))
-    return (rows * (args.pairs // len(rows) + 1))[: args.pairs]
+    opener = gzip.open if path.suffix == ".gz" else open
+    rows = []
+    with opener(path, "rt") as handle:
+        for line in handle:
+            if line.strip():
+                pair = parse_pair(json.loads(line))
+                if len(pair.prompt) == 1:
+                    rows.append(PairExample(pair.prompt, pair.chosen, pair.rejected))
+    return (rows * (n // len(rows) + 1))[:n]
 
 
-def _params(args: argparse.Namespace):
-    from cai_dpo.core.training_params import TrainParams
+def _params(args: argparse.Namespace, **overrides):
+    from cai_dpo.core.training_params import LoraParams, TrainParams
 
-    return TrainParams(
+    values = dict(
         learning_rate=args.learning_rate,
         beta=args.beta,
         batch_size=args.batch_size,
@@ -72,11 +116,18 @@ def _params(args: argparse.Namespace):
         warmup_ratio=0.0,  # TRL's default: no warmup, linear decay
         epochs=1,
         eval_fraction=0.0,
+        save_dtype="bfloat16",  # the saved folder is not timed; half the bytes to write
+        max_tokens_per_batch=args.max_tokens_per_batch,
+        attention=args.attention,
+        compile=args.compile,
+        gradient_checkpointing=args.gradient_checkpointing,
+        lora=LoraParams(r=args.lora, alpha=2 * args.lora) if args.lora else None,
     )
+    return TrainParams(**(values | overrides))
 
 
 def _prepare_model(args: argparse.Namespace, target: Path) -> Path:
-    """The model folder both trainers load: the given one, or a seeded random Llama saved once."""
+    """The model folder both trainers load: the given one, or a seeded random Llama saved once (bf16)."""
     if not args.random_init:
         return Path(args.model)
     import torch
@@ -98,7 +149,10 @@ def _prepare_model(args: argparse.Namespace, target: Path) -> Path:
         pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(target)
+    cuda = torch.cuda.is_available()
+    with torch.device("cuda" if cuda else "cpu"):  # initialising 1B weights on a GPU takes a second
+        model = LlamaForCausalLM(config)
+    model.to(torch.bfloat16 if cuda else torch.float32).save_pretrained(target)
     tokenizer.save_pretrained(target)
     return target
 
@@ -111,10 +165,43 @@ def _peak_memory_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def run_ours(args: argparse.Namespace, model_dir: Path) -> dict:
-    from cai_dpo.workers.training.trainer import run_training
+def _parameter_count(model_dir: Path) -> int:
+    """N of the MFU: the saved tensors' elements (a tied LM head is saved once)."""
+    from math import prod
 
-    pairs, params = _pairs(args), _params(args)
+    from safetensors import safe_open
+
+    total = 0
+    for file in model_dir.glob("*.safetensors"):
+        with safe_open(file, "pt") as handle:
+            total += sum(prod(handle.get_slice(name).get_shape()) for name in handle.keys())  # noqa: SIM118
+    return total
+
+
+def run_ours(args: argparse.Namespace, model_dir: Path) -> dict:
+    import torch
+
+    from cai_dpo.workers.training.trainer import pairs_for_step, run_training
+
+    cuda = torch.cuda.is_available()
+    pairs, params = load_pairs(Path(args.data), args.pairs), _params(args)
+    warmup = {}
+    # Enough pairs for several reference batches and six steps of different lengths: most row widths
+    # FlexAttention compiles for (with and without gradients) are met before the timed run.
+    warmup_pairs = args.warmup_pairs if args.warmup_pairs is not None else (160 if cuda else 0)
+    if warmup_pairs:
+        with tempfile.TemporaryDirectory() as out:
+            started = time.perf_counter()
+            warm = load_pairs(Path(args.data), warmup_pairs)
+            run_training(
+                _params(args, max_steps=6), model_path=model_dir, train_pairs=warm, eval_pairs=[],
+                output_dir=Path(out),
+            )  # fmt: skip
+            warmup = {"warmup_s": round(time.perf_counter() - started, 2)}
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
     with tempfile.TemporaryDirectory() as out:
         started = time.perf_counter()
         result = run_training(
@@ -122,22 +209,39 @@ def run_ours(args: argparse.Namespace, model_dir: Path) -> dict:
         )
         wall = time.perf_counter() - started
         history = [json.loads(line) for line in (Path(out) / "model/metrics.jsonl").read_text().splitlines()]
-    timed = (
-        "tokenize_s",
-        "reference_s",
-        "train_s",
-    )  # what TRL's train() covers: its reference pass is in its steps
-    seconds = sum(result.timings[key] for key in timed)
-    return {
+    # What TRL's train() covers: its reference forwards are in its steps.
+    seconds = sum(result.timings[key] for key in ("tokenize_s", "reference_s", "train_s"))
+    packed = result.data["train_packed_tokens"]
+    steady = [row["pairs_per_s"] for row in history[2:]] or [row["pairs_per_s"] for row in history]
+    # Seconds of each step (its pairs over its rate): where a timed run loses time (recompilations).
+    step_seconds = [
+        len(pairs_for_step(row["step"] - 1, len(pairs), params.pairs_per_step, params.seed))
+        / row["pairs_per_s"]
+        for row in history
+    ]
+    slowest = sorted(range(len(step_seconds)), key=lambda i: -step_seconds[i])[:5]
+    numbers = {
         "pairs": len(pairs),
         "steps": result.step,
         "seconds": seconds,
         "tokens": result.data["train_tokens"],
+        # 6N per trained token + 2N per reference token; ours runs each token once (shared prompt).
+        "model_flops": 8 * _parameter_count(model_dir) * packed,
+        "steady_pairs_per_s": round(statistics.median(steady), 3),
+        "median_step_s": round(statistics.median(step_seconds), 4),
+        "slowest_steps": {str(i + 1): round(step_seconds[i], 3) for i in slowest},
         "final_loss": history[-1]["loss"],
         "mean_loss": sum(row["loss"] for row in history) / len(history),
         "timings": {key: round(value, 2) for key, value in result.timings.items()},
         "wall_with_load_and_save_s": round(wall, 2),
+        "attention_used": result.data.get("attention"),
+        **warmup,
     }
+    if result.data.get("flex_failed"):
+        numbers["flex_failed"] = result.data["flex_failed"]
+    if "mfu" in history[-1]:
+        numbers["step_mfu_median"] = round(statistics.median(row["mfu"] for row in history[2:] or history), 4)
+    return numbers
 
 
 def run_trl(args: argparse.Namespace, model_dir: Path) -> dict:
@@ -150,7 +254,7 @@ def run_trl(args: argparse.Namespace, model_dir: Path) -> dict:
 
     from cai_dpo.workers.training.trainer import pairs_for_step
 
-    pairs, params = _pairs(args), _params(args)
+    pairs, params = load_pairs(Path(args.data), args.pairs), _params(args)
     order = [
         i
         for step in range(-(-len(pairs) // args.batch_size))
@@ -167,6 +271,13 @@ def run_trl(args: argparse.Namespace, model_dir: Path) -> dict:
     cuda = torch.cuda.is_available()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if cuda else torch.float32)
+    peft_config = None
+    if args.lora:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(
+            r=args.lora, lora_alpha=2 * args.lora, target_modules="all-linear", task_type="CAUSAL_LM"
+        )
     config = DPOConfig(
         output_dir=tempfile.mkdtemp(prefix="trl-bench-"),
         per_device_train_batch_size=args.batch_size,
@@ -182,24 +293,31 @@ def run_trl(args: argparse.Namespace, model_dir: Path) -> dict:
         save_strategy="no",
         dataloader_num_workers=2 if cuda else 0,  # on 2 CPU cores, loader processes would only compete
         train_sampling_strategy="sequential",
+        gradient_checkpointing=args.gradient_checkpointing,
     )
-    ref = copy.deepcopy(model).eval()
+    ref = None if args.lora else copy.deepcopy(model).eval()
     trainer = DPOTrainer(
         model=model,
         ref_model=ref,
         args=config,
         train_dataset=Dataset.from_list(rows),
         processing_class=tokenizer,
+        peft_config=peft_config,
     )
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - started
     steps = [row for row in trainer.state.log_history if "loss" in row]
+    tokens = steps[-1]["num_tokens"]
     return {
         "pairs": len(rows),
         "steps": trainer.state.global_step,
         "seconds": seconds,
-        "tokens": steps[-1]["num_tokens"],
+        "tokens": tokens,
+        # A trained forward and backward plus a reference forward per token, prompt twice (as run).
+        "model_flops": 8 * _parameter_count(model_dir) * tokens,
         "final_loss": steps[-1]["loss"],
         "mean_loss": sum(row["loss"] for row in steps) / len(steps),
     }
@@ -208,14 +326,22 @@ def run_trl(args: argparse.Namespace, model_dir: Path) -> dict:
 def _child(args: argparse.Namespace) -> None:
     import torch
 
+    from cai_dpo.workers.training.trainer import peak_flops
+
     if args.threads:
         torch.set_num_threads(args.threads)
     run = run_ours if args.run == "ours" else run_trl
     numbers = run(args, Path(args.model_dir))
     seconds = numbers.pop("seconds")
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    peak = peak_flops(device)
+    flops = numbers.pop("model_flops")
     line = {
         "trainer": args.run,
-        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "label": args.label,
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "model": args.random_init or Path(args.model).name,
         "batch_size": args.batch_size,
@@ -223,43 +349,179 @@ def _child(args: argparse.Namespace) -> None:
         "seconds": round(seconds, 2),
         "pairs_per_s": round(numbers["pairs"] / seconds, 4),
         "tokens_per_s": round(numbers["tokens"] / seconds, 1),
+        "mfu": round(flops / seconds / peak, 4) if peak else None,
         "peak_memory_gib": round(_peak_memory_gib(), 3),
-        "peak_memory_kind": "cuda_max_allocated" if torch.cuda.is_available() else "max_rss",
+        "peak_memory_kind": "cuda_max_allocated" if cuda else "max_rss",
         **numbers,
     }
+    if args.run == "ours":
+        line |= {
+            "attention": args.attention,
+            "compile": args.compile,
+            "max_tokens_per_batch": args.max_tokens_per_batch,
+        }
     print("RESULT " + json.dumps(line), flush=True)
+
+
+def _summary(ours: dict, trl: dict) -> dict:
+    return {
+        "summary": "ours/trl",
+        "label": ours.get("label", ""),
+        "model": ours["model"],
+        "pairs_per_s_ratio": round(ours["pairs_per_s"] / trl["pairs_per_s"], 3),
+        "tokens_per_s_ratio": round(ours["tokens_per_s"] / trl["tokens_per_s"], 3),
+        "peak_memory_ratio": round(ours["peak_memory_gib"] / trl["peak_memory_gib"], 3),
+        "final_loss": {"ours": ours["final_loss"], "trl": trl["final_loss"]},
+        "mean_loss": {"ours": ours["mean_loss"], "trl": trl["mean_loss"]},
+        "mean_loss_difference": round(abs(ours["mean_loss"] - trl["mean_loss"]), 6),
+    }
+
+
+def table(path: Path) -> str:
+    """A Markdown table of a results file: one row per trainer run, then the ratios."""
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    runs = [row for row in rows if "trainer" in row]
+    head = "| model | trainer | config | pairs/s | steady pairs/s | tokens/s | MFU | peak GiB | mean loss"
+    head += " | final loss |"
+    lines = [head, "|" + "---|" * 10]
+    for row in runs:
+        config = row.get("label") or ""
+        mfu = f"{100 * row['mfu']:.1f}%" if row.get("mfu") else "-"
+        lines.append(
+            f"| {row['model']} | {row['trainer']} | {config} | {row['pairs_per_s']:.2f} | "
+            f"{row.get('steady_pairs_per_s', '-')} | {row['tokens_per_s']:.0f} | {mfu} | "
+            f"{row['peak_memory_gib']:.2f} | {row['mean_loss']:.6f} | {row['final_loss']:.6f} |"
+        )
+    for row in rows:
+        if row.get("check"):
+            lines.append(f"\ncheck: {json.dumps(row)}")
+        if row.get("summary"):
+            lines.append(
+                f"\n{row['model']} {row.get('label', '')}: ours/TRL pairs/s {row['pairs_per_s_ratio']}x, "
+                f"peak memory {row['peak_memory_ratio']}x, mean loss difference {row['mean_loss_difference']}"
+            )
+    return "\n".join(lines)
+
+
+def check(args: argparse.Namespace, model_dir: Path) -> dict:
+    """The packed FlexAttention path against the model's own forward (fp32) and the padded SDPA path.
+
+    On a GPU in bf16, with gradients of the summed log-probs: FlexAttention's backward runs only
+    there. On a CPU: the forward only, FlexAttention uncompiled.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cai_dpo.workers.training.data import collate, collate_packed, tokenize_pairs
+    from cai_dpo.workers.training.dpo import mask_windows, packed_logps, sequence_logps
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    pairs, _ = tokenize_pairs(tokenizer, load_pairs(Path(args.data), args.pairs), args.max_length)
+    pad = tokenizer.pad_token_id
+    dtype = torch.bfloat16 if cuda else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    model = model.to(device)
+    batch = {k: v.to(device) for k, v in collate(pairs, pad).items()}
+    with torch.no_grad():
+        exact = sequence_logps(model, **batch)  # fp32, the model's own masks
+    model.to(dtype)
+
+    def run(fn) -> tuple[torch.Tensor, torch.Tensor | None]:
+        model.zero_grad(set_to_none=True)
+        with torch.set_grad_enabled(cuda):
+            logps = fn().float()
+        if not cuda:
+            return logps, None
+        logps.sum().backward()
+        grad = torch.cat([p.grad.float().flatten() for p in model.parameters() if p.grad is not None])
+        return logps.detach(), grad
+
+    sdpa, sdpa_grad = run(lambda: sequence_logps(model, **batch))
+    if not cuda:
+        from torch.nn.attention.flex_attention import flex_attention
+        from transformers.integrations import flex_attention as transformers_flex
+
+        transformers_flex.compile_friendly_flex_attention = (
+            lambda query, key, value, training=False, **kwargs: flex_attention(query, key, value, **kwargs)
+        )
+    model.set_attn_implementation("flex_attention")
+    flat = {k: v.to(device) for k, v in collate_packed(pairs, pad).items()}
+    flex, flex_grad = run(lambda: packed_logps(model, flat, mask_windows(model.config)))
+    scale = exact.abs().mean().item()
+    result = {
+        "check": "flex packing",
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "dtype": str(dtype),
+        "pairs": len(pairs),
+        "mean_abs_logp": round(scale, 3),
+        "flex_vs_exact_max_abs": round((flex - exact).abs().max().item(), 4),
+        "sdpa_vs_exact_max_abs": round((sdpa - exact).abs().max().item(), 4),
+        "flex_vs_sdpa_max_abs": round((flex - sdpa).abs().max().item(), 4),
+    }
+    if cuda:
+        cosine = torch.nn.functional.cosine_similarity(flex_grad, sdpa_grad, dim=0).item()
+        result |= {
+            "grad_cosine_flex_sdpa": round(cosine, 6),
+            "grad_norm_ratio_flex_sdpa": round((flex_grad.norm() / sdpa_grad.norm()).item(), 6),
+        }
+    # bf16 paths differ from fp32 by rounding; a wrong mask would be off by whole nats per sequence.
+    result["ok"] = result["flex_vs_exact_max_abs"] <= max(0.02 * scale, 0.05) and (
+        not cuda or result["grad_cosine_flex_sdpa"] > 0.99
+    )
+    return result
 
 
 def main(argv: list[str] | None = None) -> None:
     args = _args(argv)
+    if args.table:
+        print(table(Path(args.table)))
+        return
+    if args.check:
+        with tempfile.TemporaryDirectory() as scratch:
+            line = check(args, _prepare_model(args, Path(scratch) / "model"))
+        print(json.dumps(line), flush=True)
+        if args.out:
+            with Path(args.out).open("a") as handle:
+                handle.write(json.dumps(line) + "\n")
+        return
     if args.run:
         _child(args)
         return
     results = {}
+    out = Path(args.out) if args.out else None
     with tempfile.TemporaryDirectory() as scratch:
         model_dir = _prepare_model(args, Path(scratch) / "model")
         for trainer in args.trainers.split(","):
             command = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:])]
             command += ["--run", trainer, "--model-dir", str(model_dir)]
             env = {**os.environ, "TQDM_DISABLE": "1", "TRANSFORMERS_VERBOSITY": "error"}
-            done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
+            try:
+                done = subprocess.run(
+                    command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=args.timeout
+                )
+            except subprocess.TimeoutExpired as exc:
+                sys.stderr.write(f"{trainer} ran past {args.timeout} s\n{(exc.stderr or '')[-4000:]}\n")
+                continue
             lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
             if done.returncode != 0 or not lines:
-                sys.stderr.write(done.stdout[-4000:] + done.stderr[-4000:])
-                raise SystemExit(f"{trainer} failed with exit code {done.returncode}")
+                sys.stderr.write(done.stdout[-4000:] + done.stderr[-6000:])
+                sys.stderr.write(f"\n{trainer} failed with exit code {done.returncode}\n")
+                continue
             results[trainer] = json.loads(lines[-1].removeprefix("RESULT "))
             print(json.dumps(results[trainer]), flush=True)
+            if out:
+                with out.open("a") as handle:
+                    handle.write(json.dumps(results[trainer]) + "\n")
     if {"ours", "trl"} <= results.keys():
-        ours, trl = results["ours"], results["trl"]
-        summary = {
-            "summary": "ours/trl",
-            "pairs_per_s_ratio": round(ours["pairs_per_s"] / trl["pairs_per_s"], 3),
-            "tokens_per_s_ratio": round(ours["tokens_per_s"] / trl["tokens_per_s"], 3),
-            "peak_memory_ratio": round(ours["peak_memory_gib"] / trl["peak_memory_gib"], 3),
-            "final_loss": {"ours": ours["final_loss"], "trl": trl["final_loss"]},
-            "mean_loss": {"ours": ours["mean_loss"], "trl": trl["mean_loss"]},
-        }
+        summary = _summary(results["ours"], results["trl"])
         print(json.dumps(summary), flush=True)
+        if out:
+            with out.open("a") as handle:
+                handle.write(json.dumps(summary) + "\n")
+    if not results:
+        raise SystemExit("no trainer finished")
 
 
 if __name__ == "__main__":

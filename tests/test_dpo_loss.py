@@ -16,6 +16,8 @@ from cai_dpo.workers.training import dpo
 from cai_dpo.workers.training.dpo import batch_metrics, dpo_loss
 from cai_dpo.workers.training.trainer import learning_rate_at, pairs_for_step, total_steps_for
 
+pytestmark = pytest.mark.unit
+
 
 def _logps(chosen_ratio: list[float], rejected_ratio: list[float]):
     """Policy and reference log-probs with the given log-ratios (reference values arbitrary)."""
@@ -117,21 +119,49 @@ def test_batch_metrics_names_and_values():
     )
 
 
-def test_chunked_log_probs_match_full_log_softmax_with_gradients(monkeypatch):
+@pytest.mark.parametrize(
+    ("scale", "softcap"),
+    [(1.0, None), (0.125, None), (1.0, 2.0), (0.25, 30.0)],
+    ids=["plain", "scaled", "capped", "both"],
+)
+def test_chunked_log_probs_match_full_log_softmax_with_gradients(monkeypatch, scale, softcap):
     monkeypatch.setattr(dpo, "_HEAD_CHUNK", 7)  # several slices, the last one partial
     torch.manual_seed(0)
     hidden = torch.randn(23, 16, dtype=torch.float64, requires_grad=True)
-    weight = torch.randn(50, 16, dtype=torch.float64, requires_grad=True)
+    weight = (4 * torch.randn(50, 16, dtype=torch.float64)).requires_grad_()  # logits far past a cap of 2
     targets = torch.randint(0, 50, (23,))
     upstream = torch.randn(23, dtype=torch.float64)
-    ours = dpo._ChunkedTokenLogProbs.apply(hidden, weight, targets, torch.float64)
+    ours = dpo._ChunkedTokenLogProbs.apply(hidden, weight, targets, scale, softcap, 7)
     grad_hidden, grad_weight = torch.autograd.grad((ours * upstream).sum(), (hidden, weight))
-    full = (hidden @ weight.t()).log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
+    logits = dpo.LogitTransform(scale, softcap).apply(hidden @ weight.t())
+    full = logits.log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
     want_hidden, want_weight = torch.autograd.grad((full * upstream).sum(), (hidden, weight))
     # The forward keeps its statistics in float32 whatever the input dtype.
-    assert torch.allclose(ours.double(), full, atol=1e-5)
-    assert torch.allclose(grad_hidden, want_hidden, atol=1e-5)
-    assert torch.allclose(grad_weight, want_weight, atol=1e-5)
+    assert torch.allclose(ours.double(), full, atol=1e-4)
+    assert torch.allclose(grad_hidden, want_hidden, atol=1e-4)
+    assert torch.allclose(grad_weight, want_weight, atol=1e-4)
+
+
+def test_chunked_log_probs_in_bfloat16_stay_close_to_float64():
+    torch.manual_seed(1)
+    hidden = torch.randn(40, 32, dtype=torch.float64)
+    weight = torch.randn(300, 32, dtype=torch.float64) / 2
+    targets = torch.randint(0, 300, (40,))
+    full = (hidden @ weight.t()).log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
+    ours = dpo._ChunkedTokenLogProbs.apply(hidden.bfloat16(), weight.bfloat16(), targets, 1.0, None, 16)
+    assert ours.dtype == torch.float32
+    assert ((ours.double() - full).norm() / full.norm()).item() < 1e-2  # bf16 operands, fp32 sums
+
+
+def test_logit_transform_reads_each_family_as_trl():
+    from types import SimpleNamespace as Config
+
+    assert dpo.logit_transform(Config(model_type="llama")) == dpo.LogitTransform()
+    assert dpo.logit_transform(Config(model_type="gemma2", final_logit_softcapping=30.0)).softcap == 30.0
+    assert dpo.logit_transform(Config(model_type="cohere", logit_scale=0.0625)).scale == 0.0625
+    assert dpo.logit_transform(Config(model_type="granite", logits_scaling=8.0)).scale == 0.125
+    assert dpo.logit_transform(Config(model_type="hyperclovax", logits_scaling=4.0)).scale == 4.0
+    assert dpo.logit_transform(Config(model_type="falcon_h1", lm_head_multiplier=0.5)).scale == 0.5
 
 
 # --- learning-rate schedule and data order ------------------------------------------------------

@@ -28,8 +28,10 @@ from cai_dpo.workers.training.dpo import batch_metrics, dpo_loss, pair_logps, se
 from cai_dpo.workers.training.trainer import TrainHooks, accumulate_step, run_training, score_pairs
 from tests.fixtures.training import tiny_llama
 
+pytestmark = pytest.mark.model  # SmolLM2's tokenizer and chat template, real torch steps
+
 LOSS_CASES = [("sigmoid", 0.0), ("ipo", 0.0), ("hinge", 0.0), ("robust", 0.2)]
-TIMING_KEYS = {"tokens_per_s", "pairs_per_s"}
+TIMING_KEYS = {"tokens_per_s", "pairs_per_s", "mfu"}
 
 
 def _trl_rows(pairs: list[PairExample]) -> list[dict]:
@@ -236,7 +238,6 @@ def test_gradient_accumulation_two_by_two_equals_one_by_four(smollm_tokenizer, h
     assert step_metrics[0]["loss"] > 0.5
 
 
-@pytest.mark.training
 def test_learns_the_preferences_of_sixteen_real_pairs(bundled_model_path, hh_pairs, tmp_path):
     pairs = hh_pairs[:16]
     params = TrainParams(max_length=96, learning_rate=2e-5, batch_size=4, max_steps=10, warmup_ratio=0.1)
@@ -282,7 +283,6 @@ def _history(model_dir: Path) -> list[dict]:
     return [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in rows]
 
 
-@pytest.mark.training
 @pytest.mark.parametrize("lora", [None, LoraParams(r=4, alpha=8)], ids=["full", "lora"])
 def test_resume_after_stop_matches_an_uninterrupted_run(tiny_model_path, hh_pairs, tmp_path, lora):
     params, train, evals = _resume_params(lora), hh_pairs[:8], hh_pairs[8:10]
@@ -330,7 +330,6 @@ def test_resume_after_stop_matches_an_uninterrupted_run(tiny_model_path, hh_pair
     assert again.step == 6 and again.eval_after == pytest.approx(resumed.eval_after)
 
 
-@pytest.mark.training
 def test_artifact_is_a_merged_model_that_transformers_loads_and_generates(
     tiny_model_path, smollm_tokenizer, hh_pairs, tmp_path
 ):

@@ -5,8 +5,10 @@ with the generation prompt, the response is whatever the full conversation adds 
 tokens (content, end-of-turn token and the template's trailing newline), and `keep_start` truncation
 cuts prompt + response to `max_length`, dropping pairs whose prompt alone fills it.
 
-Two batch layouts: `collate` is TRL's (chosen rows, then rejected rows); `collate_shared_prompt`
-puts a pair in one row so its prompt is computed once, for the same log-probs.
+Three batch layouts, all giving the same log-probs: `collate` is TRL's (chosen rows, then rejected
+rows); `collate_shared_prompt` puts a pair in one padded row so its prompt is computed once (dense
+4D mask); `collate_packed` puts every pair of a batch in one row without padding between them, for
+FlexAttention block masks on a GPU. `token_batches` cuts pairs into batches by a token budget.
 """
 
 from __future__ import annotations
@@ -43,7 +45,17 @@ class TokenizedPair:
 
     @property
     def num_tokens(self) -> int:
+        """Tokens of the two sequences, the prompt counted twice (as TRL processes them)."""
         return 2 * len(self.prompt_ids) + len(self.chosen_ids) + len(self.rejected_ids)
+
+    @property
+    def packed_tokens(self) -> int:
+        """Tokens of the pair with its prompt once (as the shared-prompt layouts process them)."""
+        return len(self.prompt_ids) + len(self.chosen_ids) + len(self.rejected_ids)
+
+    @property
+    def longest_sequence(self) -> int:
+        return len(self.prompt_ids) + max(len(self.chosen_ids), len(self.rejected_ids))
 
 
 class TemplateError(ValueError):
@@ -191,6 +203,97 @@ def collate_shared_prompt(batch: list[TokenizedPair], pad_token_id: int) -> dict
         "segment": torch.tensor(segment),
         "response_lengths": torch.tensor(response_lengths),
     }
+
+
+# Token roles in `collate_packed`'s row.
+KIND_PROMPT, KIND_CHOSEN, KIND_REJECTED, KIND_PAD = 0, 1, 2, 3
+
+
+def bucket_width(tokens: int, block: int = 128) -> int:
+    """The row width for `tokens` packed tokens: the next of block × (1, 2, 3, 4, 6, 8, 12, 16, ...).
+
+    A handful of widths (above two blocks, at most a third of padding) rather than every multiple
+    of the block, so compiled kernels meet few shapes: each new one can cost a recompilation.
+    """
+    width = block
+    while width < tokens:
+        blocks = width // block
+        if blocks == 1:
+            width = 2 * block
+        elif blocks & (blocks - 1) == 0:  # a power of two: × 3/2
+            width = width * 3 // 2
+        else:  # 3·2^k: × 4/3
+            width = width * 4 // 3
+    return width
+
+
+def collate_packed(
+    batch: list[TokenizedPair], pad_token_id: int, multiple: int | None = None
+) -> dict[str, torch.Tensor]:
+    """Every pair of the batch in one row, prompt + chosen + rejected each, padded only at the end:
+    to `bucket_width` (multiples of FlexAttention's 128-token block), or to a multiple of `multiple`.
+
+    `doc` (pair index, -1 for padding), `kind` (KIND_*) and `position_ids` let a mask keep each pair
+    causal on its own and the rejected answer blind to the chosen one; the rejected tokens take the
+    positions they have after the prompt alone. `source` is the row position whose hidden state
+    predicts each response token (`targets`); `segment` says whose it is (chosen b: b, rejected b:
+    n + b). All indices are built here, on the host, so the device never has to sync to find them.
+    """
+    n = len(batch)
+    ids: list[int] = []
+    positions: list[int] = []
+    doc: list[int] = []
+    kind: list[int] = []
+    source: list[int] = []
+    targets: list[int] = []
+    segment: list[int] = []
+    for b, pair in enumerate(batch):
+        start = len(ids)
+        p, c, r = len(pair.prompt_ids), len(pair.chosen_ids), len(pair.rejected_ids)
+        ids += pair.prompt_ids + pair.chosen_ids + pair.rejected_ids
+        positions += [*range(p + c), *range(p, p + r)]
+        doc += [b] * (p + c + r)
+        kind += [KIND_PROMPT] * p + [KIND_CHOSEN] * c + [KIND_REJECTED] * r
+        # Answer token k is predicted by the hidden state before it; for k = 0 of both answers that
+        # is the prompt's last token.
+        source += [*range(start + p - 1, start + p + c - 1), start + p - 1]
+        source += range(start + p + c, start + p + c + r - 1)
+        targets += pair.chosen_ids + pair.rejected_ids
+        segment += [b] * c + [n + b] * r
+    tokens = len(ids)
+    width = bucket_width(tokens) if multiple is None else -(-tokens // multiple) * multiple
+    pad = width - tokens
+    return {
+        "input_ids": torch.tensor([ids + [pad_token_id] * pad]),
+        "position_ids": torch.tensor([positions + [0] * pad]),
+        "doc": torch.tensor(doc + [-1] * pad),
+        "kind": torch.tensor(kind + [KIND_PAD] * pad),
+        "source": torch.tensor(source),
+        "targets": torch.tensor(targets),
+        "segment": torch.tensor(segment),
+        "response_lengths": torch.tensor(
+            [len(p.chosen_ids) for p in batch] + [len(p.rejected_ids) for p in batch]
+        ),
+    }
+
+
+def token_batches(pairs: list[TokenizedPair], max_tokens: int) -> list[list[int]]:
+    """Indices of `pairs` cut, in order, into batches of at most `max_tokens` packed tokens.
+
+    A pair longer than the budget alone makes a batch of one.
+    """
+    batches: list[list[int]] = []
+    current: list[int] = []
+    used = 0
+    for index, pair in enumerate(pairs):
+        if current and used + pair.packed_tokens > max_tokens:
+            batches.append(current)
+            current, used = [], 0
+        current.append(index)
+        used += pair.packed_tokens
+    if current:
+        batches.append(current)
+    return batches
 
 
 def fingerprint(pairs: list[TokenizedPair]) -> str:

@@ -7,6 +7,12 @@ nothing of the database; the worker passes hooks for progress, checkpoints and c
 Resuming is one branch at the start: a checkpoint in `output_dir/checkpoint` holds the trainable
 weights, optimizer state, step, RNG state, metric history and the reference log-probs. The data
 order and learning rate are pure functions of (seed, step), so a resumed run sees the same batches.
+
+Two devices, one loop. On a CPU the model is float32 and each pair runs as one unpadded row (its
+prompt once). On a GPU the model is bfloat16 with float32 master weights in the optimizer (LoRA:
+a frozen bfloat16 base, fp32 masters of the adapters only); the pairs of a forward pass are packed
+into one row with no padding and FlexAttention block masks, cut by a token budget; metrics stay on
+the device and are read one step late, so the host never waits for the GPU inside a step.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import random
 import shutil
 import time
@@ -32,21 +39,35 @@ from cai_dpo.workers.training.data import (
     PairExample,
     TokenizedPair,
     collate,
+    collate_packed,
     collate_shared_prompt,
     fingerprint,
+    token_batches,
     tokenize_pairs,
 )
 from cai_dpo.workers.training.dpo import (
+    METRIC_NAMES,
+    LogpPlan,
+    _causal_lm,
+    batch_metric_tensor,
     batch_metrics,
+    check_model,
     dpo_loss,
+    packed_logps,
     pair_logps,
     sequence_logps,
-    supports_shared_prompt,
 )
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoint"
+SPEED_SETTINGS = {
+    "checkpoint_steps",
+    "max_tokens_per_batch",
+    "gradient_checkpointing",
+    "compile",
+    "attention",
+}
 MODEL_DIR = "model"
 
 
@@ -64,6 +85,25 @@ class _Clock:
     def lap(self, name: str) -> None:
         now = time.perf_counter()
         self.laps[name], self._last = now - self._last, now
+
+
+class _PendingStep:
+    """A finished optimizer step whose metrics are still on the device, copied back without a wait."""
+
+    def __init__(self, step: int, lr: float, tokens: int, pairs: int, values: Tensor) -> None:
+        self.step, self.lr, self.tokens, self.pairs = step, lr, tokens, pairs
+        if values.is_cuda:
+            self.host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+            self.host.copy_(values, non_blocking=True)
+            self.ready: torch.cuda.Event | None = torch.cuda.Event()
+            self.ready.record()
+        else:
+            self.host, self.ready = values, None
+
+    def read(self) -> list[float]:
+        if self.ready is not None:
+            self.ready.synchronize()
+        return self.host.tolist()
 
 
 @dataclass
@@ -127,11 +167,100 @@ def pairs_for_step(step: int, n_pairs: int, pairs_per_step: int, seed: int) -> l
 
 # --- model pieces ------------------------------------------------------------------------------
 
+# Packed tokens per no-grad forward pass (reference and evaluation log-probs) on a GPU.
+SCORE_TOKENS = 8192
 
-def _load_model(model_path: Path, params: TrainParams, device: torch.device) -> nn.Module:
+# Dense bf16 peak FLOP/s by GPU name (vendor datasheets, without sparsity), for the logged MFU.
+# CAI_DPO_PEAK_TFLOPS overrides it (and gives CPUs or other cards one).
+_PEAK_TFLOPS = (
+    ("H200", 989.0),
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H100", 989.0),
+    ("GH200", 989.0),
+    ("B200", 2250.0),
+    ("A100", 312.0),
+    ("L40S", 362.0),
+    ("A10G", 70.0),
+)
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """The device's dense bf16 peak in FLOP/s, or None when unknown (MFU is then not logged)."""
+    override = os.environ.get("CAI_DPO_PEAK_TFLOPS")
+    if override:
+        return float(override) * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, tflops in _PEAK_TFLOPS:
+        if key in name:
+            return tflops * 1e12
+    return None
+
+
+@dataclass
+class _Runtime:
+    """How this run computes log-probs on its device."""
+
+    device: torch.device
+    plan: LogpPlan
+    flex: bool = False  # GPU: pairs packed in one row, FlexAttention
+    unpad: bool = False  # CPU: each row runs alone at its own length
+    max_tokens: int | None = None  # token budget per training forward pass
+    score_tokens: int = SCORE_TOKENS  # token budget per no-grad forward pass (flex only)
+    flex_proven: bool = False  # a FlexAttention forward and backward have run
+    flex_failed: str | None = None
+
+
+def _plan(model: nn.Module) -> LogpPlan:
+    lm = _causal_lm(model)
+    plan = getattr(lm, "_cai_dpo_plan", None)
+    if plan is None:
+        plan = check_model(lm)
+        lm._cai_dpo_plan = plan
+    return plan
+
+
+def _default_runtime(model: nn.Module, device: torch.device) -> _Runtime:
+    lm = _causal_lm(model)
+    flex = device.type == "cuda" and lm.config._attn_implementation == "flex_attention"
+    return _Runtime(device, _plan(model), flex=flex, unpad=device.type == "cpu")
+
+
+def _flex_supported(lm: nn.Module) -> bool:
+    try:
+        import torch.nn.attention.flex_attention  # noqa: F401 - torch >= 2.5
+    except ImportError:
+        return False
+    return bool(getattr(type(lm), "_supports_flex_attn", False)) and hasattr(lm, "set_attn_implementation")
+
+
+def _flex_fallback(model: nn.Module, runtime: _Runtime, exc: Exception) -> None:
+    """FlexAttention failed on its first use (a compiler error, say): go on with SDPA's dense masks."""
+    log.warning("FlexAttention failed (%s: %s); continuing with sdpa", type(exc).__name__, exc)
+    _causal_lm(model).set_attn_implementation("sdpa")
+    runtime.flex = False
+    runtime.flex_failed = f"{type(exc).__name__}: {exc}"[:500]
+
+
+def _decoder_layers(lm: nn.Module) -> list[nn.Module]:
+    layers = getattr(lm.base_model, "layers", None)
+    return list(layers) if isinstance(layers, nn.ModuleList) else []
+
+
+def _low_precision(device: torch.device) -> bool:
+    """The GPU recipe: a bf16 model with fp32 master weights, metrics read one step late."""
+    return device.type == "cuda"
+
+
+def _load_model(model_path: Path, params: TrainParams, device: torch.device) -> tuple[nn.Module, _Runtime]:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(device)
+    cuda, low = device.type == "cuda", _low_precision(device)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_path, dtype=torch.bfloat16 if low else torch.float32, attn_implementation="sdpa"
+    ).to(device)
     model.config.use_cache = False
     # As TRL (disable_dropout=True): DPO compares log-probs of the same model, dropout only adds noise.
     for module in model.modules():
@@ -139,6 +268,21 @@ def _load_model(model_path: Path, params: TrainParams, device: torch.device) -> 
             module.p = 0.0
         if hasattr(module, "attention_dropout"):
             module.attention_dropout = 0.0
+    plan = _plan(model)  # refuses a model whose log-probs it cannot reproduce
+    for note in plan.notes:
+        log.info("%s: %s", plan.model_type, note)
+    runtime = _Runtime(device, plan, unpad=not cuda, max_tokens=params.max_tokens_per_batch)
+    if cuda and params.attention != "sdpa" and plan.windows is not None and _flex_supported(model):
+        model.set_attn_implementation("flex_attention")
+        runtime.flex = True
+        # Train mode for the whole run, the reference pass included (dropout is off, so it computes
+        # the same): transformers compiles FlexAttention anew at each switch between the modes,
+        # which cost ~17 s of recompilation inside the first timed run on an H200.
+        model.train()
+    elif cuda and params.attention == "flex":
+        log.warning("FlexAttention is not available for this model or torch; using sdpa")
+    if params.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if params.lora is not None:
         from peft import LoraConfig, get_peft_model
 
@@ -150,8 +294,109 @@ def _load_model(model_path: Path, params: TrainParams, device: torch.device) -> 
             target_modules=lora.target_modules or "all-linear",
             task_type="CAUSAL_LM",
         )
-        model = get_peft_model(model, config)
-    return model
+        # On a GPU the adapters stay bf16 like the base; their fp32 masters live in the optimizer.
+        model = get_peft_model(model, config, autocast_adapter_dtype=not low)
+    if cuda and (runtime.flex or params.compile):
+        # Pair counts and lengths vary by batch: let dynamo mark them dynamic rather than give up.
+        dynamo = torch._dynamo.config
+        limit = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"
+        setattr(dynamo, limit, max(getattr(dynamo, limit), 64))
+    if cuda and params.compile:
+        for layer in _decoder_layers(_causal_lm(model)):
+            layer.compile()
+    return model, runtime
+
+
+class MasterAdamW:
+    """AdamW on float32 master copies of low-precision (bf16) parameters.
+
+    The model computes in bf16 and its gradients arrive in bf16; clipping and the AdamW update run in
+    fp32 on the masters, which are then rounded into the model's weights. Parameters step in groups of
+    about `group_elements`, so fp32 copies of the gradients exist for one group at a time. Nothing here
+    reads a value back to the host.
+    """
+
+    def __init__(
+        self, params: list[nn.Parameter], lr: float, weight_decay: float, group_elements: int = 2**26
+    ):
+        self.params = list(params)
+        self.masters = [p.detach().to(torch.float32, copy=True) for p in self.params]
+        self.optimizer = torch.optim.AdamW(self.masters, lr=lr, weight_decay=weight_decay, fused=True)
+        self.groups: list[list[int]] = [[]]
+        size = 0
+        for index, param in enumerate(self.params):
+            if self.groups[-1] and size + param.numel() > group_elements:
+                self.groups.append([])
+                size = 0
+            self.groups[-1].append(index)
+            size += param.numel()
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.optimizer.param_groups
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for param in self.params:
+            param.grad = None
+
+    def masters_by_param(self) -> dict[int, Tensor]:
+        return {id(param): master for param, master in zip(self.params, self.masters, strict=True)}
+
+    @torch.no_grad()
+    def load_masters(self, values: dict[int, Tensor]) -> None:
+        """Set masters (and the model's rounded weights) from fp32 values keyed by id(param)."""
+        for param, master in zip(self.params, self.masters, strict=True):
+            if id(param) in values:
+                master.copy_(values[id(param)])
+                param.copy_(master)
+
+    @torch.no_grad()
+    def clip_and_step(self, max_norm: float | None) -> Tensor:
+        """Clip the global gradient norm to `max_norm` (None: no clipping), step; return the norm."""
+        with_grad = [i for i, p in enumerate(self.params) if p.grad is not None]
+        if not with_grad:
+            return torch.zeros((), device=self.masters[0].device)
+        norms = torch._foreach_norm([self.params[i].grad for i in with_grad], 2.0, dtype=torch.float32)
+        total = torch.linalg.vector_norm(torch.stack(norms))
+        # Clipping multiplies the gradients by coef: fused AdamW divides them by its grad_scale (the
+        # AMP unscaling) in the same pass as the update, so no separate pass over the gradients.
+        self.optimizer.grad_scale = (total + 1e-6).div(max_norm).clamp(min=1.0) if max_norm else None
+        for group in self.groups:
+            members = [i for i in group if self.params[i].grad is not None]
+            if not members:
+                continue
+            grads = [self.params[i].grad.float() for i in members]
+            for i, grad in zip(members, grads, strict=True):
+                self.masters[i].grad = grad
+            self.optimizer.step()  # steps the masters that have a gradient: this group's
+            for i in members:
+                self.masters[i].grad = None
+                self.params[i].copy_(self.masters[i])
+        return total
+
+
+def _make_optimizer(
+    trainable: list[nn.Parameter], params: TrainParams
+) -> torch.optim.Optimizer | MasterAdamW:
+    if any(p.dtype != torch.float32 for p in trainable):
+        return MasterAdamW(trainable, params.learning_rate, params.weight_decay)
+    return torch.optim.AdamW(trainable, lr=params.learning_rate, weight_decay=params.weight_decay, fused=True)
+
+
+def _optimizer_step(
+    optimizer: torch.optim.Optimizer | MasterAdamW, trainable: list[nn.Parameter], max_norm: float | None
+) -> Tensor:
+    if isinstance(optimizer, MasterAdamW):
+        return optimizer.clip_and_step(max_norm)
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_norm or math.inf)
+    optimizer.step()
+    return grad_norm
 
 
 def _reference_context(model: nn.Module) -> contextlib.AbstractContextManager:
@@ -159,44 +404,84 @@ def _reference_context(model: nn.Module) -> contextlib.AbstractContextManager:
     return model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
 
 
-def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+def _to_device(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
+    """Host tensors to the device; on a GPU through pinned memory, so the copy does not wait."""
+    if device.type != "cuda":
+        return {key: value.to(device) for key, value in batch.items()}
+    return {key: value.pin_memory().to(device, non_blocking=True) for key, value in batch.items()}
 
 
 def _forward_pairs(
-    model: nn.Module, pairs: list[TokenizedPair], pad_token_id: int, device: torch.device
+    model: nn.Module,
+    pairs: list[TokenizedPair],
+    pad_token_id: int,
+    device: torch.device,
+    runtime: _Runtime | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Log-probs of the pairs' answers (chosen then rejected, [2n]) and their lengths in tokens."""
-    # On a CPU a padded batch pays for its padding in full and batching gains little: rows run alone.
-    unpad = device.type == "cpu"
-    if supports_shared_prompt(model):
-        packed = {k: v.to(device) for k, v in collate_shared_prompt(pairs, pad_token_id).items()}
-        with _autocast(device):
-            logps = pair_logps(model, packed, unpad=unpad)
+    """Log-probs of the pairs' answers (chosen then rejected, [2n], fp32) and their lengths in tokens."""
+    runtime = runtime or _default_runtime(model, device)
+    if runtime.plan.packs(max(p.longest_sequence for p in pairs)):
+        if runtime.flex:
+            flat = _to_device(collate_packed(pairs, pad_token_id), device)
+            return packed_logps(model, flat, runtime.plan.windows).float(), flat["response_lengths"]
+        packed = _to_device(collate_shared_prompt(pairs, pad_token_id), device)
+        logps = pair_logps(model, packed, unpad=runtime.unpad, windows=runtime.plan.windows)
         return logps.float(), packed["response_lengths"]
-    batch = {k: v.to(device) for k, v in collate(pairs, pad_token_id).items()}
-    with _autocast(device):
-        logps = sequence_logps(model, **batch, unpad=unpad)
+    # Exact for any architecture: each sequence on its own, with the model's own masks.
+    batch = _to_device(collate(pairs, pad_token_id), device)
+    logps = sequence_logps(model, **batch, unpad=runtime.unpad)
     return logps.float(), batch["loss_mask"].sum(dim=1)
+
+
+def _micro_batches(pairs: list[TokenizedPair], batch_size: int, max_tokens: int | None) -> list[slice]:
+    """Consecutive runs of `pairs` per forward pass: by token budget when given, else batch_size pairs."""
+    if max_tokens is None:
+        return [slice(start, start + batch_size) for start in range(0, len(pairs), batch_size)]
+    return [slice(batch[0], batch[-1] + 1) for batch in token_batches(pairs, max_tokens)]
 
 
 @torch.no_grad()
 def score_pairs(
-    model: nn.Module, pairs: list[TokenizedPair], batch_size: int, pad_token_id: int, device: torch.device
+    model: nn.Module,
+    pairs: list[TokenizedPair],
+    batch_size: int,
+    pad_token_id: int,
+    device: torch.device,
+    *,
+    runtime: _Runtime | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Chosen and rejected log-probs of every pair without gradients (reference and evaluation)."""
+    """Chosen and rejected log-probs of every pair without gradients (reference and evaluation).
+
+    Returned on the CPU, read back once at the end. On a GPU with packing, forward passes hold
+    `runtime.score_tokens` tokens each; elsewhere `batch_size` pairs.
+    """
+    runtime = runtime or _default_runtime(model, device)
     was_training = model.training
-    model.eval()
-    chosen, rejected = torch.zeros(len(pairs)), torch.zeros(len(pairs))
+    # With FlexAttention the mode stays as it is (train, see _load_model): the trainer turns dropout
+    # off, so both modes compute the same, and transformers recompiles FlexAttention at each switch.
+    if not runtime.flex:
+        model.eval()
     # Length-sorted batches waste less on padding; results go back to their pair's index.
-    order = sorted(range(len(pairs)), key=lambda i: pairs[i].num_tokens)
-    for start in range(0, len(order), batch_size):
-        indices = order[start : start + batch_size]
-        logps, _ = _forward_pairs(model, [pairs[i] for i in indices], pad_token_id, device)
-        chosen[indices], rejected[indices] = logps.cpu().split(len(indices))
+    order = sorted(range(len(pairs)), key=lambda i: pairs[i].packed_tokens)
+    ordered = [pairs[i] for i in order]
+    if runtime.flex and not runtime.flex_proven and ordered:
+        try:
+            _forward_pairs(model, ordered[:1], pad_token_id, device, runtime)
+        except Exception as exc:  # noqa: BLE001 - any failure of the compiled kernels
+            _flex_fallback(model, runtime, exc)
+            if not was_training:
+                model.eval()
+    budget = runtime.score_tokens if runtime.flex else None
+    results = [
+        _forward_pairs(model, ordered[part], pad_token_id, device, runtime)[0].view(2, -1)
+        for part in _micro_batches(ordered, batch_size, budget)
+    ]
     model.train(was_training)
+    if not results:
+        return torch.zeros(0), torch.zeros(0)
+    scored = torch.cat(results, dim=1).cpu()
+    chosen, rejected = torch.zeros(len(pairs)), torch.zeros(len(pairs))
+    chosen[order], rejected[order] = scored[0], scored[1]
     return chosen, rejected
 
 
@@ -219,6 +504,32 @@ def _pair_losses(
     )
 
 
+def _accumulate(
+    model: nn.Module,
+    pairs: list[TokenizedPair],
+    ref_chosen: Tensor,
+    ref_rejected: Tensor,
+    params: TrainParams,
+    pad_token_id: int,
+    device: torch.device,
+    runtime: _Runtime,
+) -> Tensor:
+    """`accumulate_step`, with the metrics left on the device as one tensor (METRIC_NAMES order)."""
+    columns: list[tuple[Tensor, ...]] = []
+    ref_chosen, ref_rejected = (
+        ref_chosen.to(device, non_blocking=True),
+        ref_rejected.to(device, non_blocking=True),
+    )
+    for micro in _micro_batches(pairs, params.batch_size, runtime.max_tokens):
+        logps, lengths = _forward_pairs(model, pairs[micro], pad_token_id, device, runtime)
+        losses, chosen_rewards, rejected_rewards = _pair_losses(
+            logps, ref_chosen[micro], ref_rejected[micro], lengths, params
+        )
+        (losses.sum() / len(pairs)).backward()
+        columns.append((losses.detach(), chosen_rewards, rejected_rewards, *logps.detach().chunk(2)))
+    return batch_metric_tensor(*(torch.cat(column) for column in zip(*columns, strict=True)))
+
+
 def accumulate_step(
     model: nn.Module,
     pairs: list[TokenizedPair],
@@ -227,22 +538,20 @@ def accumulate_step(
     params: TrainParams,
     pad_token_id: int,
     device: torch.device,
+    *,
+    runtime: _Runtime | None = None,
 ) -> dict[str, float]:
-    """Forward and backward over one optimizer step's pairs, in micro-batches of `params.batch_size`.
+    """Forward and backward over one optimizer step's pairs, in micro-batches of `params.batch_size`
+    pairs (or of `params.max_tokens_per_batch` tokens).
 
     Each micro-batch adds sum(losses) / len(pairs) to the gradient, so the gradient is the mean over
     the whole step whatever the split (2 × 2 pairs == 1 × 4 pairs). Returns the step's metrics.
     """
-    columns: list[tuple[Tensor, ...]] = []
-    for start in range(0, len(pairs), params.batch_size):
-        micro = slice(start, start + params.batch_size)
-        logps, lengths = _forward_pairs(model, pairs[micro], pad_token_id, device)
-        losses, chosen_rewards, rejected_rewards = _pair_losses(
-            logps, ref_chosen[micro].to(device), ref_rejected[micro].to(device), lengths, params
-        )
-        (losses.sum() / len(pairs)).backward()
-        columns.append((losses.detach(), chosen_rewards, rejected_rewards, *logps.detach().chunk(2)))
-    return batch_metrics(*(torch.cat(column) for column in zip(*columns, strict=True)))
+    if runtime is None:
+        runtime = _default_runtime(model, device)
+        runtime.max_tokens = params.max_tokens_per_batch
+    metrics = _accumulate(model, pairs, ref_chosen, ref_rejected, params, pad_token_id, device, runtime)
+    return dict(zip(METRIC_NAMES, metrics.tolist(), strict=True))
 
 
 def _eval_metrics(
@@ -257,9 +566,15 @@ def _eval_metrics(
 # --- checkpoint and artifact --------------------------------------------------------------------
 
 
-def _trainable_state(model: nn.Module) -> dict[str, Tensor]:
+def _trainable_state(model: nn.Module, optimizer: Any = None) -> dict[str, Tensor]:
+    """The trainable weights by name; fp32 masters where the optimizer keeps them."""
+    masters = optimizer.masters_by_param() if isinstance(optimizer, MasterAdamW) else {}
     # named_parameters lists tied weights (embedding = LM head) once, which safetensors requires.
-    return {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+    return {
+        name: masters.get(id(p), p).detach().cpu().contiguous()
+        for name, p in model.named_parameters()
+        if p.requires_grad
+    }
 
 
 def _replace_dir(staging: Path, target: Path) -> None:
@@ -287,7 +602,7 @@ class _RunState:
 def _save_checkpoint(
     output_dir: Path,
     model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | MasterAdamW,
     run: _RunState,
     identity: dict[str, Any],
 ) -> Path:
@@ -295,7 +610,7 @@ def _save_checkpoint(
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
-    save_file(_trainable_state(model), staging / "trainable.safetensors")
+    save_file(_trainable_state(model, optimizer), staging / "trainable.safetensors")
     torch.save(optimizer.state_dict(), staging / "optimizer.pt")
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
     torch.save({"torch": torch.get_rng_state(), "cuda": cuda_rng}, staging / "rng.pt")
@@ -330,6 +645,9 @@ def _resume(
     if mismatch:
         raise ValueError(f"{path}: trainable weights do not match the model: {sorted(mismatch)[:5]}")
     model.load_state_dict(weights, strict=False)
+    if isinstance(optimizer, MasterAdamW):  # the fp32 masters, not their bf16 rounding
+        named = dict(model.named_parameters())
+        optimizer.load_masters({id(named[name]): value for name, value in weights.items()})
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))
     rng = torch.load(path / "rng.pt", weights_only=True)
     torch.set_rng_state(rng["torch"])
@@ -341,9 +659,26 @@ def _resume(
 
 
 def _save_artifact(
-    output_dir: Path, model: nn.Module, tokenizer: Any, params: TrainParams, record: dict[str, Any]
+    output_dir: Path,
+    model: nn.Module,
+    tokenizer: Any,
+    params: TrainParams,
+    record: dict[str, Any],
+    optimizer: Any = None,
 ) -> Path:
-    """Write the merged model, tokenizer (with its chat template) and training record as one HF folder."""
+    """Write the merged model, tokenizer (with its chat template) and training record as one HF folder.
+
+    With fp32 masters the model is first made fp32 and given the masters, so neither the saved
+    weights nor a LoRA merge see the bf16 rounding.
+    """
+    if isinstance(optimizer, MasterAdamW):
+        masters = optimizer.masters_by_param()
+        optimizer.optimizer.state.clear()  # the moments are not needed any more: free them first
+        model = model.float()  # keeps the Parameter objects (masters_by_param's keys)
+        with torch.no_grad():
+            for param in model.parameters():
+                if id(param) in masters:
+                    param.copy_(masters[id(param)])
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     model = model.to(getattr(torch, params.save_dtype))
@@ -383,7 +718,8 @@ def _prepare_data(
         "train_pairs": len(train),
         "eval_pairs": len(evals),
         "dropped_by_truncation": len(train_dropped) + len(eval_dropped),
-        "train_tokens": sum(p.num_tokens for p in train),
+        "train_tokens": sum(p.num_tokens for p in train),  # both sequences, as TRL counts them
+        "train_packed_tokens": sum(p.packed_tokens for p in train),  # each token once
         "fingerprint": fingerprint(train + evals),
     }
     return train, evals, summary
@@ -424,25 +760,24 @@ def run_training(
     total_steps = total_steps_for(params, len(train))
     warmup_steps = math.ceil(params.warmup_ratio * total_steps)
     identity = {
-        "params": params.model_dump(exclude={"checkpoint_steps"}),
+        # Settings of speed and memory only (same updates) may change between a stop and a resume.
+        "params": params.model_dump(exclude=SPEED_SETTINGS),
         "data_fingerprint": data["fingerprint"],
     }
     clock.lap("tokenize_s")
 
     torch.manual_seed(params.seed)
-    model = _load_model(model_path, params, dev)
+    model, runtime = _load_model(model_path, params, dev)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        trainable, lr=params.learning_rate, weight_decay=params.weight_decay, fused=True
-    )
+    optimizer = _make_optimizer(trainable, params)
     clock.lap("load_s")
 
     run = _resume(output_dir, model, optimizer, identity)
     resumed_from_step = run.step if run is not None else None
     if run is None:  # reference log-probs once, from the model before any update
         with _reference_context(model):
-            ref_train = score_pairs(model, train, 2 * params.batch_size, pad_id, dev)
-            ref_eval = score_pairs(model, evals, 2 * params.batch_size, pad_id, dev)
+            ref_train = score_pairs(model, train, 2 * params.batch_size, pad_id, dev, runtime=runtime)
+            ref_eval = score_pairs(model, evals, 2 * params.batch_size, pad_id, dev, runtime=runtime)
         ref = {"train_chosen": ref_train[0], "train_rejected": ref_train[1]}
         ref |= {"eval_chosen": ref_eval[0], "eval_rejected": ref_eval[1]}
         # Before any update the policy is the reference: its eval needs no second pass.
@@ -453,36 +788,77 @@ def run_training(
     (output_dir / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in run.history))
     clock.lap("reference_s")
 
+    ref_chosen_all = run.ref["train_chosen"].to(dev)
+    ref_rejected_all = run.ref["train_rejected"].to(dev)
+    flops_per_token = 6 * sum(p.numel() for p in model.parameters())  # forward + backward, 6N
+    peak = peak_flops(dev)
+    # On a GPU a step's metrics are read after the next step is queued: the host never waits for
+    # the device mid-run. On a CPU there is nothing to overlap: each step reports at once.
+    lagged = _low_precision(dev)
+    pending: _PendingStep | None = None
+    last_report = time.perf_counter()
+
+    def report(done: _PendingStep) -> None:
+        nonlocal last_report
+        values = done.read()
+        now = time.perf_counter()
+        seconds, last_report = now - last_report, now
+        metrics = dict(zip((*METRIC_NAMES, "grad_norm"), values, strict=True))
+        metrics |= {
+            "learning_rate": done.lr,
+            # Each token once: a pair's prompt is processed once for both answers.
+            "tokens_per_s": done.tokens / seconds,
+            "pairs_per_s": done.pairs / seconds,
+            "epoch": done.step / steps_per_epoch(len(train), params.pairs_per_step),
+        }
+        if peak:
+            metrics["mfu"] = flops_per_token * done.tokens / seconds / peak
+        run.history.append({"step": done.step, **metrics})
+        with (output_dir / "metrics.jsonl").open("a") as handle:
+            handle.write(json.dumps(run.history[-1]) + "\n")
+        hooks.on_step(done.step, total_steps, metrics)
+
     model.train()
     while run.step < total_steps and not hooks.should_stop():
-        step_started = time.perf_counter()
         lr = learning_rate_at(run.step, total_steps, params.learning_rate, warmup_steps, params.lr_schedule)
         for group in optimizer.param_groups:
             group["lr"] = lr
         indices = pairs_for_step(run.step, len(train), params.pairs_per_step, params.seed)
         step_pairs = [train[i] for i in indices]
-        ref_chosen, ref_rejected = run.ref["train_chosen"][indices], run.ref["train_rejected"][indices]
-        metrics = accumulate_step(model, step_pairs, ref_chosen, ref_rejected, params, pad_id, dev)
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, params.max_grad_norm or math.inf)
-        optimizer.step()
+        index = _to_device({"index": torch.tensor(indices)}, dev)["index"]
+        step_refs = (ref_chosen_all[index], ref_rejected_all[index])
+        try:
+            step_metrics = _accumulate(model, step_pairs, *step_refs, params, pad_id, dev, runtime)
+        except Exception as exc:
+            if not runtime.flex or runtime.flex_proven:
+                raise
+            _flex_fallback(model, runtime, exc)
+            optimizer.zero_grad(set_to_none=True)
+            step_metrics = _accumulate(model, step_pairs, *step_refs, params, pad_id, dev, runtime)
+        runtime.flex_proven = runtime.flex
+        grad_norm = _optimizer_step(optimizer, trainable, params.max_grad_norm)
         optimizer.zero_grad(set_to_none=True)
         run.step += 1
-        seconds = time.perf_counter() - step_started
-        metrics |= {
-            "grad_norm": grad_norm.item(),
-            "learning_rate": lr,
-            # Tokens of the pairs' two sequences, as TRL counts them (the shared prompt runs once).
-            "tokens_per_s": sum(p.num_tokens for p in step_pairs) / seconds,
-            "pairs_per_s": len(step_pairs) / seconds,
-            "epoch": run.step / steps_per_epoch(len(train), params.pairs_per_step),
-        }
-        run.history.append({"step": run.step, **metrics})
-        with (output_dir / "metrics.jsonl").open("a") as handle:
-            handle.write(json.dumps(run.history[-1]) + "\n")
-        hooks.on_step(run.step, total_steps, metrics)
+        done = _PendingStep(
+            run.step, lr, sum(p.packed_tokens for p in step_pairs), len(step_pairs),
+            torch.cat([step_metrics, grad_norm.detach().float().reshape(1)]),
+        )  # fmt: skip
+        if pending is not None:
+            report(pending)
+        pending = done if lagged else None
+        if not lagged:
+            report(done)
         if run.step % every == 0 and run.step < total_steps:
+            if pending is not None:
+                report(pending)
+                pending = None
             hooks.on_checkpoint(run.step, _save_checkpoint(output_dir, model, optimizer, run, identity))
+    if pending is not None:
+        report(pending)
     clock.lap("train_s")
+    data["attention"] = "flex" if runtime.flex else ("sdpa" if dev.type == "cuda" else "cpu")
+    if runtime.flex_failed:
+        data["flex_failed"] = runtime.flex_failed
     last_metrics = run.history[-1] if run.history else None
     if run.step < total_steps:
         return TrainResult(
@@ -492,16 +868,15 @@ def run_training(
     eval_ref = (run.ref["eval_chosen"], run.ref["eval_rejected"])
     eval_after = None
     if evals:
-        eval_after = _eval_metrics(
-            evals, score_pairs(model, evals, 2 * params.batch_size, pad_id, dev), eval_ref, params
-        )
+        policy = score_pairs(model, evals, 2 * params.batch_size, pad_id, dev, runtime=runtime)
+        eval_after = _eval_metrics(evals, policy, eval_ref, params)
         hooks.on_eval("after", eval_after)
     clock.lap("eval_s")
 
     record = {"base_model": str(model_path), "data": data, "steps": run.step, "eval_before": run.eval_before}
     record |= {"resumed_from_step": resumed_from_step}
     record |= {"eval_after": eval_after, "last_metrics": last_metrics, "history": run.history}
-    model_dir = _save_artifact(output_dir, model, tokenizer, params, record)
+    model_dir = _save_artifact(output_dir, model, tokenizer, params, record, optimizer)
     shutil.rmtree(output_dir / CHECKPOINT_DIR, ignore_errors=True)
     clock.lap("save_s")
     return TrainResult(

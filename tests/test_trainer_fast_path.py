@@ -1,0 +1,139 @@
+"""The GPU recipe's pieces, checked on the CPU: fp32 master weights behind a bf16 model, metrics read
+one step late, token-budget batches. (FlexAttention's forward is in test_logps_families; its
+backward and the whole recipe on a GPU are in bench/gpu.sh.)"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cai_dpo.core.training_params import LoraParams, TrainParams
+from cai_dpo.workers.training import trainer
+from cai_dpo.workers.training.data import TokenizedPair, token_batches
+from cai_dpo.workers.training.trainer import MasterAdamW, TrainHooks, run_training
+
+
+@pytest.mark.unit
+def test_master_adamw_is_fp32_adamw_with_the_model_in_bf16():
+    torch.manual_seed(0)
+    shapes = [(8, 16), (40,), (3, 5, 7)]
+    reference = [torch.randn(shape).bfloat16().float().requires_grad_() for shape in shapes]
+    model = [torch.nn.Parameter(p.detach().bfloat16()) for p in reference]
+    fp32 = torch.optim.AdamW(reference, lr=1e-2, weight_decay=0.1, fused=True)
+    mixed = MasterAdamW(model, lr=1e-2, weight_decay=0.1, group_elements=100)  # several groups
+    assert len(mixed.groups) > 1
+    for step in range(4):
+        for ref_param, param in zip(reference, model, strict=True):
+            grad = (torch.randn(ref_param.shape) * (10 if step == 1 else 0.1)).bfloat16()  # step 1 clips
+            ref_param.grad, param.grad = grad.float(), grad
+        want_norm = torch.nn.utils.clip_grad_norm_(reference, 1.0)
+        fp32.step()
+        norm = mixed.clip_and_step(1.0)
+        mixed.zero_grad()
+        assert norm.item() == pytest.approx(want_norm.item(), rel=1e-6)
+        for ref_param, master, param in zip(reference, mixed.masters, model, strict=True):
+            assert torch.allclose(master, ref_param, rtol=0, atol=1e-7)
+            assert torch.equal(param, master.bfloat16())  # the model holds the masters, rounded
+            assert param.grad is None
+    # Updates far below bf16's resolution accumulate in the masters instead of vanishing.
+    assert any(not torch.equal(m.bfloat16().float(), m) for m in mixed.masters)
+
+
+@pytest.mark.unit
+def test_token_batches_are_consecutive_and_within_budget():
+    pairs = [
+        TokenizedPair([1] * p, [2] * c, [3] * r) for p, c, r in [(5, 3, 4), (2, 2, 2), (9, 9, 9), (1, 1, 1)]
+    ]
+    batches = token_batches(pairs, 20)
+    assert batches == [[0, 1], [2], [3]]  # 12 + 6; 27 alone (over the budget); 3
+    assert token_batches(pairs, 1000) == [[0, 1, 2, 3]]
+
+
+def _run(
+    path: Path, model_path: Path, pairs, *, lora=None, hooks=None, max_tokens=None
+) -> trainer.TrainResult:
+    params = TrainParams(
+        max_length=96, batch_size=2, max_steps=6, learning_rate=1e-3, warmup_ratio=0.2, lora=lora, seed=3,
+        max_tokens_per_batch=max_tokens,
+    )  # fmt: skip
+    return run_training(
+        params, model_path=model_path, train_pairs=pairs[:8], eval_pairs=pairs[8:10], output_dir=path,
+        hooks=hooks, checkpoint_steps=2,
+    )  # fmt: skip
+
+
+def _history(model_dir: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (model_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in row.items() if k not in {"tokens_per_s", "pairs_per_s", "mfu"}} for row in rows]
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("lora", [None, LoraParams(r=4, alpha=8)], ids=["full", "lora"])
+def test_gpu_recipe_on_the_cpu_trains_like_fp32_and_resumes_exactly(
+    tiny_model_path, hh_pairs, tmp_path, monkeypatch, lora
+):
+    fp32 = _run(tmp_path / "fp32", tiny_model_path, hh_pairs, lora=lora)
+    monkeypatch.setattr(trainer, "_low_precision", lambda device: True)  # bf16 model, masters, lagged metrics
+    whole = _run(tmp_path / "whole", tiny_model_path, hh_pairs, lora=lora, max_tokens=150)
+
+    # Same run as in fp32, up to bf16 rounding of the forward.
+    for row, want in zip(_history(whole.model_dir), _history(fp32.model_dir), strict=True):
+        assert row["step"] == want["step"]
+        assert row["loss"] == pytest.approx(want["loss"], abs=0.05)
+    assert whole.eval_after["loss"] == pytest.approx(fp32.eval_after["loss"], abs=0.05)
+    weights = load_file(whole.model_dir / "model.safetensors")
+    assert all(w.dtype == torch.float32 for w in weights.values())  # saved from the fp32 masters
+
+    # Stopped after 3 steps (metrics one step late) and resumed: the same run, the masters restored.
+    checks, steps = [], []
+    hooks = TrainHooks(
+        on_step=lambda step, total, metrics: steps.append(step),
+        should_stop=lambda: checks.append(1) or len(checks) > 3,
+    )
+    stopped = _run(tmp_path / "resumed", tiny_model_path, hh_pairs, lora=lora, hooks=hooks, max_tokens=150)
+    assert (stopped.status, stopped.step, steps) == ("stopped", 3, [1, 2, 3])
+    resumed = _run(tmp_path / "resumed", tiny_model_path, hh_pairs, lora=lora, max_tokens=150)
+    assert resumed.step == 6
+    for row, want in zip(_history(resumed.model_dir), _history(whole.model_dir), strict=True):
+        assert row == pytest.approx(want, rel=1e-6, abs=1e-7)
+    resumed_weights = load_file(resumed.model_dir / "model.safetensors")
+    for name, tensor in weights.items():
+        assert torch.allclose(resumed_weights[name], tensor, rtol=0, atol=1e-6), name
+
+
+@pytest.mark.unit
+def test_a_failing_flex_attention_falls_back_to_sdpa(monkeypatch):
+    from transformers.integrations import flex_attention as transformers_flex
+
+    from tests.fixtures.training import tiny_model
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no kernel for you")
+
+    monkeypatch.setattr(transformers_flex, "compile_friendly_flex_attention", broken)
+    cpu = torch.device("cpu")
+    model = tiny_model("llama", 96).eval()
+    pairs = [TokenizedPair([5, 6, 7], [8, 9], [10, 11, 12]), TokenizedPair([13, 14], [15], [16, 17])]
+    want = torch.cat(trainer.score_pairs(model, pairs, 2, 0, cpu))
+    model.set_attn_implementation("flex_attention")
+    runtime = trainer._Runtime(cpu, trainer._plan(model), flex=True)
+    got = torch.cat(trainer.score_pairs(model, pairs, 2, 0, cpu, runtime=runtime))
+    assert not runtime.flex and "no kernel for you" in runtime.flex_failed
+    assert model.config._attn_implementation == "sdpa"
+    assert torch.allclose(got, want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.unit
+def test_packed_rows_take_few_widths_with_bounded_padding():
+    from cai_dpo.workers.training.data import bucket_width
+
+    widths = {bucket_width(tokens) for tokens in range(1, 20_000)}
+    assert sorted(widths)[:9] == [128, 256, 384, 512, 768, 1024, 1536, 2048, 3072]
+    assert all(width % 128 == 0 for width in widths)  # FlexAttention's block
+    assert all(
+        bucket_width(t) >= t and bucket_width(t) - t <= bucket_width(t) / 3 for t in range(257, 20_000)
+    )
