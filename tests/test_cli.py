@@ -335,3 +335,35 @@ def test_db_stop_stops_a_server_left_behind(tmp_path):
         assert again.returncode == 0 and "none running" in again.stdout
     finally:
         stop_embedded_postgres(data)
+
+
+@pytest.mark.unit
+def test_evaluate_waits_and_prints_the_win_rate_interval_and_counts(api):
+    evaluation = {"id": 3, "status": "comparing", "request": {}, "promotion": None}
+    comparing = {
+        "id": 1,
+        "evaluation": evaluation | {"win_rate": {"n": 1, "failed": 0, "open": 3, "rate": 1.0}},
+    }
+    done = {
+        "id": 1,
+        "evaluation": evaluation
+        | {
+            "status": "done",
+            "win_rate": {"n": 4, "failed": 0, "open": 0, "rate": 0.625, "ci95": [0.306, 0.863],
+                         "wins": 2, "ties": 1, "losses": 1},
+            "reward_accuracy": {"external": {
+                "n_pairs": 64, "base": {"logp": {"accuracy": 0.5}},
+                "trained": {"implicit_reward": {"accuracy": 0.625, "mean_margin": 0.1}}}},
+            "promotion": {"promoted": False, "reason": "no training policy with promote: true"},
+        },
+    }  # fmt: skip
+    api.routes[("POST", "/train/1/evaluate")] = {"id": 1, "evaluation": evaluation | {"status": "queued"}}
+    api.routes[("GET", "/train/1")] = InTurn([comparing, done])
+    result = cli("evaluate", "1", "--wait")
+    assert result.exit_code == 0, result.output
+    assert (
+        "win rate 0.625 (95% interval 0.306..0.863) against the base model: 2 wins, 1 ties, 1 losses of 4"
+        in (result.stdout)
+    )
+    assert "reward accuracy on 64 external pairs: base 0.500, trained 0.625" in result.stdout
+    assert "promotion: no (no training policy with promote: true)" in result.stdout

@@ -325,3 +325,67 @@ def train(
     print(f"training job {train_id}: {state['status']} {state.get('artifact') or state.get('error') or ''}")
     if state["status"] != "succeeded":
         raise typer.Exit(1)
+    if state.get("evaluation"):  # evaluated automatically: follow it too
+        follow_evaluation(client, train_id)
+
+
+def evaluate(
+    train_id: Annotated[int, typer.Argument(min=1, help="The training job whose model to evaluate.")],
+    config: Annotated[
+        Path | None, typer.Option(exists=True, dir_okay=False, help="The POST /train/{id}/evaluate body.")
+    ] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="Show progress, then the win rate.")] = False,
+    url: Url = None,
+    api_key: ApiKey = None,
+) -> None:
+    """Evaluate a trained model against its base: win rate with its 95% interval, reward accuracy."""
+    client = Client(url, api_key)
+    body = json.loads(config.read_text()) if config else {}
+    evaluation = client.call("POST", f"/train/{train_id}/evaluate", json=body)["evaluation"]
+    print(f"evaluation {evaluation['id']} of training job {train_id}: {evaluation['status']}")
+    if wait:
+        follow_evaluation(client, train_id)
+
+
+def evaluation_view(state: dict) -> dict:
+    evaluation = state.get("evaluation") or {}
+    win = evaluation.get("win_rate") or {}
+    done = win.get("n", 0) + win.get("failed", 0)
+    return dict(
+        completed=done,
+        total=done + win.get("open", 0) or None,
+        what="comparisons",
+        rate=None,
+        unit="comparisons",
+        eta=None,
+        note=f"{evaluation.get('status', '?')}, win rate {win['rate']:.2f}"
+        if win.get("n")
+        else evaluation.get("status", "?"),
+        over=evaluation.get("status") in ("done", "failed"),
+    )
+
+
+def follow_evaluation(client: Client, train_id: int) -> None:
+    """Wait for the job's latest evaluation and print its numbers."""
+    (state,) = follow(client, {f"evaluate {train_id}": f"/train/{train_id}"}, evaluation_view)
+    evaluation = state["evaluation"]
+    if evaluation["status"] != "done":
+        raise SystemExit(
+            f"evaluation {evaluation['id']}: {evaluation['status']} {evaluation.get('error') or ''}"
+        )
+    win = evaluation["win_rate"]
+    low, high = win["ci95"]
+    print(
+        f"win rate {win['rate']:.3f} (95% interval {low:.3f}..{high:.3f}) against the base model: "
+        f"{win['wins']} wins, {win['ties']} ties, {win['losses']} losses of {win['n']}"
+    )
+    external = (evaluation.get("reward_accuracy") or {}).get("external")
+    if external:
+        base, trained = external["base"]["logp"], external["trained"]["implicit_reward"]
+        print(
+            f"reward accuracy on {external['n_pairs']} external pairs: base {base['accuracy']:.3f}, "
+            f"trained {trained['accuracy']:.3f} (mean margin {trained['mean_margin']:.3f})"
+        )
+    promotion = evaluation.get("promotion") or {}
+    if promotion:
+        print(f"promotion: {'yes' if promotion.get('promoted') else 'no'} ({promotion.get('reason')})")
