@@ -7,7 +7,7 @@ LOCK := requirements/cpu.lock
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml $(LOCK) | sha256sum | cut -c1-12)
 PYTEST_ARGS ?=
 
-.PHONY: up test test-fast lint lock format bench-submit bench-export bench-generation bench-training clean-venv
+.PHONY: up test test-deps test-fast lint lock format bench-submit bench-export bench-generation bench-training clean-venv
 
 $(STAMP): pyproject.toml $(LOCK)
 	python3 -m venv $(VENV)
@@ -36,8 +36,21 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/lint-imports
 
-test: lint
+test: lint test-deps
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+# What the tests need beyond the venv: Chromium for the console's browser tests (Playwright drives
+# Debian's package; it downloads no browser). Installed here where missing and we are root.
+CHROMIUM ?= $(or $(CAI_CHROMIUM),/usr/bin/chromium)
+test-deps: $(STAMP)
+	@$(PY) -c "import playwright" 2>/dev/null || { echo "playwright is missing from $(VENV): it comes with the lock file ($(LOCK)); for now: $(PY) -m pip install playwright" >&2; exit 1; }
+	@if [ -x "$(CHROMIUM)" ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing Chromium for the browser tests (apt-get install -y chromium)"; \
+		apt-get install -y -q chromium >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; }; \
+	else \
+		echo "the console's browser tests need Chromium: 'sudo apt-get install -y chromium', or CAI_CHROMIUM=/path/to/chromium" >&2; exit 1; \
+	fi
 
 # Offline, in under a minute: no model, no vLLM, no network (the `unit` and `db` markers).
 test-fast: $(STAMP)

@@ -46,6 +46,7 @@ def running_service(*, workers: bool = False, env: dict[str, str] | None = None,
             [sys.executable, "-m", "cai_dpo.cli.main", *command, "--port", str(port)],
             env=environment,
             cwd=ROOT,
+            stdout=sys.stderr,  # the service's log; a benchmark's stdout is its JSON figures
         )
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + timeout

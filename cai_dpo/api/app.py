@@ -1,4 +1,4 @@
-"""The FastAPI application factory: security, routers, error handlers, metrics, the database."""
+"""The FastAPI application factory: security, routers, the console, error handlers, metrics, the database."""
 
 from __future__ import annotations
 
@@ -11,8 +11,10 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from cai_dpo.api.errors import install_error_handlers
 from cai_dpo.api.metrics import RequestCounter, metrics_registry
+from cai_dpo.api.openapi import install as install_openapi
 from cai_dpo.api.routes import admin, constitutions, datasets, export, health, jobs, pairs, training, workers
 from cai_dpo.api.security import Guard
+from cai_dpo.api.ui.router import install_console
 from cai_dpo.core.api_keys import KeyRing
 from cai_dpo.core.constitutions import ConstitutionStore
 from cai_dpo.core.db import database_url, get_engine, session_scope, upgrade_database
@@ -48,8 +50,11 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True) -> Fas
     app.state.keys = KeyRing(settings.api_keys, settings.api_keys_file)
     app.state.export_slots = threading.BoundedSemaphore(settings.export_concurrency)
     install_error_handlers(app)
+    install_openapi(app, settings)
     for module in (health, constitutions, jobs, pairs, export, workers, training, datasets, admin):
         app.include_router(module.router)
+    # The web console: its pages, forms and assets under one mount, outside the API's schema.
+    install_console(app)
 
     def write_audit(entry: dict[str, Any]) -> None:
         with session_scope(app.state.engine) as session:
@@ -62,5 +67,7 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True) -> Fas
         app.add_middleware(
             TrustedHostMiddleware, allowed_hosts=["localhost", "127.0.0.1", "[::1]", settings.host]
         )
-    app.add_middleware(Guard, settings=settings, keyring=app.state.keys, audit=write_audit)
+    app.add_middleware(
+        Guard, settings=settings, keyring=app.state.keys, audit=write_audit, console=app.state.console_auth
+    )
     return app

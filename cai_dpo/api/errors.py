@@ -7,10 +7,10 @@ import logging
 import re
 
 from fastapi import Request
-from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from cai_dpo.api.schemas import FieldError, TooManyPrompts
 from cai_dpo.core.constitutions import ConstitutionError, UnknownConstitution
@@ -27,10 +27,14 @@ def field_name(loc: tuple) -> str:
     return ".".join(parts) or "body"
 
 
-def error_response(status_code: int, errors: list[dict[str, str]]) -> JSONResponse:
+def error_response(
+    status_code: int, errors: list[dict[str, str]], headers: dict[str, str] | None = None
+) -> JSONResponse:
     first = errors[0]
     return JSONResponse(
-        status_code=status_code, content={"detail": f"{first['field']}: {first['message']}", "errors": errors}
+        status_code=status_code,
+        content={"detail": f"{first['field']}: {first['message']}", "errors": errors},
+        headers=headers,
     )
 
 
@@ -88,12 +92,36 @@ async def unstorable_value(request: Request, exc: Exception) -> JSONResponse:
     return error_response(422, [{"field": "body", "message": message}])
 
 
+# A route's `HTTPException("<field>: <message>")` (the field may be a header: `Idempotency-Key`);
+# Starlette's own errors name no field: then the part of the request at fault.
+_HTTP_NAMED = re.compile(r"^([A-Za-z_][A-Za-z0-9_.-]*): (.+)$", re.S)
+_UNNAMED_FIELDS = {404: "path", 405: "method"}
+
+
 async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+    """An `HTTPException` as every other error: `detail` "<field>: <message>" and `errors`."""
     # FastAPI's own words for a body json.loads gave up on (nested thousands deep): name the field.
     if exc.status_code == 400 and exc.detail == "There was an error parsing the body":
         reason = exc.__cause__.__class__.__name__ if exc.__cause__ else "unreadable"
         return error_response(400, [{"field": "body", "message": f"malformed JSON ({reason})"}])
-    return await http_exception_handler(request, exc)
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405:  # every method of the path, not only those of the first route found
+        headers["Allow"] = ", ".join(sorted(allowed_methods(request)))
+    if exc.status_code in (204, 304):
+        return Response(status_code=exc.status_code, headers=headers)
+    named = _HTTP_NAMED.match(str(exc.detail))
+    unnamed = (_UNNAMED_FIELDS.get(exc.status_code, "request"), exc.detail)
+    field, message = named.groups() if named else unnamed
+    return error_response(exc.status_code, [{"field": field, "message": str(message)}], headers)
+
+
+def allowed_methods(request: Request) -> set[str]:
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches(request.scope)
+        if match != Match.NONE:
+            methods |= getattr(route, "methods", None) or set()
+    return methods
 
 
 async def invalid_unicode(request: Request, exc: UnicodeError) -> JSONResponse:

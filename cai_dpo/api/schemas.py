@@ -10,15 +10,20 @@ from contextvars import ContextVar
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from cai_dpo.core.constitutions import NAME_PATTERN
 from cai_dpo.core.generation_modes import GenerationMode
 from cai_dpo.core.pair_filter import PairFilter
 from cai_dpo.core.settings import Settings
-from cai_dpo.core.storable import StorableJson, StorableText
+from cai_dpo.core.storable import SchemaPattern, StorableJson, StorableText
 from cai_dpo.core.training_params import TrainParams  # pydantic only: the API never imports torch
 
 Role = Literal["system", "user", "assistant"]
+
+# Text with something in it besides whitespace (and no NUL), as `normalize_prompts` checks a prompt.
+NONBLANK = r"^[^\u0000]*[^\s\u0000][^\u0000]*$"
+PromptText = Annotated[StorableText, SchemaPattern(NONBLANK)]
 
 # A `next_cursor`: the last id of the previous page.
 Cursor = Annotated[str, Field(pattern=r"^\d{1,18}$", description="`next_cursor` of the previous page.")]
@@ -32,6 +37,25 @@ class FieldError(ValueError):
         self.field = field
         self.message = message
         self.status_code = status_code
+
+
+class ErrorItem(BaseModel):
+    field: str = Field(
+        description="Where the fault is: a body field (`prompts.3.content`), a parameter (`job_id`), "
+        "a header (`authorization`, `content-type`), or `body` as a whole."
+    )
+    message: str
+    line: int | None = Field(None, description="`POST /datasets/import`: the upload's line at fault.")
+
+
+class ErrorBody(BaseModel):
+    """Every error response (4xx, 5xx): `detail` is the first error as `<field>: <message>`, `errors`
+    lists them all. An invalid constitution adds `file` and `line` (the YAML line at fault)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    detail: str
+    errors: list[ErrorItem] = Field(min_length=1)
 
 
 class ChatMessage(BaseModel):
@@ -68,10 +92,13 @@ class GenerateRequest(GenerationMode):
 
     model_config = ConfigDict(extra="forbid")
 
-    prompts: list[StorableText | list[ChatMessage]] = Field(
-        min_length=1, description="Plain strings, or chat messages ending with a user turn."
+    prompts: list[PromptText | list[ChatMessage]] = Field(
+        min_length=1,
+        description="Plain strings, or chat messages: a system message only first, the last a user "
+        "turn, every user and assistant message with text; at most CAI_MAX_PROMPT_CHARS characters in "
+        "all (a prompt's messages together).",
     )
-    constitution: str = Field(min_length=1, max_length=64)
+    constitution: str = Field(min_length=1, max_length=64, json_schema_extra={"pattern": NAME_PATTERN})
     revisions: int | None = Field(
         None, ge=1, description="Critique-and-revise rounds (default: the constitution's)."
     )
@@ -176,6 +203,37 @@ class PromptPage(BaseModel):
     next_cursor: str | None
 
 
+class ReviewIn(BaseModel):
+    """`POST /pairs/{id}/review`: approve or reject the pair, optionally with an edited chosen answer."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    status: Literal["approved", "rejected"]
+    chosen: StorableText | None = Field(
+        None,
+        min_length=1,
+        max_length=200_000,
+        description="The reviewer's chosen answer: a new version (approved); the generated text stays.",
+    )
+
+    @model_validator(mode="after")
+    def _edit_approves(self) -> ReviewIn:
+        if self.chosen is not None and self.status != "approved":
+            raise ValueError("chosen: an edited answer is approved; reject without `chosen`")
+        if self.chosen is not None and not self.chosen.strip():
+            raise ValueError("chosen: empty or whitespace-only answer")
+        return self
+
+
+class ReviewOut(BaseModel):
+    version: int
+    status: Literal["approved", "rejected"]
+    reviewer: str = Field(description="The name of the API key that reviewed.")
+    created_at: datetime
+    chosen: str | None = Field(description="The chosen text in force after this version (None: generated).")
+    edited: bool = Field(description="This version changed the chosen text.")
+
+
 class PairOut(BaseModel):
     id: int
     job_id: int | None
@@ -201,6 +259,13 @@ class PairOut(BaseModel):
     sampling: dict[str, Any] | None = None
     usage: dict[str, Any] | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
+    review: Literal["approved", "rejected"] | None = Field(
+        None, description="The latest human review; None where no one reviewed the pair."
+    )
+    reviewed_chosen: str | None = Field(
+        None, description="A reviewer's latest edit of `chosen`, used by exports (`chosen` stays as made)."
+    )
+    reviews: list[ReviewOut] | None = Field(None, description="Every review version, oldest first.")
 
 
 class PairPageQuery(PairFilter):
@@ -259,6 +324,19 @@ class WorkerOut(BaseModel):
     stats: dict[str, Any]
     started_at: datetime
     heartbeat_at: datetime
+
+
+class HealthOut(BaseModel):
+    status: Literal["ok", "degraded", "error"] = Field(
+        description="degraded: a live worker reports a problem; error: no database (503)."
+    )
+    database: bool
+    workers: dict[str, int] | None = Field(None, description="Live workers by kind (absent on error).")
+    unhealthy_workers: int | None = Field(None, description="Present when degraded.")
+    problems: list[dict[str, Any]] | None = Field(
+        None, description="Each unhealthy worker's problem: only to callers with a valid key."
+    )
+    error: str | None = Field(None, description="The database error: only to callers with a valid key.")
 
 
 # --- training -------------------------------------------------------------------------------------

@@ -7,23 +7,38 @@ cross-site browser requests (an `Origin` of another host), so a web page open in
 browser cannot drive the service. Either way, a body must come with its route's content type and
 within its route's size cap (415 / 413), and every mutating call is written to the audit log.
 
-The scope of every route is decided here, in `required_scope`, in one table.
+The console (`/ui`) is a browser's: on its paths only, a signed session cookie (`api/ui/auth.py`)
+stands for the key it was opened with, a refusal is a page (or a redirect to the login form), its
+forms may post `application/x-www-form-urlencoded` and `multipart/form-data`, and every post must
+carry the CSRF token: in the `X-CSRF-Token` header, checked here before the body is read, or in the
+form's `csrf_token` field, which the console's form dependency checks (`api/ui/router.py`).
+
+The scope of every route, the console's included, is decided here, in `required_scope`, in one table.
 """
 
 from __future__ import annotations
 
+import html
 import json
 import logging
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import anyio
 from starlette.datastructures import Headers
-from starlette.responses import JSONResponse
+from starlette.requests import cookie_parser
+from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cai_dpo.api.schemas import request_settings
+from cai_dpo.api.ui.auth import (
+    CSRF_COOKIE,
+    CSRF_HEADER,
+    SESSION_COOKIE,
+    ConsoleAuth,
+    is_console,
+)
 from cai_dpo.core.api_keys import SCOPES, ApiKey, KeyRing
 from cai_dpo.core.settings import Settings
 
@@ -39,6 +54,10 @@ JSON = ("application/json",)
 YAML = ("application/yaml", "application/x-yaml", "text/yaml")
 NDJSON = ("application/x-ndjson", "application/jsonl", "application/json-lines")
 MULTIPART = ("multipart/form-data",)
+FORM = ("application/x-www-form-urlencoded",)
+# The console's pages that need no key: its login form, sign-out, and its scripts and styles.
+CONSOLE_PUBLIC = {"/ui/login", "/ui/logout"}
+CONSOLE_STATIC = "/ui/static/"
 # A cross-site HTML form can send multipart/form-data but cannot add a header: an upload must
 # carry this one (any value), which makes a browser ask first (CORS), and we never say yes.
 UPLOAD_HEADER = "x-requested-by"
@@ -46,18 +65,31 @@ UPLOAD_HEADER = "x-requested-by"
 
 def required_scope(method: str, path: str) -> str | None:
     """The scope a request needs; None for public paths."""
-    if path in PUBLIC_PATHS:
+    if path in PUBLIC_PATHS or path in CONSOLE_PUBLIC or path.startswith(CONSOLE_STATIC):
         return None
+    if is_console(path):
+        # The console's pages read; its forms post to the path of the API route they stand for
+        # (`/ui/generate`, `/ui/pairs/{id}/review`, ...) and take its scope, but for two of its own:
+        if method == "POST" and path.startswith("/ui/constitutions/"):
+            if path.endswith("/check"):  # validates the editor's text; writes nothing
+                return "read"
+            if path.endswith("/try"):  # a one-prompt generation job on the unsaved text
+                return "generate"
+        path = path.removeprefix("/ui") or "/"
     if method in ("GET", "HEAD", "OPTIONS"):
         return "admin" if path.startswith(("/audit", "/keys")) else "read"
     if path == "/generate" or path.startswith("/jobs/"):
         return "generate"
     if path.startswith("/train"):
         return "train"
-    return "admin"  # constitutions, imports, and anything new until it says otherwise
+    if path.startswith("/pairs/") and path.endswith("/review"):
+        return "review"
+    return "admin"  # constitutions (the console's editor too), imports, anything new until it says otherwise
 
 
 def accepted_types(method: str, path: str) -> tuple[str, ...]:
+    if is_console(path):
+        return FORM + MULTIPART
     if path.startswith("/constitutions/"):
         return YAML
     if path.startswith("/datasets/import"):
@@ -86,6 +118,25 @@ def bearer_token(headers: Headers) -> str | None:
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
 
+def console_refusal(status: int, field: str, message: str, scope: Scope) -> Response:
+    """A refusal on a console path: no key yet is the login form (an htmx request is told to go
+    there, back to its page afterwards); anything else a small page naming the field."""
+    headers = Headers(scope=scope)
+    if status == 401:
+        if "hx-request" in headers:  # a poll or a form of a page: back to that page after login
+            current = urlsplit(headers.get("hx-current-url", ""))
+            back = current.path + (f"?{current.query}" if current.query else "")
+        else:
+            query = scope.get("query_string", b"").decode("latin-1")
+            back = scope["path"] + (f"?{query}" if query else "")
+        target = "/ui/login" + (f"?next={quote(back, safe='')}" if is_console(back) else "")
+        if "hx-request" in headers:
+            return Response(status_code=401, headers={"HX-Redirect": target})
+        return RedirectResponse(target, status_code=303)
+    body = f'<p class="refusal" role="alert">{html.escape(field)}: {html.escape(message)}</p>'
+    return HTMLResponse(body, status_code=status)
+
+
 class BodyTooLarge(Exception):
     pass
 
@@ -98,11 +149,13 @@ class Guard:
         settings: Settings,
         keyring: KeyRing,
         audit: Callable[[dict[str, Any]], None],
+        console: ConsoleAuth,
     ) -> None:
         self.app = app
         self.settings = settings
         self.keyring = keyring
         self.audit = audit
+        self.console = console
         self.local_hosts = {"localhost", "127.0.0.1", "::1", settings.host.lower()}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -114,7 +167,12 @@ class Guard:
         caller, refusal = self.authenticate(method, path, headers)
         if refusal is None:
             refusal = self.check_body_headers(method, path, headers)
+        if refusal is None and is_console(path) and method in MUTATING:
+            refusal = self.check_csrf_header(headers, scope)
         if refusal is not None:
+            if is_console(path) and isinstance(refusal, JSONResponse):
+                first = json.loads(refusal.body)["errors"][0]
+                refusal = console_refusal(refusal.status_code, first["field"], first["message"], scope)
             await refusal(scope, receive, send)
             await self.record(scope, caller, refusal.status_code)
             return
@@ -159,6 +217,8 @@ class Guard:
             return LOCAL_CALLER, None
         token = bearer_token(headers)
         caller = self.keyring.find(token) if token else None
+        if caller is None and is_console(path):
+            caller = self.console.session_key(cookie_parser(headers.get("cookie", "")).get(SESSION_COOKIE))
         if needed is None:
             return caller, None
         if caller is None:
@@ -186,19 +246,33 @@ class Guard:
         accepted = accepted_types(method, path)
         if media not in accepted:
             return error(415, "content-type", f"{media or 'none'}; expected {' or '.join(accepted)}")
-        if media in MULTIPART and UPLOAD_HEADER not in headers:
+        # The console's uploads carry the CSRF token instead (see check_csrf_header).
+        if media in MULTIPART and UPLOAD_HEADER not in headers and not is_console(path):
             return error(403, UPLOAD_HEADER, "a multipart upload needs this header (any value)")
+        return None
+
+    def check_csrf_header(self, headers: Headers, scope: Scope) -> Any:
+        """A console post's CSRF token, where it comes as a header; one that comes in the form's
+        field instead is checked by the console's form dependency, which sees `csrf_checked` unset."""
+        token = headers.get(CSRF_HEADER)
+        if token is None:
+            return None
+        if not self.console.csrf_ok(cookie_parser(headers.get("cookie", "")).get(CSRF_COOKIE), token):
+            return error(403, "csrf_token", "missing or stale; reload the page")
+        scope.setdefault("state", {})["csrf_checked"] = True
         return None
 
     async def record(self, scope: Scope, caller: ApiKey | None, status: int) -> None:
         """Every mutating call, allowed or not, goes to the audit log (written off the event loop)."""
         if scope["method"] not in MUTATING:
             return
-        route = scope.get("route")
+        route = getattr(scope.get("route"), "path", None) or scope["path"]
+        if is_console(scope["path"]) and not is_console(route):  # a route of the console's mount
+            route = "/ui" + route
         entry = {
             "key_name": caller.name if caller else None,
             "method": scope["method"],
-            "route": getattr(route, "path", None) or scope["path"],
+            "route": route,
             "status": status,
             "ids": {k: str(v) for k, v in (scope.get("path_params") or {}).items()}
             | (scope.get("state") or {}).get("audit_ids", {}),

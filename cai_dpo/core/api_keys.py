@@ -1,8 +1,8 @@
 """API keys: named, with scopes, from `CAI_API_KEYS` and a keys file reloaded without a restart.
 
 Scopes: `read` (every GET), `generate` (submit prompts, cancel and retry one's own jobs), `train`
-(training jobs and policies), `admin` (everything: constitutions, imports, policies, other keys'
-jobs, the audit log). A key is given as
+(training jobs and policies), `review` (approve, reject and edit pairs), `admin` (everything:
+constitutions, imports, policies, other keys' jobs, the audit log). A key is given as
 
 - `CAI_API_KEYS`: comma-separated entries `SECRET` (named `key1`, `key2`... with every scope) or
   `NAME:SCOPE+SCOPE:SECRET`, e.g. `ci:read+generate:s3cret`;
@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 log = logging.getLogger(__name__)
 
-Scope = Literal["read", "generate", "train", "admin"]
+Scope = Literal["read", "generate", "train", "review", "admin"]
 SCOPES: tuple[str, ...] = get_args(Scope)
 
 

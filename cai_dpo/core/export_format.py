@@ -68,6 +68,8 @@ def export_row(row: Any, *, style: Style, metadata: bool) -> dict[str, Any]:
             "p_chosen": (row.preference or {}).get("p_chosen"),
             "margin": row.margin,
             "scorer": row.scorer,
+            # The latest human review (approved, rejected), None where no one reviewed it.
+            "review": getattr(row, "review", None),
         }
     return out
 
@@ -104,6 +106,7 @@ def parquet_schema(style: Style, metadata: bool) -> pa.Schema:
             ("p_chosen", pa.float64()),
             ("margin", pa.float64()),
             ("scorer", pa.string()),
+            ("review", pa.string()),
         ]
     return pa.schema(fields)
 

@@ -7,20 +7,39 @@ CLI's options; `pair_conditions` turns it into SQL.
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from annotated_types import Interval
-from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import ColumnElement, Select, and_, select
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from sqlalchemy import ColumnElement, Select, and_, exists, select
+from sqlalchemy.orm import aliased
 
 from cai_dpo.core.generation_modes import ScorerKind
 from cai_dpo.core.storable import StorableText
-from cai_dpo.core.tables import ConstitutionVersion, Pair
+from cai_dpo.core.tables import ConstitutionVersion, Pair, PairReview
 
 # Row ids are PostgreSQL bigints: a larger number names no row and must not reach a query.
 DB_ID_MAX = 2**63 - 1
 DbId = Annotated[int, Interval(ge=1, le=DB_ID_MAX)]
+
+Review = Literal["approved", "rejected", "unreviewed", "any"]
+
+
+def iso_time(value: Any) -> Any:
+    """An ISO 8601 date or date and time: not a number, which pydantic would read as Unix seconds
+    (or milliseconds past 2e10)."""
+    if isinstance(value, int | float) or (
+        isinstance(value, str) and re.fullmatch(r"\s*[+-]?[\d.]+\s*", value)
+    ):
+        raise ValueError(
+            "expected an ISO 8601 date or date and time, e.g. 2025-01-31 or 2025-01-31T12:00:00Z"
+        )
+    return value
+
+
+IsoTime = Annotated[datetime, BeforeValidator(iso_time)]
 
 
 class PairFilter(BaseModel):
@@ -33,7 +52,17 @@ class PairFilter(BaseModel):
     constitution_version: StorableText | None = Field(
         None, min_length=8, max_length=64, description="Content hash (or its first 8+ characters)."
     )
-    since: datetime | None = Field(None, description="Pairs created at or after this ISO time.")
+    since: IsoTime | None = Field(
+        None,
+        description="Pairs created at or after this time: ISO 8601, a date or a date and time.",
+        json_schema_extra={
+            "anyOf": [
+                {"type": "string", "format": "date-time"},
+                {"type": "string", "format": "date"},
+                {"type": "null"},
+            ]
+        },
+    )
     include_flagged: bool = Field(False, description="Include pairs carrying a quality flag.")
     source: StorableText | None = Field(
         None, max_length=200, description="`generated`, or the source tag of an import."
@@ -46,6 +75,11 @@ class PairFilter(BaseModel):
         le=1e6,
         description="Pairs the scorer preferred by at least this margin: log(p / (1 - p)) of the chosen "
         "answer (0: indifferent; 1: p = 0.73; 2: p = 0.88). Pairs no scorer judged are left out.",
+    )
+    review: Review = Field(
+        "any",
+        description="Human review: `approved` or `rejected` (by the latest review of the pair), "
+        "`unreviewed` (never reviewed), `any`. An edited pair's export uses the latest edit as chosen.",
     )
 
     def only_filter(self) -> PairFilter:
@@ -88,6 +122,14 @@ def pair_conditions(
         conditions.append(Pair.scorer == f.scorer)
     if f.min_margin is not None:
         conditions.append(Pair.margin >= f.min_margin)
+    if f.review != "any":
+        # An alias of its own: a query that joins the latest review itself (the export) stays apart.
+        reviews = aliased(PairReview, name="filter_reviews")
+        if f.review == "unreviewed":
+            conditions.append(~exists().where(reviews.pair_id == Pair.id))
+        else:
+            reviewed = select(reviews.pair_id).where(reviews.latest, reviews.status == f.review)
+            conditions.append(Pair.id.in_(reviewed))
     if ids is not None:
         conditions.append(Pair.id.in_(ids))
     if taken_by_policy_job is not None:

@@ -54,6 +54,11 @@ class Settings(BaseSettings):
         description="YAML file of named keys with scopes (`keys: [{name, scopes, key or sha256}]`), "
         "re-read when it changes.",
     )
+    session_secret: str = Field(
+        "",
+        description="Signs the console's session cookies and CSRF tokens. Unset: a random secret per API "
+        "process (console logins end when it restarts; give every API process of one console the same).",
+    )
     max_prompts_per_request: int = Field(10_000, ge=1, description="Most prompts one `POST /generate` takes.")
     max_prompt_chars: int = Field(16_000, ge=1, description="Longest prompt (all message contents together).")
     max_messages_per_prompt: int = Field(64, ge=1, description="Most chat messages in one prompt.")

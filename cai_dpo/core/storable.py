@@ -10,7 +10,7 @@ import math
 from collections import deque
 from typing import Annotated, Any
 
-from pydantic import AfterValidator
+from pydantic import AfterValidator, GetJsonSchemaHandler
 
 
 def text_problem(text: str) -> str | None:
@@ -55,6 +55,18 @@ def check_storable(value: Any) -> Any:
     return value
 
 
+class SchemaPattern:
+    """States in the JSON schema (the API's OpenAPI document) a pattern a validator enforces."""
+
+    def __init__(self, pattern: str):
+        self.pattern = pattern
+
+    def __get_pydantic_json_schema__(self, core_schema: Any, handler: GetJsonSchemaHandler) -> dict[str, Any]:
+        return handler(core_schema) | {"pattern": self.pattern}
+
+
+NO_NUL = r"^[^\u0000]*$"
+
 # Text and JSON that PostgreSQL can store: anything else is refused with the field's name.
-StorableText = Annotated[str, AfterValidator(check_storable)]
+StorableText = Annotated[str, AfterValidator(check_storable), SchemaPattern(NO_NUL)]
 StorableJson = Annotated[dict[str, Any], AfterValidator(check_storable)]

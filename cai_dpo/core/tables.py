@@ -13,6 +13,7 @@ from typing import Any
 from sqlalchemy import (
     BigInteger,
     Boolean,
+    CheckConstraint,
     Computed,
     DateTime,
     Float,
@@ -167,6 +168,35 @@ class Pair(Base):
     )
     # The automatic training job that took this pair (a policy uses each pair once).
     policy_train_id: Mapped[int | None] = mapped_column(ForeignKey("training_jobs.id", ondelete="SET NULL"))
+    created_at: Mapped[datetime] = _now()
+
+
+class PairReview(Base):
+    """A human review of a pair, one row per version: approved or rejected, by whom and when.
+
+    Reviews never touch the pair: the generated `chosen` stays as it was, and an edit of it is a
+    version whose `chosen_text` is the reviewer's text. Each version is the whole review state:
+    a later approve or reject carries the text in force forward, so the `latest` version says
+    both the status and the chosen text that exports use (NULL: the generated one).
+    """
+
+    __tablename__ = "pair_reviews"
+    __table_args__ = (
+        UniqueConstraint("pair_id", "version"),
+        CheckConstraint("status IN ('approved', 'rejected')", name="pair_reviews_status"),
+        # One latest version per pair; `review=approved|rejected` reads through it.
+        Index("pair_reviews_latest", "pair_id", unique=True, postgresql_where=text("latest")),
+        Index("pair_reviews_latest_status", "status", "pair_id", postgresql_where=text("latest")),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    pair_id: Mapped[int] = mapped_column(ForeignKey("pairs.id", ondelete="CASCADE"))
+    version: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16))
+    chosen_text: Mapped[str | None] = mapped_column(Text)
+    # The name of the API key that reviewed (`local` in loopback mode).
+    reviewer: Mapped[str] = mapped_column(Text)
+    latest: Mapped[bool] = mapped_column(Boolean, server_default="true")
     created_at: Mapped[datetime] = _now()
 
 

@@ -2,10 +2,11 @@
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Header, HTTPException, Request
+from fastapi import APIRouter, Depends, Header, HTTPException, Path, Request
 from sqlalchemy.orm import Session
 
 from cai_dpo.api.deps import SessionDep, StoreDep, or_404
+from cai_dpo.api.openapi import NAME, VERSION, errors, yaml_request
 from cai_dpo.api.schemas import ConstitutionOut, ConstitutionVersionOut, FieldError
 from cai_dpo.core.constitutions import (
     Constitution,
@@ -19,6 +20,10 @@ from cai_dpo.core.queries import constitutions as constitution_queries
 
 router = APIRouter(prefix="/constitutions", tags=["constitutions"])
 
+Name = Annotated[str, Path(description=NAME["description"], json_schema_extra={"pattern": NAME["pattern"]})]
+Version = Annotated[
+    str, Path(description=VERSION["description"], json_schema_extra={"pattern": VERSION["pattern"]})
+]
 IfMatch = Annotated[
     str | None,
     Header(
@@ -80,8 +85,8 @@ def _detail(constitution: Constitution, store: ConstitutionStore, session: Sessi
     )
 
 
-@router.get("/{name}", response_model=ConstitutionOut)
-def get_constitution(name: str, store: StoreDep, session: SessionDep):
+@router.get("/{name}", response_model=ConstitutionOut, responses=errors(404))
+def get_constitution(name: Name, store: StoreDep, session: SessionDep):
     return _detail(_current(store, name), store, session)
 
 
@@ -102,9 +107,14 @@ def _save(
         ) from None
 
 
-@router.put("/{name}", response_model=ConstitutionOut)
+@router.put(
+    "/{name}",
+    response_model=ConstitutionOut,
+    responses=errors(412),
+    openapi_extra=yaml_request("ConstitutionSpec"),
+)
 def put_constitution(
-    name: str,
+    name: Name,
     request: Request,
     store: StoreDep,
     session: SessionDep,
@@ -115,8 +125,8 @@ def put_constitution(
     return _detail(_save(request, store, name, body, if_match), store, session)
 
 
-@router.get("/{name}/versions/{version}", response_model=ConstitutionVersionOut)
-def get_version(name: str, version: str, session: SessionDep):
+@router.get("/{name}/versions/{version}", response_model=ConstitutionVersionOut, responses=errors(404))
+def get_version(name: Name, version: Version, session: SessionDep):
     """One version used so far (its exact text), by content hash or a prefix of 8+ characters."""
     row = or_404(
         constitution_queries.find_version(session, check_name(name), version),
@@ -127,9 +137,14 @@ def get_version(name: str, version: str, session: SessionDep):
     )
 
 
-@router.post("/{name}/versions/{version}/restore", response_model=ConstitutionOut)
+@router.post("/{name}/versions/{version}/restore", response_model=ConstitutionOut, responses=errors(404, 412))
 def restore_version(
-    name: str, version: str, request: Request, store: StoreDep, session: SessionDep, if_match: IfMatch = None
+    name: Name,
+    version: Version,
+    request: Request,
+    store: StoreDep,
+    session: SessionDep,
+    if_match: IfMatch = None,
 ):
     """Make an earlier version the current file again (a new save of its exact text)."""
     row = or_404(

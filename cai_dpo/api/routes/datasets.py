@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cai_dpo.api.deps import SettingsDep
+from cai_dpo.api.openapi import IMPORT_BODY, errors
 from cai_dpo.api.schemas import FieldError
 from cai_dpo.core.db import session_scope
 from cai_dpo.core.pair_import import TooManyRows, parse_pairs
@@ -63,7 +64,7 @@ async def read_lines(chunks: AsyncIterator[bytes], digest) -> list[str]:
     return lines + [partial] if partial else lines
 
 
-@router.post("/import", status_code=201)
+@router.post("/import", status_code=201, responses=errors(409), openapi_extra=IMPORT_BODY)
 async def import_pairs(
     request: Request,
     settings: SettingsDep,
@@ -117,7 +118,8 @@ def store_import(
     if errors:  # all or nothing: a file with a bad row imports no row
         first = errors[0]
         detail = f"line {first['line']}: {first['message']} (nothing imported)"
-        return JSONResponse(status_code=422, content={"detail": detail, "errors": errors})
+        rows = [{"field": "body", **error} for error in errors]
+        return JSONResponse(status_code=422, content={"detail": detail, "errors": rows})
     if not pairs:
         raise FieldError("body", "no pairs in the upload")
     tag = source or f"import:{name}"

@@ -7,6 +7,7 @@ from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import StreamingResponse
 from starlette.background import BackgroundTask
 
+from cai_dpo.api.openapi import errors
 from cai_dpo.api.schemas import ExportQuery
 from cai_dpo.core.db import session_scope
 from cai_dpo.core.export_format import export_row, in_split, jsonl_chunks, parquet_chunks
@@ -20,7 +21,13 @@ _MEDIA_TYPES = {"jsonl": "application/x-ndjson", "parquet": "application/vnd.apa
 @router.get(
     "/export",
     response_class=StreamingResponse,
-    responses={200: {"content": {media_type: {} for media_type in _MEDIA_TYPES.values()}}},
+    responses={
+        200: {
+            "description": "The pairs: JSON Lines (one TRL row per line) or a Parquet file.",
+            "content": {media_type: {"schema": {"type": "string"}} for media_type in _MEDIA_TYPES.values()},
+        },
+        **errors(429),
+    },
 )
 def export(request: Request, query: Annotated[ExportQuery, Query()]):
     """Streams from a pool of its own (`CAI_EXPORT_CONCURRENCY` connections): slow readers wait for

@@ -8,6 +8,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
 from cai_dpo.api.deps import SettingsDep
+from cai_dpo.api.schemas import HealthOut
 from cai_dpo.core.db import session_scope
 from cai_dpo.core.queries import workers as worker_queries
 
@@ -16,7 +17,11 @@ log = logging.getLogger(__name__)
 router = APIRouter(tags=["health"])
 
 
-@router.get("/health")
+@router.get(
+    "/health",
+    response_model=HealthOut,
+    responses={503: {"model": HealthOut, "description": "The database cannot be reached."}},
+)
 def health(request: Request, settings: SettingsDep) -> JSONResponse:
     """`ok`, `degraded` (a live worker reports a problem, e.g. its engine is down) or `error`
     (no database). The problems' text is shown only to callers with a valid key."""

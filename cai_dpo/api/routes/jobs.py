@@ -18,6 +18,7 @@ from cai_dpo.api.deps import (
     or_404,
     require_owner_or_admin,
 )
+from cai_dpo.api.openapi import errors
 from cai_dpo.api.schemas import (
     Cursor,
     FieldError,
@@ -43,7 +44,7 @@ def request_hash(body: GenerateRequest) -> str:
     return hashlib.sha256(json.dumps(body.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
 
 
-@router.post("/generate", status_code=202, response_model=GenerateResponse)
+@router.post("/generate", status_code=202, response_model=GenerateResponse, responses=errors(404, 409))
 def generate(
     body: GenerateRequest,
     request: Request,
@@ -154,12 +155,12 @@ def list_jobs(
     return _jobs_out(session, job_queries.list_jobs(session, limit=limit, before_id=before))
 
 
-@router.get("/jobs/{job_id}", response_model=JobOut)
+@router.get("/jobs/{job_id}", response_model=JobOut, responses=errors(404))
 def get_job(job_id: DbId, session: SessionDep):
     return _jobs_out(session, [or_404(job_queries.get_job(session, job_id), f"job_id: no job {job_id}")])[0]
 
 
-@router.post("/jobs/{job_id}/cancel", response_model=JobOut)
+@router.post("/jobs/{job_id}/cancel", response_model=JobOut, responses=errors(404))
 def cancel_job(job_id: DbId, session: SessionDep, caller: CallerDep):
     job = or_404(job_queries.get_job(session, job_id), f"job_id: no job {job_id}")
     require_owner_or_admin(caller, job.created_by, f"job {job_id}")
@@ -168,7 +169,7 @@ def cancel_job(job_id: DbId, session: SessionDep, caller: CallerDep):
     return _jobs_out(session, [job])[0]
 
 
-@router.get("/jobs/{job_id}/prompts", response_model=PromptPage)
+@router.get("/jobs/{job_id}/prompts", response_model=PromptPage, responses=errors(404))
 def list_job_prompts(
     job_id: DbId,
     session: SessionDep,
@@ -200,7 +201,7 @@ def list_job_prompts(
     return PromptPage(items=items, next_cursor=str(items[-1].id) if len(items) == limit else None)
 
 
-@router.post("/jobs/{job_id}/retry", response_model=JobOut)
+@router.post("/jobs/{job_id}/retry", response_model=JobOut, responses=errors(404, 409))
 def retry_job(job_id: DbId, session: SessionDep, caller: CallerDep):
     """Queue the job's failed prompts again (e.g. after a model or settings fix)."""
     job = or_404(job_queries.get_job(session, job_id), f"job_id: no job {job_id}")

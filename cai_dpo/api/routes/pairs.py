@@ -1,19 +1,29 @@
-"""Pairs: browse with the filters of `/export` and cursor paging; one pair with its whole trajectory."""
+"""Pairs: browse with the filters of `/export` and cursor paging; one pair with its whole trajectory
+and its human reviews; review it."""
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Request
 
-from cai_dpo.api.deps import SessionDep, SettingsDep, or_404
-from cai_dpo.api.schemas import PairOut, PairPage, PairPageQuery
+from cai_dpo.api.deps import CallerDep, SessionDep, SettingsDep, or_404
+from cai_dpo.api.openapi import errors
+from cai_dpo.api.schemas import FieldError, PairOut, PairPage, PairPageQuery, ReviewIn
 from cai_dpo.core.pair_filter import DbId
 from cai_dpo.core.queries import pairs as pair_queries
-from cai_dpo.core.tables import Pair
+from cai_dpo.core.queries import reviews as review_queries
+from cai_dpo.core.tables import Pair, PairReview
 
 router = APIRouter(prefix="/pairs", tags=["pairs"])
 
 
-def pair_out(pair: Pair, version: str | None, *, detail: bool) -> PairOut:
+def pair_out(
+    pair: Pair,
+    version: str | None,
+    *,
+    detail: bool,
+    review: PairReview | None = None,
+    reviews: list[dict] | None = None,
+) -> PairOut:
     return PairOut(
         id=pair.id,
         job_id=pair.job_id,
@@ -35,6 +45,9 @@ def pair_out(pair: Pair, version: str | None, *, detail: bool) -> PairOut:
         preference=pair.preference,
         margin=pair.margin,
         metadata=pair.pair_metadata,
+        review=review.status if review else None,
+        reviewed_chosen=review.chosen_text if review else None,
+        reviews=reviews,
     )
 
 
@@ -43,11 +56,35 @@ def list_pairs(session: SessionDep, settings: SettingsDep, query: Annotated[Pair
     limit = min(query.limit, settings.page_size_max)
     after = int(query.cursor) if query.cursor else None
     rows = pair_queries.list_pairs(session, query.only_filter(), after_id=after, limit=limit)
-    items = [pair_out(pair, version, detail=False) for pair, version in rows]
+    reviews = review_queries.latest_reviews(session, [pair.id for pair, _ in rows])
+    items = [pair_out(pair, version, detail=False, review=reviews.get(pair.id)) for pair, version in rows]
     return PairPage(items=items, next_cursor=str(items[-1].id) if len(items) == limit else None)
 
 
-@router.get("/{pair_id}", response_model=PairOut)
+@router.get("/{pair_id}", response_model=PairOut, responses=errors(404))
 def get_pair(pair_id: DbId, session: SessionDep):
     found = or_404(pair_queries.get_pair(session, pair_id), f"pair_id: no pair {pair_id}")
-    return pair_out(*found, detail=True)
+    latest = review_queries.latest_reviews(session, [pair_id]).get(pair_id)
+    return pair_out(*found, detail=True, review=latest, reviews=review_queries.history(session, pair_id))
+
+
+@router.post(
+    "/{pair_id}/review",
+    status_code=201,
+    response_model=PairOut,
+    responses=errors(404),
+    openapi_extra={"requestBody": {"required": True}},  # None is refused with its own message
+)
+def review_pair(
+    pair_id: DbId, request: Request, session: SessionDep, caller: CallerDep, body: ReviewIn | None = None
+):
+    """Approve or reject the pair, or approve it with an edited chosen answer: a new review version
+    recorded with the key's name and the time. The generated text is never overwritten."""
+    pair, _ = or_404(pair_queries.get_pair(session, pair_id), f"pair_id: no pair {pair_id}")
+    if body is None:
+        raise FieldError("body", "a review needs `status`: approved or rejected")
+    review = review_queries.add_review(
+        session, pair, status=body.status, reviewer=caller.name, chosen=body.chosen
+    )
+    request.state.audit_ids = {"review_version": str(review.version)}
+    return get_pair(pair_id, session)

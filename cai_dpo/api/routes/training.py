@@ -3,13 +3,14 @@
 import csv
 import io
 from datetime import UTC, datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import PlainTextResponse
 from sqlalchemy.orm import Session
 
 from cai_dpo.api.deps import CallerDep, SessionDep, SettingsDep, checked_model, or_404, require_owner_or_admin
+from cai_dpo.api.openapi import NAME, errors
 from cai_dpo.api.schemas import EvaluationOut, FieldError, TrainJobOut, TrainRequest
 from cai_dpo.core.constitutions import check_name
 from cai_dpo.core.evaluation import EvaluationRequest
@@ -23,6 +24,13 @@ from cai_dpo.core.tables import TrainingJob
 from cai_dpo.core.training_params import TrainPolicyIn
 
 router = APIRouter(prefix="/train", tags=["training"])
+
+Name = Annotated[
+    str,
+    Path(
+        description=f"A constitution: {NAME['description']}", json_schema_extra={"pattern": NAME["pattern"]}
+    ),
+]
 
 
 def evaluation_out(session: Session, job: TrainingJob) -> EvaluationOut | None:
@@ -84,7 +92,7 @@ def list_policies(session: SessionDep):
 
 
 @router.put("/policies/{name}")
-def put_policy(name: str, body: TrainPolicyIn, session: SessionDep, settings: SettingsDep):
+def put_policy(name: Name, body: TrainPolicyIn, session: SessionDep, settings: SettingsDep):
     check_name(name)
     if body.base_model is not None:
         checked_model(session, settings, body.base_model, field="base_model")
@@ -93,13 +101,13 @@ def put_policy(name: str, body: TrainPolicyIn, session: SessionDep, settings: Se
     )
 
 
-@router.delete("/policies/{name}", status_code=204)
-def delete_policy(name: str, session: SessionDep):
+@router.delete("/policies/{name}", status_code=204, responses=errors(404))
+def delete_policy(name: Name, session: SessionDep):
     or_404(policy_queries.delete_train_policy(session, name) or None, f"name: no policy for {name!r}")
 
 
-@router.delete("/policies/{name}/promotion", status_code=204)
-def demote(name: str, session: SessionDep):
+@router.delete("/policies/{name}/promotion", status_code=204, responses=errors(404))
+def demote(name: Name, session: SessionDep):
     """Undo a promotion: the constitution generates with the default model again."""
     or_404(
         evaluation_queries.demote(session, check_name(name)) or None, f"name: no promoted model for {name!r}"
@@ -164,12 +172,22 @@ def _job_or_404(session: Session, train_id: int) -> TrainingJob:
     )
 
 
-@router.get("/{train_id}", response_model=TrainJobOut)
+@router.get("/{train_id}", response_model=TrainJobOut, responses=errors(404))
 def get_training(train_id: DbId, session: SessionDep):
     return train_out(session, _job_or_404(session, train_id))
 
 
-@router.get("/{train_id}/metrics")
+@router.get(
+    "/{train_id}/metrics",
+    response_model=list[dict[str, Any]],
+    responses={
+        200: {
+            "description": "Every step's metrics: JSON rows, or CSV with `format=csv`.",
+            "content": {"text/csv": {"schema": {"type": "string"}}},
+        },
+        **errors(404),
+    },
+)
 def training_metrics(train_id: DbId, session: SessionDep, format: Literal["json", "csv"] = "json"):
     _job_or_404(session, train_id)
     rows = [{"step": m.step, **m.values} for m in training_queries.training_metrics(session, train_id)]
@@ -183,7 +201,7 @@ def training_metrics(train_id: DbId, session: SessionDep, format: Literal["json"
     return PlainTextResponse(out.getvalue(), media_type="text/csv")
 
 
-@router.post("/{train_id}/cancel", response_model=TrainJobOut)
+@router.post("/{train_id}/cancel", response_model=TrainJobOut, responses=errors(404))
 def cancel_training(train_id: DbId, session: SessionDep, caller: CallerDep):
     owner = or_404(
         training_queries.get_training_job(session, train_id), f"train_id: no training job {train_id}"
@@ -197,7 +215,7 @@ def cancel_training(train_id: DbId, session: SessionDep, caller: CallerDep):
     return train_out(session, job)
 
 
-@router.post("/{train_id}/evaluate", status_code=202, response_model=TrainJobOut)
+@router.post("/{train_id}/evaluate", status_code=202, response_model=TrainJobOut, responses=errors(404, 409))
 def evaluate_training(
     train_id: DbId,
     request: Request,

@@ -8,9 +8,10 @@ from typing import Any
 from sqlalchemy import Select, func, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import set_committed_value
 
 from cai_dpo.core.pair_filter import PairFilter, filtered
-from cai_dpo.core.tables import ConstitutionVersion, DatasetImport, GenerationJob, Pair, Prompt
+from cai_dpo.core.tables import ConstitutionVersion, DatasetImport, GenerationJob, Pair, PairReview, Prompt
 
 
 def _pairs_with_version() -> Select:
@@ -20,12 +21,28 @@ def _pairs_with_version() -> Select:
 
 
 def list_pairs(
-    session: Session, f: PairFilter, *, after_id: int | None, limit: int
+    session: Session, f: PairFilter, *, after_id: int | None, limit: int, before_id: int | None = None
 ) -> list[tuple[Pair, str | None]]:
+    """A page in id order: after `after_id`, or the page just before `before_id` (paging back)."""
+    if before_id is not None:
+        stmt = filtered(_pairs_with_version(), f).where(Pair.id < before_id).order_by(Pair.id.desc())
+        return [tuple(row) for row in reversed(session.execute(stmt.limit(limit)).all())]
     stmt = filtered(_pairs_with_version(), f).order_by(Pair.id).limit(limit)
     if after_id is not None:
         stmt = stmt.where(Pair.id > after_id)
     return [tuple(row) for row in session.execute(stmt)]
+
+
+def previous_id(session: Session, f: PairFilter, pair_id: int) -> int | None:
+    """The id of the pair just before `pair_id` among those the filter selects (ORDER BY ... LIMIT 1,
+    not max(): with an anti-join, as `review=unreviewed` makes, only the limit stops the scan early)."""
+    stmt = filtered(select(Pair.id), f).where(Pair.id < pair_id).order_by(Pair.id.desc()).limit(1)
+    return session.scalar(stmt)
+
+
+def next_id(session: Session, f: PairFilter, pair_id: int) -> int | None:
+    """The id of the pair just after `pair_id` among those the filter selects."""
+    return session.scalar(filtered(select(Pair.id), f).where(Pair.id > pair_id).order_by(Pair.id).limit(1))
 
 
 def get_pair(session: Session, pair_id: int) -> tuple[Pair, str | None] | None:
@@ -36,7 +53,8 @@ def get_pair(session: Session, pair_id: int) -> tuple[Pair, str | None] | None:
 _EXPORT_COLUMNS = (
     Pair.id,
     Pair.prompt,
-    Pair.chosen,
+    # A reviewer's edit, where the pair has one, is the chosen answer of the dataset.
+    func.coalesce(PairReview.chosen_text, Pair.chosen).label("chosen"),
     Pair.rejected,
     Pair.source,
     Pair.constitution_name,
@@ -49,15 +67,16 @@ _EXPORT_COLUMNS = (
     Pair.scorer,
     Pair.margin,
     ConstitutionVersion.content_hash.label("constitution_version"),
+    PairReview.status.label("review"),
 )
 
 
 def stream_pairs(session: Session, f: PairFilter, *, batch_size: int = 1000) -> Iterator[Any]:
     """Yield export rows in id order through a server-side cursor: memory stays flat."""
     stmt = filtered(
-        select(*_EXPORT_COLUMNS).outerjoin(
-            ConstitutionVersion, ConstitutionVersion.id == Pair.constitution_version_id
-        ),
+        select(*_EXPORT_COLUMNS)
+        .outerjoin(ConstitutionVersion, ConstitutionVersion.id == Pair.constitution_version_id)
+        .outerjoin(PairReview, (PairReview.pair_id == Pair.id) & PairReview.latest),
         f,
     ).order_by(Pair.id)
     yield from session.execute(stmt.execution_options(yield_per=batch_size))
@@ -73,7 +92,20 @@ def pair_ids(session: Session, f: PairFilter, **selection: Any) -> list[int]:
 
 
 def pairs_by_ids(session: Session, ids: Sequence[int]) -> list[Pair]:
-    return list(session.scalars(select(Pair).where(Pair.id.in_(ids)).order_by(Pair.id)))
+    """The pairs, each with the chosen text a dataset uses: a reviewer's latest edit where there is
+    one. The edit is set as the loaded value, never written: the stored pair keeps its own text."""
+    rows = session.execute(
+        select(Pair, PairReview.chosen_text)
+        .outerjoin(PairReview, (PairReview.pair_id == Pair.id) & PairReview.latest)
+        .where(Pair.id.in_(ids))
+        .order_by(Pair.id)
+    )
+    pairs = []
+    for pair, edited in rows:
+        if edited is not None:
+            set_committed_value(pair, "chosen", edited)
+        pairs.append(pair)
+    return pairs
 
 
 def pairs_total(session: Session) -> dict[str, int]:

@@ -1,0 +1,135 @@
+"""Schemathesis hooks of `tests/test_openapi_contract.py` (the CLI loads this file: SCHEMATHESIS_HOOKS).
+
+- JSON Lines bodies (`POST /datasets/import`): the document declares them as an array of rows; they
+  go on the wire one JSON value per line.
+- Every response's status is counted into `$CAI_SCHEMATHESIS_STATUSES` (a JSON object), for the
+  figures in docs/RELIABILITY.md and the test's own 5xx check.
+- Two kinds of failure are dropped, each for a reason the document cannot change:
+  * a schema-valid request refused with a 422 whose every error is one of `UNSTATED`: rules the
+    server checks that JSON Schema cannot state (a chat's last message is a user turn, a model or a
+    dataset exists, fields that must agree with each other); each is in the document's
+    descriptions. A 422 for any other reason still fails the test. A multipart upload's file
+    part is JSON Lines, which no schema of a binary part can describe: its refusals are dropped too.
+  * a schema-violating request accepted where the only violations are JSON type changes in the
+    body: pydantic reads JSON leniently (lax mode: `true` as 1, `"5"` as 5), a documented choice.
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import json
+import os
+import re
+import threading
+
+import schemathesis
+from schemathesis.core.failures import AcceptedNegativeData
+from schemathesis.core.mutations import OperatorKind
+from schemathesis.core.parameters import ParameterLocation
+from schemathesis.generation.meta import CoveragePhaseData, CoverageScenario
+from schemathesis.openapi.checks import RejectedPositiveData
+
+UNSTATED = [
+    re.compile(pattern)
+    for pattern in (
+        # POST /generate: a chat's order and content, the characters of all its messages together
+        r"the last message must be a user turn",
+        r"a system message may only come first",
+        r"^prompts\.\d+\.\d+\.content: empty or whitespace-only prompt$",
+        r"^prompts\.\d+: \d+ characters; at most \d+$",
+        # POST /generate: how mode, scorer and verify go together; what a scorer needs
+        r"revise takes `verify: \{scorer: \.\.\.\}`, not `scorer`",
+        r"only revise verifies",
+        r"ai_feedback is judged by a judge",
+        r"best_of_n needs a reward_model or implicit scorer",
+        r"scorer needs a model$",
+        r"an implicit scorer is a trained model",
+        r"only a judge takes k and chain_of_thought",
+        # models and datasets that must exist (the server's state, not the request's form)
+        r"unknown model .*: use .* or train:<id>",
+        r"no finished training job with a model",
+        r"no Hugging Face model folder \(config\.json\) there",
+        r"^dataset: no pairs match",
+        r"the job held out no pairs",
+        # POST /train, PUT /train/policies: hyperparameters that must agree
+        r"max_prompt_length must be smaller than max_length",
+        r"label_smoothing has no meaning for loss_type",
+        r"the win rate is judged by a judge",
+        # PUT /constitutions/{name}: ids unique, references to them
+        r"duplicate id\(s\)",
+        r"is not a principle id",
+        # POST /pairs/{id}/review: an edit comes with an approval
+        r"an edited answer is approved; reject without `chosen`",
+        r"^chosen: empty or whitespace-only answer$",
+        # POST /datasets/import: rows whose parts must agree
+        r"a transcript must end with an Assistant turn",
+        r"the two transcripts have different prompts",
+        r"prompt: no user turn with text",
+        # free-form JSON (metadata) and YAML text: PostgreSQL stores no NUL character
+        r"contains a NUL character",
+        # not the server's: Schemathesis compares integer bounds in floating point, where 2**63 - 1
+        # (the largest bigint id) rounds to 2**63, so 2**63 + k looks in range to it
+        r"less than or equal to 9223372036854775807$",
+    )
+]
+
+_statuses: collections.Counter[int] = collections.Counter()
+_lock = threading.Lock()
+
+
+@schemathesis.serializer("application/x-ndjson", "application/jsonl", "application/json-lines")
+def json_lines(ctx, value) -> bytes:
+    rows = value if isinstance(value, list) else [value]
+    return "".join(json.dumps(row) + "\n" for row in rows).encode()
+
+
+@schemathesis.hook
+def after_call(context, case, response) -> None:
+    with _lock:
+        _statuses[response.status_code] += 1
+
+
+@atexit.register
+def _write_statuses() -> None:
+    if path := os.environ.get("CAI_SCHEMATHESIS_STATUSES"):
+        with open(path, "w") as out:
+            json.dump({str(status): n for status, n in sorted(_statuses.items())}, out)
+
+
+@schemathesis.hook
+def filter_failure(context, failure, case, response) -> bool:
+    """False drops the failure (see the module's docstring)."""
+    if isinstance(failure, RejectedPositiveData):
+        if (case.media_type or "").startswith("multipart/"):
+            return False
+        return not (response.status_code == 422 and all(map(_unstated, _messages(response))))
+    if isinstance(failure, AcceptedNegativeData):
+        return not _only_type_changes_in_body(case)
+    return True
+
+
+def _only_type_changes_in_body(case) -> bool:
+    data = case.meta.phase.data if case.meta else None
+    if isinstance(data, CoveragePhaseData):
+        return (
+            data.scenario == CoverageScenario.INCORRECT_TYPE
+            and data.parameter_location == ParameterLocation.BODY
+        )
+    changes = [
+        m.operator == OperatorKind.CHANGE_TYPE and m.parameter_location == ParameterLocation.BODY
+        for m in getattr(data, "mutations", ())
+    ]
+    return bool(changes) and all(changes)
+
+
+def _messages(response) -> list[str]:
+    try:
+        body = json.loads(response.content)
+        return [f"{e.get('field')}: {e['message']}" for e in body["errors"]] or ["?"]
+    except (ValueError, KeyError, TypeError):
+        return ["?"]
+
+
+def _unstated(message: str) -> bool:
+    return any(rule.search(message) for rule in UNSTATED)
