@@ -68,6 +68,11 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True) -> Fas
             TrustedHostMiddleware, allowed_hosts=["localhost", "127.0.0.1", "[::1]", settings.host]
         )
     app.add_middleware(
-        Guard, settings=settings, keyring=app.state.keys, audit=write_audit, console=app.state.console_auth
+        Guard,
+        settings=settings,
+        keyring=app.state.keys,
+        audit=write_audit,
+        console=app.state.console_auth,
+        routes=app.router.routes,
     )
     return app

@@ -29,6 +29,7 @@ import anyio
 from starlette.datastructures import Headers
 from starlette.requests import cookie_parser
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cai_dpo.api.schemas import request_settings
@@ -150,12 +151,15 @@ class Guard:
         keyring: KeyRing,
         audit: Callable[[dict[str, Any]], None],
         console: ConsoleAuth,
+        routes: list[BaseRoute] | None = None,
     ) -> None:
         self.app = app
         self.settings = settings
         self.keyring = keyring
         self.audit = audit
         self.console = console
+        # The app's routes, to name a refused request's route as a routed one would be named.
+        self.routes = routes or []
         self.local_hosts = {"localhost", "127.0.0.1", "::1", settings.host.lower()}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -262,11 +266,21 @@ class Guard:
         scope.setdefault("state", {})["csrf_checked"] = True
         return None
 
+    def route_template(self, scope: Scope) -> str:
+        """`/jobs/{job_id}/retry` for `/jobs/7/retry`: a request refused before routing is logged
+        under its route's template, as one that reached it is."""
+        for route in self.routes:
+            match, child = route.matches(scope)
+            if match == Match.FULL:
+                scope.setdefault("path_params", {}).update(child.get("path_params", {}))
+                return getattr(route, "path", scope["path"])
+        return scope["path"]
+
     async def record(self, scope: Scope, caller: ApiKey | None, status: int) -> None:
         """Every mutating call, allowed or not, goes to the audit log (written off the event loop)."""
         if scope["method"] not in MUTATING:
             return
-        route = getattr(scope.get("route"), "path", None) or scope["path"]
+        route = getattr(scope.get("route"), "path", None) or self.route_template(scope)
         if is_console(scope["path"]) and not is_console(route):  # a route of the console's mount
             route = "/ui" + route
         entry = {

@@ -1,0 +1,248 @@
+"""Who may call what, over real HTTP: the key is checked before the body is read, keys have names
+and scopes (from settings or a keys file re-read on change), every mutating call is audited, the
+loopback mode refuses what a web page could send, and constitutions and imports have their caps.
+"""
+
+import contextlib
+import os
+import socket
+import time
+
+import httpx
+import pytest
+from sqlalchemy import func, select
+
+from cai_dpo.api.app import create_app
+from cai_dpo.core.db import session_scope
+from cai_dpo.core.queries import workers as worker_queries
+from cai_dpo.core.tables import DatasetImport, GenerationJob, Pair
+from tests.fixtures.api import ServerThread
+from tests.helpers import free_port, hh_lines
+
+pytestmark = pytest.mark.db
+
+KEYS = "reader:read:r-secret-0000000000,gen:read+generate:g-secret-000000000,ops:admin:a-secret-0000000000"
+JSON = {"content-type": "application/json"}
+YAML = {"content-type": "application/yaml"}
+
+
+def bearer(secret: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {secret}"}
+
+
+@contextlib.contextmanager
+def server(settings, **update):
+    app = create_app(settings.model_copy(update=update), migrate=False)
+    with ServerThread(app, free_port()) as running, httpx.Client(base_url=running.url, timeout=30) as http:
+        yield running, http
+
+
+def count(db, model) -> int:
+    with session_scope(db) as session:
+        return session.scalar(select(func.count()).select_from(model))
+
+
+def test_a_request_without_a_key_is_refused_before_its_body_is_read(settings, db):
+    with server(settings, api_keys=KEYS) as (running, _):
+        port = int(running.url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            # Declares 50 MB, sends 10 bytes: a server that read the body first would wait.
+            sock.sendall(
+                b"POST /generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                b'Content-Length: 50000000\r\n\r\n{"prompts"'
+            )
+            started = time.monotonic()
+            answer = sock.recv(4096).decode()
+        assert answer.startswith("HTTP/1.1 401") and time.monotonic() - started < 5
+        assert "authorization" in answer
+
+
+def test_scopes_decide_what_each_key_may_do(settings, db):
+    with server(settings, api_keys=KEYS) as (_, http):
+        body = {"prompts": ["hi"], "constitution": "harmless"}
+        assert http.post("/generate", content=b"{not json", headers=JSON).status_code == 401  # not a 400
+        assert http.get("/jobs", headers=bearer("r-secret-0000000000")).status_code == 200
+        refused = http.post("/generate", json=body, headers=bearer("r-secret-0000000000"))
+        assert refused.status_code == 403 and "'generate' scope" in refused.json()["detail"]
+        job = http.post("/generate", json=body, headers=bearer("g-secret-000000000")).json()["job_id"]
+        # A generate key cancels its own jobs; another job (submitted by admin) is not its own.
+        other = http.post("/generate", json=body, headers=bearer("a-secret-0000000000")).json()["job_id"]
+        assert http.post(f"/jobs/{job}/cancel", headers=bearer("g-secret-000000000")).status_code == 200
+        denied = http.post(f"/jobs/{other}/cancel", headers=bearer("g-secret-000000000"))
+        assert denied.status_code == 403 and "belongs to key 'ops'" in denied.json()["detail"]
+        put = http.put("/constitutions/x", content="a: b", headers=YAML | bearer("g-secret-000000000"))
+        assert put.status_code == 403  # constitutions are admin's
+        assert http.get("/audit", headers=bearer("g-secret-000000000")).status_code == 403
+        for path in ("/docs", "/openapi.json", "/redoc"):  # the document follows the same rule
+            assert http.get(path).status_code == 401, path
+            assert http.get(path, headers=bearer("r-secret-0000000000")).status_code == 200, path
+        keys = http.get("/keys", headers=bearer("a-secret-0000000000")).json()
+        assert {k["name"]: k["scopes"] for k in keys} == {
+            "reader": ["read"],
+            "gen": ["generate", "read"],
+            "ops": ["admin"],
+        }
+        assert "secret" not in str(keys)
+
+
+def test_every_mutating_call_is_in_the_audit_log_allowed_or_not(settings, db):
+    with server(settings, api_keys=KEYS) as (_, http):
+        job = http.post(
+            "/generate",
+            json={"prompts": ["hi"], "constitution": "harmless"},
+            headers=bearer("g-secret-000000000"),
+        ).json()["job_id"]
+        http.post(f"/jobs/{job}/retry", headers=bearer("r-secret-0000000000"))  # 403: no generate scope
+        http.post("/generate", json={})  # 401: no key
+        http.get("/jobs", headers=bearer("g-secret-000000000"))  # a read is not audited
+        entries = http.get("/audit", headers=bearer("a-secret-0000000000")).json()
+    # Written after each response, off the event loop: in any order.
+    seen = {(e["key_name"], e["method"], e["route"], e["status"]): e["ids"] for e in entries}
+    assert seen == {
+        ("gen", "POST", "/generate", 202): {"job_id": str(job)},
+        ("reader", "POST", "/jobs/{job_id}/retry", 403): {"job_id": str(job)},
+        (None, "POST", "/generate", 401): {},
+    }
+
+
+def test_a_keys_file_is_read_again_when_it_changes_and_a_bad_edit_keeps_the_last_keys(settings, db, tmp_path):
+    keys_file = tmp_path / "keys.yaml"
+    keys_file.write_text("keys:\n  - {name: alice, scopes: [read], key: alice-secret-000000}\n")
+    with server(settings, api_keys="", api_keys_file=keys_file) as (_, http):
+        assert http.get("/jobs", headers=bearer("alice-secret-000000")).status_code == 200
+        assert http.get("/jobs", headers=bearer("bob-secret-0000000000")).status_code == 401
+        import hashlib
+
+        digest = hashlib.sha256(b"bob-secret-0000000000").hexdigest()
+        keys_file.write_text(
+            "keys:\n  - {name: alice, scopes: [read], key: alice-secret-000000}\n"
+            f"  - {{name: bob, scopes: [read, generate], sha256: {digest}}}\n"
+        )
+        os.utime(keys_file, ns=(time.time_ns(), time.time_ns() + 1_000_000))
+        assert http.get("/jobs", headers=bearer("bob-secret-0000000000")).status_code == 200  # no restart
+        keys_file.write_text("keys: [{name: broken}]\n")  # invalid: the last good keys stay
+        os.utime(keys_file, ns=(time.time_ns(), time.time_ns() + 2_000_000))
+        assert http.get("/jobs", headers=bearer("bob-secret-0000000000")).status_code == 200
+
+
+def test_health_tells_anonymous_callers_no_error_text(settings, db):
+    with session_scope(db) as session:
+        worker_queries.record_worker_heartbeat(
+            session, id="g", kind="generate", host="h", pid=1, model="m", in_flight=0, tokens_per_s=0.0,
+            stats={"problem": "engine down: /secret/path/model"},
+        )  # fmt: skip
+    with server(settings, api_keys=KEYS) as (_, http):
+        anonymous = http.get("/health").json()
+        assert anonymous["status"] == "degraded" and "problems" not in anonymous
+        assert "/secret/path" not in str(anonymous)
+        detailed = http.get("/health", headers=bearer("r-secret-0000000000")).json()
+        assert detailed["problems"][0]["problem"].startswith("engine down")
+
+
+def test_loopback_mode_refuses_what_a_web_page_could_send(client):
+    body = {"prompts": ["hi"], "constitution": "harmless"}
+    assert client.post("/generate", json=body, headers={"Host": "evil.example"}).status_code == 400
+    crossed = client.post("/generate", json=body, headers={"Origin": "https://evil.example"})
+    assert crossed.status_code == 403 and crossed.json()["detail"].startswith("origin")
+    assert client.post("/generate", json=body, headers={"Origin": "http://127.0.0.1:8000"}).status_code == 202
+    plain = client.post("/generate", content=b'{"prompts": ["x"], "constitution": "harmless"}',
+                        headers={"content-type": "text/plain"})  # fmt: skip
+    assert plain.status_code == 415 and plain.json()["detail"].startswith("content-type")
+    upload = client.post("/datasets/import", files={"file": ("p.jsonl", "".join(hh_lines(2)))})
+    assert upload.status_code == 403 and upload.json()["detail"].startswith("x-requested-by")
+    allowed = client.post(
+        "/datasets/import", files={"file": ("p.jsonl", "".join(hh_lines(2)))}, headers={"X-Requested-By": "t"}
+    )
+    assert allowed.status_code == 201, allowed.text
+
+
+def test_the_prompt_count_is_checked_before_any_prompt(client, db):
+    # 10,001 prompts that are all invalid: the count is what is reported, not 10,001 errors.
+    response = client.post(
+        "/generate", json={"prompts": [{"bad": i} for i in range(10_001)], "constitution": "x"}
+    )
+    assert response.status_code == 413 and response.json()["detail"].startswith("prompts: 10001 prompts")
+    assert count(db, GenerationJob) == 0
+
+
+# --- constitutions ---------------------------------------------------------------------------------
+
+GOOD = "principles:\n  - id: kind\n    critique: Was it unkind?\n    revision: Rewrite it kindly.\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "status", "start"),
+    [
+        ("a: [" * 40 + "]" * 40, 422, "body: nested deeper than 32"),  # no RecursionError
+        ("x: &a [1]\n" + "".join(f"y{i}: [*a, *a]\n" for i in range(70)), 422, "body: more than 64 YAML"),
+        ("principles: []\n", 422, "principles"),
+        ("principles:\n  - id: a\n    critique: c\n", 422, "principles.0.revision"),
+    ],
+)
+def test_bad_constitutions_are_4xx_naming_the_field(client, settings, text, status, start):
+    response = client.put("/constitutions/fresh", content=text, headers=YAML)
+    assert response.status_code == status, response.text
+    assert response.json()["detail"].startswith(start), response.json()["detail"]
+    assert not (settings.constitutions_dir / "fresh.yaml").exists()
+
+
+def test_an_error_names_its_line(client):
+    text = "description: ok\nprinciples:\n  - id: kind\n    critique: ''\n    revision: r\n"
+    body = client.put("/constitutions/lined", content=text, headers=YAML).json()
+    assert body["field"] == "principles.0.critique" and body["line"] == 4 and body["file"] == "lined.yaml"
+
+
+def test_a_constitution_too_large_is_refused_before_it_is_read(client, settings):
+    huge = "description: " + "x" * (settings.max_constitution_bytes + 10)
+    response = client.put("/constitutions/big", content=huge, headers=YAML)
+    assert response.status_code == 413
+
+
+@pytest.mark.parametrize("name", ["harmless%0A", "Harmless", "-x", "a" * 65])
+def test_names_must_match_whole(client, name):
+    assert client.put(f"/constitutions/{name}", content=GOOD, headers=YAML).status_code in (404, 422)
+
+
+def test_if_match_stops_a_lost_update_and_versions_can_be_restored(client, settings):
+    first = client.put("/constitutions/edited", content=GOOD, headers=YAML).json()["version"]
+    path = settings.constitutions_dir / "edited.yaml"
+    assert oct(path.stat().st_mode & 0o777) == "0o644"
+    second_text = GOOD.replace("kindly", "gently")
+    second = client.put(
+        "/constitutions/edited", content=second_text, headers=YAML | {"If-Match": f'"{first}"'}
+    ).json()["version"]
+    stale = client.put("/constitutions/edited", content=GOOD + "# mine\n", headers=YAML | {"If-Match": first})
+    assert stale.status_code == 412 and second in stale.json()["detail"]
+    assert path.read_text() == second_text  # the other editor's save stands
+    old = client.get(f"/constitutions/edited/versions/{first[:8]}").json()
+    assert old["version"] == first and old["body"] == GOOD
+    restored = client.post(f"/constitutions/edited/versions/{first}/restore").json()
+    assert restored["version"] == first and path.read_text() == GOOD
+    assert client.get("/constitutions/edited/versions/deadbeef").status_code == 404
+
+
+# --- imports ---------------------------------------------------------------------------------------
+
+
+def test_a_retried_import_with_its_idempotency_key_adds_nothing(client, db):
+    lines = "".join(hh_lines(5))
+    headers = {"content-type": "application/x-ndjson", "Idempotency-Key": "upload-1"}
+    first = client.post("/datasets/import", content=lines, headers=headers)
+    again = client.post("/datasets/import", content=lines, headers=headers)
+    assert first.status_code == again.status_code == 201
+    assert first.json() == again.json() and count(db, Pair) == 5 and count(db, DatasetImport) == 1
+    other = client.post("/datasets/import", content="".join(hh_lines(6)), headers=headers)
+    assert other.status_code == 409 and count(db, Pair) == 5
+
+
+def test_import_caps_rows_and_fields(client, settings, db, api_server):
+    api_server.app.state.settings = settings.model_copy(update={"max_import_rows": 3})
+    headers = {"content-type": "application/x-ndjson"}
+    too_many = client.post("/datasets/import", content="".join(hh_lines(4)), headers=headers)
+    assert too_many.status_code == 413 and "CAI_MAX_IMPORT_ROWS" in too_many.json()["detail"]
+    long_row = (
+        '{"prompt": "q", "chosen": "' + "x" * (settings.max_import_field_chars + 1) + '", "rejected": "r"}\n'
+    )
+    too_long = client.post("/datasets/import", content=long_row, headers=headers)
+    assert too_long.status_code == 422 and too_long.json()["detail"].startswith("line 1: chosen")
+    assert count(db, Pair) == 0
