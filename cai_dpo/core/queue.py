@@ -146,6 +146,16 @@ def claim(
     return sorted(claimed.scalars())
 
 
+def claim_one(
+    session: Session, kind: WorkKind, *, worker_id: str, lease_seconds: float, max_attempts: int
+) -> Any | None:
+    """Claim the oldest claimable row of `kind` and return it (for kinds taken one at a time)."""
+    ids = claim(
+        session, kind, worker_id=worker_id, n=1, lease_seconds=lease_seconds, max_attempts=max_attempts
+    )
+    return session.get(kind.table, ids[0], populate_existing=True) if ids else None
+
+
 def renew(
     session: Session, kind: WorkKind, *, worker_id: str, ids: Sequence[int], lease_seconds: float
 ) -> set[int]:

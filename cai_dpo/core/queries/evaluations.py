@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 
 from cai_dpo.core import queue
 from cai_dpo.core.evaluation import EvaluationRequest, WinRate, promotion_decision, win_rate
-from cai_dpo.core.queries.jobs import create_generation_job
+from cai_dpo.core.queries.jobs import complete_prompt_with, create_generation_job
 from cai_dpo.core.tables import (
     Comparison,
     ConstitutionVersion,
@@ -46,15 +46,13 @@ def latest_evaluation(session: Session, train_id: int) -> Evaluation | None:
 def claim_evaluation(
     session: Session, *, worker_id: str, lease_seconds: float, max_attempts: int
 ) -> Evaluation | None:
-    ids = queue.claim(
+    return queue.claim_one(
         session,
         queue.EVALUATIONS,
         worker_id=worker_id,
-        n=1,
         lease_seconds=lease_seconds,
         max_attempts=max_attempts,
     )
-    return session.get(Evaluation, ids[0], populate_existing=True) if ids else None
 
 
 def held_out_prompts(session: Session, job: TrainingJob, limit: int) -> list[list[dict[str, str]]]:
@@ -109,17 +107,9 @@ def complete_comparison(
     session: Session, *, worker_id: str, prompt_id: int, comparison: dict[str, Any]
 ) -> bool:
     """Mark a comparison prompt done and store its result, in one transaction (as a pair is)."""
-    if not queue.finish(
-        session, queue.PROMPTS, worker_id=worker_id, id=prompt_id, status="done", last_error=None
-    ):
-        return False
-    inserted = session.execute(
-        insert(Comparison)
-        .values(prompt_id=prompt_id, **comparison)
-        .on_conflict_do_nothing(index_elements=["prompt_id"])
-        .returning(Comparison.id)
-    ).scalar_one_or_none()
-    return inserted is not None
+    return complete_prompt_with(
+        session, Comparison, worker_id=worker_id, prompt_id=prompt_id, values=comparison
+    )
 
 
 def comparison_summary(session: Session, job_id: int) -> dict[str, Any]:

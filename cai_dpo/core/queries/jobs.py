@@ -232,20 +232,28 @@ def claimable_models(session: Session, *, max_attempts: int) -> list[str]:
 
 
 def complete_prompt(session: Session, *, worker_id: str, prompt_id: int, pair: dict[str, Any]) -> bool:
-    """Mark the prompt done and insert its pair, in the caller's transaction.
+    """Mark the prompt done and insert its pair, in the caller's transaction."""
+    return complete_prompt_with(session, Pair, worker_id=worker_id, prompt_id=prompt_id, values=pair)
+
+
+def complete_prompt_with(
+    session: Session, table: Any, *, worker_id: str, prompt_id: int, values: dict[str, Any]
+) -> bool:
+    """Mark the prompt done and insert its result row (a pair, a comparison) in one transaction.
 
     Only the lease holder completes: a worker that lost its lease (it stalled, the prompt went to
-    another worker) writes nothing. The unique pair per prompt is the last line of defence.
+    another worker) writes nothing. The result is unique per prompt: the last line of defence
+    against a prompt retried after a crash yielding two.
     """
     if not queue.finish(
         session, queue.PROMPTS, worker_id=worker_id, id=prompt_id, status="done", last_error=None
     ):
         return False
     inserted = session.execute(
-        insert(Pair)
-        .values(prompt_id=prompt_id, **pair)
+        insert(table)
+        .values(prompt_id=prompt_id, **values)
         .on_conflict_do_nothing(index_elements=["prompt_id"])
-        .returning(Pair.id)
+        .returning(table.id)
     ).scalar_one_or_none()
     return inserted is not None
 

@@ -46,15 +46,9 @@ def claim_training_job(
     session: Session, *, worker_id: str, lease_seconds: float, max_attempts: int
 ) -> TrainingJob | None:
     """Claim the oldest claimable training job, or None."""
-    ids = queue.claim(
-        session,
-        queue.TRAINING,
-        worker_id=worker_id,
-        n=1,
-        lease_seconds=lease_seconds,
-        max_attempts=max_attempts,
+    return queue.claim_one(
+        session, queue.TRAINING, worker_id=worker_id, lease_seconds=lease_seconds, max_attempts=max_attempts
     )
-    return session.get(TrainingJob, ids[0], populate_existing=True) if ids else None
 
 
 def dataset_selection(job: TrainingJob) -> tuple[PairFilter, dict[str, Any]]:
