@@ -520,3 +520,39 @@ def test_openai_engine_prompt_too_long_against_vllm_serve(vllm_server):
 
     after = asyncio.run(with_openai_engine(vllm_server, work))
     assert "paris" in after.text.lower()
+
+
+@pytest.mark.model
+@pytest.mark.vllm
+@pytest.mark.e2e  # `vllm serve` runs as a subprocess
+def test_openai_engine_clamps_max_tokens_near_a_full_context(vllm_server, vllm_engine):
+    """A conversation that leaves 20 tokens of the 2048-token context: the engine asks for the
+    room left (a server that refuses the sum answers 400 and fails the whole trajectory), as the
+    in-process engine does, and the answer stops there with `length`."""
+    local: VLLMEngine = vllm_engine.engine
+    filler = "word " * 2000
+    # Trim the filler until the rendered conversation leaves 20 tokens for the answer.
+    while len(local.prompt_token_ids([{"role": "user", "content": filler}])) > 2048 - 20:
+        filler = filler[:-5]
+    near_full = [{"role": "user", "content": filler}]
+    room = 2048 - len(local.prompt_token_ids(near_full))
+    sent: list[dict] = []
+
+    class Recording(httpx.AsyncHTTPTransport):
+        async def handle_async_request(self, request):
+            if request.url.path.endswith("/chat/completions"):
+                sent.append(json.loads(request.content))
+            return await super().handle_async_request(request)
+
+    async def work():
+        engine = OpenAIEngine(vllm_server, MODEL_NAME, max_retries=0, transport=Recording())
+        await engine.start()
+        try:
+            assert engine.max_model_len == 2048  # read from /v1/models at start
+            return await engine.chat(near_full, Sampling(1.0, 1.0, 256, seed=1), "near-full")
+        finally:
+            await engine.shutdown()
+
+    result = asyncio.run(work())
+    assert [body["max_tokens"] for body in sent] == [room]
+    assert result.completion_tokens <= room and result.prompt_tokens == 2048 - room
