@@ -343,7 +343,7 @@ def test_login_session_csrf_and_scopes(keyed, db):
     audit = httpx.get(f"{keyed.url}/audit", headers={"Authorization": f"Bearer {ADMIN}"}).json()
     reviews = [(e["key_name"], e["route"], e["status"]) for e in audit if "review" in e["route"]]
     assert ("reviewer", "/ui/pairs/{pair_id}/review", 303) in reviews
-    assert ("reader", "/ui/pairs/1/review", 403) in reviews  # refused before routing: the path as sent
+    assert ("reader", "/ui/pairs/{pair_id}/review", 403) in reviews  # refused before routing: its template
     logout = reviewer.post("/ui/logout", data={"csrf_token": token})
     assert logout.status_code == 303 and reviewer.get("/ui/jobs").status_code == 303
     # A CSRF token belongs to its browser's cookie: another browser's is refused.

@@ -107,6 +107,15 @@ def kind(request) -> Kind:
     return KINDS[work.name](work)
 
 
+# The kinds whose rows can be cancelled (an evaluation cannot: its training job's deletion removes it).
+CANCELLABLE = [w for w in queue.KINDS if w.name in KINDS and KINDS[w.name](w).cancel_all is not None]
+
+
+@pytest.fixture(params=CANCELLABLE, ids=lambda work: work.name)
+def cancellable(request) -> Kind:
+    return KINDS[request.param.name](request.param)
+
+
 def claim(db, kind: Kind, worker: str, n: int, *, lease: float = 60, max_attempts: int = 3) -> list[int]:
     with session_scope(db) as session:
         return queue.claim(
@@ -244,9 +253,8 @@ def test_lease_renewal_reports_what_is_still_held(db, settings, kind):
         assert lease > session.scalar(select(func.now()))
 
 
-def test_cancelled_rows_end_cancelled_when_unheld(db, settings, kind):
-    if kind.cancel_all is None:
-        pytest.skip(f"{kind.kind.name} are never cancelled")
+def test_cancelled_rows_end_cancelled_when_unheld(db, settings, cancellable):
+    kind = cancellable
     ids = kind.make(db, settings, 3)
     (held,) = claim(db, kind, "w", 1)
     assert held == ids[0]

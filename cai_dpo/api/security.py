@@ -29,7 +29,7 @@ import anyio
 from starlette.datastructures import Headers
 from starlette.requests import cookie_parser
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
-from starlette.routing import BaseRoute, Match
+from starlette.routing import BaseRoute, Match, Mount
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cai_dpo.api.schemas import request_settings
@@ -269,12 +269,7 @@ class Guard:
     def route_template(self, scope: Scope) -> str:
         """`/jobs/{job_id}/retry` for `/jobs/7/retry`: a request refused before routing is logged
         under its route's template, as one that reached it is."""
-        for route in self.routes:
-            match, child = route.matches(scope)
-            if match == Match.FULL:
-                scope.setdefault("path_params", {}).update(child.get("path_params", {}))
-                return getattr(route, "path", scope["path"])
-        return scope["path"]
+        return template_of(self.routes, scope) or scope["path"]
 
     async def record(self, scope: Scope, caller: ApiKey | None, status: int) -> None:
         """Every mutating call, allowed or not, goes to the audit log (written off the event loop)."""
@@ -299,3 +294,20 @@ class Guard:
             await anyio.to_thread.run_sync(self.audit, entry)
         except Exception:  # noqa: BLE001 - the response is sent; a lost audit row is logged
             log.exception("audit log write failed: %s", entry)
+
+
+def template_of(routes: list[BaseRoute], scope: Scope) -> str | None:
+    """The template of the route `scope` reaches, through mounts (the console's `/ui`), with its
+    path parameters added to `scope`; None where no route matches in full."""
+    for route in routes:
+        match, child = route.matches(scope)
+        if match != Match.FULL:
+            continue
+        scope.setdefault("path_params", {}).update(child.get("path_params", {}))
+        inner = getattr(route, "routes", None)
+        path = getattr(route, "path", "")
+        if isinstance(route, Mount) and inner:
+            rest = template_of(inner, scope | child)
+            return path + rest if rest is not None else None
+        return path or None
+    return None
