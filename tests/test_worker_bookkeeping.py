@@ -5,15 +5,17 @@ does around the engine: pairs written once, failures recorded alone, stop releas
 """
 
 import asyncio
+import contextlib
 
+import psycopg
 import pytest
 from sqlalchemy import select
 
-from cai_dpo.core.db import session_scope
+from cai_dpo.core.db import libpq_url, session_scope
 from cai_dpo.core.tables import Pair, Prompt, Worker
 from cai_dpo.workers.generation.worker import GenerationWorker
 from tests.fake_engine import ScriptedEngine
-from tests.helpers import make_job, statuses
+from tests.helpers import make_job, statuses, with_database
 
 pytestmark = pytest.mark.db
 
@@ -104,3 +106,78 @@ def test_a_nul_character_from_the_model_does_not_stop_the_pair_being_saved(setti
         pairs = session.scalars(select(Pair)).all()
         assert len(pairs) == 2 and all(p.rejected.startswith("odd byte #") for p in pairs)
         assert all("\x00" not in p.chosen for p in pairs)
+
+
+@contextlib.contextmanager
+def database_outage(settings):
+    """The worker's database out of reach: new connections refused, every open one cut (as a
+    restart or a failover does), until the block ends. Works on the embedded server and on a
+    `DATABASE_URL` one alike."""
+    url = libpq_url(settings.database_url)
+    with psycopg.connect(url) as conn:
+        name = conn.info.dbname
+    with psycopg.connect(with_database(url, "template1"), autocommit=True) as admin:
+        admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", [name])
+        try:
+            yield
+        finally:
+            admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+
+
+def test_a_database_outage_costs_no_prompt_an_attempt(settings, db):
+    """Pairs finished while the database is down are written when it is back: no prompt failed,
+    retried or duplicated (an infrastructure failure is never the prompt's fault)."""
+    make_job(db, settings, 8)
+    engine = ScriptedEngine()
+    engine.gate.clear()
+    worker = make_worker(settings, db, engine)
+    outage = database_outage(settings)
+
+    async def main():
+        task = asyncio.create_task(worker.run())
+        try:
+            async with asyncio.timeout(60):
+                while sum(s == "running" for s, _, _ in (await asyncio.to_thread(statuses, db)).values()) < 4:
+                    await asyncio.sleep(0.05)
+                await asyncio.to_thread(outage.__enter__)
+                engine.gate.set()  # the trajectories finish and their writes meet the outage
+                while not worker.database_lost:
+                    await asyncio.sleep(0.05)
+                await asyncio.to_thread(outage.__exit__, None, None, None)
+                while not await asyncio.to_thread(all_finished(db)):
+                    await asyncio.sleep(0.05)
+        finally:
+            worker.stopping.set()
+            await task
+
+    asyncio.run(main())
+    assert set(statuses(db).values()) == {("done", 1, None)}  # one attempt each, none failed
+    with session_scope(db) as session:
+        assert sorted(p.prompt_id for p in session.scalars(select(Pair))) == sorted(statuses(db))
+    assert worker.exit_code == 0
+
+
+def test_a_database_gone_for_good_ends_the_worker_without_failing_prompts(settings, db):
+    """Past CAI_DB_OUTAGE_SECONDS the worker exits non-zero for its supervisor; the prompts it held
+    keep their attempt count and come back when their leases run out."""
+    make_job(db, settings, 4)
+    engine = ScriptedEngine()
+    engine.gate.clear()
+    worker = make_worker(settings, db, engine, db_outage_seconds=1.0)
+
+    async def main():
+        task = asyncio.create_task(worker.run())
+        async with asyncio.timeout(60):
+            while sum(s == "running" for s, _, _ in (await asyncio.to_thread(statuses, db)).values()) < 4:
+                await asyncio.sleep(0.05)
+            with database_outage(settings):
+                engine.gate.set()
+                await task  # ends on its own: the database did not come back in time
+
+    asyncio.run(main())
+    assert worker.exit_code == 4 and not engine.started  # the engine was shut down
+    assert {status for status, attempts, _ in statuses(db).values()} == {"running"}
+    assert {attempts for _, attempts, _ in statuses(db).values()} == {1}
+    with session_scope(db) as session:
+        assert session.scalars(select(Pair)).all() == []

@@ -328,7 +328,8 @@ class WorkerOut(BaseModel):
 
 class HealthOut(BaseModel):
     status: Literal["ok", "degraded", "error"] = Field(
-        description="degraded: a live worker reports a problem; error: no database (503)."
+        description="degraded: a live worker reports a problem, or work waits with no live worker of "
+        "its kind; error: no database (503)."
     )
     database: bool
     workers: dict[str, int] | None = Field(None, description="Live workers by kind (absent on error).")

@@ -20,7 +20,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
+import psycopg
 from sqlalchemy import Engine, create_engine
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from cai_dpo.core.settings import Settings
@@ -138,6 +140,20 @@ def session_scope(engine: Engine) -> Iterator[Session]:
     """One transaction: committed when the block ends, rolled back on an exception."""
     with _session_factory(engine)() as session, session.begin():
         yield session
+
+
+def is_connection_error(exc: BaseException) -> bool:
+    """A lost or refused connection (the server restarting, shutting down, not up yet), as opposed
+    to a statement's own failure: the one kind of database error worth waiting out."""
+    if not isinstance(exc, DBAPIError):
+        return False
+    if exc.connection_invalidated:
+        return True
+    orig = exc.orig
+    # psycopg files statement timeouts and lock timeouts under OperationalError too: not outages.
+    return isinstance(orig, psycopg.OperationalError | psycopg.InterfaceError) and not isinstance(
+        orig, psycopg.errors.QueryCanceled | psycopg.errors.LockNotAvailable
+    )
 
 
 def run_in_session(engine: Engine, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:

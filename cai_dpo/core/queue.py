@@ -18,7 +18,21 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, case, false, func, literal, not_, null, or_, select, text, update
+from sqlalchemy import (
+    ColumnElement,
+    and_,
+    case,
+    exists,
+    false,
+    func,
+    literal,
+    not_,
+    null,
+    or_,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.orm import Session
 
 from cai_dpo.core.tables import Evaluation, GenerationJob, Prompt, TrainingJob
@@ -107,6 +121,14 @@ def claimable(kind: WorkKind, *, max_attempts: int) -> ColumnElement[bool]:
     t = kind.table
     return and_(
         or_(t.status == "queued", _lease_ran_out(t)), t.attempts < max_attempts, not_(kind.cancelled())
+    )
+
+
+def has_pending(session: Session, kind: WorkKind) -> bool:
+    """Whether any row waits for a worker or is held by one (`/health` warns when no worker is live)."""
+    t = kind.table
+    return bool(
+        session.scalar(select(exists().where(t.status.in_(("queued", "running")), not_(kind.cancelled()))))
     )
 
 

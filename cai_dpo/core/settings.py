@@ -40,6 +40,12 @@ class Settings(BaseSettings):
     constitutions_dir: Path = Field(
         PROJECT_ROOT / "constitutions", description="Folder of constitution YAML files."
     )
+    artifact_store: str = Field(
+        "",
+        description="Where trained models are shared between hosts: a folder every host mounts (read in "
+        "place), or an fsspec URL such as `s3://bucket/prefix` (s3fs installed), downloaded once per host. "
+        "Unset: each model stays in the training host's `$CAI_DATA_DIR/training`.",
+    )
 
     # --- HTTP ----------------------------------------------------------------------------------
     host: str = Field("127.0.0.1", description="Bind address of the API.")
@@ -106,6 +112,12 @@ class Settings(BaseSettings):
     lease_seconds: float = Field(60.0, gt=0, description="How long a claimed prompt or training job is held.")
     max_attempts: int = Field(3, ge=1, description="Attempts per prompt before it is marked failed.")
     poll_seconds: float = Field(5.0, gt=0, description="Idle workers poll this often if no NOTIFY comes.")
+    db_outage_seconds: float = Field(
+        300.0,
+        gt=0,
+        description="How long a worker waits out a lost database connection (a restart, a failover), "
+        "retrying each call and keeping its work, before it exits for its supervisor to restart it.",
+    )
     worker_seen_seconds: float = Field(
         60.0, gt=0, description="A worker counts as live this long after a heartbeat."
     )

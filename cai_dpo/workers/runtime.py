@@ -23,11 +23,13 @@ import psycopg
 from sqlalchemy import Engine as DBEngine
 
 from cai_dpo.core import queue
-from cai_dpo.core.db import libpq_url, run_in_session
+from cai_dpo.core.db import is_connection_error, libpq_url, run_in_session
 from cai_dpo.core.queries import workers as worker_queries
 from cai_dpo.core.settings import Settings
 
 log = logging.getLogger(__name__)
+
+DATABASE_EXIT_CODE = 4  # see DatabaseUnavailable
 
 
 def new_worker_id(role: str) -> str:
@@ -80,6 +82,11 @@ class LeaseKeeper:
                 self.on_lost(row_id, token)
 
 
+class DatabaseUnavailable(RuntimeError):
+    """The database stayed out of reach for `CAI_DB_OUTAGE_SECONDS`: the worker exits (code 4) for
+    its supervisor to restart it; the leases it held run out and its work is claimed again."""
+
+
 class WorkerRuntime:
     """Identity, heartbeat, leases, LISTEN and stop handling of one worker process."""
 
@@ -100,6 +107,11 @@ class WorkerRuntime:
         self.wakeup = asyncio.Event()
         # Why this worker cannot work right now (engine dead, ...): reported in /workers and /health.
         self.problem: str | None = None
+        # A database outage in progress (calls are being retried), and one waited out in vain.
+        self.database_lost = False
+        self.database_gone = False
+        # The process's exit code: non-zero asks its supervisor for a fresh process.
+        self.exit_code = 0
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # --- to be provided by each worker ------------------------------------------------------
@@ -130,7 +142,42 @@ class WorkerRuntime:
         } | values
 
     async def db_call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        return await asyncio.to_thread(run_in_session, self.db, fn, *args, **kwargs)
+        """`fn(session, ...)` in a transaction of its own, in a thread.
+
+        A lost connection (the database restarting) is the infrastructure's fault, never the
+        work's: the call is retried with backoff for up to `CAI_DB_OUTAGE_SECONDS`, the work in
+        hand kept, and then `DatabaseUnavailable` ends the worker. Every call is safe to repeat:
+        a write that did commit before its connection broke finds its lease settled and does
+        nothing the second time (`queue.finish`, the result's unique prompt id).
+        """
+        deadline = None
+        delay = 0.25
+        while True:
+            try:
+                result = await asyncio.to_thread(run_in_session, self.db, fn, *args, **kwargs)
+            except Exception as exc:
+                if not is_connection_error(exc):
+                    raise
+                now = time.monotonic()
+                if self.database_gone:  # already given up: the shutdown's calls try once
+                    raise DatabaseUnavailable(str(exc)) from exc
+                deadline = deadline or now + self.settings.db_outage_seconds
+                if now >= deadline:
+                    self.database_gone = True
+                    raise DatabaseUnavailable(
+                        f"no database connection for {self.settings.db_outage_seconds:g} s "
+                        f"(CAI_DB_OUTAGE_SECONDS): {exc.__class__.__name__}"
+                    ) from exc
+                if not self.database_lost:
+                    log.warning("database connection lost (%s); retrying, work kept", exc.__class__.__name__)
+                    self.database_lost = True
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            if self.database_lost:
+                log.info("database connection back")
+                self.database_lost = False
+            return result
 
     def stop(self) -> None:
         """Stop claiming and hand back what is held; safe to call from any thread."""
@@ -140,6 +187,13 @@ class WorkerRuntime:
             loop.call_soon_threadsafe(self.stopping.set)
         else:
             self.stopping.set()
+
+    def give_up(self, exc: DatabaseUnavailable) -> None:
+        """Stop for good on a database that did not come back: exit code 4, for the supervisor."""
+        if not self.exit_code:
+            log.error("exiting: %s", exc)
+            self.exit_code = DATABASE_EXIT_CODE
+        self.stop()
 
     def install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()
@@ -176,6 +230,9 @@ class WorkerRuntime:
                         self.settings.lease_seconds,
                     )
                 last_renewal = now
+            except DatabaseUnavailable as exc:
+                self.give_up(exc)
+                return
             except Exception:  # noqa: BLE001 - a database blip must not kill the heartbeat
                 log.exception("heartbeat failed")
             await asyncio.sleep(interval)
@@ -213,4 +270,7 @@ class WorkerRuntime:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        await self.db_call(worker_queries.mark_worker_stopped, self.id)
+        try:
+            await self.db_call(worker_queries.mark_worker_stopped, self.id)
+        except DatabaseUnavailable:  # its heartbeat row goes stale instead
+            log.warning("could not mark worker %s stopped: no database", self.id)

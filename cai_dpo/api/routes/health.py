@@ -23,14 +23,16 @@ router = APIRouter(tags=["health"])
     responses={503: {"model": HealthOut, "description": "The database cannot be reached."}},
 )
 def health(request: Request, settings: SettingsDep) -> JSONResponse:
-    """`ok`, `degraded` (a live worker reports a problem, e.g. its engine is down) or `error`
-    (no database). The problems' text is shown only to callers with a valid key."""
+    """`ok`, `degraded` (a live worker reports a problem, e.g. its engine is down, or work waits
+    with no live worker of its kind) or `error` (no database). The problems' text is shown only to
+    callers with a valid key."""
     caller = getattr(request.state, "caller", None)
     detailed = caller is not None and caller.allows("read")
     try:
         with session_scope(request.app.state.engine) as session:
             session.execute(text("SELECT 1"))
             live = worker_queries.live_workers(session, seen_seconds=settings.worker_seen_seconds)
+            pending = worker_queries.pending_work(session)
     except Exception as exc:  # noqa: BLE001 - health reports any database failure as such
         log.warning("health: database unreachable: %s", exc)
         body = {"status": "error", "database": False}
@@ -41,9 +43,15 @@ def health(request: Request, settings: SettingsDep) -> JSONResponse:
         workers[worker.kind] = workers.get(worker.kind, 0) + 1
         if problem := (worker.stats or {}).get("problem"):
             problems.append({"worker": worker.id, "kind": worker.kind, "problem": problem})
+    # Work waiting and nobody to do it (a worker crashed for good, or never started): not ok.
+    for kind, waiting in pending.items():
+        if waiting and not workers.get(kind):
+            problems.append(
+                {"worker": None, "kind": kind, "problem": f"work is waiting and no {kind} worker is live"}
+            )
     body = {"status": "degraded" if problems else "ok", "database": True, "workers": workers}
     if problems:
-        body["unhealthy_workers"] = len(problems)
+        body["unhealthy_workers"] = sum(p["worker"] is not None for p in problems)
         if detailed:
             body["problems"] = problems
     return JSONResponse(body)

@@ -8,6 +8,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
+from cai_dpo.core import queue
 from cai_dpo.core.tables import Worker
 
 
@@ -37,3 +38,11 @@ def live_workers(session: Session, *, seen_seconds: float, kind: str | None = No
     if kind:
         stmt = stmt.where(Worker.kind == kind)
     return list(session.scalars(stmt))
+
+
+def pending_work(session: Session) -> dict[str, bool]:
+    """Per worker kind, whether work waits for it (or is held by a worker that may be gone)."""
+    return {
+        "generate": queue.has_pending(session, queue.PROMPTS),
+        "train": queue.has_pending(session, queue.TRAINING) or queue.has_pending(session, queue.EVALUATIONS),
+    }

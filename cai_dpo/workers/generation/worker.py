@@ -44,7 +44,7 @@ from cai_dpo.workers.generation.engines import (
 )
 from cai_dpo.workers.generation.modes import PairDraft, compare_models, ranked_pair, revise_pair
 from cai_dpo.workers.generation.trajectory import few_shot_turns
-from cai_dpo.workers.runtime import WorkerRuntime
+from cai_dpo.workers.runtime import DatabaseUnavailable, WorkerRuntime
 from cai_dpo.workers.scoring import Scorer, make_scorer
 
 log = logging.getLogger(__name__)
@@ -93,8 +93,13 @@ class GenerationWorker(WorkerRuntime):
                     # The queue had prompts and there is room: claim again at once; else wait for
                     # a free slot, a NOTIFY, a stop or the poll interval.
                     await self.wait_for_work(*self.in_flight.values())
+        except DatabaseUnavailable as exc:
+            self.give_up(exc)
         finally:
-            await self.release_all()
+            # With the database gone for good the prompts cannot be handed back: their leases
+            # run out instead. The engine is stopped either way (a live one keeps the process up).
+            with contextlib.suppress(DatabaseUnavailable):
+                await self.release_all()
             await self.stop_background(background)
             await self.shutdown_engines()
             log.info("worker %s stopped (%d pairs written)", self.id, self.pairs_written)
@@ -134,6 +139,15 @@ class GenerationWorker(WorkerRuntime):
     async def process(self, prompt: job_queries.ClaimedPrompt) -> None:
         """Make the prompt's pair in its job's mode and write it, or record why it failed."""
         try:
+            await self.make_and_write(prompt)
+        except DatabaseUnavailable as exc:  # the pair or its failure cannot be recorded: not its fault
+            self.give_up(exc)
+        finally:
+            # After a lost lease this worker may already have claimed the prompt again.
+            self.leases.drop(prompt.id, asyncio.current_task())
+
+    async def make_and_write(self, prompt: job_queries.ClaimedPrompt) -> None:
+        try:
             if (prompt.options or {}).get("mode") == "compare":
                 await self.write_comparison(prompt)
                 return
@@ -159,7 +173,7 @@ class GenerationWorker(WorkerRuntime):
             await self.fail(prompt, f"prompt too long: {exc}", retryable=False)
         except EngineUnavailable as exc:
             await self.give_back_on_engine_failure(prompt, str(exc))
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, DatabaseUnavailable):
             raise
         except Exception as exc:  # noqa: BLE001 - one prompt's failure must not stop the worker
             if isinstance(exc, EngineError):
@@ -170,9 +184,6 @@ class GenerationWorker(WorkerRuntime):
                     return
             log.exception("prompt %d failed", prompt.id)
             await self.fail(prompt, f"{type(exc).__name__}: {exc}", retryable=True)
-        finally:
-            # After a lost lease this worker may already have claimed the prompt again.
-            self.leases.drop(prompt.id, asyncio.current_task())
 
     async def write_comparison(self, prompt: job_queries.ClaimedPrompt) -> None:
         """An evaluation's prompt: this worker's model and the baseline answer, the judge compares."""
@@ -384,7 +395,7 @@ class EngineRestartsExhausted(RuntimeError):
     """The engine could not be restarted in process: the worker exits for its supervisor."""
 
 
-async def run_worker(settings: Settings) -> None:
+async def run_worker(settings: Settings) -> int:
     url = database_url(settings)
     worker = GenerationWorker(settings, get_engine(settings, pool_size=4), url=url)
     worker.install_signal_handlers()
@@ -395,12 +406,14 @@ async def run_worker(settings: Settings) -> None:
         settings.max_in_flight,
     )
     await worker.run()
+    return worker.exit_code
 
 
 def main(settings: Settings) -> int:
+    """Run the worker until stopped; the exit code (3: the engine could not be restarted, 4: the
+    database did not come back), so its supervisor knows to start a fresh process."""
     try:
-        asyncio.run(run_worker(settings))
+        return asyncio.run(run_worker(settings))
     except EngineRestartsExhausted as exc:
         log.error("exiting: %s", exc)
         return 3
-    return 0
