@@ -361,6 +361,12 @@ def test_health_and_metrics(client, db):
     health = client.get("/health").json()
     assert health["status"] == "ok" and health["database"] is True
     client.post("/generate", json={"prompts": ["a", "b"], "constitution": "harmless"})
+    # Prompts waiting and no generation worker live: nobody will do them.
+    health = client.get("/health").json()
+    assert health["status"] == "degraded" and health["unhealthy_workers"] == 0
+    assert health["problems"] == [
+        {"worker": None, "kind": "generate", "problem": "work is waiting and no generate worker is live"}
+    ]
     metrics = client.get("/metrics").text
     assert 'cai_prompts{state="queued"} 2' in metrics
     assert "cai_pairs_written_total 0" in metrics
@@ -652,7 +658,10 @@ def test_a_value_the_database_refuses_is_a_422_naming_the_body(client, db, monke
     assert response.status_code == 422, response.text
     assert response.json()["detail"].startswith("body: a value cannot be stored")
     assert "Unicode escape" not in response.text  # the database's own words go to the log only
-    assert count(db, GenerationJob) == count(db, ConstitutionVersion) == 0  # rolled back
+    assert count(db, GenerationJob) == 0  # rolled back
+    # The constitution's version row is committed on its own first (jobs.generate says why): one
+    # row per content hash, whatever happens to the jobs that use it.
+    assert count(db, ConstitutionVersion) == 1
 
 
 def test_text_that_cannot_be_encoded_is_a_400_naming_the_body(client, db, monkeypatch):
@@ -665,4 +674,4 @@ def test_text_that_cannot_be_encoded_is_a_400_naming_the_body(client, db, monkey
     response = client.post("/generate", json={"prompts": ["hi"], "constitution": "harmless"})
     assert response.status_code == 400, response.text
     assert response.json()["detail"] == "body: not valid Unicode text: surrogates not allowed"
-    assert count(db, GenerationJob) == count(db, ConstitutionVersion) == 0
+    assert count(db, GenerationJob) == 0 and count(db, ConstitutionVersion) == 1  # as above

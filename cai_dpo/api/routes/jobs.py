@@ -30,6 +30,7 @@ from cai_dpo.api.schemas import (
     normalize_prompts,
 )
 from cai_dpo.core.constitutions import ConstitutionError
+from cai_dpo.core.db import session_scope
 from cai_dpo.core.pair_filter import DbId
 from cai_dpo.core.progress import job_progress
 from cai_dpo.core.queries import constitutions as constitution_queries
@@ -63,6 +64,13 @@ def generate(
     revisions = body.revisions or constitution.spec.revisions
     if revisions > settings.max_revisions:
         raise FieldError("revisions", f"{revisions}; at most {settings.max_revisions} (CAI_MAX_REVISIONS)")
+    # The version's row in a transaction of its own, committed before this request's: the first
+    # jobs of a new version all insert it, and in the request's transaction the others waited for
+    # it until the response. 50 concurrent first submissions deadlocked for 30 s that way (the
+    # waiters held every worker thread the first request needed to finish). The request's own
+    # transaction has not touched the database yet, so this takes no second connection.
+    with session_scope(request.app.state.engine) as record:
+        constitution_queries.store_constitution_version(record, constitution)
     # With no model named, a constitution whose evaluated model cleared the promotion gate uses it.
     promoted = evaluation_queries.promotion_for(session, constitution.name) if body.model is None else None
     model = checked_model(session, settings, promoted.model if promoted else body.model, field="model")
