@@ -7,7 +7,7 @@ COPY cai_dpo /app/cai_dpo
 COPY migrations /app/migrations
 COPY constitutions /constitutions
 
-FROM python:3.11-slim AS api
+FROM python:3.11.13-slim-bookworm AS api
 COPY --from=source /app /app
 COPY --from=source /constitutions /constitutions
 WORKDIR /app
@@ -17,7 +17,8 @@ ENV CAI_DATA_DIR=/data CAI_CONSTITUTIONS_DIR=/constitutions
 EXPOSE 8000
 CMD ["cai-dpo", "serve", "--host", "0.0.0.0", "--port", "8000"]
 
-FROM vllm/vllm-openai:latest AS worker
+# The CUDA vLLM of requirements/gpu.lock (tests/test_compose.py keeps the two equal).
+FROM vllm/vllm-openai:v0.20.2 AS worker
 COPY --from=source /app /app
 COPY --from=source /constitutions /constitutions
 WORKDIR /app

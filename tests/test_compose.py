@@ -1,6 +1,7 @@
 """docker-compose.yml cannot run here; this keeps it consistent with the CLI and the settings."""
 
 import re
+import tomllib
 
 import pytest
 import typer
@@ -50,7 +51,7 @@ def test_commands_are_cli_commands(service):
     if service == "api":
         assert (path, params) == (["serve"], {"host": "0.0.0.0", "port": 8000})
     else:
-        assert (path, params) == (["worker"], {"kind": service})
+        assert (path, params) == (["worker"], {"kind": service, "nproc_per_node": 1})
 
 
 @pytest.mark.parametrize("service", ["generate", "train"])
@@ -82,7 +83,41 @@ def test_api_needs_keys_since_it_binds_all_interfaces():
     assert re.search(r"\$\{CAI_API_KEYS:\?", api["environment"]["CAI_API_KEYS"])
 
 
-def test_gpu_workers_reserve_a_gpu():
-    for service in ("generate", "train"):
-        devices = SERVICES[service]["deploy"]["resources"]["reservations"]["devices"]
-        assert devices[0]["capabilities"] == ["gpu"]
+def gpu_ids(service: str) -> list[str]:
+    (devices,) = SERVICES[service]["deploy"]["resources"]["reservations"]["devices"]
+    assert devices["capabilities"] == ["gpu"] and "count" not in devices, service
+    return devices["device_ids"]
+
+
+def test_gpu_workers_reserve_gpus_of_their_own():
+    generate, train = gpu_ids("generate"), gpu_ids("train")
+    assert generate and train
+    assert not set(generate) & set(train), "generation and training share a GPU"
+    # One GPU each, as the commands run one process each (a multi-GPU trainer adds --nproc-per-node).
+    assert len(generate) == 1 and len(train) == 1
+
+
+def from_images() -> list[str]:
+    """The images the Dockerfile's stages start from (`FROM image [AS name]`), stages excepted."""
+    lines = [line.split() for line in (PROJECT_ROOT / "Dockerfile").read_text().splitlines()]
+    froms = [words[1] for words in lines if words and words[0].upper() == "FROM"]
+    stages = {words[3] for words in lines if len(words) >= 4 and words[0].upper() == "FROM"}
+    return [image for image in froms if image not in stages | {"scratch"}]
+
+
+def test_image_tags_are_pinned():
+    images = [s["image"] for s in SERVICES.values()] + from_images()
+    assert len(images) == len(SERVICES) + 2
+    for image in images:
+        name, _, tag = image.rpartition(":")
+        assert name and tag and tag != "latest" and "/" not in tag, f"{image}: pin a release tag"
+        assert any(c.isdigit() for c in tag), f"{image}: {tag!r} is no release"
+    version = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["project"]["version"]
+    for name, service in SERVICES.items():
+        if "build" in service:  # our own images carry the project's version
+            assert service["image"].endswith(f":{version}"), name
+
+
+def test_worker_image_is_the_locked_vllm():
+    locked = re.search(r"^vllm==(\S+)$", (PROJECT_ROOT / "requirements" / "gpu.lock").read_text(), re.M)
+    assert f"vllm/vllm-openai:v{locked.group(1)}" in from_images()

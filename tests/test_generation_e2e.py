@@ -14,6 +14,7 @@ import sys
 import pytest
 from sqlalchemy import delete, select, update
 
+from cai_dpo.cli.supervisor import generation_envs
 from cai_dpo.core.db import session_scope
 from cai_dpo.core.settings import PROJECT_ROOT
 from cai_dpo.core.tables import Pair, Prompt
@@ -183,7 +184,11 @@ def pairs_of(db, job_id):
 
 @pytest.mark.e2e
 def test_two_workers_share_a_job_and_survive_a_sigkill(client, settings, db):
-    a, b = start_worker(settings), start_worker(settings)
+    # Each engine on cores of its own, as `cai-dpo up --generate-workers 2` starts them: two
+    # engines that vLLM pins to the same core slow each other several-fold.
+    cores = sorted(os.sched_getaffinity(0))
+    envs = generation_envs(workers=2, gpus=[], tensor_parallel_size=1, cores=cores)
+    a, b = (start_worker(settings, **env) for env in envs)
     try:
         # Both engines up before the job exists, or the first one ready could take every prompt.
         wait_for(

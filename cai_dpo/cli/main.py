@@ -8,7 +8,15 @@ from typing import Annotated, Literal
 import typer
 
 from cai_dpo.cli import client
-from cai_dpo.cli.supervisor import run_alone, run_service, service_database
+from cai_dpo.cli.supervisor import (
+    LayoutError,
+    parse_devices,
+    run_alone,
+    run_service,
+    service_children,
+    service_database,
+    torchrun_command,
+)
 from cai_dpo.core.db import downgrade_database, stop_embedded_postgres, upgrade_database
 from cai_dpo.core.logs import configure_logging
 from cai_dpo.core.model_sources import prepare_bundled_model, resolve_model
@@ -60,20 +68,64 @@ def up(
     no_train_worker: Annotated[
         bool, typer.Option("--no-train-worker", help="Without the training worker.")
     ] = False,
+    no_api: Annotated[
+        bool, typer.Option("--no-api", help="Without the API: a host of workers, on a shared DATABASE_URL.")
+    ] = False,
+    gpus: Annotated[
+        str | None,
+        typer.Option(
+            help="GPUs of the generation workers, e.g. `0,1,2,3`: one worker per GPU (or per "
+            "--tensor-parallel-size GPUs), each seeing only its own (CUDA_VISIBLE_DEVICES)."
+        ),
+    ] = None,
+    tensor_parallel_size: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="GPUs per generation worker (vLLM tensor parallel). Default: CAI_VLLM_TENSOR_PARALLEL_SIZE.",
+        ),  # fmt: skip
+    ] = None,
+    train_gpus: Annotated[
+        str | None,
+        typer.Option(
+            help="GPUs of the training worker, e.g. `4,5,6,7`; more than one runs it under torchrun "
+            "(FSDP2 for full fine-tuning, DDP for LoRA). Required with --gpus."
+        ),
+    ] = None,
+    generate_workers: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Generation workers on a CPU host, each with its own cores (VLLM_CPU_OMP_THREADS_BIND). "
+            "With --gpus: one per GPU group.",
+        ),
+    ] = None,
 ) -> None:
     """Everything: the database (embedded unless DATABASE_URL), migrations, the model, the API and
-    one worker of each kind. Ctrl-C or SIGTERM stops it all."""
+    the workers (one of each kind by default). Ctrl-C or SIGTERM stops it all."""
     settings = bound_settings(host, port)
-    names = ["api"] + ["generate"] * (not no_generate_worker) + ["train"] * (not no_train_worker)
+    try:
+        children = service_children(
+            api=not no_api,
+            generate=not no_generate_worker,
+            train=not no_train_worker,
+            generate_workers=generate_workers,
+            gpus=parse_devices(gpus),
+            tensor_parallel_size=tensor_parallel_size or settings.vllm_tensor_parallel_size,
+            train_gpus=parse_devices(train_gpus),
+        )
+    except LayoutError as exc:
+        raise typer.BadParameter(str(exc)) from None
 
     def prepare(url: str) -> None:
         upgrade_database(url)
         if settings.engine == "vllm" and not no_generate_worker:
             resolve_model(settings.model, settings)
         database = "DATABASE_URL" if settings.database_url else "embedded"
-        log.info("cai-dpo on http://%s:%d (database: %s)", settings.host, settings.port, database)
+        where = "workers only" if no_api else f"http://{settings.host}:{settings.port}"
+        log.info("cai-dpo on %s (database: %s)", where, database)
 
-    raise typer.Exit(run_service(names, settings, prepare))
+    raise typer.Exit(run_service(children, settings, prepare))
 
 
 @app.command(rich_help_panel="Run the service")
@@ -83,9 +135,22 @@ def serve(host: Host = None, port: Port = None) -> None:
 
 
 @app.command(rich_help_panel="Run the service")
-def worker(kind: Annotated[Literal["generate", "train"], typer.Argument(help="Which worker.")]) -> None:
+def worker(
+    kind: Annotated[Literal["generate", "train"], typer.Argument(help="Which worker.")],
+    nproc_per_node: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="train: processes of the worker on this host, one per GPU, under torchrun (FSDP2 / "
+            "DDP). Several hosts: run `torchrun ... -m cai_dpo.workers.training` on each (docs/DEPLOY.md).",
+        ),
+    ] = 1,
+) -> None:
     """A generation or training worker."""
-    raise typer.Exit(run_alone(kind, get_settings()))
+    if nproc_per_node > 1 and kind != "train":
+        raise typer.BadParameter("--nproc-per-node is for the training worker")
+    command = torchrun_command(nproc_per_node) if nproc_per_node > 1 else None
+    raise typer.Exit(run_alone(kind, get_settings(), command))
 
 
 @db_app.command()

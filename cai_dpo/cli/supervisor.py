@@ -12,6 +12,13 @@ server running in `$CAI_DATA_DIR/postgres` starts it, hands its URL to the proce
 to (Ctrl-C, SIGTERM, a crash of the API). A command that finds one running joins it and leaves it
 running; stopping the command that started it stops it for all. A process killed with SIGKILL stops
 nothing: `cai-dpo db stop` stops the server it left behind.
+
+Several GPUs (`cai-dpo up --gpus 0,1,2,3 --train-gpus 4,5,6,7`): one generation worker per GPU, or
+per group of `--tensor-parallel-size` GPUs, each child seeing only its own (`CUDA_VISIBLE_DEVICES`),
+and the training worker on GPUs of its own, under torchrun when it has more than one. On a CPU
+host, several generation workers (`--generate-workers N`) each get their own cores
+(`VLLM_CPU_OMP_THREADS_BIND`): vLLM pins its threads, and two engines pinned to the same cores
+slow each other to a crawl.
 """
 
 from __future__ import annotations
@@ -23,7 +30,8 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 
 from cai_dpo.core.db import embedded_postgres_pid, start_embedded_postgres, stop_embedded_postgres
 from cai_dpo.core.settings import Settings
@@ -41,6 +49,131 @@ RESTARTS_PER_MINUTE = 3
 def service_module(name: str) -> list[str]:
     """The command line of one of the service's processes (`api`, `generate`, `train`)."""
     return [sys.executable, "-m", SERVICE_MODULES[name]]
+
+
+def torchrun_command(nproc_per_node: int) -> list[str]:
+    """The training worker as `nproc_per_node` processes of one worker, on this host (torchrun)."""
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--standalone",
+        f"--nproc-per-node={nproc_per_node}", "-m", SERVICE_MODULES["train"],
+    ]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Child:
+    """One process the supervisor runs: its name in the log, command line and own environment
+    (on top of the supervisor's)."""
+
+    name: str
+    command: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+
+
+class LayoutError(ValueError):
+    """GPUs or workers asked for that cannot be laid out."""
+
+
+def parse_devices(text: str | None) -> list[str]:
+    """`0,1,2,3` (or GPU UUIDs) as CUDA_VISIBLE_DEVICES lists them; None or empty: none."""
+    devices = [part.strip() for part in (text or "").split(",") if part.strip()]
+    if len(set(devices)) != len(devices):
+        raise LayoutError(f"a GPU is named twice in {text!r}")
+    return devices
+
+
+def cpu_list(cores: Sequence[int]) -> str:
+    """Core ids as vLLM and taskset read them: `0-3,8,10-11`."""
+    parts: list[str] = []
+    ordered = sorted(cores)
+    start = 0
+    for i in range(1, len(ordered) + 1):
+        if i == len(ordered) or ordered[i] != ordered[i - 1] + 1:
+            first, last = ordered[start], ordered[i - 1]
+            parts.append(str(first) if first == last else f"{first}-{last}")
+            start = i
+    return ",".join(parts)
+
+
+def generation_envs(
+    *, workers: int | None, gpus: Sequence[str], tensor_parallel_size: int, cores: Sequence[int]
+) -> list[dict[str, str]]:
+    """The environment of each generation worker.
+
+    GPUs: one worker per `tensor_parallel_size` consecutive GPUs, seeing only those. CPUs: with more
+    than one worker, each its own consecutive share of `cores` (split again per tensor-parallel
+    rank, `|` between the ranks' lists); one worker keeps vLLM's own binding.
+    """
+    tp = tensor_parallel_size
+    if gpus:
+        if len(gpus) % tp:
+            raise LayoutError(f"{len(gpus)} GPUs do not split into groups of {tp} (--tensor-parallel-size)")
+        if workers is not None and workers != len(gpus) // tp:
+            raise LayoutError(
+                f"--generate-workers {workers} with {len(gpus)} GPUs in groups of {tp}: "
+                f"that is {len(gpus) // tp} worker(s); leave --generate-workers out"
+            )
+        return [
+            {"CUDA_VISIBLE_DEVICES": ",".join(gpus[i : i + tp]), "CAI_VLLM_TENSOR_PARALLEL_SIZE": str(tp)}
+            for i in range(0, len(gpus), tp)
+        ]
+    workers = workers or 1
+    tp_env = {"CAI_VLLM_TENSOR_PARALLEL_SIZE": str(tp)} if tp > 1 else {}
+    if workers == 1:
+        return [tp_env]
+    if len(cores) < workers * tp:
+        raise LayoutError(
+            f"{workers} generation workers of {tp} rank(s) each need {workers * tp} cores; "
+            f"this process may use {len(cores)}"
+        )
+    cores = sorted(cores)
+    envs = []
+    for mine in _split(cores, workers):
+        lists = [cpu_list(rank) for rank in _split(mine, tp)]
+        envs.append({"VLLM_CPU_OMP_THREADS_BIND": "|".join(lists)} | tp_env)
+    return envs
+
+
+def _split(items: Sequence[int], parts: int) -> list[list[int]]:
+    """`items` in `parts` consecutive runs whose lengths differ by one at most."""
+    bounds = [len(items) * i // parts for i in range(parts + 1)]
+    return [list(items[bounds[i] : bounds[i + 1]]) for i in range(parts)]
+
+
+def service_children(
+    *,
+    api: bool = True,
+    generate: bool = True,
+    train: bool = True,
+    generate_workers: int | None = None,
+    gpus: Sequence[str] = (),
+    tensor_parallel_size: int = 1,
+    train_gpus: Sequence[str] = (),
+    cores: Sequence[int] | None = None,
+) -> list[Child]:
+    """The processes of `cai-dpo up`: the API, the generation workers, the training worker."""
+    if gpus and train and not train_gpus:
+        raise LayoutError(
+            "--gpus names the generation workers' GPUs: give the training worker its own with "
+            "--train-gpus (or start it elsewhere: --no-train-worker)"
+        )
+    shared = sorted(set(gpus) & set(train_gpus)) if generate else []
+    if shared:
+        log.warning("GPUs %s run both generation and training: each has less memory", ",".join(shared))
+    children = [Child("api", service_module("api"))] if api else []
+    if generate:
+        cores = sorted(os.sched_getaffinity(0)) if cores is None else list(cores)
+        envs = generation_envs(
+            workers=generate_workers, gpus=gpus, tensor_parallel_size=tensor_parallel_size, cores=cores
+        )
+        for i, env in enumerate(envs):
+            children.append(
+                Child("generate" if len(envs) == 1 else f"generate-{i}", service_module("generate"), env)
+            )
+    if train:
+        env = {"CUDA_VISIBLE_DEVICES": ",".join(train_gpus)} if train_gpus else {}
+        command = torchrun_command(len(train_gpus)) if len(train_gpus) > 1 else service_module("train")
+        children.append(Child("train", command, env))
+    return children
 
 
 @contextlib.contextmanager
@@ -80,15 +213,18 @@ def kill_group(child: subprocess.Popen) -> None:
 class Supervisor:
     """Runs the service's processes as children; one signal stops them all."""
 
-    def __init__(self, names: list[str], env: dict[str, str]):
-        self.commands = {name: service_module(name) for name in names}
+    def __init__(self, children: Sequence[Child], env: dict[str, str]):
+        self.specs = {child.name: child for child in children}
+        self.commands = {child.name: child.command for child in children}
         self.env = env
         self.children: dict[str, subprocess.Popen] = {}
         self.stopping = False
 
     def start(self, name: str) -> None:
-        self.children[name] = subprocess.Popen(self.commands[name], env=self.env, start_new_session=True)
-        log.info("started %s (pid %d)", name, self.children[name].pid)
+        spec = self.specs[name]
+        self.children[name] = subprocess.Popen(spec.command, env=self.env | spec.env, start_new_session=True)
+        own = " ".join(f"{key}={value}" for key, value in spec.env.items())
+        log.info("started %s (pid %d)%s", name, self.children[name].pid, f" with {own}" if own else "")
 
     def stop(self, *_: object) -> None:
         self.stopping = True
@@ -136,22 +272,26 @@ class Supervisor:
             child.wait()
 
 
-def run_service(names: list[str], settings: Settings, prepare: Callable[[str], None] | None = None) -> int:
-    """Run the named processes (`api`, `generate`, `train`) until stopped, on the service's
-    database; `prepare(url)` runs first (migrations, the model). Returns the exit code."""
+def run_service(
+    children: Sequence[Child | str], settings: Settings, prepare: Callable[[str], None] | None = None
+) -> int:
+    """Run the processes (`Child`ren, or names: `api`, `generate`, `train`) until stopped, on the
+    service's database; `prepare(url)` runs first (migrations, the model). Returns the exit code."""
+    specs = [c if isinstance(c, Child) else Child(c, service_module(c)) for c in children]
     with interruptible(), service_database(settings) as url:
         if prepare is not None:
             prepare(url)
         env = os.environ | {"DATABASE_URL": url, "CAI_HOST": settings.host, "CAI_PORT": str(settings.port)}
-        return Supervisor(names, env).run()
+        return Supervisor(specs, env).run()
 
 
-def run_alone(name: str, settings: Settings) -> int:
-    """One process (`cai-dpo serve`, `cai-dpo worker`). With `DATABASE_URL` there is nothing to own:
-    the process replaces this one (exec), so a container's signals and a kill of the command's
-    process group reach it directly. Else it runs under the supervisor, which owns the embedded
-    database; returns the exit code then."""
+def run_alone(name: str, settings: Settings, command: list[str] | None = None) -> int:
+    """One process (`cai-dpo serve`, `cai-dpo worker`; `command` instead of the module's own, e.g.
+    torchrun's). With `DATABASE_URL` there is nothing to own: the process replaces this one (exec),
+    so a container's signals and a kill of the command's process group reach it directly. Else it
+    runs under the supervisor, which owns the embedded database; returns the exit code then."""
+    command = command or service_module(name)
     if not settings.database_url:
-        return run_service([name], settings)
+        return run_service([Child(name, command)], settings)
     env = os.environ | {"CAI_HOST": settings.host, "CAI_PORT": str(settings.port)}
-    os.execvpe(sys.executable, service_module(name), env)
+    os.execvpe(command[0], command, env)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from sqlalchemy.orm import Session
 
+from cai_dpo.core.artifact_store import ArtifactMissing, fetch_model, is_url
 from cai_dpo.core.pair_filter import DB_ID_MAX
 from cai_dpo.core.queries import training as training_queries
 from cai_dpo.core.settings import BUNDLED_MODEL, Settings
@@ -112,7 +113,8 @@ def training_output_dir(artifacts_dir: Path, train_id: int, created_at: datetime
 
 
 def trained_model_path(session: Session, spec: str) -> str | None:
-    """The artifact folder of `train:<id>` as its job recorded it (None for other names)."""
+    """The artifact of `train:<id>` as its job recorded it: a folder, or a URL in the artifact store
+    (None for other names)."""
     if not spec.startswith("train:") or not spec.removeprefix("train:").isdigit():
         return None
     job = training_queries.get_training_job(session, int(spec.removeprefix("train:")))
@@ -146,8 +148,9 @@ def resolve_model(
     """Map a model name used in the API to a local Hugging Face folder.
 
     `smollm2-135m-instruct` is the bundled model (prepared on first use), `train:<id>` the result
-    of a finished training job (its folder from `trained_model_path`), anything else a path to a
-    local model folder.
+    of a finished training job (its folder from `trained_model_path`, or its URL in the artifact
+    store, downloaded into `$CAI_MODELS_DIR/store` on first use), anything else a path to a local
+    model folder.
     """
     if spec == BUNDLED_MODEL:
         target = bundled_model_dir(settings.models_dir)
@@ -163,6 +166,11 @@ def resolve_model(
             raise ModelNotFound(
                 f"model {spec!r}: its folder comes from the training job (trained_model_path)"
             )
+        if is_url(trained_path):  # in the artifact store: this host's copy, downloaded once
+            try:
+                return fetch_model(trained_path, settings.models_dir)
+            except ArtifactMissing as exc:
+                raise ModelNotFound(f"model {spec!r}: {exc}") from exc
         path = Path(trained_path)
     else:
         path = Path(spec).expanduser()

@@ -600,6 +600,28 @@ def batch_metric_tensor(
     ).float()
 
 
+def batch_metric_sums(
+    losses: Tensor,
+    chosen_rewards: Tensor,
+    rejected_rewards: Tensor,
+    policy_chosen: Tensor,
+    policy_rejected: Tensor,
+) -> Tensor:
+    """`batch_metric_tensor` as sums over the pairs, not means: summed across ranks, then divided
+    by the step's pair count, they are the step's means whatever the split."""
+    return torch.stack(
+        [
+            losses.detach().sum(),
+            chosen_rewards.sum(),
+            rejected_rewards.sum(),
+            (chosen_rewards > rejected_rewards).float().sum(),
+            (chosen_rewards - rejected_rewards).sum(),
+            policy_chosen.detach().sum(),
+            policy_rejected.detach().sum(),
+        ]
+    ).float()
+
+
 def batch_metrics(
     losses: Tensor,
     chosen_rewards: Tensor,

@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -57,6 +57,9 @@ from cai_dpo.workers.training.dpo import (
     pair_logps,
     sequence_logps,
 )
+
+if TYPE_CHECKING:
+    from cai_dpo.workers.training.distributed import Ranks
 
 log = logging.getLogger(__name__)
 
@@ -637,6 +640,9 @@ def _resume(
     if path is None:
         return None
     state = json.loads((path / "state.json").read_text())
+    if state.get("world_size", 1) != 1:  # sharded by a torchrun group (parallel.py)
+        log.warning("%s was written by %d processes; starting over in one", path, state["world_size"])
+        return None
     if any(state[key] != value for key, value in identity.items()):
         raise ValueError(f"{path} belongs to a run with other parameters or data; refusing to resume from it")
     device = next(model.parameters()).device
@@ -738,15 +744,25 @@ def run_training(
     hooks: TrainHooks | None = None,
     checkpoint_steps: int = 50,
     device: str | None = None,
+    ranks: Ranks | None = None,
 ) -> TrainResult:
     """Train with DPO and write `output_dir/model`; resume from `output_dir/checkpoint` if there is one.
 
     `checkpoint_steps` is the worker's default, used when `params.checkpoint_steps` is None. A call
     on an `output_dir` that already holds the finished model returns its record without training.
+    With `ranks` (a process group under torchrun) every rank calls it with the same arguments and
+    the run is shared out among them (parallel.py).
     """
     from transformers import AutoTokenizer
 
     hooks, output_dir = hooks or TrainHooks(), Path(output_dir)
+    if ranks is not None:
+        from cai_dpo.workers.training.parallel import run_parallel
+
+        return run_parallel(
+            params, model_path=model_path, train_pairs=train_pairs, eval_pairs=eval_pairs,
+            output_dir=output_dir, hooks=hooks, checkpoint_steps=checkpoint_steps, ranks=ranks,
+        )  # fmt: skip
     if (output_dir / MODEL_DIR / "training_config.json").exists():
         return _finished_result(output_dir / MODEL_DIR)
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -5,22 +5,29 @@ it while the trainer runs in a thread. The trainer checkpoints every N steps int
 folder, so a job whose worker died resumes from its last checkpoint on the next worker that
 claims it. Idle, the worker also applies the automatic training policies (one job per batch of
 new pairs, whatever the number of processes).
+
+Under torchrun this class runs on rank 0 only: it claims, holds the lease, writes to the database
+and the artifact, and hands each run to the other ranks, which train their share of it
+(distributed.py, parallel.py). Evaluations stay on rank 0, in one process.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import threading
 import time
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 from sqlalchemy import Engine as DBEngine
 from sqlalchemy.exc import SQLAlchemyError
 
 from cai_dpo.core import queue
+from cai_dpo.core.artifact_store import publish_model
 from cai_dpo.core.constitutions import ConstitutionStore
 from cai_dpo.core.db import database_url, get_engine
 from cai_dpo.core.evaluation import EvaluationRequest
@@ -34,8 +41,11 @@ from cai_dpo.core.queries import training as training_queries
 from cai_dpo.core.settings import Settings
 from cai_dpo.core.tables import Evaluation, TrainingJob
 from cai_dpo.core.training_params import TrainParams, TrainPolicyIn
-from cai_dpo.workers.runtime import WorkerRuntime
+from cai_dpo.workers.runtime import DatabaseUnavailable, WorkerRuntime
 from cai_dpo.workers.training.data import PairExample
+
+if TYPE_CHECKING:
+    from cai_dpo.workers.training.distributed import Ranks
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +67,12 @@ class _Run:
 class TrainingWorker(WorkerRuntime):
     role = "train"
 
-    def __init__(self, settings: Settings, db: DBEngine, *, url: str):
+    def __init__(self, settings: Settings, db: DBEngine, *, url: str, ranks: Ranks | None = None):
         super().__init__(settings, db, url=url, kind=queue.TRAINING)
         self.tokens_per_s = 0.0
         self.unsent_metrics: list[tuple[int, int, dict[str, float]]] = []
+        # Under torchrun: this process is rank 0, the group's leader (distributed.py).
+        self.ranks = ranks
 
     # --- the loop ---------------------------------------------------------------------------
 
@@ -96,6 +108,8 @@ class TrainingWorker(WorkerRuntime):
                     await self.evaluate(evaluation)
                 else:
                     await self.wait_for_work()
+        except DatabaseUnavailable as exc:
+            self.give_up(exc)
         finally:
             await self.stop_background(background)
             log.info("training worker %s stopped", self.id)
@@ -105,18 +119,26 @@ class TrainingWorker(WorkerRuntime):
 
         params = TrainParams.model_validate(job.params)
         log.info("training job %d: claimed (attempt %d)", job.id, job.attempts)
+        run = _Run()
+        self.leases.hold(job.id, run)  # renewed while the pairs load and the model is prepared
         try:
             train_ids, eval_ids = await self.snapshot_pairs(job, params)
             train_pairs, eval_pairs = await self.load_pairs(train_ids), await self.load_pairs(eval_ids)
             base = job.base_model or self.settings.model
             trained_path = await self.db_call(trained_model_path, base)
-            model_path = resolve_model(base, self.settings, trained_path=trained_path)
+            # Off the event loop: the bundled model's first preparation, or a trained model fetched
+            # from the artifact store, may take minutes.
+            model_path = await asyncio.to_thread(
+                resolve_model, base, self.settings, trained_path=trained_path
+            )
+        except DatabaseUnavailable:
+            self.leases.drop(job.id, run)
+            raise
         except Exception as exc:  # noqa: BLE001 - reported on the job
+            self.leases.drop(job.id, run)
             log.exception("training job %d cannot start", job.id)
             await self.finish(job, "failed", error=str(exc)[:4000])
             return
-        run = _Run()
-        self.leases.hold(job.id, run)
         loop = asyncio.get_running_loop()
 
         def record_step(step: int, total: int, metrics: dict[str, float]) -> None:
@@ -140,8 +162,8 @@ class TrainingWorker(WorkerRuntime):
             should_stop=lambda: self.stop_requested.is_set() or run.lost.is_set(),
         )
         output_dir = training_output_dir(self.settings.artifacts_dir, job.id, job.created_at)
-        try:
-            result = await asyncio.to_thread(
+        if self.ranks is None:
+            trainer = functools.partial(
                 run_training,
                 params,
                 model_path=model_path,
@@ -151,13 +173,41 @@ class TrainingWorker(WorkerRuntime):
                 hooks=hooks,
                 checkpoint_steps=self.settings.checkpoint_steps,
             )
+        else:  # every rank of the group trains its share (distributed.py)
+            from cai_dpo.workers.training.distributed import TrainCommand, lead
+
+            command = TrainCommand(
+                params=params.model_dump(mode="json"),
+                base_model=base,
+                trained_path=trained_path,
+                train_pairs=train_pairs,
+                eval_pairs=eval_pairs,
+                output_dir=str(output_dir),
+                checkpoint_steps=self.settings.checkpoint_steps,
+            )
+            trainer = functools.partial(lead, self.ranks, command, self.settings, hooks)
+        try:
+            result = await asyncio.to_thread(trainer)
+        except DatabaseUnavailable:  # from a hook: the run's fault it is not
+            raise
         except Exception as exc:  # noqa: BLE001 - reported on the job
             log.exception("training job %d failed", job.id)
             await self.finish(job, "failed", error=f"{type(exc).__name__}: {exc}"[:4000])
+            self.leave_group_after(exc)
             return
         finally:
             self.leases.drop(job.id, run)
-        await self.settle(job, result)
+        await self.settle(job, result, output_dir)
+
+    def leave_group_after(self, exc: Exception) -> None:
+        """A run that failed on some ranks and not in step (anything but a failed start) leaves the
+        group's collectives out of step: stop, exit non-zero, and let torchrun start it afresh."""
+        from cai_dpo.workers.training.distributed import SetupFailed
+
+        if self.ranks is not None and not isinstance(exc, SetupFailed):
+            log.error("the torchrun group is out of step after a failed run; stopping it")
+            self.exit_code = 1
+            self.stop()
 
     def lease_lost(self, train_id: int, run: _Run) -> None:
         log.warning("training job %d: lease lost (cancelled, or taken over); stopping", train_id)
@@ -168,19 +218,42 @@ class TrainingWorker(WorkerRuntime):
             training_queries.finish_training_job, job.id, worker_id=self.id, status=status, **values
         )
 
-    async def settle(self, job: TrainingJob, result: Any) -> None:
+    async def settle(self, job: TrainingJob, result: Any, output_dir: Path | None = None) -> None:
         """Record how the run ended: done, cancelled, handed back (SIGTERM) or taken over."""
         if result.status == "completed":
+            artifact = str(result.model_dir)
+            if self.settings.artifact_store:
+                try:
+                    artifact = await asyncio.to_thread(
+                        publish_model,
+                        result.model_dir,
+                        self.settings.artifact_store,
+                        (output_dir or result.model_dir.parent).name,
+                    )
+                except Exception as exc:  # noqa: BLE001 - the store unreachable: a later attempt retries
+                    log.exception("training job %d: the model could not be stored", job.id)
+                    await self.db_call(
+                        queue.fail,
+                        queue.TRAINING,
+                        worker_id=self.id,
+                        id=job.id,
+                        error=f"artifact store {self.settings.artifact_store}: {type(exc).__name__}: {exc}"[
+                            :4000
+                        ],
+                        retryable=True,
+                        max_attempts=self.settings.max_attempts,
+                    )
+                    return
             await self.finish(
                 job,
                 "succeeded",
                 step=result.step,
                 total_steps=result.total_steps,
-                artifact_path=str(result.model_dir),
+                artifact_path=artifact,
                 eval_before=result.eval_before,
                 eval_after=result.eval_after,
             )
-            log.info("training job %d succeeded: %s", job.id, result.model_dir)
+            log.info("training job %d succeeded: %s", job.id, artifact)
             await self.queue_automatic_evaluation(job)
         elif self.stop_requested.is_set():
             await self.db_call(queue.release, queue.TRAINING, worker_id=self.id, ids=[job.id])
@@ -258,11 +331,12 @@ class TrainingWorker(WorkerRuntime):
         if not examples:
             raise ValueError(f"external: no pairs match {request.external.described()}")
         params = TrainParams.model_validate(job.params)
-        trained = resolve_model(f"train:{job.id}", self.settings, trained_path=job.artifact_path)
-        base_name = job.base_model or self.settings.model
-        base = resolve_model(
-            base_name, self.settings, trained_path=await self.db_call(trained_model_path, base_name)
+        trained = await asyncio.to_thread(
+            resolve_model, f"train:{job.id}", self.settings, trained_path=job.artifact_path
         )
+        base_name = job.base_model or self.settings.model
+        base_path = await self.db_call(trained_model_path, base_name)
+        base = await asyncio.to_thread(resolve_model, base_name, self.settings, trained_path=base_path)
         result = await asyncio.to_thread(
             external_reward_accuracy,
             trained=trained,
@@ -377,21 +451,35 @@ class TrainingWorker(WorkerRuntime):
             )
 
     def status(self) -> dict[str, Any]:
+        ranks = {"stats": {"ranks": self.ranks.world_size}} if self.ranks is not None else {}
         return self.base_status(
-            model=None, in_flight=len(self.leases.held), tokens_per_s=round(self.tokens_per_s, 2)
+            model=None, in_flight=len(self.leases.held), tokens_per_s=round(self.tokens_per_s, 2), **ranks
         )
 
 
-def main(settings: Settings) -> int:
+def main(settings: Settings, ranks: Ranks | None = None) -> int:
+    """Run the worker until stopped; the exit code. Under torchrun this is rank 0 (`ranks`): the
+    followers (`distributed.follow`) are told to stop when it does."""
     url = database_url(settings)
-    worker = TrainingWorker(settings, get_engine(settings, pool_size=2), url=url)
+    worker = TrainingWorker(settings, get_engine(settings, pool_size=2), url=url, ranks=ranks)
 
     async def run() -> None:
         worker.install_signal_handlers()
-        log.info("training worker %s starting", worker.id)
+        log.info(
+            "training worker %s starting%s",
+            worker.id,
+            f" (leader of {ranks.world_size} ranks)" if ranks is not None else "",
+        )
         await worker.run()
 
     started = time.monotonic()
-    asyncio.run(run())
+    try:
+        asyncio.run(run())
+    finally:
+        # Out of step (exit code 1), the followers may wait inside a collective: torchrun stops them.
+        if ranks is not None and worker.exit_code == 0:
+            from cai_dpo.workers.training.distributed import stop_followers
+
+            stop_followers(ranks)
     log.info("training worker ran %.0f s", time.monotonic() - started)
-    return 0
+    return worker.exit_code
