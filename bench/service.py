@@ -65,3 +65,23 @@ def running_service(*, workers: bool = False, env: dict[str, str] | None = None,
         finally:
             proc.terminate()
             proc.wait(timeout=120)
+
+
+def insert_bench_pairs(db_url: str, n: int) -> None:
+    """`n` stored pairs (about 700 bytes each) made in one statement, for the routes that read pairs."""
+    from sqlalchemy import create_engine, text
+
+    from cai_dpo.core.db import sqlalchemy_url
+
+    db = create_engine(sqlalchemy_url(db_url))
+    with db.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO pairs (source, constitution_name, prompt, chosen, rejected, trajectory, flags) "
+                "SELECT 'bench', 'harmless', jsonb_build_array(jsonb_build_object('role', 'user', "
+                "'content', 'prompt ' || i)), repeat('chosen ', 40) || i, repeat('rejected ', 40) || i, "
+                "'{}'::jsonb, '{}'::text[] FROM generate_series(1, :n) AS i"
+            ),
+            {"n": n},
+        )
+    db.dispose()
