@@ -50,6 +50,13 @@ class Settings(BaseSettings):
     # --- HTTP ----------------------------------------------------------------------------------
     host: str = Field("127.0.0.1", description="Bind address of the API.")
     port: int = Field(8000, ge=1, le=65535, description="Port of the API.")
+    http_keep_alive_seconds: int = Field(
+        75,
+        gt=0,
+        description="How long the API keeps an idle HTTP connection open: longer than clients keep "
+        "theirs for reuse (httpx 5 s, load balancers often 60 s), so a reused connection is never one "
+        "the server is closing.",
+    )
     api_keys: str = Field(
         "",
         description="API keys (`Authorization: Bearer KEY`), comma-separated: `SECRET` (every scope) or "
