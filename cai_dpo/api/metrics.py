@@ -59,7 +59,7 @@ class ServiceCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         with session_scope(self.engine()) as session:
             prompts = job_queries.queue_depth(session)
-            pairs = pair_queries.pairs_total(session)
+            pairs = pair_queries.pairs_total(session, prompts_done=prompts["done"])
             training = training_queries.training_job_counts(session)
             workers = worker_queries.live_workers(session, seen_seconds=self.worker_seen_seconds)
 

@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
 from cai_dpo.core.pair_filter import PairFilter, filtered
-from cai_dpo.core.tables import ConstitutionVersion, DatasetImport, GenerationJob, Pair, PairReview, Prompt
+from cai_dpo.core.tables import ConstitutionVersion, DatasetImport, Pair, PairReview
 
 
 def _pairs_with_version() -> Select:
@@ -108,15 +108,13 @@ def pairs_by_ids(session: Session, ids: Sequence[int]) -> list[Pair]:
     return pairs
 
 
-def pairs_total(session: Session) -> dict[str, int]:
+def pairs_total(session: Session, *, prompts_done: int) -> dict[str, int]:
     """Pairs stored and flagged, without counting the whole table: a done prompt has exactly one
-    pair, an import records how many it added, and flagged pairs have an index of their own."""
-    done = session.scalar(select(func.coalesce(func.sum(GenerationJob.n_prompts), 0))) - session.scalar(
-        select(func.count()).where(Prompt.status != "done")
-    )
+    pair (`prompts_done` from `jobs.queue_depth`, which a scrape has counted already), an import
+    records how many it added, and flagged pairs have an index of their own."""
     imported = session.scalar(select(func.coalesce(func.sum(DatasetImport.n_pairs), 0)))
     flagged = session.scalar(select(func.count()).where(Pair.flagged))
-    return {"total": done + imported, "flagged": flagged}
+    return {"total": prompts_done + imported, "flagged": flagged}
 
 
 def insert_imported_pairs(
