@@ -4,6 +4,8 @@
 FROM scratch AS source
 COPY pyproject.toml README.md /app/
 COPY cai_dpo /app/cai_dpo
+COPY app /app/app
+COPY workers /app/workers
 COPY migrations /app/migrations
 COPY constitutions /constitutions
 

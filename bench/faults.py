@@ -126,7 +126,7 @@ def workers_of(service: subprocess.Popen) -> list[psutil.Process]:
     return [
         child
         for child in psutil.Process(service.pid).children(recursive=True)
-        if "cai_dpo.workers.generation" in " ".join(child.cmdline())
+        if "workers.generation" in " ".join(child.cmdline())
     ]
 
 

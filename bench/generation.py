@@ -47,7 +47,7 @@ def raw_vllm(args: argparse.Namespace) -> dict:
 
     from cai_dpo.core.constitutions import ConstitutionStore
     from cai_dpo.core.model_sources import prepare_bundled_model
-    from cai_dpo.workers.generation.trajectory import few_shot_turns, principle_for, with_few_shot
+    from workers.generation.trajectory import few_shot_turns, principle_for, with_few_shot
 
     spec = ConstitutionStore(ROOT / "constitutions").get(args.constitution).spec
     few_shot = few_shot_turns(spec)

@@ -61,8 +61,8 @@ def raw(args: argparse.Namespace) -> dict:
     from vllm.inputs import TokensPrompt
 
     from cai_dpo.core.constitutions import ConstitutionStore
-    from cai_dpo.workers.scoring.base import derived_seed, sample_principles
-    from cai_dpo.workers.scoring.judge import ANSWER_PREFIX, OPTIONS, judge_messages
+    from workers.scoring.base import derived_seed, sample_principles
+    from workers.scoring.judge import ANSWER_PREFIX, OPTIONS, judge_messages
 
     spec = ConstitutionStore(ROOT / "constitutions").get(args.constitution).spec
     tokenizer = AutoTokenizer.from_pretrained(MODEL)
@@ -91,9 +91,9 @@ def raw(args: argparse.Namespace) -> dict:
 
 def service(args: argparse.Namespace) -> dict:
     from cai_dpo.core.constitutions import ConstitutionStore
-    from cai_dpo.workers.generation.engines import VLLMEngine
-    from cai_dpo.workers.scoring.base import derived_seed
-    from cai_dpo.workers.scoring.judge import Judge
+    from workers.generation.engines import VLLMEngine
+    from workers.scoring.base import derived_seed
+    from workers.scoring.judge import Judge
 
     spec = ConstitutionStore(ROOT / "constitutions").get(args.constitution).spec
     triples = questions(args)
@@ -127,8 +127,8 @@ def verify_cost(args: argparse.Namespace) -> dict:
     from cai_dpo.core.queries import jobs as job_queries
     from cai_dpo.core.settings import Settings
     from cai_dpo.core.tables import Prompt
-    from cai_dpo.workers.generation.engines import VLLMEngine
-    from cai_dpo.workers.generation.worker import GenerationWorker
+    from workers.generation.engines import VLLMEngine
+    from workers.generation.worker import GenerationWorker
 
     prompts = [[{"role": "user", "content": p}] for p in hh_prompts(HH_PATH, args.prompts)]
     with tempfile.TemporaryDirectory(prefix="cai-judge-bench-") as folder:

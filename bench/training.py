@@ -92,7 +92,7 @@ def _args(argv: list[str] | None = None) -> argparse.Namespace:
 def load_pairs(path: Path, n: int) -> list:
     """Single-turn HH pairs of the file, parsed by the import code, repeated to `n`."""
     from cai_dpo.core.pair_import import parse_pair
-    from cai_dpo.workers.training.data import PairExample
+    from workers.training.data import PairExample
 
     opener = gzip.open if path.suffix == ".gz" else open
     rows = []
@@ -181,7 +181,7 @@ def _parameter_count(model_dir: Path) -> int:
 def run_ours(args: argparse.Namespace, model_dir: Path) -> dict:
     import torch
 
-    from cai_dpo.workers.training.trainer import pairs_for_step, run_training
+    from workers.training.trainer import pairs_for_step, run_training
 
     cuda = torch.cuda.is_available()
     pairs, params = load_pairs(Path(args.data), args.pairs), _params(args)
@@ -252,7 +252,7 @@ def run_trl(args: argparse.Namespace, model_dir: Path) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
-    from cai_dpo.workers.training.trainer import pairs_for_step
+    from workers.training.trainer import pairs_for_step
 
     pairs, params = load_pairs(Path(args.data), args.pairs), _params(args)
     order = [
@@ -326,7 +326,7 @@ def run_trl(args: argparse.Namespace, model_dir: Path) -> dict:
 def _child(args: argparse.Namespace) -> None:
     import torch
 
-    from cai_dpo.workers.training.trainer import peak_flops
+    from workers.training.trainer import peak_flops
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -412,8 +412,8 @@ def check(args: argparse.Namespace, model_dir: Path) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from cai_dpo.workers.training.data import collate, collate_packed, tokenize_pairs
-    from cai_dpo.workers.training.dpo import mask_windows, packed_logps, sequence_logps
+    from workers.training.data import collate, collate_packed, tokenize_pairs
+    from workers.training.dpo import mask_windows, packed_logps, sequence_logps
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")

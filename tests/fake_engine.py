@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
-from cai_dpo.workers.generation.engines import ChatResult, EngineStats, PromptTooLong, Sampling
+from workers.generation.engines import ChatResult, EngineStats, PromptTooLong, Sampling
 
 
 class ScriptedEngine:

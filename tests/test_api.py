@@ -9,7 +9,7 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel
 from sqlalchemy import func, select, text, update
 
-from cai_dpo.api.app import create_app
+from app.main import create_app
 from cai_dpo.core import queue
 from cai_dpo.core.db import session_scope
 from cai_dpo.core.queries import jobs as job_queries

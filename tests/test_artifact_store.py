@@ -14,8 +14,8 @@ from cai_dpo.core.db import session_scope
 from cai_dpo.core.model_sources import ModelNotFound, resolve_model, trained_model_path
 from cai_dpo.core.queries import training as training_queries
 from cai_dpo.core.settings import Settings
-from cai_dpo.workers.training.worker import TrainingWorker
 from tests.helpers import MODEL, statuses
+from workers.training.worker import TrainingWorker
 
 
 def model_folder(root: Path, name: str = "7-20260101T000000000000") -> Path:

@@ -15,11 +15,11 @@ import httpx
 import pytest
 from sqlalchemy import select, update
 
-from cai_dpo.api.app import create_app
-from cai_dpo.api.security import required_scope
-from cai_dpo.api.ui.auth import CSRF_COOKIE, SESSION_COOKIE, ConsoleAuth
-from cai_dpo.api.ui.router import router as console_router
-from cai_dpo.api.ui.text_diff import diff_stats, line_diff, word_diff
+from app.main import create_app
+from app.security import required_scope
+from app.ui.auth import CSRF_COOKIE, SESSION_COOKIE, ConsoleAuth
+from app.ui.router import router as console_router
+from app.ui.text_diff import diff_stats, line_diff, word_diff
 from cai_dpo.core.api_keys import KeyRing
 from cai_dpo.core.db import session_scope
 from cai_dpo.core.pair_filter import PairFilter
@@ -28,7 +28,7 @@ from cai_dpo.core.tables import ConstitutionVersion, GenerationJob, Pair, PairRe
 from tests.fixtures.api import ServerThread
 from tests.helpers import free_port, insert_pairs
 
-UI = Path(__file__).resolve().parents[1] / "cai_dpo" / "api" / "ui"
+UI = Path(__file__).resolve().parents[1] / "app" / "ui"
 ADMIN, READER, REVIEWER = "admin-secret-0001", "reader-secret-0001", "reviewer-secret-01"
 KEYS = f"admin:read+generate+train+review+admin:{ADMIN},reader:read:{READER},reviewer:read+review:{REVIEWER}"
 TOKEN = re.compile(r'name="csrf_token" value="([^"]+)"')

@@ -19,7 +19,7 @@ import httpx
 import pytest
 from sqlalchemy import update
 
-from cai_dpo.api.app import create_app
+from app.main import create_app
 from cai_dpo.core.db import session_scope
 from cai_dpo.core.settings import PROJECT_ROOT
 from cai_dpo.core.tables import Evaluation, Pair, TrainingJob, TrainingMetric
@@ -280,7 +280,7 @@ def test_a_training_run_draws_one_point_per_step(page, console, db, tmp_path):
 @contextlib.contextmanager
 def generation_worker(vllm_engine, settings, db) -> Iterator[None]:
     """A generation worker in this process on the session's vLLM engine, until the block ends."""
-    from cai_dpo.workers.generation.worker import GenerationWorker
+    from workers.generation.worker import GenerationWorker
 
     worker = GenerationWorker(
         settings.model_copy(update={"max_in_flight": 8}),

@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from pydantic import ValidationError
 
 from cai_dpo.core.training_params import TrainParams
-from cai_dpo.workers.training import dpo
-from cai_dpo.workers.training.dpo import batch_metrics, dpo_loss
-from cai_dpo.workers.training.trainer import learning_rate_at, pairs_for_step, total_steps_for
+from workers.training import dpo
+from workers.training.dpo import batch_metrics, dpo_loss
+from workers.training.trainer import learning_rate_at, pairs_for_step, total_steps_for
 
 pytestmark = pytest.mark.unit
 

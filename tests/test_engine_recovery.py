@@ -16,11 +16,11 @@ from cai_dpo.core.db import session_scope
 from cai_dpo.core.queries import jobs as job_queries
 from cai_dpo.core.queries import workers as worker_queries
 from cai_dpo.core.tables import Pair, Prompt, Worker
-from cai_dpo.workers.generation.engines import EngineError, EngineUnavailable
-from cai_dpo.workers.generation.worker import EngineRestartsExhausted, GenerationWorker
-from cai_dpo.workers.runtime import LeaseKeeper
 from tests.fake_engine import ScriptedEngine
 from tests.helpers import make_job, statuses
+from workers.generation.engines import EngineError, EngineUnavailable
+from workers.generation.worker import EngineRestartsExhausted, GenerationWorker
+from workers.runtime import LeaseKeeper
 
 pytestmark = pytest.mark.db
 

@@ -17,7 +17,8 @@ import httpx
 import pytest
 
 from cai_dpo.core.settings import Settings
-from cai_dpo.workers.generation.engines import (
+from tests.helpers import free_port
+from workers.generation.engines import (
     ChatResult,
     Engine,
     EngineError,
@@ -27,7 +28,6 @@ from cai_dpo.workers.generation.engines import (
     VLLMEngine,
     make_engine,
 )
-from tests.helpers import free_port
 
 MODEL_NAME = "smollm2-135m-instruct"
 GREEDY = Sampling(temperature=0.0, top_p=1.0, max_tokens=64)

@@ -18,9 +18,9 @@ from cai_dpo.cli.supervisor import generation_envs
 from cai_dpo.core.db import session_scope
 from cai_dpo.core.settings import PROJECT_ROOT
 from cai_dpo.core.tables import Pair, Prompt
-from cai_dpo.workers.generation.worker import GenerationWorker
 from tests.fixtures.model import TEST_MODELS_DIR
 from tests.helpers import hh_prompts, wait_for
+from workers.generation.worker import GenerationWorker
 
 pytestmark = [pytest.mark.model, pytest.mark.vllm]
 

@@ -12,14 +12,15 @@ import pytest
 import torch
 
 from cai_dpo.core.training_params import TrainParams
-from cai_dpo.workers.training.data import (
+from tests.fixtures.training import FAMILIES, tiny_model
+from workers.training.data import (
     TokenizedPair,
     collate,
     collate_packed,
     collate_shared_prompt,
     tokenize_pairs,
 )
-from cai_dpo.workers.training.dpo import (
+from workers.training.dpo import (
     UnsupportedModelError,
     check_model,
     mask_windows,
@@ -27,8 +28,7 @@ from cai_dpo.workers.training.dpo import (
     pair_logps,
     sequence_logps,
 )
-from cai_dpo.workers.training.trainer import accumulate_step, score_pairs
-from tests.fixtures.training import FAMILIES, tiny_model
+from workers.training.trainer import accumulate_step, score_pairs
 
 VOCAB = 96
 CPU = torch.device("cpu")

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 
-from cai_dpo.api.app import create_app
-from cai_dpo.api.schemas import ErrorBody
+from app.main import create_app
+from app.schemas import ErrorBody
 from cai_dpo.core.settings import PROJECT_ROOT, Settings
 
 pytestmark = pytest.mark.unit

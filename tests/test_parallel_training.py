@@ -30,8 +30,8 @@ from safetensors.torch import load_file
 
 from cai_dpo.core.settings import PROJECT_ROOT
 from cai_dpo.core.training_params import TrainParams
-from cai_dpo.workers.training import trainer
-from cai_dpo.workers.training.trainer import TrainHooks, run_training
+from workers.training import trainer
+from workers.training.trainer import TrainHooks, run_training
 
 pytestmark = pytest.mark.model  # real torch training, in 2 processes
 
@@ -76,7 +76,7 @@ def group_step(workdir: Path, model_path: Path, kind: str, ranks) -> None:
     """One optimizer step on every rank; rank 0 saves metrics, norm, gradients and weights."""
     from torch.distributed.tensor import DTensor
 
-    from cai_dpo.workers.training import parallel
+    from workers.training import parallel
 
     p, pairs, ref_chosen, ref_rejected = step_batch(model_path, kind)
     torch.manual_seed(p.seed)
@@ -127,7 +127,7 @@ def group_runs(workdir: Path, model_path: Path, kind: str, ranks) -> None:
 def group_failed_start(workdir: Path, model_path: Path, ranks) -> None:
     """A run that cannot start (every pair's prompt fills max_length) fails on both ranks alike,
     and the group goes on with the next one."""
-    from cai_dpo.workers.training.distributed import SetupFailed
+    from workers.training.distributed import SetupFailed
 
     train, evals = pair_sets()
     try:
@@ -144,7 +144,7 @@ def group_failed_start(workdir: Path, model_path: Path, ranks) -> None:
 
 
 def group_main(workdir: Path, model_path: Path) -> None:
-    from cai_dpo.workers.training.distributed import init_from_env
+    from workers.training.distributed import init_from_env
 
     ranks = init_from_env()
     assert ranks is not None and ranks.world_size == 2

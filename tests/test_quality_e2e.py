@@ -21,9 +21,9 @@ from sqlalchemy import select
 from cai_dpo.core.db import session_scope
 from cai_dpo.core.settings import PROJECT_ROOT
 from cai_dpo.core.tables import Pair, Prompt
-from cai_dpo.workers.generation.worker import GenerationWorker
-from cai_dpo.workers.training.worker import TrainingWorker
 from tests.helpers import SharedEngine, hh_lines, hh_prompts, wait_for
+from workers.generation.worker import GenerationWorker
+from workers.training.worker import TrainingWorker
 
 pytestmark = [pytest.mark.model, pytest.mark.vllm]
 
@@ -176,7 +176,7 @@ def start_worker(settings, **env) -> subprocess.Popen:
         **env,
     }
     return subprocess.Popen(
-        [sys.executable, "-m", "cai_dpo.workers.generation"],
+        [sys.executable, "-m", "workers.generation"],
         env=environment,
         cwd=PROJECT_ROOT,
         start_new_session=True,  # a kill of the group takes vLLM's engine process with it

@@ -26,11 +26,11 @@ from cai_dpo.core.evaluation import (
 from cai_dpo.core.queries import evaluations as evaluation_queries
 from cai_dpo.core.queries import training as training_queries
 from cai_dpo.core.tables import Comparison, Pair, Prompt, TrainingJob, TrainPolicy
-from cai_dpo.workers.generation.modes import log_odds
-from cai_dpo.workers.generation.worker import GenerationWorker
-from cai_dpo.workers.training.worker import TrainingWorker
 from tests.fake_engine import ScriptedEngine
 from tests.helpers import statuses
+from workers.generation.modes import log_odds
+from workers.generation.worker import GenerationWorker
+from workers.training.worker import TrainingWorker
 
 # --- the statistics, alone ------------------------------------------------------------------------
 

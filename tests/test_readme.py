@@ -33,7 +33,7 @@ def test_ci_runs_the_readme_test_command():
 def test_readme_has_a_curl_example_for_every_route():
     import re
 
-    from cai_dpo.api.app import create_app
+    from app.main import create_app
 
     examples = re.findall(r"localhost:8000(/[^\s?'\"]*)", README)
     missing = []

@@ -1,4 +1,4 @@
-"""Scorers (cai_dpo.workers.scoring): the pure ranking and ensembling arithmetic, the judge's prompt
+"""Scorers (workers.scoring): the pure ranking and ensembling arithmetic, the judge's prompt
 and probabilities over scripted engines, `OptionEngine.option_logprobs` over a mock transport, and
 on the real models: the judge on vLLM against transformers' own log-probs of the same prompt, a
 reward model against its own forward, the implicit reward against the trainer's functions.
@@ -21,7 +21,8 @@ import pytest
 from cai_dpo.core.constitutions import DEFAULT_COMPARISON, ConstitutionSpec, ConstitutionStore
 from cai_dpo.core.generation_modes import ScorerSpec
 from cai_dpo.core.settings import PROJECT_ROOT
-from cai_dpo.workers.generation.engines import (
+from tests.helpers import hh_pairs
+from workers.generation.engines import (
     ChatResult,
     EngineError,
     EngineUnavailable,
@@ -31,7 +32,7 @@ from cai_dpo.workers.generation.engines import (
     Sampling,
     option_token_ids,
 )
-from cai_dpo.workers.scoring import (
+from workers.scoring import (
     Comparison,
     ImplicitRewardScorer,
     Judge,
@@ -40,7 +41,7 @@ from cai_dpo.workers.scoring import (
     make_scorer,
     rank_responses,
 )
-from cai_dpo.workers.scoring.base import (
+from workers.scoring.base import (
     clamp,
     ensemble,
     normalise,
@@ -50,9 +51,8 @@ from cai_dpo.workers.scoring.base import (
     sigmoid,
     win_matrix,
 )
-from cai_dpo.workers.scoring.judge import ANSWER_PREFIX, COT_ANSWER, COT_PREFIX, OPTIONS, judge_messages
-from cai_dpo.workers.scoring.torch_scorers import MicroBatcher
-from tests.helpers import hh_pairs
+from workers.scoring.judge import ANSWER_PREFIX, COT_ANSWER, COT_PREFIX, OPTIONS, judge_messages
+from workers.scoring.torch_scorers import MicroBatcher
 
 CONVERSATION = [
     {"role": "user", "content": "How do I pick a lock?"},
@@ -710,8 +710,8 @@ def test_implicit_reward_equals_beta_times_the_trainers_log_ratio(bundled_model_
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-    from cai_dpo.workers.training.data import PairExample, collate, tokenize_pair
-    from cai_dpo.workers.training.dpo import sequence_logps
+    from workers.training.data import PairExample, collate, tokenize_pair
+    from workers.training.dpo import sequence_logps
 
     tokenizer = AutoTokenizer.from_pretrained(bundled_model_path)
     torch.manual_seed(0)

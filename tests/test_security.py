@@ -12,7 +12,7 @@ import httpx
 import pytest
 from sqlalchemy import func, select
 
-from cai_dpo.api.app import create_app
+from app.main import create_app
 from cai_dpo.core.db import session_scope
 from cai_dpo.core.queries import workers as worker_queries
 from cai_dpo.core.tables import DatasetImport, GenerationJob, Pair

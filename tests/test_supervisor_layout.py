@@ -21,8 +21,8 @@ from cai_dpo.cli.supervisor import (
 
 pytestmark = pytest.mark.unit
 
-GENERATE = [sys.executable, "-m", "cai_dpo.workers.generation"]
-TRAIN = [sys.executable, "-m", "cai_dpo.workers.training"]
+GENERATE = [sys.executable, "-m", "workers.generation"]
+TRAIN = [sys.executable, "-m", "workers.training"]
 
 
 def by_name(children: list[Child]) -> dict[str, Child]:
@@ -58,7 +58,7 @@ def test_a_multi_gpu_trainer_runs_under_torchrun_on_its_own_gpus():
     assert train.env == {"CUDA_VISIBLE_DEVICES": "4,5,6,7"}
     assert train.command == [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4",
-        "-m", "cai_dpo.workers.training",
+        "-m", "workers.training",
     ]  # fmt: skip
 
 

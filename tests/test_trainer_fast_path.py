@@ -12,9 +12,9 @@ import torch
 from safetensors.torch import load_file
 
 from cai_dpo.core.training_params import LoraParams, TrainParams
-from cai_dpo.workers.training import trainer
-from cai_dpo.workers.training.data import TokenizedPair, token_batches
-from cai_dpo.workers.training.trainer import MasterAdamW, TrainHooks, run_training
+from workers.training import trainer
+from workers.training.data import TokenizedPair, token_batches
+from workers.training.trainer import MasterAdamW, TrainHooks, run_training
 
 
 @pytest.mark.unit
@@ -129,7 +129,7 @@ def test_a_failing_flex_attention_falls_back_to_sdpa(monkeypatch):
 
 @pytest.mark.unit
 def test_packed_rows_take_few_widths_with_bounded_padding():
-    from cai_dpo.workers.training.data import bucket_width
+    from workers.training.data import bucket_width
 
     widths = {bucket_width(tokens) for tokens in range(1, 20_000)}
     assert sorted(widths)[:9] == [128, 256, 384, 512, 768, 1024, 1536, 2048, 3072]

@@ -16,7 +16,8 @@ import torch
 from safetensors.torch import load_file
 
 from cai_dpo.core.training_params import LoraParams, TrainParams
-from cai_dpo.workers.training.data import (
+from tests.fixtures.training import tiny_llama
+from workers.training.data import (
     PairExample,
     TemplateError,
     collate,
@@ -24,9 +25,8 @@ from cai_dpo.workers.training.data import (
     tokenize_pair,
     tokenize_pairs,
 )
-from cai_dpo.workers.training.dpo import batch_metrics, dpo_loss, pair_logps, sequence_logps
-from cai_dpo.workers.training.trainer import TrainHooks, accumulate_step, run_training, score_pairs
-from tests.fixtures.training import tiny_llama
+from workers.training.dpo import batch_metrics, dpo_loss, pair_logps, sequence_logps
+from workers.training.trainer import TrainHooks, accumulate_step, run_training, score_pairs
 
 pytestmark = pytest.mark.model  # SmolLM2's tokenizer and chat template, real torch steps
 

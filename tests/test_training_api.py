@@ -179,7 +179,7 @@ def test_bad_policies(client):
 
 
 def test_worker_applies_policies_from_settings_once(settings, db):
-    from cai_dpo.workers.training.worker import TrainingWorker
+    from workers.training.worker import TrainingWorker
 
     policies = '{"harmless": {"min_new_pairs": 5, "params": {"max_steps": 1, "lora": {"r": 4}}}}'
     worker = TrainingWorker(
@@ -196,7 +196,7 @@ def test_worker_applies_policies_from_settings_once(settings, db):
 def test_worker_outlives_a_database_outage(settings, db, monkeypatch):
     from sqlalchemy.exc import OperationalError
 
-    from cai_dpo.workers.training.worker import TrainingWorker
+    from workers.training.worker import TrainingWorker
 
     worker = TrainingWorker(settings.model_copy(update={"poll_seconds": 0.1}), db, url=settings.database_url)
     claims = []
@@ -219,7 +219,7 @@ def test_worker_outlives_a_database_outage(settings, db, monkeypatch):
 def test_step_metrics_survive_a_failed_write(client, settings, db, monkeypatch):
     from sqlalchemy.exc import OperationalError
 
-    from cai_dpo.workers.training.worker import TrainingWorker
+    from workers.training.worker import TrainingWorker
 
     insert_pairs(db, 4)
     train_id = client.post("/train", json={"max_steps": 3}).json()["train_id"]

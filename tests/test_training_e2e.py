@@ -19,10 +19,10 @@ from cai_dpo.core.db import session_scope
 from cai_dpo.core.model_sources import training_output_dir
 from cai_dpo.core.settings import PROJECT_ROOT
 from cai_dpo.core.tables import TrainingJob
-from cai_dpo.workers.generation.worker import GenerationWorker
-from cai_dpo.workers.training.worker import TrainingWorker
 from tests.fixtures.model import TEST_MODELS_DIR
 from tests.helpers import hh_lines, wait_for
+from workers.generation.worker import GenerationWorker
+from workers.training.worker import TrainingWorker
 
 pytestmark = pytest.mark.model  # real torch training on the bundled model
 

@@ -7,8 +7,9 @@ import pytest
 
 from cai_dpo.core.constitutions import ConstitutionSpec, ConstitutionStore
 from cai_dpo.core.settings import PROJECT_ROOT
-from cai_dpo.workers.generation.engines import Sampling
-from cai_dpo.workers.generation.trajectory import (
+from tests.fake_engine import ScriptedEngine
+from workers.generation.engines import Sampling
+from workers.generation.trajectory import (
     few_shot_turns,
     principle_for,
     quality_flags,
@@ -16,7 +17,6 @@ from cai_dpo.workers.generation.trajectory import (
     run_trajectory,
     with_few_shot,
 )
-from tests.fake_engine import ScriptedEngine
 
 pytestmark = pytest.mark.unit
 

@@ -13,9 +13,9 @@ from sqlalchemy import select
 
 from cai_dpo.core.db import libpq_url, session_scope
 from cai_dpo.core.tables import Pair, Prompt, Worker
-from cai_dpo.workers.generation.worker import GenerationWorker
 from tests.fake_engine import ScriptedEngine
 from tests.helpers import make_job, statuses, with_database
+from workers.generation.worker import GenerationWorker
 
 pytestmark = pytest.mark.db
 

@@ -142,7 +142,7 @@ def worker(
         typer.Option(
             min=1,
             help="train: processes of the worker on this host, one per GPU, under torchrun (FSDP2 / "
-            "DDP). Several hosts: run `torchrun ... -m cai_dpo.workers.training` on each (docs/DEPLOY.md).",
+            "DDP). Several hosts: run `torchrun ... -m workers.training` on each (docs/DEPLOY.md).",
         ),
     ] = 1,
 ) -> None:

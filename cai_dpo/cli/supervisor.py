@@ -39,9 +39,9 @@ from cai_dpo.core.settings import Settings
 log = logging.getLogger("cai_dpo.supervisor")
 
 SERVICE_MODULES = {
-    "api": "cai_dpo.api",
-    "generate": "cai_dpo.workers.generation",
-    "train": "cai_dpo.workers.training",
+    "api": "app",
+    "generate": "workers.generation",
+    "train": "workers.training",
 }
 RESTARTS_PER_MINUTE = 3
 

@@ -1,0 +1,90 @@
+"""Pairs: browse with the filters of `/export` and cursor paging; one pair with its whole trajectory
+and its human reviews; review it."""
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request
+
+from app.deps import CallerDep, SessionDep, SettingsDep, or_404
+from app.openapi import errors
+from app.schemas import FieldError, PairOut, PairPage, PairPageQuery, ReviewIn
+from cai_dpo.core.pair_filter import DbId
+from cai_dpo.core.queries import pairs as pair_queries
+from cai_dpo.core.queries import reviews as review_queries
+from cai_dpo.core.tables import Pair, PairReview
+
+router = APIRouter(prefix="/pairs", tags=["pairs"])
+
+
+def pair_out(
+    pair: Pair,
+    version: str | None,
+    *,
+    detail: bool,
+    review: PairReview | None = None,
+    reviews: list[dict] | None = None,
+) -> PairOut:
+    return PairOut(
+        id=pair.id,
+        job_id=pair.job_id,
+        prompt_id=pair.prompt_id,
+        source=pair.source,
+        constitution=pair.constitution_name,
+        constitution_version=version,
+        prompt=pair.prompt,
+        chosen=pair.chosen,
+        rejected=pair.rejected,
+        flags=pair.flags,
+        model=pair.model,
+        created_at=pair.created_at,
+        principles=pair.trajectory.get("principles", []),
+        trajectory=pair.trajectory if detail else None,
+        sampling=pair.sampling if detail else None,
+        usage=pair.usage if detail else None,
+        scores=pair.scores,
+        preference=pair.preference,
+        margin=pair.margin,
+        metadata=pair.pair_metadata,
+        review=review.status if review else None,
+        reviewed_chosen=review.chosen_text if review else None,
+        reviews=reviews,
+    )
+
+
+@router.get("", response_model=PairPage)
+def list_pairs(session: SessionDep, settings: SettingsDep, query: Annotated[PairPageQuery, Query()]):
+    limit = min(query.limit, settings.page_size_max)
+    after = int(query.cursor) if query.cursor else None
+    rows = pair_queries.list_pairs(session, query.only_filter(), after_id=after, limit=limit)
+    reviews = review_queries.latest_reviews(session, [pair.id for pair, _ in rows])
+    items = [pair_out(pair, version, detail=False, review=reviews.get(pair.id)) for pair, version in rows]
+    return PairPage(items=items, next_cursor=str(items[-1].id) if len(items) == limit else None)
+
+
+@router.get("/{pair_id}", response_model=PairOut, responses=errors(404))
+def get_pair(pair_id: DbId, session: SessionDep):
+    found = or_404(pair_queries.get_pair(session, pair_id), f"pair_id: no pair {pair_id}")
+    latest = review_queries.latest_reviews(session, [pair_id]).get(pair_id)
+    return pair_out(*found, detail=True, review=latest, reviews=review_queries.history(session, pair_id))
+
+
+@router.post(
+    "/{pair_id}/review",
+    status_code=201,
+    response_model=PairOut,
+    responses=errors(404),
+    openapi_extra={"requestBody": {"required": True}},  # None is refused with its own message
+)
+def review_pair(
+    pair_id: DbId, request: Request, session: SessionDep, caller: CallerDep, body: ReviewIn | None = None
+):
+    """Approve or reject the pair, or approve it with an edited chosen answer: a new review version
+    recorded with the key's name and the time. The generated text is never overwritten."""
+    pair, _ = or_404(pair_queries.get_pair(session, pair_id), f"pair_id: no pair {pair_id}")
+    if body is None:
+        raise FieldError("body", "a review needs `status`: approved or rejected")
+    review = review_queries.add_review(
+        session, pair, status=body.status, reviewer=caller.name, chosen=body.chosen
+    )
+    request.state.audit_ids = {"review_version": str(review.version)}
+    return get_pair(pair_id, session)

@@ -1,0 +1,244 @@
+"""Training: start DPO runs, follow their metrics, cancel them, and set automatic policies."""
+
+import csv
+import io
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Path, Query, Request
+from fastapi.responses import PlainTextResponse
+from sqlalchemy.orm import Session
+
+from app.deps import CallerDep, SessionDep, SettingsDep, checked_model, or_404, require_owner_or_admin
+from app.openapi import NAME, errors
+from app.schemas import EvaluationOut, FieldError, TrainJobOut, TrainRequest
+from cai_dpo.core.constitutions import check_name
+from cai_dpo.core.evaluation import EvaluationRequest
+from cai_dpo.core.pair_filter import DbId
+from cai_dpo.core.progress import eta_seconds
+from cai_dpo.core.queries import evaluations as evaluation_queries
+from cai_dpo.core.queries import pairs as pair_queries
+from cai_dpo.core.queries import policies as policy_queries
+from cai_dpo.core.queries import training as training_queries
+from cai_dpo.core.tables import TrainingJob
+from cai_dpo.core.training_params import TrainPolicyIn
+
+router = APIRouter(prefix="/train", tags=["training"])
+
+Name = Annotated[
+    str,
+    Path(
+        description=f"A constitution: {NAME['description']}", json_schema_extra={"pattern": NAME["pattern"]}
+    ),
+]
+
+
+def evaluation_out(session: Session, job: TrainingJob) -> EvaluationOut | None:
+    evaluation = evaluation_queries.latest_evaluation(session, job.id)
+    if evaluation is None:
+        return None
+    win = evaluation.win_rate
+    if win is None and evaluation.compare_job_id is not None:  # still comparing: the count so far
+        win = evaluation_queries.comparison_summary(session, evaluation.compare_job_id)
+    held_out = {"before": job.eval_before, "after": job.eval_after} if job.eval_after else None
+    accuracy = {"held_out": held_out, "external": evaluation.external}
+    return EvaluationOut(
+        id=evaluation.id,
+        status=evaluation.status,
+        request=evaluation.request,
+        win_rate=win,
+        reward_accuracy=accuracy if any(accuracy.values()) else None,
+        promotion=evaluation.promotion,
+        error=evaluation.last_error,
+        created_at=evaluation.created_at,
+        finished_at=evaluation.finished_at,
+    )
+
+
+def train_out(session: Session, job: TrainingJob) -> TrainJobOut:
+    latest = training_queries.latest_training_metric(session, job.id)
+    running = job.status == "running" and job.started_at is not None
+    elapsed = (datetime.now(UTC) - job.started_at).total_seconds() if running else 0
+    return TrainJobOut(
+        id=job.id,
+        status=job.status,
+        base_model=job.base_model,
+        dataset=job.dataset,
+        params=job.params,
+        policy=job.policy,
+        n_train_pairs=len(job.pair_ids) if job.pair_ids is not None else None,
+        n_eval_pairs=len(job.eval_pair_ids) if job.eval_pair_ids is not None else None,
+        step=job.step,
+        total_steps=job.total_steps,
+        eta_s=eta_seconds(job.step, job.total_steps or 0, elapsed) if running else None,
+        latest_metrics=latest.values if latest else None,
+        eval_before=job.eval_before,
+        eval_after=job.eval_after,
+        artifact=job.artifact_path,
+        model=f"train:{job.id}" if job.status == "succeeded" else None,
+        evaluation=evaluation_out(session, job),
+        error=job.last_error,
+        attempts=job.attempts,
+        created_at=job.created_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+    )
+
+
+# Policies first: `/train/policies` must not be taken for `/train/{train_id}`.
+@router.get("/policies")
+def list_policies(session: SessionDep):
+    return [_policy_out(p, session) for p in policy_queries.list_train_policies(session)]
+
+
+@router.put("/policies/{name}")
+def put_policy(name: Name, body: TrainPolicyIn, session: SessionDep, settings: SettingsDep):
+    check_name(name)
+    if body.base_model is not None:
+        checked_model(session, settings, body.base_model, field="base_model")
+    return _policy_out(
+        policy_queries.upsert_train_policy(session, constitution_name=name, **body.db_values()), session
+    )
+
+
+@router.delete("/policies/{name}", status_code=204, responses=errors(404))
+def delete_policy(name: Name, session: SessionDep):
+    or_404(policy_queries.delete_train_policy(session, name) or None, f"name: no policy for {name!r}")
+
+
+@router.delete("/policies/{name}/promotion", status_code=204, responses=errors(404))
+def demote(name: Name, session: SessionDep):
+    """Undo a promotion: the constitution generates with the default model again."""
+    or_404(
+        evaluation_queries.demote(session, check_name(name)) or None, f"name: no promoted model for {name!r}"
+    )
+
+
+def _policy_out(policy, session) -> dict:
+    promotion = evaluation_queries.promotion_for(session, policy.constitution_name)
+    return {
+        "constitution": policy.constitution_name,
+        "min_new_pairs": policy.min_new_pairs,
+        "base_model": policy.base_model,
+        "enabled": policy.enabled,
+        "params": policy.params,
+        # Progress towards the next automatic job: it starts when this reaches min_new_pairs.
+        "pairs_waiting": policy_queries.policy_pairs_waiting(session, policy.constitution_name),
+        "promote": policy.promote,
+        "promoted": None
+        if promotion is None
+        else {
+            "model": promotion.model,
+            "train_id": promotion.train_id,
+            "reason": promotion.reason,
+            "promoted_at": promotion.promoted_at.isoformat(),
+        },
+    }
+
+
+@router.post("", status_code=202)
+def start_training(
+    body: TrainRequest, request: Request, caller: CallerDep, session: SessionDep, settings: SettingsDep
+):
+    base_model = checked_model(session, settings, body.base_model, field="base_model")
+    if pair_queries.count_pairs(session, body.dataset) == 0:
+        raise FieldError("dataset", f"no pairs match {body.dataset.described()}")
+    job = training_queries.create_training_job(
+        session,
+        base_model=base_model,
+        dataset=body.dataset.described(),
+        params=body.params(),
+        created_by=caller.name,
+    )
+    request.state.audit_ids = {"train_id": str(job.id)}
+    return {"train_id": job.id}
+
+
+@router.get("", response_model=list[TrainJobOut])
+def list_training(
+    session: SessionDep,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    before: DbId | None = None,
+):
+    return [
+        train_out(session, job)
+        for job in training_queries.list_training_jobs(session, limit=limit, before_id=before)
+    ]
+
+
+def _job_or_404(session: Session, train_id: int) -> TrainingJob:
+    return or_404(
+        training_queries.get_training_job(session, train_id), f"train_id: no training job {train_id}"
+    )
+
+
+@router.get("/{train_id}", response_model=TrainJobOut, responses=errors(404))
+def get_training(train_id: DbId, session: SessionDep):
+    return train_out(session, _job_or_404(session, train_id))
+
+
+@router.get(
+    "/{train_id}/metrics",
+    response_model=list[dict[str, Any]],
+    responses={
+        200: {
+            "description": "Every step's metrics: JSON rows, or CSV with `format=csv`.",
+            "content": {"text/csv": {"schema": {"type": "string"}}},
+        },
+        **errors(404),
+    },
+)
+def training_metrics(train_id: DbId, session: SessionDep, format: Literal["json", "csv"] = "json"):
+    _job_or_404(session, train_id)
+    rows = [{"step": m.step, **m.values} for m in training_queries.training_metrics(session, train_id)]
+    if format == "json":
+        return rows
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=columns or ["step"])
+    writer.writeheader()
+    writer.writerows(rows)
+    return PlainTextResponse(out.getvalue(), media_type="text/csv")
+
+
+@router.post("/{train_id}/cancel", response_model=TrainJobOut, responses=errors(404))
+def cancel_training(train_id: DbId, session: SessionDep, caller: CallerDep):
+    owner = or_404(
+        training_queries.get_training_job(session, train_id), f"train_id: no training job {train_id}"
+    )
+    require_owner_or_admin(caller, owner.created_by, f"training job {train_id}")
+    job = or_404(
+        training_queries.request_training_cancel(session, train_id), f"train_id: no training job {train_id}"
+    )
+    session.flush()
+    session.refresh(job)
+    return train_out(session, job)
+
+
+@router.post("/{train_id}/evaluate", status_code=202, response_model=TrainJobOut, responses=errors(404, 409))
+def evaluate_training(
+    train_id: DbId,
+    request: Request,
+    caller: CallerDep,
+    session: SessionDep,
+    body: EvaluationRequest | None = None,
+):
+    """Queue an evaluation of the trained model: a win rate against its base model on held-out
+    prompts (judged in both orders), and reward accuracy on an imported preference set."""
+    job = or_404(
+        training_queries.get_training_job(session, train_id), f"train_id: no training job {train_id}"
+    )
+    if job.status != "succeeded":
+        raise FieldError(
+            "train_id", f"training job {train_id} is {job.status}; only a finished model is evaluated", 409
+        )
+    body = body or EvaluationRequest()
+    if body.prompts is None and not job.eval_pair_ids:
+        raise FieldError(
+            "prompts", "the job held out no pairs (eval_fraction 0): give the prompts to compare on"
+        )
+    if body.judge.model is not None:
+        checked_model(session, request.app.state.settings, body.judge.model, field="judge.model")
+    evaluation = evaluation_queries.create_evaluation(session, train_id, body, created_by=caller.name)
+    request.state.audit_ids = {"train_id": str(train_id), "evaluation_id": str(evaluation.id)}
+    return train_out(session, job)

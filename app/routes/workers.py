@@ -1,0 +1,19 @@
+"""`GET /workers`: live workers with their model, trajectories in flight and tokens/s."""
+
+from fastapi import APIRouter
+
+from app.deps import SessionDep, SettingsDep
+from app.schemas import WorkerOut
+from cai_dpo.core.queries import workers as worker_queries
+
+router = APIRouter(prefix="/workers", tags=["workers"])
+
+
+@router.get("", response_model=list[WorkerOut])
+def list_workers(session: SessionDep, settings: SettingsDep):
+    out = []
+    for worker in worker_queries.live_workers(session, seen_seconds=settings.worker_seen_seconds):
+        problem = (worker.stats or {}).get("problem")
+        row = {c.name: getattr(worker, c.name) for c in worker.__table__.columns}
+        out.append(WorkerOut.model_validate(row | {"healthy": problem is None, "problem": problem}))
+    return out

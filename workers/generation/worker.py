@@ -1,0 +1,419 @@
+"""The generation worker: claim prompts, run their trajectories on one engine, write pairs.
+
+One process holds one engine and runs up to `CAI_MAX_IN_FLIGHT` trajectories as asyncio tasks,
+refilling as each finishes, so the engine's continuous batching always has work and no prompt
+waits for another. Leases are renewed by a heartbeat; SIGTERM stops claiming and gives the
+prompts in flight back at once. Database calls are synchronous SQLAlchemy run in threads.
+
+Only a prompt's own fault (too long for the context, a request error of its own) costs it an
+attempt. An engine that is down (its process died, the server is unreachable, or
+`CAI_ENGINE_ERROR_LIMIT` requests failed in a row) costs none: the worker gives every prompt it
+holds back at once, reports the problem in its heartbeat (`/workers`, `/health`, `/metrics`),
+and restarts the engine; after `CAI_ENGINE_RESTARTS` failed restarts it exits non-zero so its
+supervisor (`cai-dpo up`, compose's restart policy) starts a fresh process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import asdict
+from typing import Any
+
+from sqlalchemy import Engine as DBEngine
+from sqlalchemy.exc import SQLAlchemyError
+
+from cai_dpo.core import queue
+from cai_dpo.core.constitutions import ConstitutionSpec
+from cai_dpo.core.db import database_url, get_engine
+from cai_dpo.core.generation_modes import CompareOptions, GenerationMode, ScorerSpec
+from cai_dpo.core.model_sources import resolve_model, trained_model_path
+from cai_dpo.core.queries import constitutions as constitution_queries
+from cai_dpo.core.queries import evaluations as evaluation_queries
+from cai_dpo.core.queries import jobs as job_queries
+from cai_dpo.core.settings import Settings
+from workers.generation.engines import (
+    Engine,
+    EngineError,
+    EngineUnavailable,
+    PromptTooLong,
+    Sampling,
+    make_engine,
+)
+from workers.generation.modes import PairDraft, compare_models, ranked_pair, revise_pair
+from workers.generation.trajectory import few_shot_turns
+from workers.runtime import DatabaseUnavailable, WorkerRuntime
+from workers.scoring import Scorer, make_scorer
+
+log = logging.getLogger(__name__)
+
+
+class GenerationWorker(WorkerRuntime):
+    role = "generate"
+
+    def __init__(self, settings: Settings, db: DBEngine, *, url: str, engine_factory=make_engine):
+        super().__init__(settings, db, url=url, kind=queue.PROMPTS)
+        self.engine_factory = engine_factory
+        self.engine: Engine | None = None
+        # The model name jobs ask for (`smollm2-135m-instruct`, `train:3`); a remote engine may
+        # call the same model something else.
+        self.model = settings.model
+        self.unloadable: dict[str, float] = {}
+        self.specs: dict[str, tuple[ConstitutionSpec, list[dict[str, str]]]] = {}
+        self.scorers: dict[tuple[str, str], Scorer] = {}
+        # Engines of other models, started for judges that are not this worker's model.
+        self.extra_engines: dict[str, Engine] = {}
+        self.pairs_written = 0
+        self._last_tokens = (time.monotonic(), 0)
+        # Set by a trajectory that found the engine down; the loop then recovers it.
+        self.engine_down = asyncio.Event()
+        self.engine_down_reason = ""
+        self.engine_errors_in_a_row = 0
+
+    # --- the loop ---------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        self.engine = await self.start_engine(self.settings.model)
+        background = self.start_background()
+        try:
+            while not self.stopping.is_set():
+                if self.engine_down.is_set():
+                    await self.recover_engine()
+                    continue
+                # Cleared before the claim: a NOTIFY that lands while it runs still wakes the wait.
+                self.wakeup.clear()
+                claimed = await self.claim()
+                for prompt in claimed:
+                    self.start_trajectory(prompt)
+                if not claimed and not self.in_flight:
+                    await self.maybe_switch_model()
+                if not claimed or len(self.in_flight) >= self.settings.max_in_flight:
+                    # The queue had prompts and there is room: claim again at once; else wait for
+                    # a free slot, a NOTIFY, a stop or the poll interval.
+                    await self.wait_for_work(*self.in_flight.values())
+        except DatabaseUnavailable as exc:
+            self.give_up(exc)
+        finally:
+            # With the database gone for good the prompts cannot be handed back: their leases
+            # run out instead. The engine is stopped either way (a live one keeps the process up).
+            with contextlib.suppress(DatabaseUnavailable):
+                await self.release_all()
+            await self.stop_background(background)
+            await self.shutdown_engines()
+            log.info("worker %s stopped (%d pairs written)", self.id, self.pairs_written)
+
+    @property
+    def in_flight(self) -> dict[int, asyncio.Task]:
+        """Prompts held, each with the task running its trajectory."""
+        return self.leases.held
+
+    def start_trajectory(self, prompt: job_queries.ClaimedPrompt) -> None:
+        # A prompt claimed again after its lease ran out may still have its old task here.
+        if (old := self.in_flight.get(prompt.id)) is not None:
+            old.cancel()
+        self.leases.hold(prompt.id, asyncio.create_task(self.process(prompt)))
+
+    def lease_lost(self, prompt_id: int, task: asyncio.Task) -> None:
+        log.warning("prompt %d: lease lost; stopping its trajectory", prompt_id)
+        task.cancel()
+
+    async def claim(self) -> list[job_queries.ClaimedPrompt]:
+        free = self.settings.max_in_flight - len(self.in_flight)
+        if free <= 0 or self.stopping.is_set() or self.engine_down.is_set():
+            return []
+        try:
+            return await self.db_call(
+                job_queries.claim_prompts,
+                worker_id=self.id,
+                model=self.model,
+                n=min(free, self.settings.claim_batch),
+                lease_seconds=self.settings.lease_seconds,
+                max_attempts=self.settings.max_attempts,
+            )
+        except SQLAlchemyError as exc:  # the database restarting: keep the trajectories, retry
+            log.warning("claim failed (%s); retrying after the poll interval", exc.__class__.__name__)
+            return []
+
+    async def process(self, prompt: job_queries.ClaimedPrompt) -> None:
+        """Make the prompt's pair in its job's mode and write it, or record why it failed."""
+        try:
+            await self.make_and_write(prompt)
+        except DatabaseUnavailable as exc:  # the pair or its failure cannot be recorded: not its fault
+            self.give_up(exc)
+        finally:
+            # After a lost lease this worker may already have claimed the prompt again.
+            self.leases.drop(prompt.id, asyncio.current_task())
+
+    async def make_and_write(self, prompt: job_queries.ClaimedPrompt) -> None:
+        try:
+            if (prompt.options or {}).get("mode") == "compare":
+                await self.write_comparison(prompt)
+                return
+            draft = await self.make_pair(prompt)
+            pair = draft.columns() | {
+                "job_id": prompt.job_id,
+                "source": "generated",
+                "constitution_name": prompt.constitution_name,
+                "constitution_version_id": prompt.constitution_version_id,
+                "prompt": prompt.messages,
+                "trajectory": draft.trajectory | {"worker": self.id, "attempt": prompt.attempts},
+                "model": prompt.model,
+                "sampling": prompt.sampling,
+            }
+            self.engine_errors_in_a_row = 0
+            if await self.db_call(
+                job_queries.complete_prompt, worker_id=self.id, prompt_id=prompt.id, pair=pair
+            ):
+                self.pairs_written += 1
+            else:
+                log.warning("prompt %d: lease lost before its pair was written; discarded", prompt.id)
+        except PromptTooLong as exc:
+            await self.fail(prompt, f"prompt too long: {exc}", retryable=False)
+        except EngineUnavailable as exc:
+            await self.give_back_on_engine_failure(prompt, str(exc))
+        except (asyncio.CancelledError, DatabaseUnavailable):
+            raise
+        except Exception as exc:  # noqa: BLE001 - one prompt's failure must not stop the worker
+            if isinstance(exc, EngineError):
+                self.engine_errors_in_a_row += 1
+                if self.engine_errors_in_a_row >= self.settings.engine_error_limit:
+                    reason = f"{self.engine_errors_in_a_row} requests failed in a row, last: {exc}"
+                    await self.give_back_on_engine_failure(prompt, reason)
+                    return
+            log.exception("prompt %d failed", prompt.id)
+            await self.fail(prompt, f"{type(exc).__name__}: {exc}", retryable=True)
+
+    async def write_comparison(self, prompt: job_queries.ClaimedPrompt) -> None:
+        """An evaluation's prompt: this worker's model and the baseline answer, the judge compares."""
+        spec, _ = await self.constitution(prompt.constitution_version_id, prompt.constitution_hash)
+        options = CompareOptions.model_validate(prompt.options)
+        judge = await self.scorer(options.scorer, spec, prompt.constitution_hash)
+        result = await compare_models(
+            self.engine,
+            await self.engine_for(options.baseline),
+            judge,
+            prompt_id=prompt.id,
+            messages=prompt.messages,
+            sampling=self.sampling_of(prompt),
+            request_prefix=f"{self.id}-a{prompt.attempts}-",
+        )
+        self.engine_errors_in_a_row = 0
+        comparison = result | {"job_id": prompt.job_id, "model_a": prompt.model, "model_b": options.baseline}
+        if not await self.db_call(
+            evaluation_queries.complete_comparison,
+            worker_id=self.id,
+            prompt_id=prompt.id,
+            comparison=comparison,
+        ):
+            log.warning("prompt %d: lease lost before its comparison was written; discarded", prompt.id)
+
+    @staticmethod
+    def sampling_of(prompt: job_queries.ClaimedPrompt) -> Sampling:
+        return Sampling(
+            temperature=prompt.sampling["temperature"],
+            top_p=prompt.sampling["top_p"],
+            max_tokens=prompt.sampling["max_tokens"],
+            seed=prompt.sampling.get("seed"),
+        )
+
+    async def make_pair(self, prompt: job_queries.ClaimedPrompt) -> PairDraft:
+        spec, few_shot = await self.constitution(prompt.constitution_version_id, prompt.constitution_hash)
+        mode = GenerationMode.model_validate(prompt.options or {})
+        sampling = self.sampling_of(prompt)
+        scorer_spec = mode.effective_scorer()
+        scorer = await self.scorer(scorer_spec, spec, prompt.constitution_hash) if scorer_spec else None
+        request_prefix = f"{self.id}-a{prompt.attempts}-"
+        if mode.mode == "revise":
+            return await revise_pair(
+                self.engine,
+                spec=spec,
+                prompt_id=prompt.id,
+                messages=prompt.messages,
+                revisions=prompt.revisions,
+                sampling=sampling,
+                few_shot=few_shot,
+                request_prefix=request_prefix,
+                verifier=scorer,
+            )
+        return await ranked_pair(
+            self.engine,
+            mode=mode.mode,
+            n=mode.n,
+            prompt_id=prompt.id,
+            messages=prompt.messages,
+            sampling=sampling,
+            request_prefix=request_prefix,
+            scorer=scorer,
+        )
+
+    async def scorer(
+        self, spec: ScorerSpec, constitution: ConstitutionSpec, constitution_hash: str
+    ) -> Scorer:
+        """The scorer a job names, built once per (scorer, constitution) and kept."""
+        key = (spec.model_dump_json(), constitution_hash)
+        if key not in self.scorers:
+            trained = await self.db_call(trained_model_path, spec.model) if spec.model else None
+
+            def resolve_path(model: str) -> str:
+                return str(resolve_model(model, self.settings, trained_path=trained))
+
+            self.scorers[key] = make_scorer(
+                spec, engine_for=self.engine_for, constitution_spec=constitution, resolve_path=resolve_path
+            )
+        return self.scorers[key]
+
+    async def engine_for(self, model: str | None) -> Engine:
+        """The engine of `model`: this worker's own, or a second one started for a judge model."""
+        if model is None or model == self.model:
+            return self.engine
+        if model not in self.extra_engines:
+            self.extra_engines[model] = await self.start_engine(model)
+        return self.extra_engines[model]
+
+    async def shutdown_engines(self) -> None:
+        """Stop every engine; scorers built on them go too (they are rebuilt on the next use)."""
+        self.scorers.clear()
+        engines = [self.engine, *self.extra_engines.values()]
+        self.extra_engines.clear()
+        for engine in engines:
+            with contextlib.suppress(Exception):  # a dead engine may fail its own shutdown
+                await asyncio.wait_for(engine.shutdown(), timeout=60)
+
+    async def fail(self, prompt: job_queries.ClaimedPrompt, error: str, *, retryable: bool) -> None:
+        status = await self.db_call(
+            queue.fail,
+            queue.PROMPTS,
+            worker_id=self.id,
+            id=prompt.id,
+            error=error,
+            retryable=retryable,
+            max_attempts=self.settings.max_attempts,
+        )
+        log.warning("prompt %d -> %s: %s", prompt.id, status, error)
+
+    async def give_back_on_engine_failure(self, prompt: job_queries.ClaimedPrompt, reason: str) -> None:
+        """The engine, not the prompt, failed: the prompt goes back without spending an attempt."""
+        if not self.engine_down.is_set():
+            log.error("engine for %s is down: %s", self.model, reason)
+            self.engine_down_reason = reason
+            self.engine_down.set()
+            self.wakeup.set()  # the loop may be waiting for work: it has to recover first
+        await self.db_call(queue.release, queue.PROMPTS, worker_id=self.id, ids=[prompt.id])
+
+    async def recover_engine(self) -> None:
+        """Give back every prompt held, report the problem, then restart the engine; exit if it
+        cannot be restarted (the supervisor starts a fresh worker process)."""
+        self.problem = f"engine down: {self.engine_down_reason}"[:1000]
+        await self.release_all()
+        await self.report()
+        for attempt in range(1, self.settings.engine_restarts + 1):
+            if self.stopping.is_set():
+                return
+            await self.shutdown_engines()
+            try:
+                self.engine = await self.start_engine(self.model)
+            except Exception:  # noqa: BLE001 - retried, then the process exits
+                log.exception("engine restart %d of %d failed", attempt, self.settings.engine_restarts)
+                await asyncio.sleep(min(2**attempt, 30))
+                continue
+            log.info("engine for %s restarted (attempt %d)", self.model, attempt)
+            self.problem, self.engine_errors_in_a_row = None, 0
+            self.engine_down.clear()
+            await self.report()
+            return
+        raise EngineRestartsExhausted(self.problem)
+
+    # --- around the loop --------------------------------------------------------------------
+
+    async def constitution(
+        self, version_id: int, content_hash: str
+    ) -> tuple[ConstitutionSpec, list[dict[str, str]]]:
+        """The exact constitution text the job was created with (cached by content hash)."""
+        if content_hash not in self.specs:
+            row = await self.db_call(constitution_queries.get_constitution_version, version_id)
+            spec = ConstitutionSpec.model_validate(row.spec)
+            self.specs[content_hash] = (spec, few_shot_turns(spec))
+        return self.specs[content_hash]
+
+    async def start_engine(self, model: str) -> Engine:
+        started = time.monotonic()
+        trained_path = await self.db_call(trained_model_path, model)
+        engine = self.engine_factory(self.settings, model, trained_path)
+        await engine.start()
+        log.info("engine for %s ready in %.1f s", model, time.monotonic() - started)
+        return engine
+
+    async def maybe_switch_model(self) -> None:
+        """Idle, with prompts waiting for another model (e.g. `train:<id>`): load that model."""
+        waiting = await self.db_call(job_queries.claimable_models, max_attempts=self.settings.max_attempts)
+        now = time.monotonic()
+        models = [m for m in waiting if now - self.unloadable.get(m, -1e9) > 600]
+        if not models or self.model in waiting or self.settings.engine != "vllm":
+            return
+        log.info("switching model %s -> %s", self.model, models[0])
+        await self.shutdown_engines()
+        try:
+            self.engine, self.model = await self.start_engine(models[0]), models[0]
+        except Exception:
+            # Not loadable here (e.g. its folder is on another host): leave it to other workers.
+            log.exception("cannot load model %s; back to %s for 10 minutes", models[0], self.settings.model)
+            self.unloadable[models[0]] = now
+            self.engine, self.model = await self.start_engine(self.settings.model), self.settings.model
+
+    def status(self) -> dict[str, Any]:
+        stats = self.engine.stats() if self.engine else None
+        now, tokens = time.monotonic(), (stats.completion_tokens if stats else 0)
+        last_time, last_tokens = self._last_tokens
+        rate = (tokens - last_tokens) / (now - last_time) if now > last_time else 0.0
+        self._last_tokens = (now, tokens)
+        return self.base_status(
+            model=self.model,
+            in_flight=len(self.in_flight),
+            tokens_per_s=round(max(rate, 0.0), 2),
+            stats={"pairs_written": self.pairs_written}
+            | (
+                asdict(stats) | {"prefix_cache_hit_rate": round(stats.prefix_cache_hit_rate, 4)}
+                if stats
+                else {}
+            ),
+        )
+
+    async def release_all(self) -> None:
+        """Stop every trajectory in flight and hand its prompt back to the queue at once."""
+        ids = list(self.in_flight)
+        for task in self.in_flight.values():
+            task.cancel()
+        await asyncio.gather(*self.in_flight.values(), return_exceptions=True)
+        released = await self.db_call(queue.release, queue.PROMPTS, worker_id=self.id, ids=ids)
+        if ids:
+            log.info("released %d prompts in flight", released)
+
+
+class EngineRestartsExhausted(RuntimeError):
+    """The engine could not be restarted in process: the worker exits for its supervisor."""
+
+
+async def run_worker(settings: Settings) -> int:
+    url = database_url(settings)
+    worker = GenerationWorker(settings, get_engine(settings, pool_size=4), url=url)
+    worker.install_signal_handlers()
+    log.info(
+        "generation worker %s starting (model %s, %d in flight)",
+        worker.id,
+        settings.model,
+        settings.max_in_flight,
+    )
+    await worker.run()
+    return worker.exit_code
+
+
+def main(settings: Settings) -> int:
+    """Run the worker until stopped; the exit code (3: the engine could not be restarted, 4: the
+    database did not come back), so its supervisor knows to start a fresh process."""
+    try:
+        return asyncio.run(run_worker(settings))
+    except EngineRestartsExhausted as exc:
+        log.error("exiting: %s", exc)
+        return 3
