@@ -17,7 +17,8 @@ if __name__ == "__main__":
     ranks = None
     settings = get_settings()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by torchrun, with other ranks
-        from workers.training.distributed import follow, init_from_env
+        from workers.training.distributed import follow
+        from workers.training.ranks import init_from_env
 
         ranks = init_from_env()
     if ranks is not None and not ranks.leader:

@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from cai_dpo.core.training_params import TrainParams
+
 log = logging.getLogger(__name__)
 
 Message = dict[str, str]
@@ -139,6 +141,25 @@ def tokenize_pairs(
         else:
             kept.append(pair)
     return kept, dropped
+
+
+def prepare_pairs(
+    tokenizer: Any, train_pairs: list[PairExample], eval_pairs: list[PairExample], params: TrainParams
+) -> tuple[list[TokenizedPair], list[TokenizedPair], dict[str, Any]]:
+    """A run's training and held-out pairs tokenized, and the summary its record keeps."""
+    train, train_dropped = tokenize_pairs(tokenizer, train_pairs, params.max_length, params.max_prompt_length)
+    evals, eval_dropped = tokenize_pairs(tokenizer, eval_pairs, params.max_length, params.max_prompt_length)
+    if not train:
+        raise ValueError("no training pair has a response token left within max_length")
+    summary = {
+        "train_pairs": len(train),
+        "eval_pairs": len(evals),
+        "dropped_by_truncation": len(train_dropped) + len(eval_dropped),
+        "train_tokens": sum(p.num_tokens for p in train),  # both sequences, as TRL counts them
+        "train_packed_tokens": sum(p.packed_tokens for p in train),  # each token once
+        "fingerprint": fingerprint(train + evals),
+    }
+    return train, evals, summary
 
 
 def collate(batch: list[TokenizedPair], pad_token_id: int) -> dict[str, torch.Tensor]:

@@ -6,7 +6,7 @@ the service sees: it claims jobs and evaluations, holds the leases, writes metri
 the database rows. The other ranks never touch the database: they wait for the leader's commands
 on a control group (gloo, on the host, with a long timeout, so an idle worker's followers may wait
 for days), resolve the job's model on their own host, and train their share of every step with the
-leader (`parallel.py`: FSDP2 for full fine-tuning, DDP for LoRA).
+leader (the one loop, `loop.run_training`, with their `Ranks`).
 
 Failures. A run that cannot start (no pair left after truncation, a model refused, a checkpoint of
 other parameters) fails on every rank at the same point: the ranks agree on it (`Ranks.check`)
@@ -17,131 +17,20 @@ inside a collective: that rank exits non-zero, torchrun stops the group (and sta
 
 from __future__ import annotations
 
-import datetime
 import logging
-import os
 import signal
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
-
-import torch
-import torch.distributed as torch_dist
+from typing import Any
 
 from cai_dpo.core.model_sources import resolve_model
 from cai_dpo.core.settings import Settings
+from cai_dpo.core.training_params import TrainParams
 from workers.training.data import PairExample
+from workers.training.loop import TrainHooks, TrainResult, run_training
+from workers.training.ranks import Ranks, SetupFailed
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
-
-# Followers wait on the control group while their worker is idle: no training collective's
-# timeout applies there.
-CONTROL_TIMEOUT = datetime.timedelta(days=365)
-
-
-class SetupFailed(RuntimeError):
-    """A run could not start on some rank; raised on every rank, at the same point."""
-
-
-@dataclass
-class Ranks:
-    """This process's place in the group, and the collectives the training loop needs."""
-
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
-    control: Any  # a gloo process group: commands, decisions, small Python objects
-
-    @property
-    def leader(self) -> bool:
-        return self.rank == 0
-
-    def broadcast(self, value: Any = None) -> Any:
-        """The leader's `value` on every rank (the others pass anything, usually None)."""
-        box = [value]
-        torch_dist.broadcast_object_list(box, src=0, group=self.control)
-        return box[0]
-
-    def all_gather(self, value: Any) -> list[Any]:
-        values: list[Any] = [None] * self.world_size
-        torch_dist.all_gather_object(values, value, group=self.control)
-        return values
-
-    def check(self, error: BaseException | None) -> None:
-        """Every rank passes what went wrong for it (None: nothing); if anything did, every rank
-        raises SetupFailed naming each rank's error."""
-        errors = self.all_gather(None if error is None else f"{type(error).__name__}: {error}")
-        failed = [(rank, text) for rank, text in enumerate(errors) if text is not None]
-        if failed:
-            texts = {text for _, text in failed}
-            if len(texts) == 1 and len(failed) == self.world_size:
-                raise SetupFailed(texts.pop()) from error
-            raise SetupFailed("; ".join(f"rank {rank}: {text}" for rank, text in failed)) from error
-
-    def barrier(self) -> None:
-        torch_dist.barrier(group=self.control)
-
-    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Sum over ranks in place, on the training group (NCCL on GPUs): no host sync there."""
-        torch_dist.all_reduce(tensor)
-        return tensor
-
-    def local_first(self, fn: Callable[[], T]) -> T:
-        """`fn` on each host's local rank 0 first, then on the host's other ranks: a model is
-        downloaded or prepared once per host, then found ready. Errors are agreed (`check`)."""
-        result: Any = None
-        error: BaseException | None = None
-        if self.local_rank == 0:
-            try:
-                result = fn()
-            except Exception as exc:  # noqa: BLE001 - agreed on below
-                error = exc
-        self.barrier()
-        if self.local_rank != 0:
-            try:
-                result = fn()
-            except Exception as exc:  # noqa: BLE001
-                error = exc
-        self.check(error)
-        return result
-
-    def close(self) -> None:
-        if torch_dist.is_initialized():
-            torch_dist.destroy_process_group()
-
-
-def launched_world_size() -> int:
-    """The number of processes torchrun (or accelerate) started for this worker; 1 without it."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def init_from_env() -> Ranks | None:
-    """Join the group torchrun set up (RANK, WORLD_SIZE, MASTER_ADDR, ...); None when alone.
-
-    GPUs: NCCL for training, one GPU per local rank. CPUs: gloo (the tests' setting).
-    """
-    world = launched_world_size()
-    if world <= 1:
-        return None
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-        backend = "nccl"
-    else:
-        device, backend = torch.device("cpu"), "gloo"
-    torch_dist.init_process_group(
-        backend, rank=rank, world_size=world, device_id=device if backend == "nccl" else None
-    )
-    control = torch_dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
-    return Ranks(rank, world, local_rank, device, control)
-
-
-# --- the leader's commands ------------------------------------------------------------------------
 
 
 @dataclass
@@ -157,11 +46,10 @@ class TrainCommand:
     checkpoint_steps: int
 
 
-def run_command(ranks: Ranks, command: TrainCommand, settings: Settings, hooks: Any = None) -> Any:
-    """Every rank's part of one run: the model resolved on each host, then the sharded trainer."""
-    from cai_dpo.core.training_params import TrainParams
-    from workers.training.trainer import run_training
-
+def run_command(
+    ranks: Ranks, command: TrainCommand, settings: Settings, hooks: TrainHooks | None = None
+) -> TrainResult:
+    """Every rank's part of one run: the model resolved on each host, then the loop with the group."""
     model_path = ranks.local_first(
         lambda: resolve_model(command.base_model, settings, trained_path=command.trained_path)
     )
@@ -177,7 +65,7 @@ def run_command(ranks: Ranks, command: TrainCommand, settings: Settings, hooks: 
     )
 
 
-def lead(ranks: Ranks, command: TrainCommand, settings: Settings, hooks: Any) -> Any:
+def lead(ranks: Ranks, command: TrainCommand, settings: Settings, hooks: TrainHooks) -> TrainResult:
     """The leader: hand the run to the followers, then train with them."""
     ranks.broadcast(("train", command))
     return run_command(ranks, command, settings, hooks)

@@ -162,7 +162,7 @@ class _ChunkedTokenLogProbs(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None, None, None
 
 
-def _causal_lm(model: nn.Module) -> nn.Module:
+def causal_lm(model: nn.Module) -> nn.Module:
     # A peft model wraps the transformers model; its LoRA layers live inside the unwrapped one.
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
@@ -289,7 +289,7 @@ def sequence_logps(
     right-padded. With `unpad`, each row runs alone at its own length: no compute on padding,
     which is faster on CPUs where batching gains little.
     """
-    lm = _causal_lm(model)
+    lm = causal_lm(model)
     body = lm.base_model
     lengths = attention_mask.sum(dim=1).tolist()
     targets_mask = loss_mask[:, 1:].bool()
@@ -315,7 +315,7 @@ def sequence_logps(
 
 def supports_shared_prompt(model: nn.Module) -> bool:
     """Whether the attention takes the custom 4D masks of `collate_shared_prompt` (sdpa, eager)."""
-    lm = _causal_lm(model)
+    lm = causal_lm(model)
     return lm.config._attn_implementation in ("sdpa", "eager") and mask_windows(lm.config) is not None
 
 
@@ -328,7 +328,7 @@ def pair_logps(
     Sliding-window layers get their window applied by position (`windows`, default: the config's).
     With `unpad`, each row runs alone at its own length (see `sequence_logps`).
     """
-    lm = _causal_lm(model)
+    lm = causal_lm(model)
     body = lm.base_model
     windows = windows if windows is not None else mask_windows(lm.config)
     if windows is None:
@@ -368,7 +368,7 @@ def packed_logps(model: nn.Module, flat: dict[str, Tensor], windows: Windows) ->
 
     Every index is precomputed on the host, so the call makes no host sync.
     """
-    lm = _causal_lm(model)
+    lm = causal_lm(model)
     out = lm.base_model(
         input_ids=flat["input_ids"],
         position_ids=flat["position_ids"],
@@ -405,7 +405,7 @@ class LogpPlan:
         )
 
 
-def _probe_copy(lm: nn.Module, vocab_size: int | None = 512) -> nn.Module:
+def probe_copy(lm: nn.Module, vocab_size: int | None = 512) -> nn.Module:
     """The same architecture with its first layers only and a small vocabulary, random fp32 weights,
     on the CPU."""
     config = copy.deepcopy(lm.config)
@@ -438,7 +438,7 @@ def _own_response_logps(lm: nn.Module, ids: list[int], start: int) -> Tensor:
     return logits.log_softmax(-1).gather(1, input_ids[0, start:, None]).sum()
 
 
-def _probe_pairs(vocab: int, generator: torch.Generator) -> list[TokenizedPair]:
+def probe_pairs(vocab: int, generator: torch.Generator) -> list[TokenizedPair]:
     def draw(n: int) -> list[int]:
         return torch.randint(3, vocab, (n,), generator=generator).tolist()
 
@@ -465,7 +465,7 @@ def check_model(model: nn.Module) -> LogpPlan:
        by position). Where it is not exact, packing is off (or limited to sequences the window does
        not reach) and the plain per-sequence path runs instead.
     """
-    lm = _causal_lm(model)
+    lm = causal_lm(model)
     config = lm.config
     model_type = getattr(config, "model_type", type(lm).__name__)
     transform = logit_transform(config)
@@ -474,9 +474,9 @@ def check_model(model: nn.Module) -> LogpPlan:
         raise UnsupportedModelError(f"model type {model_type!r} is not a causal LM with an output head")
     try:
         try:
-            probe = _probe_copy(lm)
+            probe = probe_copy(lm)
         except Exception:  # noqa: BLE001 - some configs tie other sizes to the vocabulary: keep it whole
-            probe = _probe_copy(lm, vocab_size=None)
+            probe = probe_copy(lm, vocab_size=None)
     except Exception as exc:  # noqa: BLE001 - any failure to rebuild it means: not proven
         raise UnsupportedModelError(
             f"model type {model_type!r}: cannot build a copy of the architecture to check its "
@@ -504,7 +504,7 @@ def check_model(model: nn.Module) -> LogpPlan:
 
     notes: list[str] = []
     windows = mask_windows(config)
-    pairs = _probe_pairs(vocab, generator)
+    pairs = probe_pairs(vocab, generator)
     if windows is None:
         notes.append("layers other than attention: pairs run as two plain sequences")
         return LogpPlan(model_type, transform, None, None, notes)

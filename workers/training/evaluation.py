@@ -15,7 +15,7 @@ import torch
 
 from cai_dpo.core.evaluation import reward_accuracy
 from workers.training.data import PairExample, tokenize_pairs
-from workers.training.trainer import score_pairs
+from workers.training.step import score_pairs
 
 
 def _pair_logps(model_path: Path, pairs: list, device: torch.device) -> tuple[list[float], list[float]]:

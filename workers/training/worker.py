@@ -7,8 +7,8 @@ claims it. Idle, the worker also applies the automatic training policies (one jo
 new pairs, whatever the number of processes).
 
 Under torchrun this class runs on rank 0 only: it claims, holds the lease, writes to the database
-and the artifact, and hands each run to the other ranks, which train their share of it
-(distributed.py, parallel.py). Evaluations stay on rank 0, in one process.
+and the artifact, and hands each run to the other ranks, which train their share of it in the same
+loop (distributed.py, loop.py). Evaluations stay on rank 0, in one process.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from workers.runtime import DatabaseUnavailable, WorkerRuntime
 from workers.training.data import PairExample
 
 if TYPE_CHECKING:
-    from workers.training.distributed import Ranks
+    from workers.training.ranks import Ranks
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ class TrainingWorker(WorkerRuntime):
             log.info("training worker %s stopped", self.id)
 
     async def train(self, job: TrainingJob) -> None:
-        from workers.training.trainer import TrainHooks, run_training
+        from workers.training.loop import TrainHooks, run_training
 
         params = TrainParams.model_validate(job.params)
         log.info("training job %d: claimed (attempt %d)", job.id, job.attempts)
@@ -202,7 +202,7 @@ class TrainingWorker(WorkerRuntime):
     def leave_group_after(self, exc: Exception) -> None:
         """A run that failed on some ranks and not in step (anything but a failed start) leaves the
         group's collectives out of step: stop, exit non-zero, and let torchrun start it afresh."""
-        from workers.training.distributed import SetupFailed
+        from workers.training.ranks import SetupFailed
 
         if self.ranks is not None and not isinstance(exc, SetupFailed):
             log.error("the torchrun group is out of step after a failed run; stopping it")
