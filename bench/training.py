@@ -181,7 +181,8 @@ def _parameter_count(model_dir: Path) -> int:
 def run_ours(args: argparse.Namespace, model_dir: Path) -> dict:
     import torch
 
-    from workers.training.trainer import pairs_for_step, run_training
+    from workers.training.loop import run_training
+    from workers.training.schedule import pairs_for_step
 
     cuda = torch.cuda.is_available()
     pairs, params = load_pairs(Path(args.data), args.pairs), _params(args)
@@ -252,7 +253,7 @@ def run_trl(args: argparse.Namespace, model_dir: Path) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
-    from workers.training.trainer import pairs_for_step
+    from workers.training.schedule import pairs_for_step
 
     pairs, params = load_pairs(Path(args.data), args.pairs), _params(args)
     order = [
@@ -326,7 +327,7 @@ def run_trl(args: argparse.Namespace, model_dir: Path) -> dict:
 def _child(args: argparse.Namespace) -> None:
     import torch
 
-    from workers.training.trainer import peak_flops
+    from workers.training.model import peak_flops
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -1,4 +1,5 @@
-"""Fast checks of the DPO math, the learning-rate schedule, the data order and the parameter model."""
+"""Fast checks of the DPO math, the learning-rate schedule, the data order and its shares across
+ranks, and the parameter model."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from pydantic import ValidationError
 from cai_dpo.core.training_params import TrainParams
 from workers.training import dpo
 from workers.training.dpo import batch_metrics, dpo_loss
-from workers.training.trainer import learning_rate_at, pairs_for_step, total_steps_for
+from workers.training.schedule import learning_rate_at, pairs_for_step, shard_pairs, total_steps_for
 
 pytestmark = pytest.mark.unit
 
@@ -193,6 +194,15 @@ def test_data_order_covers_each_epoch_once_and_depends_only_on_seed_and_step():
     assert epoch0 != epoch1
     assert pairs_for_step(4, n, per_step, seed=7) == epoch1[1]
     assert pairs_for_step(0, n, per_step, seed=8) != epoch0[0]
+
+
+def test_a_steps_pairs_are_shared_out_by_load_and_one_rank_takes_them_in_order():
+    assert shard_pairs([5, 40, 10, 30, 20], 1, by_tokens=True) == [[0, 1, 2, 3, 4]]
+    # The longest first, each to the rank with the least tokens (or pairs) so far; each in step order.
+    assert shard_pairs([5, 40, 10, 30, 20], 2, by_tokens=True) == [[0, 1, 2], [3, 4]]
+    assert shard_pairs([100, 1, 1, 1], 2, by_tokens=True) == [[0], [1, 2, 3]]
+    assert shard_pairs([100, 1, 1, 1], 2, by_tokens=False) == [[0, 3], [1, 2]]
+    assert shard_pairs([7, 7], 3, by_tokens=False) == [[0], [1], []]  # a rank with none
 
 
 def test_total_steps_max_steps_wins():

@@ -28,7 +28,7 @@ from workers.training.dpo import (
     pair_logps,
     sequence_logps,
 )
-from workers.training.trainer import accumulate_step, score_pairs
+from workers.training.step import accumulate_step, score_pairs
 
 VOCAB = 96
 CPU = torch.device("cpu")
@@ -68,9 +68,14 @@ def _model(family: str, seed: int = 0):
     return tiny_model(family, VOCAB, seed, head_scale=HEAD_SCALE.get(family, 1.0)).eval()
 
 
+SLIDING = {"gemma2", "qwen2"}  # families whose tiny config has a sliding-window layer (window 4)
+FLEX = {"llama", "gemma2", "qwen2"}  # FlexAttention packing, run forward on the CPU
+
+
 @pytest.mark.model  # torch forwards of five architectures: seconds, not the fast group
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 @pytest.mark.parametrize("family", FAMILIES)
-def test_every_path_gives_the_models_own_log_probs(family):
+def test_every_path_gives_the_models_own_log_probs(family, monkeypatch):
     model, pairs = _model(family), _pairs()
     want = _own_logps(model, pairs)
     with torch.no_grad():
@@ -88,47 +93,33 @@ def test_every_path_gives_the_models_own_log_probs(family):
     plan = check_model(model)
     assert plan.windows is not None and plan.pack_max_length is None  # packing proven exact, windows too
 
+    if family in SLIDING:  # the windows matter, and are applied
+        assert 4 in mask_windows(model.config).values()
+        with torch.no_grad():
+            blind = pair_logps(model, packed, windows={None: None})
+        assert (blind - want).abs().max() > 1e-2  # a full causal mask would be wrong
 
-@pytest.mark.unit
-@pytest.mark.parametrize("family", ["gemma2", "qwen2"])
-def test_sliding_windows_matter_and_are_applied(family):
-    model, pairs = _model(family), _pairs()
-    assert 4 in mask_windows(model.config).values()
-    with torch.no_grad():
-        blind = pair_logps(model, collate_shared_prompt(pairs, 0), windows={None: None})
-    assert (blind - _own_logps(model, pairs)).abs().max() > 1e-2  # a full causal mask would be wrong
+    if family in FLEX:  # the GPU layout (all pairs in one row, FlexAttention block masks)
+        from torch.nn.attention.flex_attention import flex_attention
+        from transformers.integrations import flex_attention as transformers_flex
 
+        # Uncompiled FlexAttention: the CPU compiles it in ~30 s, and the mask logic is what is tested.
+        monkeypatch.setattr(
+            transformers_flex,
+            "compile_friendly_flex_attention",
+            lambda query, key, value, training=False, **kwargs: flex_attention(query, key, value, **kwargs),
+        )
+        model.set_attn_implementation("flex_attention")
+        with torch.no_grad():
+            got = packed_logps(model, collate_packed(pairs, 0), mask_windows(model.config))
+        assert torch.allclose(got, want, rtol=0, atol=1e-4), (got - want).abs().max().item()
+        model.set_attn_implementation("sdpa")
 
-@pytest.mark.unit
-def test_the_soft_cap_matters_at_trained_magnitudes():
-    model, pairs = _model("gemma2"), _pairs()
-    want = _own_logps(model, pairs)
-    model.config.final_logit_softcapping = None  # what the trainer did before: no cap
-    with torch.no_grad():
-        uncapped = sequence_logps(model, **collate(pairs, 0))
-    assert (uncapped - want).abs().max() > 10
-
-
-@pytest.mark.unit
-@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
-@pytest.mark.parametrize("family", ["llama", "gemma2", "qwen2"])
-def test_flex_attention_packing_gives_the_models_own_log_probs(family, monkeypatch):
-    """The GPU layout (all pairs in one row, FlexAttention block masks), run forward on the CPU."""
-    from torch.nn.attention.flex_attention import flex_attention
-    from transformers.integrations import flex_attention as transformers_flex
-
-    # Uncompiled FlexAttention: the CPU compiles it in ~30 s, and the mask logic is what is tested.
-    monkeypatch.setattr(
-        transformers_flex,
-        "compile_friendly_flex_attention",
-        lambda query, key, value, training=False, **kwargs: flex_attention(query, key, value, **kwargs),
-    )
-    model, pairs = _model(family), _pairs()
-    want = _own_logps(model, pairs)
-    model.set_attn_implementation("flex_attention")
-    with torch.no_grad():
-        got = packed_logps(model, collate_packed(pairs, 0), mask_windows(model.config))
-    assert torch.allclose(got, want, rtol=0, atol=1e-4), (got - want).abs().max().item()
+    if family == "gemma2":  # the soft-cap matters at trained magnitudes
+        model.config.final_logit_softcapping = None  # what the trainer did before: no cap
+        with torch.no_grad():
+            uncapped = sequence_logps(model, **batch)
+        assert (uncapped - want).abs().max() > 10
 
 
 @pytest.mark.unit
@@ -163,7 +154,7 @@ class _RescaledLlama:
         return rescaled
 
 
-@pytest.mark.unit
+@pytest.mark.model  # forwards of a tiny model and of check_model's copy
 def test_a_model_whose_logits_are_not_reproduced_is_refused_by_name():
     with pytest.raises(UnsupportedModelError, match="model type 'llama'.*cannot train it"):
         check_model(_RescaledLlama.build())

@@ -4,8 +4,9 @@ One torchrun group (this module run as `python -m torch.distributed.run --nproc-
 tests.test_parallel_training`, once per test session) runs every multi-process case and saves what
 rank 0 sees; the tests compare it with the single process here:
 
-- one optimizer step on the same batch, DDP with LoRA and FSDP2 with every weight: the same
-  gradient (within 1e-5), metrics, norm and update;
+- one optimizer step on the same batch (the loop's own step function, with the group's ranks and
+  with `Ranks.single()`), DDP with LoRA and FSDP2 with every weight: the same gradient (within
+  1e-5), metrics, norm and update;
 - whole runs (`run_training` with ranks): the same metrics at every step and the same model;
 - a sharded checkpoint written by 2 ranks, resumed by 2 ranks: the weights of the run that was
   never stopped. A single process finding that checkpoint starts over rather than misreading it.
@@ -30,8 +31,13 @@ from safetensors.torch import load_file
 
 from cai_dpo.core.settings import PROJECT_ROOT
 from cai_dpo.core.training_params import TrainParams
-from workers.training import trainer
-from workers.training.trainer import TrainHooks, run_training
+from workers.training.data import prepare_pairs
+from workers.training.loop import TrainHooks, run_training
+from workers.training.model import distribute, load_model
+from workers.training.optim import make_optimizer
+from workers.training.ranks import Ranks
+from workers.training.schedule import pairs_for_step
+from workers.training.step import forward_backward
 
 pytestmark = pytest.mark.model  # real torch training, in 2 processes
 
@@ -58,8 +64,8 @@ def step_batch(model_path: Path, kind: str):
 
     p = params(kind, max_steps=1)
     train, _ = pair_sets()
-    tokenized, _, _ = trainer._prepare_data(AutoTokenizer.from_pretrained(model_path), train, [], p)
-    pairs = [tokenized[i] for i in trainer.pairs_for_step(0, len(tokenized), p.pairs_per_step, p.seed)]
+    tokenized, _, _ = prepare_pairs(AutoTokenizer.from_pretrained(model_path), train, [], p)
+    pairs = [tokenized[i] for i in pairs_for_step(0, len(tokenized), p.pairs_per_step, p.seed)]
     ref = torch.linspace(-400, -300, 2 * len(pairs)).view(2, -1)
     return p, pairs, ref[0], ref[1]
 
@@ -69,33 +75,35 @@ def plain_name(name: str) -> str:
     return name.removeprefix("module.").removeprefix("model.")
 
 
-# --- inside the torchrun group ---------------------------------------------------------------------
-
-
-def group_step(workdir: Path, model_path: Path, kind: str, ranks) -> None:
-    """One optimizer step on every rank; rank 0 saves metrics, norm, gradients and weights."""
+def one_step(model_path: Path, kind: str, ranks: Ranks) -> dict:
+    """One optimizer step by the loop's own functions, with `ranks` (a group, or one process alone):
+    metrics, norm, gradients and the weights before and after, each whole."""
     from torch.distributed.tensor import DTensor
-
-    from workers.training import parallel
 
     p, pairs, ref_chosen, ref_rejected = step_batch(model_path, kind)
     torch.manual_seed(p.seed)
-    model, runtime, fsdp = parallel._load_local(model_path, p, ranks)
-    setup = parallel._Setup(model, parallel._wrap(model, runtime, p, ranks, fsdp), runtime, fsdp)
+    setup = distribute(*load_model(model_path, p, ranks), p, ranks)
     named = [(plain_name(n), q) for n, q in setup.engine.named_parameters() if q.requires_grad]
-    optimizer = trainer._make_optimizer([q for _, q in named], p)
+    optimizer = make_optimizer(setup.trainable, p.learning_rate, p.weight_decay)
 
     def full(tensor):
         return (tensor.full_tensor() if isinstance(tensor, DTensor) else tensor).detach().clone()
 
     before = {n: full(q) for n, q in named}
-    metrics, norm = parallel.train_step(
-        setup, optimizer, [q for _, q in named], pairs, ref_chosen, ref_rejected, p, 0, ranks
-    )
+    metrics = forward_backward(setup, pairs, ref_chosen, ref_rejected, p, 0, ranks)
+    norm = optimizer.clip_and_step(p.max_grad_norm)
     grads = {n: full(q.grad) for n, q in named}
     after = {n: full(q) for n, q in named}
+    return {"metrics": metrics, "norm": norm, "grads": grads, "before": before, "after": after}
+
+
+# --- inside the torchrun group ---------------------------------------------------------------------
+
+
+def group_step(workdir: Path, model_path: Path, kind: str, ranks) -> None:
+    """One optimizer step on every rank; rank 0 saves what it saw."""
+    saved = one_step(model_path, kind, ranks)
     if ranks.leader:
-        saved = {"metrics": metrics, "norm": norm, "grads": grads, "before": before, "after": after}
         torch.save(saved, workdir / f"step-{kind}.pt")
 
 
@@ -127,7 +135,7 @@ def group_runs(workdir: Path, model_path: Path, kind: str, ranks) -> None:
 def group_failed_start(workdir: Path, model_path: Path, ranks) -> None:
     """A run that cannot start (every pair's prompt fills max_length) fails on both ranks alike,
     and the group goes on with the next one."""
-    from workers.training.distributed import SetupFailed
+    from workers.training.ranks import SetupFailed
 
     train, evals = pair_sets()
     try:
@@ -144,7 +152,7 @@ def group_failed_start(workdir: Path, model_path: Path, ranks) -> None:
 
 
 def group_main(workdir: Path, model_path: Path) -> None:
-    from workers.training.distributed import init_from_env
+    from workers.training.ranks import init_from_env
 
     ranks = init_from_env()
     assert ranks is not None and ranks.world_size == 2
@@ -182,25 +190,10 @@ def test_a_run_that_cannot_start_fails_alike_on_every_rank(group):
     # ... and the group trained every later run (the other tests here).
 
 
-def single_step(model_path: Path, kind: str) -> dict:
-    """The same step in one process, by the single-process trainer's own functions."""
-    p, pairs, ref_chosen, ref_rejected = step_batch(model_path, kind)
-    cpu = torch.device("cpu")
-    torch.manual_seed(p.seed)
-    model, runtime = trainer._load_model(model_path, p, cpu)
-    named = [(n, q) for n, q in model.named_parameters() if q.requires_grad]
-    optimizer = trainer._make_optimizer([q for _, q in named], p)
-    before = {n: q.detach().clone() for n, q in named}
-    metrics = trainer._accumulate(model, pairs, ref_chosen, ref_rejected, p, 0, cpu, runtime)
-    norm = trainer._optimizer_step(optimizer, [q for _, q in named], p.max_grad_norm)
-    grads = {n: q.grad.detach().clone() for n, q in named}
-    return {"metrics": metrics, "norm": norm, "grads": grads, "before": before, "after": dict(named)}
-
-
 @pytest.mark.parametrize("kind", KINDS)
 def test_one_step_on_two_ranks_is_the_single_process_step(group, tiny_model_path, kind):
     dist = torch.load(group / f"step-{kind}.pt", weights_only=True)
-    one = single_step(tiny_model_path, kind)
+    one = one_step(tiny_model_path, kind, Ranks.single("cpu"))
     assert torch.allclose(dist["metrics"], one["metrics"], rtol=1e-5, atol=1e-5)
     assert dist["norm"].item() == pytest.approx(one["norm"].item(), rel=1e-5)
     assert one["norm"].item() > 1e-3
@@ -210,7 +203,7 @@ def test_one_step_on_two_ranks_is_the_single_process_step(group, tiny_model_path
         assert torch.equal(dist["before"][name], one["before"][name]), name
         update, want = (
             dist["after"][name] - dist["before"][name],
-            one["after"][name].detach() - one["before"][name],
+            one["after"][name] - one["before"][name],
         )
         # AdamW's first update is lr * g / (|g| + eps), about ±lr: a weight whose gradient sits near
         # eps (1e-8) would turn on the gradient's last bits. None does here (measured: the

@@ -1,6 +1,6 @@
 """The GPU recipe's pieces, checked on the CPU: fp32 master weights behind a bf16 model, metrics read
-one step late, token-budget batches. (FlexAttention's forward is in test_logps_families; its
-backward and the whole recipe on a GPU are in bench/gpu.sh.)"""
+one step late, token-budget batches, the FlexAttention decision. (FlexAttention's forward is in
+test_logps_families; its compiled backward and the whole recipe on a GPU are in bench/gpu.sh.)"""
 
 from __future__ import annotations
 
@@ -12,9 +12,13 @@ import torch
 from safetensors.torch import load_file
 
 from cai_dpo.core.training_params import LoraParams, TrainParams
-from workers.training import trainer
+from workers.training import model as model_module
 from workers.training.data import TokenizedPair, token_batches
-from workers.training.trainer import MasterAdamW, TrainHooks, run_training
+from workers.training.loop import TrainHooks, TrainResult, run_training
+from workers.training.model import PairForward, Runtime, Setup, default_runtime, settle_attention
+from workers.training.optim import MasterAdamW
+from workers.training.ranks import Ranks
+from workers.training.step import score_pairs, score_with
 
 
 @pytest.mark.unit
@@ -35,12 +39,12 @@ def test_master_adamw_is_fp32_adamw_with_the_model_in_bf16():
         norm = mixed.clip_and_step(1.0)
         mixed.zero_grad()
         assert norm.item() == pytest.approx(want_norm.item(), rel=1e-6)
-        for ref_param, master, param in zip(reference, mixed.masters, model, strict=True):
+        for ref_param, master, param in zip(reference, mixed.master_weights, model, strict=True):
             assert torch.allclose(master, ref_param, rtol=0, atol=1e-7)
             assert torch.equal(param, master.bfloat16())  # the model holds the masters, rounded
             assert param.grad is None
     # Updates far below bf16's resolution accumulate in the masters instead of vanishing.
-    assert any(not torch.equal(m.bfloat16().float(), m) for m in mixed.masters)
+    assert any(not torch.equal(m.bfloat16().float(), m) for m in mixed.master_weights)
 
 
 @pytest.mark.unit
@@ -53,9 +57,7 @@ def test_token_batches_are_consecutive_and_within_budget():
     assert token_batches(pairs, 1000) == [[0, 1, 2, 3]]
 
 
-def _run(
-    path: Path, model_path: Path, pairs, *, lora=None, hooks=None, max_tokens=None
-) -> trainer.TrainResult:
+def _run(path: Path, model_path: Path, pairs, *, lora=None, hooks=None, max_tokens=None) -> TrainResult:
     params = TrainParams(
         max_length=96, batch_size=2, max_steps=6, learning_rate=1e-3, warmup_ratio=0.2, lora=lora, seed=3,
         max_tokens_per_batch=max_tokens,
@@ -77,7 +79,7 @@ def test_gpu_recipe_on_the_cpu_trains_like_fp32_and_resumes_exactly(
     tiny_model_path, hh_pairs, tmp_path, monkeypatch, lora
 ):
     fp32 = _run(tmp_path / "fp32", tiny_model_path, hh_pairs, lora=lora)
-    monkeypatch.setattr(trainer, "_low_precision", lambda device: True)  # bf16 model, masters, lagged metrics
+    monkeypatch.setattr(model_module, "low_precision", lambda device: True)  # bf16, masters, lagged metrics
     whole = _run(tmp_path / "whole", tiny_model_path, hh_pairs, lora=lora, max_tokens=150)
 
     # Same run as in fp32, up to bf16 rounding of the forward.
@@ -105,25 +107,52 @@ def test_gpu_recipe_on_the_cpu_trains_like_fp32_and_resumes_exactly(
         assert torch.allclose(resumed_weights[name], tensor, rtol=0, atol=1e-6), name
 
 
-@pytest.mark.unit
-def test_a_failing_flex_attention_falls_back_to_sdpa(monkeypatch):
+class _OtherRankFails(Ranks):
+    """A group of two seen from rank 0, whose rank 1 reports that FlexAttention failed there."""
+
+    def all_gather(self, value):
+        return [value, "RuntimeError: no kernel on rank 1"]
+
+
+@pytest.mark.model  # real forwards and backwards of a tiny model
+def test_flex_attention_stays_where_it_works_on_every_rank_and_else_falls_back_to_sdpa(monkeypatch):
     from transformers.integrations import flex_attention as transformers_flex
 
     from tests.fixtures.training import tiny_model
 
+    cpu = torch.device("cpu")
+    model = tiny_model("llama", 96).eval()
+    pairs = [TokenizedPair([5, 6, 7], [8, 9], [10, 11, 12]), TokenizedPair([13, 14], [15], [16, 17])]
+    want = torch.cat(score_pairs(model, pairs, 2, 0, cpu))
+    plan = default_runtime(model, cpu).plan
+
+    # FlexAttention works here (its backward runs only on a GPU: the CPU's answer is taken as is) and
+    # on every rank: kept.
+    monkeypatch.setattr(model_module, "flex_failure", lambda lm, device: None)
+    model.set_attn_implementation("flex_attention")
+    runtime = Runtime(cpu, plan, flex=True)
+    settle_attention(model, runtime, Ranks.single(cpu))
+    assert runtime.flex and runtime.flex_failed is None
+    assert model.config._attn_implementation == "flex_attention"
+    # It works here but not on another rank: every rank goes on with SDPA.
+    settle_attention(model, runtime, _OtherRankFails(0, 2, 0, cpu, None))
+    assert not runtime.flex and runtime.flex_failed == "RuntimeError: no kernel on rank 1"
+    assert model.config._attn_implementation == "sdpa"
+    monkeypatch.undo()
+
+    # The kernels fail on the small copy of the architecture: the run falls back before it starts.
     def broken(*args, **kwargs):
         raise RuntimeError("no kernel for you")
 
     monkeypatch.setattr(transformers_flex, "compile_friendly_flex_attention", broken)
-    cpu = torch.device("cpu")
-    model = tiny_model("llama", 96).eval()
-    pairs = [TokenizedPair([5, 6, 7], [8, 9], [10, 11, 12]), TokenizedPair([13, 14], [15], [16, 17])]
-    want = torch.cat(trainer.score_pairs(model, pairs, 2, 0, cpu))
     model.set_attn_implementation("flex_attention")
-    runtime = trainer._Runtime(cpu, trainer._plan(model), flex=True)
-    got = torch.cat(trainer.score_pairs(model, pairs, 2, 0, cpu, runtime=runtime))
+    runtime = Runtime(cpu, plan, flex=True)
+    settle_attention(model, runtime, Ranks.single(cpu))
     assert not runtime.flex and "no kernel for you" in runtime.flex_failed
     assert model.config._attn_implementation == "sdpa"
+    got = torch.cat(
+        score_with(Setup(model, PairForward(model), runtime, "single"), pairs, 2, 0, Ranks.single(cpu))
+    )
     assert torch.allclose(got, want, rtol=0, atol=1e-5)
 
 

@@ -26,7 +26,8 @@ from workers.training.data import (
     tokenize_pairs,
 )
 from workers.training.dpo import batch_metrics, dpo_loss, pair_logps, sequence_logps
-from workers.training.trainer import TrainHooks, accumulate_step, run_training, score_pairs
+from workers.training.loop import TrainHooks, run_training
+from workers.training.step import accumulate_step, score_pairs
 
 pytestmark = pytest.mark.model  # SmolLM2's tokenizer and chat template, real torch steps
 

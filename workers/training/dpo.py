@@ -579,27 +579,6 @@ METRIC_NAMES = (
 )
 
 
-def batch_metric_tensor(
-    losses: Tensor,
-    chosen_rewards: Tensor,
-    rejected_rewards: Tensor,
-    policy_chosen: Tensor,
-    policy_rejected: Tensor,
-) -> Tensor:
-    """TRL's per-step metrics (METRIC_NAMES), averaged over the pairs, as one tensor: no host sync."""
-    return torch.stack(
-        [
-            losses.detach().mean(),
-            chosen_rewards.mean(),
-            rejected_rewards.mean(),
-            (chosen_rewards > rejected_rewards).float().mean(),
-            (chosen_rewards - rejected_rewards).mean(),
-            policy_chosen.detach().mean(),
-            policy_rejected.detach().mean(),
-        ]
-    ).float()
-
-
 def batch_metric_sums(
     losses: Tensor,
     chosen_rewards: Tensor,
@@ -607,8 +586,9 @@ def batch_metric_sums(
     policy_chosen: Tensor,
     policy_rejected: Tensor,
 ) -> Tensor:
-    """`batch_metric_tensor` as sums over the pairs, not means: summed across ranks, then divided
-    by the step's pair count, they are the step's means whatever the split."""
+    """TRL's per-step metrics (METRIC_NAMES) as sums over the pairs, one tensor (no host sync):
+    summed across micro-batches and ranks, then divided by the step's pair count, they are the
+    step's means whatever the split."""
     return torch.stack(
         [
             losses.detach().sum(),
@@ -630,5 +610,5 @@ def batch_metrics(
     policy_rejected: Tensor,
 ) -> dict[str, float]:
     """TRL's per-step metrics, averaged over the pairs given."""
-    values = batch_metric_tensor(losses, chosen_rewards, rejected_rewards, policy_chosen, policy_rejected)
-    return dict(zip(METRIC_NAMES, values.tolist(), strict=True))
+    sums = batch_metric_sums(losses, chosen_rewards, rejected_rewards, policy_chosen, policy_rejected)
+    return dict(zip(METRIC_NAMES, (sums / len(losses)).tolist(), strict=True))

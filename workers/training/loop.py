@@ -1,9 +1,9 @@
 """The DPO training loop: one function from pairs and a model folder to a merged Hugging Face model.
 
 `run_training` reads top to bottom: tokenize, load, reference log-probs once, then per optimizer
-step: the step's pairs, forward and backward, clip and step, log, checkpoint; then evaluate and
-save. It knows nothing of the database; the worker passes hooks for progress, checkpoints and
-cancellation.
+step: the step's pairs, forward and backward (`step.forward_backward`), clip and step, log,
+checkpoint; then evaluate and save. It knows nothing of the database; the worker passes hooks for
+progress, checkpoints and cancellation.
 
 One loop for one process and for a torchrun group, as nanoGPT's serves one GPU and DDP: it always
 runs with a `Ranks` (`Ranks.single()` alone, whose collectives do nothing). Every rank calls it
@@ -46,7 +46,7 @@ from workers.training.schedule import (
     total_steps_for,
     warmup_steps_for,
 )
-from workers.training.step import eval_metrics, score_with, train_step
+from workers.training.step import eval_metrics, forward_backward, score_with
 
 # Settings of speed and memory only (same updates): they may change between a stop and a resume.
 SPEED_SETTINGS = {
@@ -276,16 +276,9 @@ def run_training(
         indices = pairs_for_step(run.step, len(train), params.pairs_per_step, params.seed)
         step_pairs = [train[i] for i in indices]
         index = to_device({"index": torch.tensor(indices)}, dev)["index"]
-        step_metrics, grad_norm = train_step(
-            setup,
-            optimizer,
-            step_pairs,
-            ref_chosen_all[index],
-            ref_rejected_all[index],
-            params,
-            pad_id,
-            ranks,
-        )
+        step_refs = ref_chosen_all[index], ref_rejected_all[index]
+        step_metrics = forward_backward(setup, step_pairs, *step_refs, params, pad_id, ranks)
+        grad_norm = optimizer.clip_and_step(params.max_grad_norm)
         optimizer.zero_grad()
         run.step += 1
         step_log.finished(

@@ -1,4 +1,5 @@
-"""One optimizer step and the no-grad scoring, each shared out among the ranks (one rank: all of it).
+"""A step's forward and backward, and the no-grad scoring, each shared out among the ranks (one rank:
+all of it).
 
 A step's pairs are shared out by tokens (`shard_pairs`); each rank adds sum(losses) * world / n to
 the gradient, which DDP and FSDP average, so the step's gradient is the mean over its n pairs
@@ -20,7 +21,6 @@ from cai_dpo.core.training_params import TrainParams
 from workers.training.data import TokenizedPair, token_batches
 from workers.training.dpo import METRIC_NAMES, batch_metric_sums, batch_metrics, dpo_loss
 from workers.training.model import Setup, to_device
-from workers.training.optim import Optimizer
 from workers.training.ranks import Ranks
 from workers.training.schedule import shard_pairs
 
@@ -138,23 +138,6 @@ def forward_backward(
             (losses.sum() * world / len(step_pairs)).backward()
         sums += batch_metric_sums(losses, chosen_rewards, rejected_rewards, *logps.detach().chunk(2))
     return ranks.all_reduce_sum(sums) / len(step_pairs)
-
-
-def train_step(
-    setup: Setup,
-    optimizer: Optimizer,
-    step_pairs: list[TokenizedPair],
-    ref_chosen: Tensor,
-    ref_rejected: Tensor,
-    params: TrainParams,
-    pad_token_id: int,
-    ranks: Ranks,
-) -> tuple[Tensor, Tensor]:
-    """One optimizer step on `step_pairs`: forward and backward in shares, the gradient reduced,
-    clipped and applied. Returns the step's metrics and the gradient norm, on the device; the
-    gradients are left for the caller to clear."""
-    metrics = forward_backward(setup, step_pairs, ref_chosen, ref_rejected, params, pad_token_id, ranks)
-    return metrics, optimizer.clip_and_step(params.max_grad_norm)
 
 
 def accumulate_step(
