@@ -11,7 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cai_dpo.core.training_params import LoraParams, TrainParams
+from cai_dpo.core.training_params import LoraParams
+from tests.fixtures.training import tiny_run_params
 from workers.training import model as model_module
 from workers.training.data import TokenizedPair, token_batches
 from workers.training.loop import TrainHooks, TrainResult, run_training
@@ -58,13 +59,9 @@ def test_token_batches_are_consecutive_and_within_budget():
 
 
 def _run(path: Path, model_path: Path, pairs, *, lora=None, hooks=None, max_tokens=None) -> TrainResult:
-    params = TrainParams(
-        max_length=96, batch_size=2, max_steps=6, learning_rate=1e-3, warmup_ratio=0.2, lora=lora, seed=3,
-        max_tokens_per_batch=max_tokens,
-    )  # fmt: skip
     return run_training(
-        params, model_path=model_path, train_pairs=pairs[:8], eval_pairs=pairs[8:10], output_dir=path,
-        hooks=hooks, checkpoint_steps=2,
+        tiny_run_params(lora, max_tokens_per_batch=max_tokens), model_path=model_path, train_pairs=pairs[:8],
+        eval_pairs=pairs[8:10], output_dir=path, hooks=hooks, checkpoint_steps=2,
     )  # fmt: skip
 
 
@@ -76,9 +73,9 @@ def _history(model_dir: Path) -> list[dict]:
 @pytest.mark.model
 @pytest.mark.parametrize("lora", [None, LoraParams(r=4, alpha=8)], ids=["full", "lora"])
 def test_gpu_recipe_on_the_cpu_trains_like_fp32_and_resumes_exactly(
-    tiny_model_path, hh_pairs, tmp_path, monkeypatch, lora
+    tiny_model_path, hh_pairs, tmp_path, monkeypatch, uninterrupted_tiny_run, lora
 ):
-    fp32 = _run(tmp_path / "fp32", tiny_model_path, hh_pairs, lora=lora)
+    fp32 = uninterrupted_tiny_run(lora)  # the same run in fp32, as the resume test has it
     monkeypatch.setattr(model_module, "low_precision", lambda device: True)  # bf16, masters, lagged metrics
     whole = _run(tmp_path / "whole", tiny_model_path, hh_pairs, lora=lora, max_tokens=150)
 

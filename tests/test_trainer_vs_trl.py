@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from cai_dpo.core.training_params import LoraParams, TrainParams
-from tests.fixtures.training import tiny_llama
+from tests.fixtures.training import own_logps, tiny_llama, tiny_run_params
 from workers.training.data import (
     PairExample,
     TemplateError,
@@ -211,6 +211,21 @@ def test_logps_loss_and_gradients_match_trl(smollm_tokenizer, hh_pairs, tmp_path
     ):
         assert torch.allclose(ours_param.grad, trl_param.grad, rtol=1e-4, atol=1e-6), name
 
+    # The trainer's own path (score_pairs, accumulate_step) gives TRL's log-probs and loss, and the
+    # model's own forward agrees with both (the other families: test_logps_families).
+    cpu = torch.device("cpu")
+    trainer_ref = score_pairs(trainer.ref_model, tokenized, 4, tok.pad_token_id, cpu)
+    trainer_policy = score_pairs(trainer.model, tokenized, 4, tok.pad_token_id, cpu)
+    assert torch.allclose(torch.cat(trainer_ref), trl_ref, rtol=0, atol=1e-3)
+    assert torch.allclose(torch.cat(trainer_policy), trl_policy, rtol=0, atol=1e-3)
+    params = TrainParams(
+        batch_size=n, max_length=max_length, beta=0.1, loss_type=loss_type, label_smoothing=label_smoothing
+    )
+    step_metrics = accumulate_step(trainer.model, tokenized, *trainer_ref, params, tok.pad_token_id, cpu)
+    assert step_metrics["loss"] == pytest.approx(trl_loss.item(), abs=1e-4)
+    own = own_logps(trainer.ref_model.eval(), tokenized)
+    assert torch.allclose(torch.cat(trainer_ref), own, rtol=0, atol=1e-3)
+
 
 # --- the loop ---------------------------------------------------------------------------------------
 
@@ -273,23 +288,17 @@ def test_learns_the_preferences_of_sixteen_real_pairs(bundled_model_path, hh_pai
     assert tokenizer.decode(output[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True).strip()
 
 
-def _resume_params(lora: LoraParams | None) -> TrainParams:
-    return TrainParams(
-        max_length=96, batch_size=2, max_steps=6, learning_rate=1e-3, warmup_ratio=0.2, lora=lora, seed=3
-    )
-
-
 def _history(model_dir: Path) -> list[dict]:
     rows = [json.loads(line) for line in (model_dir / "metrics.jsonl").read_text().splitlines()]
     return [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in rows]
 
 
 @pytest.mark.parametrize("lora", [None, LoraParams(r=4, alpha=8)], ids=["full", "lora"])
-def test_resume_after_stop_matches_an_uninterrupted_run(tiny_model_path, hh_pairs, tmp_path, lora):
-    params, train, evals = _resume_params(lora), hh_pairs[:8], hh_pairs[8:10]
-    whole = run_training(
-        params, model_path=tiny_model_path, train_pairs=train, eval_pairs=evals, output_dir=tmp_path / "whole"
-    )
+def test_resume_after_stop_matches_an_uninterrupted_run(
+    tiny_model_path, hh_pairs, tmp_path, uninterrupted_tiny_run, lora
+):
+    params, train, evals = tiny_run_params(lora), hh_pairs[:8], hh_pairs[8:10]
+    whole = uninterrupted_tiny_run(lora)
 
     steps, checkpoints = [], []
     hooks = TrainHooks(
