@@ -64,7 +64,7 @@ def step_batch(model_path: Path, kind: str):
 
     p = params(kind, max_steps=1)
     train, _ = pair_sets()
-    tokenized, _, _ = prepare_pairs(AutoTokenizer.from_pretrained(model_path), train, [], p)
+    tokenized, _, _ = prepare_pairs(AutoTokenizer.from_pretrained(model_path), train, [], p.max_length)
     pairs = [tokenized[i] for i in pairs_for_step(0, len(tokenized), p.pairs_per_step, p.seed)]
     ref = torch.linspace(-400, -300, 2 * len(pairs)).view(2, -1)
     return p, pairs, ref[0], ref[1]

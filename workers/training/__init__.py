@@ -1,1 +1,2 @@
-"""The training worker: tokenization, the DPO loss, the training loop."""
+"""The training worker: tokenization, the DPO loss, one training loop for one process or a torchrun
+group, checkpoints, evaluation (the modules' layers: pyproject.toml's import contracts)."""

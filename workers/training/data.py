@@ -21,8 +21,6 @@ from typing import Any
 
 import torch
 
-from cai_dpo.core.training_params import TrainParams
-
 log = logging.getLogger(__name__)
 
 Message = dict[str, str]
@@ -144,11 +142,15 @@ def tokenize_pairs(
 
 
 def prepare_pairs(
-    tokenizer: Any, train_pairs: list[PairExample], eval_pairs: list[PairExample], params: TrainParams
+    tokenizer: Any,
+    train_pairs: list[PairExample],
+    eval_pairs: list[PairExample],
+    max_length: int,
+    max_prompt_length: int | None = None,
 ) -> tuple[list[TokenizedPair], list[TokenizedPair], dict[str, Any]]:
     """A run's training and held-out pairs tokenized, and the summary its record keeps."""
-    train, train_dropped = tokenize_pairs(tokenizer, train_pairs, params.max_length, params.max_prompt_length)
-    evals, eval_dropped = tokenize_pairs(tokenizer, eval_pairs, params.max_length, params.max_prompt_length)
+    train, train_dropped = tokenize_pairs(tokenizer, train_pairs, max_length, max_prompt_length)
+    evals, eval_dropped = tokenize_pairs(tokenizer, eval_pairs, max_length, max_prompt_length)
     if not train:
         raise ValueError("no training pair has a response token left within max_length")
     summary = {

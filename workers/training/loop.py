@@ -226,7 +226,8 @@ def run_training(
         output_dir.mkdir(parents=True, exist_ok=True)
         tokenizer = AutoTokenizer.from_pretrained(model_path)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        train, evals, data = prepare_pairs(tokenizer, train_pairs, eval_pairs, params)
+        lengths = params.max_length, params.max_prompt_length
+        train, evals, data = prepare_pairs(tokenizer, train_pairs, eval_pairs, *lengths)
         total_steps = total_steps_for(params, len(train))
         warmup_steps = warmup_steps_for(params, total_steps)
         identity = {
