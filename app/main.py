@@ -9,6 +9,7 @@ from typing import Any
 from fastapi import FastAPI
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
+from app.access import Access, access_table, declare, undeclared_routes
 from app.errors import install_error_handlers
 from app.metrics import RequestCounter, metrics_registry
 from app.openapi import install as install_openapi
@@ -19,6 +20,7 @@ from cai_dpo.core.api_keys import KeyRing
 from cai_dpo.core.constitutions import ConstitutionStore
 from cai_dpo.core.db import database_url, get_engine, session_scope, upgrade_database
 from cai_dpo.core.queries import audit as audit_queries
+from cai_dpo.core.queries import sessions as session_queries
 from cai_dpo.core.settings import Settings, check_bind, get_settings
 
 
@@ -55,10 +57,26 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True) -> Fas
         app.include_router(module.router)
     # The web console: its pages, forms and assets under one mount, outside the API's schema.
     install_console(app)
+    # FastAPI's own pages (the OpenAPI document and its viewers) read like any GET.
+    for route in app.routes:
+        if getattr(route, "path", None) in (
+            app.openapi_url,
+            app.docs_url,
+            app.redoc_url,
+            app.swagger_ui_oauth2_redirect_url,
+        ):
+            declare(route.endpoint, Access("read"))
+    if missing := undeclared_routes(app.routes):
+        raise RuntimeError(f"routes that declare no access (app/access.py): {', '.join(missing)}")
+    app.state.access = access_table(app.routes)
 
     def write_audit(entry: dict[str, Any]) -> None:
         with session_scope(app.state.engine) as session:
             audit_queries.record(session, **entry)
+
+    def revoked(nonce: str) -> bool:
+        with session_scope(app.state.engine) as session:
+            return session_queries.is_revoked(session, nonce)
 
     # Added last is outermost: the Guard decides before anything reads the body.
     app.state.metrics, requests = metrics_registry(lambda: app.state.engine, settings.worker_seen_seconds)
@@ -74,5 +92,6 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True) -> Fas
         audit=write_audit,
         console=app.state.console_auth,
         routes=app.router.routes,
+        revoked=revoked,
     )
     return app

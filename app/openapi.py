@@ -5,7 +5,7 @@ Routes declare the errors of their own making with `errors(404, 409, ...)`; ever
 builds, in one place:
 
 - FastAPI's default 422 schema (`HTTPValidationError`) becomes `ErrorBody` on every route;
-- the Guard's answers are declared on every route from its own table (`security.required_scope`):
+- the Guard's answers are declared on every route from the route's own `Access` (`app/access.py`):
   400 (a `Host` that is not a loopback name, or a malformed body), 401 (no valid key, where the
   route needs one), 403, and on mutating routes 413 and 415 (body cap, content type);
 - optional query and header parameters lose the JSON `null` that FastAPI writes for `X | None`
@@ -25,8 +25,9 @@ from typing import Any
 from fastapi import FastAPI
 from pydantic import BaseModel, ConfigDict, Field
 
+from app.access import NDJSON, YAML, Access
 from app.schemas import NONBLANK, ErrorBody
-from app.security import MUTATING, NDJSON, UPLOAD_HEADER, YAML, required_scope
+from app.security import MUTATING, UPLOAD_HEADER
 from cai_dpo.core.constitutions import NAME_PATTERN, ConstitutionSpec
 from cai_dpo.core.settings import Settings
 
@@ -174,13 +175,15 @@ def install(app: FastAPI, settings: Settings) -> None:
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            finish(FastAPI.openapi(app), settings)
+            finish(FastAPI.openapi(app), settings, app.state.access)
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
 
 
-def finish(document: dict[str, Any], settings: Settings) -> dict[str, Any]:
+def finish(
+    document: dict[str, Any], settings: Settings, access: dict[tuple[str, str], Access]
+) -> dict[str, Any]:
     schemas = document.setdefault("components", {}).setdefault("schemas", {})
     for model in EXTRA_MODELS:
         schema = model.model_json_schema(ref_template=SCHEMAS + "{model}")
@@ -198,7 +201,7 @@ def finish(document: dict[str, Any], settings: Settings) -> dict[str, Any]:
                 media = response.get("content", {}).get("application/json", {})
                 if media.get("schema", {}).get("$ref") == f"{SCHEMAS}HTTPValidationError":
                     responses[status] = _error(422)
-            scope = required_scope(method.upper(), path)
+            scope = access[(method.upper(), path)].scope
             guard = [400, 403] + ([401] if scope is not None else [])
             if method.upper() in MUTATING:
                 guard += [413, 415]

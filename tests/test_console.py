@@ -16,7 +16,8 @@ import pytest
 from sqlalchemy import select, update
 
 from app.main import create_app
-from app.security import required_scope
+from app.routes import workers as worker_routes
+from app.access import route_access, undeclared_routes
 from app.ui.auth import CSRF_COOKIE, SESSION_COOKIE, ConsoleAuth
 from app.ui.router import router as console_router
 from app.ui.text_diff import diff_stats, line_diff, word_diff
@@ -32,6 +33,12 @@ UI = Path(__file__).resolve().parents[1] / "app" / "ui"
 ADMIN, READER, REVIEWER = "admin-secret-0001", "reader-secret-0001", "reviewer-secret-01"
 KEYS = f"admin:read+generate+train+review+admin:{ADMIN},reader:read:{READER},reviewer:read+review:{REVIEWER}"
 TOKEN = re.compile(r'name="csrf_token" value="([^"]+)"')
+NEW_CONSTITUTION_TEXT = """description: A probe's constitution.
+principles:
+  - id: only
+    critique: Point out what is wrong with your last answer.
+    revision: Rewrite your answer without it.
+"""
 
 
 # --- pure parts -----------------------------------------------------------------------------------
@@ -76,23 +83,52 @@ def test_sessions_are_signed_bound_to_the_key_and_expire():
     # The same name with another secret (a rotated key) ends the session.
     rotated = ConsoleAuth("s" * 32, KeyRing(f"admin:read:{'x' * 20}", None))
     assert rotated.session_key(cookie, now=1000.0) is None
-    assert auth.csrf_ok("cookie", auth.csrf_token("cookie"))
-    assert not auth.csrf_ok("cookie", auth.csrf_token("other")) and not auth.csrf_ok(None, "x")
+    assert auth.csrf_ok("cookie", cookie, auth.csrf_token("cookie", cookie))
+    assert not auth.csrf_ok("cookie", cookie, auth.csrf_token("other", cookie))
+    assert not auth.csrf_ok(None, cookie, "x")
+    # The token is bound to the session: one minted without it (or for another) is refused.
+    assert not auth.csrf_ok("cookie", cookie, auth.csrf_token("cookie"))
+    other = auth.new_session(admin, now=1000.0)
+    assert not auth.csrf_ok("cookie", cookie, auth.csrf_token("cookie", other))
+
+
+def scope_of(app, method: str, path: str) -> str | None:
+    """The scope the Guard asks of this request: that of the route it reaches."""
+    request = {"type": "http", "method": method, "path": path, "root_path": "", "query_string": b""}
+    return route_access(app.routes, request).scope
 
 
 @pytest.mark.unit
 def test_the_console_takes_the_scopes_of_the_api_routes_it_stands_for():
-    assert required_scope("GET", "/ui/pairs/3") == "read"
-    assert required_scope("POST", "/ui/generate") == required_scope("POST", "/generate") == "generate"
-    assert required_scope("POST", "/ui/jobs/3/retry") == "generate"
-    assert required_scope("POST", "/ui/pairs/3/review") == required_scope("POST", "/pairs/3/review")
-    assert required_scope("POST", "/pairs/3/review") == "review"
-    assert required_scope("POST", "/ui/train") == required_scope("POST", "/train/4/cancel") == "train"
-    assert required_scope("POST", "/ui/constitutions/harmless") == "admin"  # a save, as PUT
-    assert required_scope("POST", "/ui/constitutions/harmless/check") == "read"
-    assert required_scope("POST", "/ui/constitutions/harmless/try") == "generate"
-    for public in ("/ui/login", "/ui/logout", "/ui/static/console.js"):
-        assert required_scope("POST" if "log" in public else "GET", public) is None
+    app = create_app(migrate=False)
+    assert scope_of(app, "GET", "/ui/pairs/3") == "read"
+    assert scope_of(app, "POST", "/ui/generate") == scope_of(app, "POST", "/generate") == "generate"
+    assert scope_of(app, "POST", "/ui/jobs/3/retry") == "generate"
+    assert scope_of(app, "POST", "/ui/pairs/3/review") == scope_of(app, "POST", "/pairs/3/review")
+    assert scope_of(app, "POST", "/pairs/3/review") == "review"
+    assert scope_of(app, "POST", "/ui/train") == scope_of(app, "POST", "/train/4/cancel") == "train"
+    assert scope_of(app, "POST", "/ui/constitutions/harmless") == "admin"  # a save, as PUT
+    assert scope_of(app, "POST", "/ui/constitutions/harmless/check") == "read"
+    assert scope_of(app, "POST", "/ui/constitutions/harmless/try") == "generate"
+    # The save route of constitutions named like the editor's own actions is still a save: the
+    # scope comes from the route the request reaches, never from the shape of its path.
+    assert scope_of(app, "POST", "/ui/constitutions/check") == "admin"
+    assert scope_of(app, "POST", "/ui/constitutions/try") == "admin"
+    for public in ("/ui/login", "/ui/logout", "/ui/static/console.js", "/health"):
+        assert scope_of(app, "POST" if "log" in public else "GET", public) is None
+    assert scope_of(app, "GET", "/audit") == scope_of(app, "GET", "/keys") == "admin"
+    assert scope_of(app, "GET", "/openapi.json") == scope_of(app, "GET", "/no-such-route") == "read"
+
+
+@pytest.mark.unit
+def test_a_route_that_declares_no_access_stops_the_app_from_starting():
+    assert undeclared_routes(create_app(migrate=False).routes) == []
+    worker_routes.router.add_api_route("/undeclared", lambda: None, methods=["POST"])
+    try:
+        with pytest.raises(RuntimeError, match="POST /workers/undeclared"):
+            create_app(migrate=False)
+    finally:
+        worker_routes.router.routes.pop()
 
 
 @pytest.mark.unit
@@ -471,3 +507,81 @@ def test_training_form_starts_a_run_and_cancel_stops_it(client, db):
     assert cancelled.status_code == 303
     with session_scope(db) as session:
         assert session.get(TrainingJob, train_id).status == "cancelled"
+
+
+@pytest.mark.db
+def test_constitutions_named_like_the_editors_actions_are_saved_only_with_admin(keyed, db, settings):
+    """The probe's finding: `POST /ui/constitutions/check` is the *save* route of a constitution
+    named `check`; a read key got `200 Saved` from it when scopes came from the path's shape."""
+    yaml_text = NEW_CONSTITUTION_TEXT
+    reader = logged_in(keyed, READER)
+    token = csrf(reader.get("/ui/jobs"))
+    for name in ("check", "try"):
+        refused = reader.post(f"/ui/constitutions/{name}", data={"body": yaml_text, "csrf_token": token})
+        assert refused.status_code == 403 and "lacks the &#x27;admin&#x27; scope" in refused.text, name
+        assert not (settings.constitutions_dir / f"{name}.yaml").exists()
+    reviewer = logged_in(keyed, REVIEWER)
+    token = csrf(reviewer.get("/ui/jobs"))
+    assert (
+        reviewer.post("/ui/constitutions/try", data={"body": yaml_text, "csrf_token": token}).status_code
+        == 403
+    )
+    # The editor's own check still answers a read key, and an admin still saves `check`.
+    checked = reader.post(
+        "/ui/constitutions/harmless/check",
+        data={"body": yaml_text, "csrf_token": csrf(reader.get("/ui/jobs"))},
+    )
+    assert checked.status_code == 200
+    admin = logged_in(keyed, ADMIN)
+    saved = admin.post(
+        "/ui/constitutions/check", data={"body": yaml_text, "csrf_token": csrf(admin.get("/ui/jobs"))}
+    )
+    assert saved.status_code == 200 and (settings.constitutions_dir / "check.yaml").exists()
+
+
+@pytest.mark.db
+def test_csrf_tokens_are_bound_to_the_session_and_posts_from_other_origins_are_refused(keyed, db, settings):
+    admin = logged_in(keyed, ADMIN)
+    own_token = csrf(admin.get("/ui/jobs"))
+    form = {"body": NEW_CONSTITUTION_TEXT}
+    # A CSRF cookie and token minted anonymously (the login page) are worth nothing beside the
+    # admin's session: the token is an HMAC of both cookies.
+    with httpx.Client(base_url=keyed.url) as anonymous:
+        planted_token = csrf(anonymous.get("/ui/login"))
+        planted_cookie = anonymous.cookies.get(CSRF_COOKIE)
+    session_cookie = admin.cookies.get(SESSION_COOKIE)
+    with httpx.Client(base_url=keyed.url) as attacker:
+        attacker.cookies.set(SESSION_COOKIE, session_cookie, path="/ui")
+        attacker.cookies.set(CSRF_COOKIE, planted_cookie, path="/ui")
+        for carried in (
+            {"data": form | {"csrf_token": planted_token}},
+            {"data": form, "headers": {"X-CSRF-Token": planted_token}},
+        ):
+            response = attacker.post("/ui/constitutions/planted", **carried)
+            assert response.status_code == 403 and "csrf_token" in response.text
+    # With the right token, a post from another origin is still refused, in key mode too.
+    crossed = admin.post(
+        "/ui/constitutions/planted",
+        data=form | {"csrf_token": own_token},
+        headers={"Origin": "https://evil.example"},
+    )
+    assert crossed.status_code == 403 and "origin" in crossed.text
+    assert not (settings.constitutions_dir / "planted.yaml").exists()
+    own = admin.post(
+        "/ui/constitutions/planted", data=form | {"csrf_token": own_token}, headers={"Origin": keyed.url}
+    )
+    assert own.status_code == 200 and (settings.constitutions_dir / "planted.yaml").exists()
+
+
+@pytest.mark.db
+def test_signing_out_ends_the_session_on_the_server(keyed, db):
+    admin = logged_in(keyed, ADMIN)
+    copied = admin.cookies.get(SESSION_COOKIE)
+    assert admin.post("/ui/logout", data={"csrf_token": csrf(admin.get("/ui/jobs"))}).status_code == 303
+    with httpx.Client(base_url=keyed.url) as replay:
+        replay.cookies.set(SESSION_COOKIE, copied, path="/ui")
+        answer = replay.get("/ui/jobs")
+        assert answer.status_code == 303 and answer.headers["location"].startswith("/ui/login")
+    # Signing in again opens a new session that works.
+    again = logged_in(keyed, ADMIN)
+    assert again.get("/ui/jobs").status_code == 200

@@ -144,7 +144,18 @@ def test_loopback_mode_refuses_what_a_web_page_could_send(client):
     assert client.post("/generate", json=body, headers={"Host": "evil.example"}).status_code == 400
     crossed = client.post("/generate", json=body, headers={"Origin": "https://evil.example"})
     assert crossed.status_code == 403 and crossed.json()["detail"].startswith("origin")
-    assert client.post("/generate", json=body, headers={"Origin": "http://127.0.0.1:8000"}).status_code == 202
+    # Only the service's own origin: another local web app (another port) is a site of its own.
+    own = str(client.base_url).rstrip("/")
+    assert client.post("/generate", json=body, headers={"Origin": own}).status_code == 202
+    port = client.base_url.port
+    for other in (
+        f"http://127.0.0.1:{port + 1}",
+        f"http://localhost:{port + 1}",
+        "null",
+        f"https://127.0.0.1:{port}",
+    ):
+        refused = client.post("/jobs/1/cancel", headers={"Origin": other, "content-type": "text/plain"})
+        assert refused.status_code == 403 and refused.json()["detail"].startswith("origin"), other
     plain = client.post("/generate", content=b'{"prompts": ["x"], "constitution": "harmless"}',
                         headers={"content-type": "text/plain"})  # fmt: skip
     assert plain.status_code == 415 and plain.json()["detail"].startswith("content-type")

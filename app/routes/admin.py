@@ -5,6 +5,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel
 
+from app.access import access
 from app.deps import SessionDep
 from cai_dpo.core.pair_filter import DbId
 from cai_dpo.core.queries import audit as audit_queries
@@ -29,6 +30,7 @@ class KeyOut(BaseModel):
 
 
 @router.get("/audit", response_model=list[AuditOut])
+@access("admin")
 def audit_log(
     session: SessionDep,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
@@ -51,6 +53,7 @@ def audit_log(
 
 
 @router.get("/keys", response_model=list[KeyOut])
+@access("admin")
 def api_keys(request: Request):
     """The keys in force (never their secrets)."""
     return [KeyOut(name=k.name, scopes=sorted(k.scopes)) for k in request.app.state.keys.current()]

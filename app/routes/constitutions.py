@@ -5,6 +5,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Header, HTTPException, Path, Request
 from sqlalchemy.orm import Session
 
+from app.access import YAML, access
 from app.deps import SessionDep, StoreDep, or_404
 from app.openapi import NAME, VERSION, errors, yaml_request
 from app.schemas import ConstitutionOut, ConstitutionVersionOut, FieldError
@@ -60,6 +61,7 @@ def _current(store: ConstitutionStore, name: str) -> Constitution:
 
 
 @router.get("", response_model=list[ConstitutionOut])
+@access("read")
 def list_constitutions(store: StoreDep):
     out = []
     for name in store.names():
@@ -86,6 +88,7 @@ def _detail(constitution: Constitution, store: ConstitutionStore, session: Sessi
 
 
 @router.get("/{name}", response_model=ConstitutionOut, responses=errors(404))
+@access("read")
 def get_constitution(name: Name, store: StoreDep, session: SessionDep):
     return _detail(_current(store, name), store, session)
 
@@ -113,6 +116,7 @@ def _save(
     responses=errors(412),
     openapi_extra=yaml_request("ConstitutionSpec"),
 )
+@access("admin", accepts=YAML, cap="constitution")
 def put_constitution(
     name: Name,
     request: Request,
@@ -126,6 +130,7 @@ def put_constitution(
 
 
 @router.get("/{name}/versions/{version}", response_model=ConstitutionVersionOut, responses=errors(404))
+@access("read")
 def get_version(name: Name, version: Version, session: SessionDep):
     """One version used so far (its exact text), by content hash or a prefix of 8+ characters."""
     row = or_404(
@@ -138,6 +143,7 @@ def get_version(name: Name, version: Version, session: SessionDep):
 
 
 @router.post("/{name}/versions/{version}/restore", response_model=ConstitutionOut, responses=errors(404, 412))
+@access("admin")
 def restore_version(
     name: Name,
     version: Version,

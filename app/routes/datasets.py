@@ -15,6 +15,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app.access import MULTIPART, NDJSON, access
 from app.deps import SettingsDep
 from app.openapi import IMPORT_BODY, errors
 from app.schemas import FieldError
@@ -65,6 +66,7 @@ async def read_lines(chunks: AsyncIterator[bytes], digest) -> list[str]:
 
 
 @router.post("/import", status_code=201, responses=errors(409), openapi_extra=IMPORT_BODY)
+@access("admin", accepts=NDJSON + MULTIPART, cap="import")
 async def import_pairs(
     request: Request,
     settings: SettingsDep,

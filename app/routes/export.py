@@ -7,6 +7,7 @@ from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import StreamingResponse
 from starlette.background import BackgroundTask
 
+from app.access import access
 from app.openapi import errors
 from app.schemas import ExportQuery
 from cai_dpo.core.db import session_scope
@@ -15,6 +16,8 @@ from cai_dpo.core.queries import pairs as pair_queries
 
 router = APIRouter(tags=["export"])
 
+# What a refused export is told to wait: an export of a few thousand pairs takes about this long.
+EXPORT_RETRY_AFTER_S = 5
 _MEDIA_TYPES = {"jsonl": "application/x-ndjson", "parquet": "application/vnd.apache.parquet"}
 
 
@@ -29,12 +32,19 @@ _MEDIA_TYPES = {"jsonl": "application/x-ndjson", "parquet": "application/vnd.apa
         **errors(429),
     },
 )
+@access("read")
 def export(request: Request, query: Annotated[ExportQuery, Query()]):
-    """Streams from a pool of its own (`CAI_EXPORT_CONCURRENCY` connections): slow readers wait for
-    a slot, or get a 429 after 30 s, and never take the connections the rest of the API needs."""
+    """Streams from a pool of its own (`CAI_EXPORT_CONCURRENCY` connections), so slow readers never
+    take the connections the rest of the API needs. With every slot taken the answer is an
+    immediate 429 with `Retry-After`: a request waiting for a slot would hold one of the server's
+    threads, and enough of them would stall every route."""
     slot = ExportSlot(request.app.state.export_slots)
-    if not slot.acquire(timeout=30):
-        raise HTTPException(429, "export: too many exports in progress; retry later", {"Retry-After": "30"})
+    if not slot.acquire():
+        raise HTTPException(
+            429,
+            f"export: {request.app.state.settings.export_concurrency} exports in progress; retry later",
+            {"Retry-After": str(EXPORT_RETRY_AFTER_S)},
+        )
     engine = request.app.state.export_engine
     filters = query.only_filter()
 
@@ -69,8 +79,8 @@ class ExportSlot:
         self.held = False
         self._lock = threading.Lock()
 
-    def acquire(self, timeout: float) -> bool:
-        self.held = self.slots.acquire(timeout=timeout)
+    def acquire(self) -> bool:
+        self.held = self.slots.acquire(blocking=False)
         return self.held
 
     def release(self) -> None:

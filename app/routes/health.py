@@ -7,6 +7,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
+from app.access import access
 from app.deps import SettingsDep
 from app.schemas import HealthOut
 from cai_dpo.core.db import session_scope
@@ -22,6 +23,7 @@ router = APIRouter(tags=["health"])
     response_model=HealthOut,
     responses={503: {"model": HealthOut, "description": "The database cannot be reached."}},
 )
+@access(None)
 def health(request: Request, settings: SettingsDep) -> JSONResponse:
     """`ok`, `degraded` (a live worker reports a problem, e.g. its engine is down, or work waits
     with no live worker of its kind) or `error` (no database). The problems' text is shown only to
@@ -58,6 +60,7 @@ def health(request: Request, settings: SettingsDep) -> JSONResponse:
 
 
 @router.get("/metrics", response_class=PlainTextResponse)
+@access("read")
 def metrics(request: Request) -> PlainTextResponse:
     """Prometheus text exposition."""
     return PlainTextResponse(generate_latest(request.app.state.metrics), media_type=CONTENT_TYPE_LATEST)

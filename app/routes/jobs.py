@@ -8,6 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Header, HTTPException, Query, Request, Response
 from sqlalchemy.orm import Session
 
+from app.access import access
 from app.deps import (
     CallerDep,
     SessionDep,
@@ -46,6 +47,7 @@ def request_hash(body: GenerateRequest) -> str:
 
 
 @router.post("/generate", status_code=202, response_model=GenerateResponse, responses=errors(404, 409))
+@access("generate")
 def generate(
     body: GenerateRequest,
     request: Request,
@@ -155,6 +157,7 @@ def _jobs_out(session: Session, jobs: list[GenerationJob]) -> list[JobOut]:
 
 
 @router.get("/jobs", response_model=list[JobOut])
+@access("read")
 def list_jobs(
     session: SessionDep,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
@@ -164,11 +167,13 @@ def list_jobs(
 
 
 @router.get("/jobs/{job_id}", response_model=JobOut, responses=errors(404))
+@access("read")
 def get_job(job_id: DbId, session: SessionDep):
     return _jobs_out(session, [or_404(job_queries.get_job(session, job_id), f"job_id: no job {job_id}")])[0]
 
 
 @router.post("/jobs/{job_id}/cancel", response_model=JobOut, responses=errors(404))
+@access("generate")
 def cancel_job(job_id: DbId, session: SessionDep, caller: CallerDep):
     job = or_404(job_queries.get_job(session, job_id), f"job_id: no job {job_id}")
     require_owner_or_admin(caller, job.created_by, f"job {job_id}")
@@ -178,6 +183,7 @@ def cancel_job(job_id: DbId, session: SessionDep, caller: CallerDep):
 
 
 @router.get("/jobs/{job_id}/prompts", response_model=PromptPage, responses=errors(404))
+@access("read")
 def list_job_prompts(
     job_id: DbId,
     session: SessionDep,
@@ -210,6 +216,7 @@ def list_job_prompts(
 
 
 @router.post("/jobs/{job_id}/retry", response_model=JobOut, responses=errors(404, 409))
+@access("generate")
 def retry_job(job_id: DbId, session: SessionDep, caller: CallerDep):
     """Queue the job's failed prompts again (e.g. after a model or settings fix)."""
     job = or_404(job_queries.get_job(session, job_id), f"job_id: no job {job_id}")

@@ -5,6 +5,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
 
+from app.access import access
 from app.deps import CallerDep, SessionDep, SettingsDep, or_404
 from app.openapi import errors
 from app.schemas import FieldError, PairOut, PairPage, PairPageQuery, ReviewIn
@@ -52,6 +53,7 @@ def pair_out(
 
 
 @router.get("", response_model=PairPage)
+@access("read")
 def list_pairs(session: SessionDep, settings: SettingsDep, query: Annotated[PairPageQuery, Query()]):
     limit = min(query.limit, settings.page_size_max)
     after = int(query.cursor) if query.cursor else None
@@ -62,6 +64,7 @@ def list_pairs(session: SessionDep, settings: SettingsDep, query: Annotated[Pair
 
 
 @router.get("/{pair_id}", response_model=PairOut, responses=errors(404))
+@access("read")
 def get_pair(pair_id: DbId, session: SessionDep):
     found = or_404(pair_queries.get_pair(session, pair_id), f"pair_id: no pair {pair_id}")
     latest = review_queries.latest_reviews(session, [pair_id]).get(pair_id)
@@ -75,6 +78,7 @@ def get_pair(pair_id: DbId, session: SessionDep):
     responses=errors(404),
     openapi_extra={"requestBody": {"required": True}},  # None is refused with its own message
 )
+@access("review")
 def review_pair(
     pair_id: DbId, request: Request, session: SessionDep, caller: CallerDep, body: ReviewIn | None = None
 ):

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import PlainTextResponse
 from sqlalchemy.orm import Session
 
+from app.access import access
 from app.deps import CallerDep, SessionDep, SettingsDep, checked_model, or_404, require_owner_or_admin
 from app.openapi import NAME, errors
 from app.schemas import EvaluationOut, FieldError, TrainJobOut, TrainRequest
@@ -87,11 +88,13 @@ def train_out(session: Session, job: TrainingJob) -> TrainJobOut:
 
 # Policies first: `/train/policies` must not be taken for `/train/{train_id}`.
 @router.get("/policies")
+@access("read")
 def list_policies(session: SessionDep):
     return [_policy_out(p, session) for p in policy_queries.list_train_policies(session)]
 
 
 @router.put("/policies/{name}")
+@access("train")
 def put_policy(name: Name, body: TrainPolicyIn, session: SessionDep, settings: SettingsDep):
     check_name(name)
     if body.base_model is not None:
@@ -102,11 +105,13 @@ def put_policy(name: Name, body: TrainPolicyIn, session: SessionDep, settings: S
 
 
 @router.delete("/policies/{name}", status_code=204, responses=errors(404))
+@access("train")
 def delete_policy(name: Name, session: SessionDep):
     or_404(policy_queries.delete_train_policy(session, name) or None, f"name: no policy for {name!r}")
 
 
 @router.delete("/policies/{name}/promotion", status_code=204, responses=errors(404))
+@access("train")
 def demote(name: Name, session: SessionDep):
     """Undo a promotion: the constitution generates with the default model again."""
     or_404(
@@ -137,6 +142,7 @@ def _policy_out(policy, session) -> dict:
 
 
 @router.post("", status_code=202)
+@access("train")
 def start_training(
     body: TrainRequest, request: Request, caller: CallerDep, session: SessionDep, settings: SettingsDep
 ):
@@ -155,6 +161,7 @@ def start_training(
 
 
 @router.get("", response_model=list[TrainJobOut])
+@access("read")
 def list_training(
     session: SessionDep,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
@@ -173,6 +180,7 @@ def _job_or_404(session: Session, train_id: int) -> TrainingJob:
 
 
 @router.get("/{train_id}", response_model=TrainJobOut, responses=errors(404))
+@access("read")
 def get_training(train_id: DbId, session: SessionDep):
     return train_out(session, _job_or_404(session, train_id))
 
@@ -188,6 +196,7 @@ def get_training(train_id: DbId, session: SessionDep):
         **errors(404),
     },
 )
+@access("read")
 def training_metrics(train_id: DbId, session: SessionDep, format: Literal["json", "csv"] = "json"):
     _job_or_404(session, train_id)
     rows = [{"step": m.step, **m.values} for m in training_queries.training_metrics(session, train_id)]
@@ -202,6 +211,7 @@ def training_metrics(train_id: DbId, session: SessionDep, format: Literal["json"
 
 
 @router.post("/{train_id}/cancel", response_model=TrainJobOut, responses=errors(404))
+@access("train")
 def cancel_training(train_id: DbId, session: SessionDep, caller: CallerDep):
     owner = or_404(
         training_queries.get_training_job(session, train_id), f"train_id: no training job {train_id}"
@@ -216,6 +226,7 @@ def cancel_training(train_id: DbId, session: SessionDep, caller: CallerDep):
 
 
 @router.post("/{train_id}/evaluate", status_code=202, response_model=TrainJobOut, responses=errors(404, 409))
+@access("train")
 def evaluate_training(
     train_id: DbId,
     request: Request,

@@ -2,6 +2,7 @@
 
 from fastapi import APIRouter
 
+from app.access import access
 from app.deps import SessionDep, SettingsDep
 from app.schemas import WorkerOut
 from cai_dpo.core.queries import workers as worker_queries
@@ -10,6 +11,7 @@ router = APIRouter(prefix="/workers", tags=["workers"])
 
 
 @router.get("", response_model=list[WorkerOut])
+@access("read")
 def list_workers(session: SessionDep, settings: SettingsDep):
     out = []
     for worker in worker_queries.live_workers(session, seen_seconds=settings.worker_seen_seconds):

@@ -3,9 +3,13 @@
 - Session (`cai_session`, HttpOnly, SameSite=Strict, Path=/ui): the API key's name, a binding to
   that key's secret (an HMAC of its digest: rotating or removing the key ends its sessions), an
   expiry and a nonce, signed. It holds no secret, and the Guard honours it on `/ui` paths only.
+  Signing out revokes it on the server too (its nonce is kept in `revoked_sessions` until it
+  would have expired), so a copied cookie dies with the sign-out.
 - CSRF (`cai_csrf`, HttpOnly, SameSite=Strict, Path=/ui): a random value per browser; the token
-  every console form carries (and htmx sends as `X-CSRF-Token`) is its HMAC, so a page of another
-  site can neither read nor forge it. It is replaced at each login.
+  every console form carries (and htmx sends as `X-CSRF-Token`) is an HMAC of it *and of the
+  session cookie*, so a page of another site can neither read nor forge it, and a cookie and token
+  obtained anonymously (or in another session) are worth nothing beside someone's session. It is
+  replaced at each login.
 
 With no `CAI_SESSION_SECRET` a random secret is drawn per process, so sessions end at a restart.
 """
@@ -18,6 +22,7 @@ import hmac
 import json
 import secrets
 import time
+from dataclasses import dataclass
 
 from cai_dpo.core.api_keys import ApiKey, KeyRing
 
@@ -39,6 +44,13 @@ def _b64(data: bytes) -> str:
 
 def _unb64(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+@dataclass(frozen=True)
+class ConsoleSession:
+    key: ApiKey
+    nonce: str
+    expires: int
 
 
 class ConsoleAuth:
@@ -63,6 +75,12 @@ class ConsoleAuth:
 
     def session_key(self, cookie: str | None, *, now: float | None = None) -> ApiKey | None:
         """The API key a session cookie stands for, or None (absent, forged, expired, key gone)."""
+        found = self.session(cookie, now=now)
+        return found.key if found else None
+
+    def session(self, cookie: str | None, *, now: float | None = None) -> ConsoleSession | None:
+        """The session a cookie carries, signature, expiry and key checked (revocation is the
+        Guard's: it needs the database)."""
         if not cookie or cookie.count(".") != 1:
             return None
         payload, signature = cookie.split(".")
@@ -71,13 +89,14 @@ class ConsoleAuth:
         try:
             claims = json.loads(_unb64(payload))
             name, binding, expires = str(claims["k"]), str(claims["b"]), int(claims["e"])
+            nonce = str(claims["n"])
         except (ValueError, KeyError, TypeError):
             return None
         if expires < (now if now is not None else time.time()):
             return None
         for key in self.keyring.current():
             if key.name == name and hmac.compare_digest(self._binding(key), binding):
-                return key
+                return ConsoleSession(key, nonce, expires)
         return None
 
     # --- CSRF ----------------------------------------------------------------------------------
@@ -86,10 +105,10 @@ class ConsoleAuth:
     def new_csrf_cookie() -> str:
         return secrets.token_urlsafe(24)
 
-    def csrf_token(self, csrf_cookie: str) -> str:
-        return self._mac("csrf", csrf_cookie)
+    def csrf_token(self, csrf_cookie: str, session_cookie: str | None = None) -> str:
+        return self._mac("csrf", csrf_cookie, session_cookie or "")
 
-    def csrf_ok(self, csrf_cookie: str | None, token: str | None) -> bool:
+    def csrf_ok(self, csrf_cookie: str | None, session_cookie: str | None, token: str | None) -> bool:
         if not csrf_cookie or not token:
             return False
-        return hmac.compare_digest(token, self.csrf_token(csrf_cookie))
+        return hmac.compare_digest(token, self.csrf_token(csrf_cookie, session_cookie))

@@ -35,6 +35,7 @@ from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
 
+from app.access import CONSOLE_FORMS, PUBLIC, access, declare
 from app.deps import CallerDep, SessionDep, SettingsDep, StoreDep, checked_model
 from app.errors import field_name
 from app.routes import constitutions as constitution_routes
@@ -65,6 +66,7 @@ from cai_dpo.core.queries import evaluations as evaluation_queries
 from cai_dpo.core.queries import jobs as job_queries
 from cai_dpo.core.queries import pairs as pair_queries
 from cai_dpo.core.queries import reviews as review_queries
+from cai_dpo.core.queries import sessions as session_queries
 from cai_dpo.core.queries import training as training_queries
 from cai_dpo.core.settings import Settings
 
@@ -91,7 +93,8 @@ SECURITY_HEADERS = {
 }
 
 router = APIRouter(include_in_schema=False)
-router.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
+# Its scripts and styles are public: the login page needs them before any key is given.
+router.mount("/static", declare(StaticFiles(directory=HERE / "static"), PUBLIC), name="static")
 templates = Jinja2Templates(directory=HERE / "templates")
 
 
@@ -168,7 +171,7 @@ def page(request: Request, template: str, *, status: int = 200, **context: Any) 
         "caller": caller,
         # Buttons the key may not use are shown disabled (the Guard refuses them anyway).
         "can": lambda scope: caller is None or caller.allows(scope),
-        "csrf": auth.csrf_token(cookie),
+        "csrf": auth.csrf_token(cookie, request.cookies.get(SESSION_COOKIE)),
         "csrf_field": CSRF_FIELD,
         "auth_enabled": request.app.state.keys.enabled,
         "path": request.url.path,
@@ -254,7 +257,10 @@ async def console_form(request: Request) -> FormData:
     if not getattr(request.state, "csrf_checked", False):
         auth: ConsoleAuth = request.app.state.console_auth
         token = form.get(CSRF_FIELD)
-        if not auth.csrf_ok(request.cookies.get(CSRF_COOKIE), token if isinstance(token, str) else None):
+        cookies = request.cookies
+        if not auth.csrf_ok(
+            cookies.get(CSRF_COOKIE), cookies.get(SESSION_COOKIE), token if isinstance(token, str) else None
+        ):
             raise ConsoleError(403, "csrf_token", "missing or stale; reload the page")
     return form
 
@@ -289,6 +295,7 @@ def given(form: FormData, *names: str) -> dict[str, str]:
 
 
 @router.get("/")
+@access("read")
 def home() -> RedirectResponse:
     return RedirectResponse("/ui/jobs", status_code=303)
 
@@ -305,6 +312,7 @@ def _safe_next(target: str | None) -> str:
 
 
 @router.get("/login")
+@access(None)
 def login_page(request: Request, next: str | None = None):
     if not request.app.state.keys.enabled:
         return RedirectResponse(_safe_next(next), status_code=303)
@@ -312,6 +320,7 @@ def login_page(request: Request, next: str | None = None):
 
 
 @router.post("/login")
+@access(None, accepts=CONSOLE_FORMS)
 def login(request: Request, form: FormDep):
     key = request.app.state.keys.find(text_field(form, "key").strip()) if text_field(form, "key") else None
     target = _safe_next(text_field(form, "next"))
@@ -325,7 +334,12 @@ def login(request: Request, form: FormDep):
 
 
 @router.post("/logout")
-def logout(request: Request, form: FormDep):
+@access(None, accepts=CONSOLE_FORMS)
+def logout(request: Request, form: FormDep, session: SessionDep):
+    auth: ConsoleAuth = request.app.state.console_auth
+    signed_in = auth.session(request.cookies.get(SESSION_COOKIE))
+    if signed_in is not None:  # the cookie may have been copied: it must not outlive the sign-out
+        session_queries.revoke(session, signed_in.nonce, signed_in.expires)
     response = RedirectResponse("/ui/login", status_code=303)
     response.delete_cookie(SESSION_COOKIE, path="/ui")
     return response
@@ -335,6 +349,7 @@ def logout(request: Request, form: FormDep):
 
 
 @router.get("/jobs")
+@access("read")
 def jobs_page(
     request: Request,
     session: SessionDep,
@@ -409,6 +424,7 @@ def generate_body(form: FormData, prompts: list[Any]) -> dict[str, Any]:
 
 
 @router.post("/generate")
+@access("generate", accepts=CONSOLE_FORMS)
 def submit_job(request: Request, form: FormDep, session: SessionDep):
     prompts: list[Any] = [line for line in text_field(form, "prompts").splitlines() if line.strip()]
     key = text_field(form, "idempotency_key") or None
@@ -438,6 +454,7 @@ def submit_job(request: Request, form: FormDep, session: SessionDep):
 
 
 @router.get("/jobs/{job_id}")
+@access("read")
 def job_page(
     request: Request, job_id: DbId, session: SessionDep, settings: SettingsDep, cursor: int | None = None
 ):
@@ -461,11 +478,13 @@ def _job_or_404(session: Session, job_id: int):
 
 
 @router.post("/jobs/{job_id}/retry")
+@access("generate", accepts=CONSOLE_FORMS)
 def retry_job(request: Request, job_id: DbId, form: FormDep, session: SessionDep, caller: CallerDep):
     return _job_action(request, session, job_id, lambda: job_routes.retry_job(job_id, session, caller))
 
 
 @router.post("/jobs/{job_id}/cancel")
+@access("generate", accepts=CONSOLE_FORMS)
 def cancel_job(request: Request, job_id: DbId, form: FormDep, session: SessionDep, caller: CallerDep):
     return _job_action(request, session, job_id, lambda: job_routes.cancel_job(job_id, session, caller))
 
@@ -495,6 +514,7 @@ def pair_filter_from(query: dict[str, str]) -> tuple[PairFilter, list[str], dict
 
 
 @router.get("/pairs")
+@access("read")
 def pairs_page(
     request: Request,
     session: SessionDep,
@@ -559,6 +579,7 @@ def pair_context(session: Session, pair_id: int, f: PairFilter) -> dict[str, Any
 
 
 @router.get("/pairs/{pair_id}")
+@access("read")
 def pair_page(request: Request, pair_id: DbId, session: SessionDep):
     f, _, values = pair_filter_from(dict(request.query_params))
     context = pair_context(session, pair_id, f)
@@ -566,6 +587,7 @@ def pair_page(request: Request, pair_id: DbId, session: SessionDep):
 
 
 @router.post("/pairs/{pair_id}/review")
+@access("review", accepts=CONSOLE_FORMS)
 def review_pair(request: Request, pair_id: DbId, form: FormDep, session: SessionDep, caller: CallerDep):
     f, _, values = pair_filter_from({k: v for k, v in form.items() if isinstance(v, str)})
     try:
@@ -583,6 +605,7 @@ def review_pair(request: Request, pair_id: DbId, form: FormDep, session: Session
 
 
 @router.get("/constitutions")
+@access("read")
 def constitutions_page(request: Request, store: StoreDep, new: str | None = None):
     if new:  # the "new constitution" form: open the editor on that name
         try:
@@ -618,6 +641,7 @@ def _file_text(store: ConstitutionStore, name: str) -> str | None:
 
 
 @router.get("/constitutions/{name}")
+@access("read")
 def constitution_page(
     request: Request, name: str, session: SessionDep, store: StoreDep, version: str | None = None
 ):
@@ -668,12 +692,14 @@ def check_text(store: ConstitutionStore, name: str, text: str) -> dict[str, Any]
 
 
 @router.post("/constitutions/{name}/check")
+@access("read", accepts=CONSOLE_FORMS)
 def check_constitution(request: Request, name: str, form: FormDep, store: StoreDep):
     result = check_text(store, valid_name(name), text_field(form, "body"))
     return fragment(templates.get_template("_check.html").render(check=result))
 
 
 @router.post("/constitutions/{name}")
+@access("admin", accepts=CONSOLE_FORMS)
 def save_constitution(request: Request, name: str, form: FormDep, session: SessionDep, store: StoreDep):
     text = text_field(form, "body")
     if_match = text_field(form, "if_match") or None
@@ -702,6 +728,7 @@ def save_constitution(request: Request, name: str, form: FormDep, session: Sessi
 
 
 @router.get("/constitutions/{name}/diff")
+@access("read")
 def constitution_diff(request: Request, name: str, session: SessionDep, store: StoreDep, a: str, b: str):
     texts = []
     for which in (a, b):
@@ -723,6 +750,7 @@ def try_name(name: str) -> str:
 
 
 @router.post("/constitutions/{name}/try")
+@access("generate", accepts=CONSOLE_FORMS)
 def try_constitution(
     request: Request,
     name: str,
@@ -791,6 +819,7 @@ def create_try_job(
 
 
 @router.get("/constitutions/{name}/try/{job_id}")
+@access("read")
 def try_result(request: Request, name: str, job_id: DbId, session: SessionDep):
     job = job_queries.get_job(session, job_id)
     if job is None or (job.job_metadata or {}).get("console_try") != name:
@@ -829,6 +858,7 @@ TRAIN_PARAMS = (
 
 
 @router.get("/train")
+@access("read")
 def training_page(request: Request, session: SessionDep, store: StoreDep, before: DbId | None = None):
     runs = training_routes.list_training(session, limit=PAGE_SIZE, before=before)
     return page(
@@ -856,6 +886,7 @@ def train_body(form: FormData) -> dict[str, Any]:
 
 
 @router.post("/train")
+@access("train", accepts=CONSOLE_FORMS)
 def start_training(
     request: Request, form: FormDep, session: SessionDep, settings: SettingsDep, caller: CallerDep
 ):
@@ -887,6 +918,7 @@ CHARTS = (
 
 
 @router.get("/train/{train_id}")
+@access("read")
 def training_run_page(request: Request, train_id: DbId, session: SessionDep):
     run = _run_or_404(session, train_id)
     evals = list(dict.fromkeys([*(run.eval_before or {}), *(run.eval_after or {})]))
@@ -901,6 +933,7 @@ def training_run_page(request: Request, train_id: DbId, session: SessionDep):
 
 
 @router.get("/train/{train_id}/metrics.json")
+@access("read")
 def training_run_metrics(train_id: DbId, session: SessionDep):
     _run_or_404(session, train_id)
     rows = [{"step": m.step, **m.values} for m in training_queries.training_metrics(session, train_id)]
@@ -908,6 +941,7 @@ def training_run_metrics(train_id: DbId, session: SessionDep):
 
 
 @router.post("/train/{train_id}/cancel")
+@access("train", accepts=CONSOLE_FORMS)
 def cancel_training(request: Request, train_id: DbId, form: FormDep, session: SessionDep, caller: CallerDep):
     try:
         act(session, lambda: training_routes.cancel_training(train_id, session, caller))
@@ -920,6 +954,7 @@ def cancel_training(request: Request, train_id: DbId, form: FormDep, session: Se
 
 
 @router.get("/workers")
+@access("read")
 def workers_page(request: Request, session: SessionDep, settings: SettingsDep):
     workers = worker_routes.list_workers(session, settings)
     now = datetime.now(UTC)

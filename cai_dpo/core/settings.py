@@ -72,6 +72,12 @@ class Settings(BaseSettings):
         description="Signs the console's session cookies and CSRF tokens. Unset: a random secret per API "
         "process (console logins end when it restarts; give every API process of one console the same).",
     )
+    refusals_per_minute: int = Field(
+        60,
+        ge=1,
+        description="Refused requests (401, 403, 400, 413, 415) one client may make a minute; past that "
+        "it gets 429 and no audit row, so a refused client cannot flood the audit log.",
+    )
     max_prompts_per_request: int = Field(10_000, ge=1, description="Most prompts one `POST /generate` takes.")
     max_prompt_chars: int = Field(16_000, ge=1, description="Longest prompt (all message contents together).")
     max_messages_per_prompt: int = Field(64, ge=1, description="Most chat messages in one prompt.")
@@ -103,7 +109,10 @@ class Settings(BaseSettings):
         60.0, gt=0, description="PostgreSQL `idle_in_transaction_session_timeout` of every connection."
     )
     export_concurrency: int = Field(
-        4, ge=1, description="`/export` streams served at once; more wait their turn (429 after 30 s)."
+        4,
+        ge=1,
+        description="`/export` streams served at once; one more is answered 429 with `Retry-After` at once "
+        "(a wait would hold a server thread).",
     )
 
     # --- models --------------------------------------------------------------------------------

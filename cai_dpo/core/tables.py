@@ -343,3 +343,13 @@ class AuditEntry(Base):
     route: Mapped[str] = mapped_column(Text)
     status: Mapped[int] = mapped_column(Integer)
     ids: Mapped[dict[str, Any]] = mapped_column(JSONB, server_default=text("'{}'::jsonb"))
+
+
+class RevokedSession(Base):
+    """A console session signed out before it expired; kept until it would have expired anyway."""
+
+    __tablename__ = "revoked_sessions"
+    __table_args__ = (Index("revoked_sessions_expires_at", "expires_at"),)
+
+    nonce: Mapped[str] = mapped_column(Text, primary_key=True)
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
