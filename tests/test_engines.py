@@ -266,6 +266,28 @@ def test_openai_engine_never_exceeds_its_concurrency_limit():
 
 
 @pytest.mark.unit
+def test_openai_engine_cancelled_chat_frees_its_slot_and_is_no_failure():
+    # As the in-process engine (test_vllm_cancelled_chat_frees_its_slot): the caller gave it up.
+    async def never_answers(request: httpx.Request) -> httpx.Response:
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    engine, _ = mock_engine(never_answers)
+
+    async def cancel_midway():
+        task = asyncio.create_task(engine.chat(QUESTION, GREEDY, "cancel-me"))
+        while engine.stats().in_flight == 0:
+            await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return engine.stats()
+
+    after = asyncio.run(started(engine, cancel_midway))
+    assert (after.in_flight, after.failed, after.requests) == (0, 0, 0)
+
+
+@pytest.mark.unit
 def test_openai_engine_backoff_is_exponential_capped_and_jittered():
     engine = OpenAIEngine("http://llm.test/v1", MODEL_NAME, backoff_base=1.0, backoff_max=10.0)
     for attempt, cap in [(0, 1.0), (1, 2.0), (2, 4.0), (3, 8.0), (4, 10.0), (9, 10.0)]:

@@ -1,0 +1,116 @@
+"""What every chat engine shares: the `Engine` interface, its request and result types, its errors,
+and the request counters behind `stats()`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Literal, Protocol, runtime_checkable
+
+FinishReason = Literal["stop", "length"]
+Messages = list[dict[str, str]]
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float
+    top_p: float
+    max_tokens: int
+    seed: int | None = None
+
+
+@dataclass
+class ChatResult:
+    text: str
+    finish_reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int | None = None
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """Cumulative counters since start; `requests` counts completed chats."""
+
+    requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_prompt_tokens: int = 0
+    in_flight: int = 0
+    failed: int = 0
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        return self.cached_prompt_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
+
+
+class PromptTooLong(ValueError):
+    """The conversation (plus at least one new token) does not fit the model's context."""
+
+
+class EngineError(RuntimeError):
+    """A chat request failed for a reason other than its length (after any retries)."""
+
+
+class OptionNotOneToken(EngineError):
+    """An option of `option_logprobs` is not exactly one token after the assistant prefix."""
+
+
+class EngineUnavailable(EngineError):
+    """The engine cannot serve any request now (its process died, the server is unreachable).
+
+    Not the prompt's fault: the worker gives its prompts back without spending an attempt and
+    restarts the engine (or exits for its supervisor to restart it).
+    """
+
+
+@runtime_checkable
+class Engine(Protocol):
+    model: str
+
+    async def start(self) -> None: ...
+
+    async def chat(self, messages: Messages, sampling: Sampling, request_id: str) -> ChatResult: ...
+
+    def stats(self) -> EngineStats: ...
+
+    async def shutdown(self) -> None: ...
+
+
+class RequestCounters:
+    """The running totals an engine's `stats()` reports."""
+
+    def __init__(self) -> None:
+        self.requests = self.prompt_tokens = self.completion_tokens = 0
+        self.cached_prompt_tokens = self.in_flight = self.failed = 0
+
+    @contextmanager
+    def request(self) -> Iterator[None]:
+        """One request: in flight while the block runs, failed if it raises; the block calls
+        `record` with its result once it has one."""
+        self.in_flight += 1
+        try:
+            yield
+        except Exception:
+            # Only Exception: a cancelled request was given up by its caller, it did not fail.
+            self.failed += 1
+            raise
+        finally:
+            self.in_flight -= 1
+
+    def record(self, result: ChatResult) -> None:
+        self.requests += 1
+        self.prompt_tokens += result.prompt_tokens
+        self.completion_tokens += result.completion_tokens
+        self.cached_prompt_tokens += result.cached_tokens or 0
+
+    def snapshot(self) -> EngineStats:
+        return EngineStats(
+            requests=self.requests,
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.completion_tokens,
+            cached_prompt_tokens=self.cached_prompt_tokens,
+            in_flight=self.in_flight,
+            failed=self.failed,
+        )
