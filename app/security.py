@@ -196,8 +196,9 @@ class Guard:
             if is_console(path) and isinstance(refusal, JSONResponse):
                 first = json.loads(refusal.body)["errors"][0]
                 refusal = console_refusal(refusal.status_code, first["field"], first["message"], scope)
-            await refusal(scope, receive, send)
+            # Written before the answer is sent: a client that saw its refusal finds it in the log.
             await self.record(scope, caller, refusal.status_code)
+            await refusal(scope, receive, send)
             return
         scope.setdefault("state", {})["caller"] = caller
         request_settings.set(self.settings)
@@ -213,20 +214,27 @@ class Guard:
                 raise BodyTooLarge
             return message
 
+        recorded = False
+
         async def tracking_send(message: Message) -> None:
-            nonlocal status
+            nonlocal status, recorded
             if message["type"] == "http.response.start":
                 status = message["status"]
+                # The row is written before the answer starts: a client that saw its answer finds it.
+                recorded = True
+                await self.record(scope, caller, status)
             await send(message)
 
         try:
             await self.app(scope, capped_receive, tracking_send)
         except BodyTooLarge:
             if status == 500:  # nothing sent yet
-                status = 413
-                await error(413, "body", f"more than {cap} bytes for this route")(scope, receive, send)
+                await error(413, "body", f"more than {cap} bytes for this route")(
+                    scope, receive, tracking_send
+                )
         finally:
-            await self.record(scope, caller, status)
+            if not recorded:  # the app failed before answering
+                await self.record(scope, caller, status)
 
     def cross_site(self, method: str, headers: Headers, scope: Scope) -> JSONResponse | None:
         """A browser's request from a page that is not this service's: refused where it could act

@@ -7,6 +7,7 @@ import contextlib
 import os
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -257,3 +258,55 @@ def test_import_caps_rows_and_fields(client, settings, db, api_server):
     too_long = client.post("/datasets/import", content=long_row, headers=headers)
     assert too_long.status_code == 422 and too_long.json()["detail"].startswith("line 1: chosen")
     assert count(db, Pair) == 0
+
+
+def test_a_full_export_pool_answers_429_at_once_and_every_other_route_keeps_answering(settings, db):
+    """A request that waited for an export slot held a server thread: 44 of them stalled /health
+    for 27 s. Now a request finding every slot taken is refused at once, holding nothing."""
+    with server(settings, api_keys=KEYS, export_concurrency=2) as (running, http):
+        slots = running.app.state.export_slots
+        assert slots.acquire(blocking=False) and slots.acquire(blocking=False)  # two exports in flight
+        try:
+            with ThreadPoolExecutor(max_workers=48) as pool:
+                waiting = [
+                    pool.submit(http.get, "/export", headers=bearer("r-secret-0000000000")) for _ in range(48)
+                ]
+                health = http.get("/health")
+                jobs = http.get("/jobs", headers=bearer("r-secret-0000000000"))
+                answers = [f.result() for f in waiting]
+            assert health.status_code == 200 and jobs.status_code == 200
+            assert {a.status_code for a in answers} == {429}
+            assert all(a.headers["Retry-After"].isdigit() for a in answers)
+            assert answers[0].json()["errors"][0]["field"] == "export"
+        finally:
+            slots.release()
+            slots.release()
+        assert http.get("/export", headers=bearer("r-secret-0000000000")).status_code == 200
+
+
+def test_the_audit_log_keeps_a_bounded_escaped_route_for_every_refusal(settings, db):
+    admin = bearer("a-secret-0000000000")
+    with server(settings, api_keys=KEYS) as (_, http):
+        assert http.post("/" + "a" * 60_000).status_code == 401
+        assert http.put("/constitutions/x%00y", content="a: b", headers=YAML | admin).status_code == 422
+        assert http.delete("/train/policies/x%00y", headers=admin).status_code in (404, 422)
+        assert http.post("/generate%00", json={}, headers=admin).status_code == 404
+        rows = http.get("/audit", params={"limit": 10}, headers=admin).json()
+    routes = {(row["method"], row["route"]) for row in rows}
+    assert all(len(row["route"]) <= 200 for row in rows)
+    assert ("POST", "/" + "a" * 198 + "…") in routes  # a path that reached no route, cut short
+    assert ("PUT", "/constitutions/{name}") in routes and ("DELETE", "/train/policies/{name}") in routes
+    assert ("POST", "/generate\\x00") in routes  # escaped: PostgreSQL text holds no NUL
+    put = next(row for row in rows if row["route"] == "/constitutions/{name}")
+    assert put["ids"] == {"name": "x\\x00y"}
+
+
+def test_a_client_refused_too_often_gets_429_and_writes_no_more_audit_rows(settings, db):
+    with server(settings, api_keys=KEYS, refusals_per_minute=3) as (_, http):
+        answers = [http.post("/generate", json={}) for _ in range(6)]
+        assert [a.status_code for a in answers] == [401, 401, 401, 429, 429, 429]
+        assert int(answers[-1].headers["Retry-After"]) >= 1
+        # A valid key is not slowed by its own earlier refusals' budget.
+        assert http.get("/jobs", headers=bearer("r-secret-0000000000")).status_code == 200
+        rows = http.get("/audit", headers=bearer("a-secret-0000000000")).json()
+    assert [row["status"] for row in rows if row["route"] == "/generate"] == [401, 401, 401]
