@@ -36,7 +36,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 @dataclass(frozen=True)
 class Access:
     scope: Scope | None  # None: public, no key needed
-    accepts: tuple[str, ...] = JSON
+    accepts: tuple[str, ...] | None = JSON  # None: any (a request that reaches no route reads no body)
     cap: Cap = "body"
 
     def cap_bytes(self, settings: Settings) -> int:
@@ -47,8 +47,9 @@ class Access:
         }[self.cap]
 
 
-# A request that reaches no route (a 404 or 405 to come) is answered to any valid key.
-UNROUTED = Access("read")
+# A request that reaches no route (a 404 or 405 to come) is answered to any valid key, whatever
+# its body (which is never read).
+UNROUTED = Access("read", accepts=None)
 PUBLIC = Access(None)
 
 

@@ -6,7 +6,6 @@ Limits that come from settings (prompt count, prompt length) are checked by
 
 from __future__ import annotations
 
-from contextvars import ContextVar
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -14,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from cai_dpo.core.constitutions import NAME_PATTERN
 from cai_dpo.core.generation_modes import GenerationMode
+from cai_dpo.core.model_refs import ModelRef, current_settings
 from cai_dpo.core.pair_filter import PairFilter
 from cai_dpo.core.settings import Settings
 from cai_dpo.core.storable import SchemaPattern, StorableJson, StorableText
@@ -74,11 +74,6 @@ class SamplingRequest(BaseModel):
     seed: int | None = Field(None, ge=0, le=2**31 - 1)
 
 
-# The settings of the app serving this request (set by the Guard middleware), for checks that run
-# inside body validation.
-request_settings: ContextVar[Settings | None] = ContextVar("request_settings", default=None)
-
-
 class TooManyPrompts(Exception):
     """Not a ValueError on purpose: pydantic lets it through, so validation stops at once (413)."""
 
@@ -103,7 +98,7 @@ class GenerateRequest(GenerationMode):
         None, ge=1, description="Critique-and-revise rounds (default: the constitution's)."
     )
     sampling: SamplingRequest | None = None
-    model: str | None = Field(None, description="Default model, or `train:<id>` for a trained one.")
+    model: ModelRef | None = Field(None, description="Default model, or `train:<id>` for a trained one.")
     metadata: StorableJson = Field(default_factory=dict)
 
     def generation_mode(self) -> GenerationMode:
@@ -113,7 +108,7 @@ class GenerateRequest(GenerationMode):
     @classmethod
     def _count_first(cls, prompts: Any) -> Any:
         """The count is checked before any prompt is: 100,000 prompts are refused without reading them."""
-        settings = request_settings.get()
+        settings = current_settings.get()
         if (
             settings is not None
             and isinstance(prompts, list)
@@ -346,7 +341,7 @@ class HealthOut(BaseModel):
 class TrainRequest(TrainParams):
     """`POST /train`: the base model, the data, and the hyperparameters at top level."""
 
-    base_model: str | None = Field(
+    base_model: ModelRef | None = Field(
         None, description="Default: the bundled model; or `train:<id>` to continue."
     )
     dataset: PairFilter = Field(

@@ -39,7 +39,6 @@ from starlette.routing import BaseRoute, Match, Mount
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.access import MULTIPART, Access, route_access
-from app.schemas import request_settings
 from app.ui.auth import (
     CSRF_COOKIE,
     CSRF_HEADER,
@@ -48,6 +47,7 @@ from app.ui.auth import (
     is_console,
 )
 from cai_dpo.core.api_keys import SCOPES, ApiKey, KeyRing
+from cai_dpo.core.model_refs import current_settings
 from cai_dpo.core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -188,7 +188,8 @@ class Guard:
             refusal = self.check_csrf_header(headers, scope)
         if refusal is not None:
             client = (scope.get("client") or ("?", 0))[0]
-            wait = self.refusals.allow(client)
+            # Only refusals of who is calling count: bad input is audited under the caller's key.
+            wait = self.refusals.allow(client) if refusal.status_code in (401, 403) else None
             if wait is not None:  # over its budget of refusals: no row of its making in the log
                 headers_out = {"Retry-After": str(int(wait + 0.999))}
                 await error(429, "client", "too many refused requests", headers_out)(scope, receive, send)
@@ -201,7 +202,7 @@ class Guard:
             await refusal(scope, receive, send)
             return
         scope.setdefault("state", {})["caller"] = caller
-        request_settings.set(self.settings)
+        current_settings.set(self.settings)
         cap = declared.cap_bytes(self.settings)
         received = 0
         status = 500
@@ -298,7 +299,7 @@ class Guard:
         if not has_body:
             return None
         media = headers.get("content-type", "").split(";")[0].strip().lower()
-        if media not in declared.accepts:
+        if declared.accepts is not None and media not in declared.accepts:
             return error(
                 415,
                 "content-type",

@@ -348,8 +348,8 @@ def test_invalid_file_on_disk_keeps_the_last_good_version(client, settings):
 @pytest.mark.parametrize("name", ["..", "a/b", "..%2Fetc", "UPPER", "-lead", "x" * 65])
 def test_constitution_names_cannot_escape_the_folder(client, settings, name):
     response = client.put(f"/constitutions/{name}", content="principles: []\n", headers=YAML)
-    # httpx sends `/constitutions/..` as `/`, whose body the guard refuses before any route (415).
-    assert response.status_code in ((404, 422) if name != ".." else (415,)), response.text
+    # httpx sends `/constitutions/..` as `/`, which reaches no route: 404, its body unread.
+    assert response.status_code in (404, 422), response.text
     assert not (settings.constitutions_dir.parent / "etc.yaml").exists()
     assert sorted(p.name for p in settings.constitutions_dir.iterdir()) == [
         "harmless.yaml",

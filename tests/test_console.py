@@ -15,9 +15,9 @@ import httpx
 import pytest
 from sqlalchemy import select, update
 
+from app.access import route_access, undeclared_routes
 from app.main import create_app
 from app.routes import workers as worker_routes
-from app.access import route_access, undeclared_routes
 from app.ui.auth import CSRF_COOKIE, SESSION_COOKIE, ConsoleAuth
 from app.ui.router import router as console_router
 from app.ui.text_diff import diff_stats, line_diff, word_diff

@@ -193,13 +193,16 @@ class LengthScorer:
 
 @pytest.mark.db
 def test_best_of_n_keeps_the_best_and_worst_scores(client, settings, db, tmp_path):
-    (tmp_path / "config.json").write_text("{}")  # a model folder (the scorer itself is scripted)
+    # A model folder where the server offers models (the scorer itself is scripted).
+    folder = settings.models_dir / f"reward-{tmp_path.name}"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
     body = {
         "prompts": ["one"],
         "constitution": "harmless",
         "mode": "best_of_n",
         "n": 4,
-        "scorer": {"kind": "reward_model", "model": str(tmp_path)},
+        "scorer": {"kind": "reward_model", "model": str(folder)},
     }
     assert client.post("/generate", json=body).status_code == 202
     engine = LengthJudgeEngine()
@@ -207,7 +210,7 @@ def test_best_of_n_keeps_the_best_and_worst_scores(client, settings, db, tmp_pat
     worker = GenerationWorker(settings, db, url=settings.database_url, engine_factory=lambda *_: engine)
 
     async def scripted_scorer(spec, constitution, constitution_hash):
-        assert spec.kind == "reward_model" and spec.model == str(tmp_path)
+        assert spec.kind == "reward_model" and spec.model == str(folder)
         return LengthScorer()
 
     worker.scorer = scripted_scorer

@@ -310,3 +310,78 @@ def test_a_client_refused_too_often_gets_429_and_writes_no_more_audit_rows(setti
         assert http.get("/jobs", headers=bearer("r-secret-0000000000")).status_code == 200
         rows = http.get("/audit", headers=bearer("a-secret-0000000000")).json()
     assert [row["status"] for row in rows if row["route"] == "/generate"] == [401, 401, 401]
+
+
+def test_every_field_that_names_a_model_takes_only_what_the_server_offers(settings, db, tmp_path):
+    root = tmp_path / "models-root"
+    (root / "rm").mkdir(parents=True)
+    (root / "rm" / "config.json").write_text("{}")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "config.json").write_text("{}")
+    (root / "escape").symlink_to(outside)  # a link inside a root that leads out of it
+    generate = {"prompts": ["hi"], "constitution": "harmless", "mode": "best_of_n", "n": 2}
+    hostile = [
+        "/etc",
+        "/root/.ssh",
+        "../../../../etc/passwd",
+        "/proc/self/cwd/../..",
+        str(outside),
+        str(root / "escape"),
+        str(root / "rm" / ".." / ".." / "outside"),
+        "http://169.254.169.254/latest/meta-data",
+        "train:abc",
+    ]
+    with server(settings, model_roots=str(root)) as (_, http):
+        for spec in hostile:
+            sent = [
+                (
+                    "POST",
+                    "/generate",
+                    generate | {"scorer": {"kind": "reward_model", "model": spec}},
+                    "scorer.model",
+                ),
+                ("POST", "/generate", generate | {"mode": "revise", "model": spec}, "model"),
+                (
+                    "POST",
+                    "/train",
+                    {"evaluation": {"judge": {"kind": "judge", "model": spec}}},
+                    "evaluation.judge.model",
+                ),
+                ("POST", "/train", {"base_model": spec}, "base_model"),
+                ("PUT", "/train/policies/harmless", {"min_new_pairs": 5, "base_model": spec}, "base_model"),
+                (
+                    "PUT",
+                    "/train/policies/harmless",
+                    {
+                        "min_new_pairs": 5,
+                        "params": {"evaluation": {"judge": {"kind": "judge", "model": spec}}},
+                    },
+                    "params.evaluation.judge.model",
+                ),
+                ("POST", "/train/1/evaluate", {"judge": {"kind": "judge", "model": spec}}, "judge.model"),
+            ]
+            for method, path, body, field in sent:
+                answer = http.request(method, path, json=body)
+                assert answer.status_code == 422, (method, path, spec, answer.text)
+                assert answer.json()["errors"][0]["field"] == field, (path, spec, answer.text)
+                # The same words whether the path exists or not: nothing to learn about the disk.
+                assert "config.json" not in answer.text or spec == "train:abc", answer.text
+        for path in ("../../etc/passwd", "a/b"):
+            answer = http.put(
+                "/train/policies/harmless",
+                json={"min_new_pairs": 5, "params": {"evaluation": {"constitution": path}}},
+            )
+            assert (
+                answer.status_code == 422
+                and answer.json()["errors"][0]["field"] == "params.evaluation.constitution"
+            )
+        # A folder under a root is a model the server offers.
+        ok = http.post(
+            "/generate", json=generate | {"scorer": {"kind": "reward_model", "model": str(root / "rm")}}
+        )
+        assert ok.status_code == 202, ok.text
+        no_config = http.post(
+            "/generate", json=generate | {"scorer": {"kind": "reward_model", "model": str(root)}}
+        )
+        assert no_config.status_code == 422 and "config.json" in no_config.text

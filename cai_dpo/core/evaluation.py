@@ -16,6 +16,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from cai_dpo.core.constitutions import NAME_PATTERN
 from cai_dpo.core.generation_modes import ScorerSpec
 from cai_dpo.core.pair_filter import PairFilter
 from cai_dpo.core.storable import StorableText
@@ -42,9 +43,9 @@ class EvaluationRequest(BaseModel):
         description="The judge comparing the answers (default model: the base model; 2 principles per "
         "comparison, both orders).",
     )
-    constitution: StorableText | None = Field(
+    constitution: str | None = Field(
         None,
-        max_length=64,
+        pattern=NAME_PATTERN,
         description="Whose comparison principles the judge asks. Default: the training dataset's "
         "constitution, else `harmless`.",
     )

@@ -17,6 +17,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from cai_dpo.core.model_refs import ModelRef
+
 ScorerKind = Literal["judge", "reward_model", "implicit"]
 Mode = Literal["revise", "ai_feedback", "best_of_n"]
 
@@ -25,9 +27,8 @@ class ScorerSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     kind: ScorerKind
-    model: str | None = Field(
+    model: ModelRef | None = Field(
         None,
-        max_length=1000,
         description="judge: the feedback model (default: the job's own model); reward_model: a local "
         "Hugging Face sequence-classification folder; implicit: `train:<id>`.",
     )

@@ -75,8 +75,8 @@ class Settings(BaseSettings):
     refusals_per_minute: int = Field(
         60,
         ge=1,
-        description="Refused requests (401, 403, 400, 413, 415) one client may make a minute; past that "
-        "it gets 429 and no audit row, so a refused client cannot flood the audit log.",
+        description="Requests refused for want of a key or scope (401, 403) one client address may make a "
+        "minute; past that it gets 429 and no audit row, so it cannot flood the audit log.",
     )
     max_prompts_per_request: int = Field(10_000, ge=1, description="Most prompts one `POST /generate` takes.")
     max_prompt_chars: int = Field(16_000, ge=1, description="Longest prompt (all message contents together).")
@@ -119,6 +119,11 @@ class Settings(BaseSettings):
     model: str = Field(
         BUNDLED_MODEL,
         description="Default model: the bundled SmolLM2-135M-Instruct, or a local Hugging Face model folder.",
+    )
+    model_roots: str = Field(
+        "",
+        description="Folders, separated by ':', under which a request may name a local model folder (a "
+        "reward model, a judge); `CAI_MODELS_DIR` always counts. Checked after resolving links.",
     )
     engine: Literal["vllm", "openai"] = Field(
         "vllm", description="Generation engine: in-process vLLM, or a remote OpenAI-compatible server."

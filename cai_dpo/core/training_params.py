@@ -11,6 +11,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cai_dpo.core.evaluation import EvaluationRequest
+from cai_dpo.core.model_refs import ModelRef
 
 LossType = Literal["sigmoid", "ipo", "hinge", "robust"]
 
@@ -152,7 +153,7 @@ class TrainPolicyIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     min_new_pairs: int = Field(ge=1, le=2**31 - 1)
-    base_model: str | None = None
+    base_model: ModelRef | None = None
     enabled: bool = True
     promote: bool = Field(
         False,
