@@ -14,6 +14,7 @@ import pytest
 from sqlalchemy import func, select
 
 from app.main import create_app
+from cai_dpo.core.api_keys import InvalidKeys
 from cai_dpo.core.db import session_scope
 from cai_dpo.core.queries import workers as worker_queries
 from cai_dpo.core.tables import DatasetImport, GenerationJob, Pair
@@ -106,7 +107,7 @@ def test_every_mutating_call_is_in_the_audit_log_allowed_or_not(settings, db):
     }
 
 
-def test_a_keys_file_is_read_again_when_it_changes_and_a_bad_edit_keeps_the_last_keys(settings, db, tmp_path):
+def test_a_keys_file_is_read_again_when_it_changes_and_a_bad_edit_withdraws_its_keys(settings, db, tmp_path):
     keys_file = tmp_path / "keys.yaml"
     keys_file.write_text("keys:\n  - {name: alice, scopes: [read], key: alice-secret-000000}\n")
     with server(settings, api_keys="", api_keys_file=keys_file) as (_, http):
@@ -121,9 +122,63 @@ def test_a_keys_file_is_read_again_when_it_changes_and_a_bad_edit_keeps_the_last
         )
         os.utime(keys_file, ns=(time.time_ns(), time.time_ns() + 1_000_000))
         assert http.get("/jobs", headers=bearer("bob-secret-0000000000")).status_code == 200  # no restart
-        keys_file.write_text("keys: [{name: broken}]\n")  # invalid: the last good keys stay
+        # An edit meant to remove bob that is also invalid: no key of the file is vouched for any more
+        # (keeping the last good keys kept bob working).
+        keys_file.write_text(
+            "keys:\n  - {name: alice, scopes: [read], key: alice-secret-000000}\n  - {name: x}\n"
+        )
         os.utime(keys_file, ns=(time.time_ns(), time.time_ns() + 2_000_000))
-        assert http.get("/jobs", headers=bearer("bob-secret-0000000000")).status_code == 200
+        assert http.get("/jobs", headers=bearer("bob-secret-0000000000")).status_code == 401
+        assert http.get("/jobs", headers=bearer("alice-secret-000000")).status_code == 401
+        keys_file.write_text("keys:\n  - {name: alice, scopes: [read], key: alice-secret-000000}\n")
+        os.utime(keys_file, ns=(time.time_ns(), time.time_ns() + 3_000_000))
+        assert http.get("/jobs", headers=bearer("alice-secret-000000")).status_code == 200
+        assert http.get("/jobs", headers=bearer("bob-secret-0000000000")).status_code == 401
+    # Invalid at start: the service does not start.
+    keys_file.write_text("keys: [{name: broken}]\n")
+    with pytest.raises(InvalidKeys, match="keys.yaml"):
+        create_app(settings.model_copy(update={"api_keys_file": keys_file}), migrate=False)
+
+
+def test_key_names_are_unique_across_the_settings_and_the_keys_file(settings, db, tmp_path):
+    keys_file = tmp_path / "keys.yaml"
+    keys_file.write_text("keys:\n  - {name: gen, scopes: [admin], key: other-gen-secret-0000}\n")
+    with pytest.raises(InvalidKeys, match="'gen' is given twice"):
+        create_app(settings.model_copy(update={"api_keys": KEYS, "api_keys_file": keys_file}), migrate=False)
+    with pytest.raises(InvalidKeys, match="given twice"):
+        create_app(
+            settings.model_copy(update={"api_keys": "a:read:secret-one-0000,a:admin:secret-two-0000"}),
+            migrate=False,
+        )
+    # Edited in later to shadow an env key: the file's keys are refused, the env's keep working.
+    keys_file.write_text("keys:\n  - {name: alice, scopes: [read], key: alice-secret-000000}\n")
+    with server(settings, api_keys=KEYS, api_keys_file=keys_file) as (_, http):
+        assert http.get("/jobs", headers=bearer("alice-secret-000000")).status_code == 200
+        keys_file.write_text("keys:\n  - {name: gen, scopes: [admin], key: other-gen-secret-0000}\n")
+        os.utime(keys_file, ns=(time.time_ns(), time.time_ns() + 1_000_000))
+        assert http.get("/jobs", headers=bearer("other-gen-secret-0000")).status_code == 401
+        assert http.get("/jobs", headers=bearer("g-secret-000000000")).status_code == 200
+
+
+def test_an_idempotency_key_replays_only_the_same_api_keys_request(settings, db):
+    body = {"prompts": ["hi"], "constitution": "harmless"}
+    keys = KEYS + ",gen2:read+generate:g2-secret-00000000"
+    with server(settings, api_keys=keys) as (_, http):
+        first = http.post(
+            "/generate", json=body, headers=bearer("g-secret-000000000") | {"Idempotency-Key": "k1"}
+        )
+        again = http.post(
+            "/generate", json=body, headers=bearer("g-secret-000000000") | {"Idempotency-Key": "k1"}
+        )
+        other = http.post(
+            "/generate", json=body, headers=bearer("g2-secret-00000000") | {"Idempotency-Key": "k1"}
+        )
+        assert first.status_code == again.status_code == other.status_code == 202
+        assert again.json()["job_id"] == first.json()["job_id"]
+        assert other.json()["job_id"] != first.json()["job_id"]  # gen2 never sees gen's job
+        # gen2's job is gen2's: gen may not cancel it.
+        refused = http.post(f"/jobs/{other.json()['job_id']}/cancel", headers=bearer("g-secret-000000000"))
+        assert refused.status_code == 403
 
 
 def test_health_tells_anonymous_callers_no_error_text(settings, db):

@@ -16,9 +16,10 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.access import MULTIPART, NDJSON, access
-from app.deps import SettingsDep
+from app.deps import CallerDep, SettingsDep
 from app.openapi import IMPORT_BODY, errors
 from app.schemas import FieldError
+from cai_dpo.core.api_keys import scoped_idempotency_key
 from cai_dpo.core.db import session_scope
 from cai_dpo.core.pair_import import TooManyRows, parse_pairs
 from cai_dpo.core.queries import pairs as pair_queries
@@ -70,6 +71,7 @@ async def read_lines(chunks: AsyncIterator[bytes], digest) -> list[str]:
 async def import_pairs(
     request: Request,
     settings: SettingsDep,
+    caller: CallerDep,
     source: Annotated[
         StorableText | None, Query(max_length=200, description="Source tag (default: import:<file name>).")
     ] = None,
@@ -89,7 +91,7 @@ async def import_pairs(
         name=name,
         source=source,
         constitution=constitution,
-        idempotency_key=idempotency_key,
+        idempotency_key=scoped_idempotency_key(caller, idempotency_key),
         request_hash=digest.hexdigest(),
         settings=settings,
     )

@@ -30,6 +30,7 @@ from app.schemas import (
     PromptPage,
     normalize_prompts,
 )
+from cai_dpo.core.api_keys import scoped_idempotency_key
 from cai_dpo.core.constitutions import ConstitutionError
 from cai_dpo.core.db import session_scope
 from cai_dpo.core.pair_filter import DbId
@@ -81,6 +82,7 @@ def generate(
         field = "verify.scorer.model" if mode.mode == "revise" else "scorer.model"
         checked_scorer_model(session, settings, scorer, field=field)
     digest = request_hash(body)
+    idempotency_key = scoped_idempotency_key(caller, idempotency_key)
     if idempotency_key is not None:
         existing = job_queries.find_job_by_idempotency_key(session, idempotency_key)
         if existing is not None:

@@ -8,7 +8,10 @@ constitutions, imports, policies, other keys' jobs, the audit log). A key is giv
   `NAME:SCOPE+SCOPE:SECRET`, e.g. `ci:read+generate:s3cret`;
 - `CAI_API_KEYS_FILE`: a YAML file `keys: [{name: alice, scopes: [read, generate], key: ...}]`
   (or `sha256: <hex digest of the key>` instead of `key`, so the file holds no secret). It is
-  read again whenever it changes; an invalid file keeps the last good keys and logs why.
+  read again whenever it changes. An invalid file at start stops the service; an edit that leaves
+  it invalid withdraws every key of the file (it may have been meant to remove one) until it is
+  valid again, and says why in the log. Names are unique across both sources: a key's name is
+  whose jobs it may cancel.
 """
 
 from __future__ import annotations
@@ -65,8 +68,27 @@ class KeysFile(BaseModel):
     keys: list[KeyEntry] = Field(default_factory=list)
 
 
+def scoped_idempotency_key(caller: ApiKey, key: str | None) -> str | None:
+    """An `Idempotency-Key` as stored: one key's retry never returns another key's job or import.
+    Key names hold no ':', so the name ends where the first ':' after the prefix is."""
+    return None if key is None else f"key:{caller.name}:{key}"
+
+
 def sha256_hex(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
+
+
+class InvalidKeys(ValueError):
+    pass
+
+
+def check_unique_names(keys: list[ApiKey], where: str) -> list[ApiKey]:
+    seen: set[str] = set()
+    for key in keys:
+        if key.name in seen:
+            raise InvalidKeys(f"{where}: the key name {key.name!r} is given twice; names must be unique")
+        seen.add(key.name)
+    return keys
 
 
 def parse_key_list(text: str) -> list[ApiKey]:
@@ -82,7 +104,7 @@ def parse_key_list(text: str) -> list[ApiKey]:
             keys.append(ApiKey(name, frozenset(scopes.split("+")), sha256_hex(secret)))
         else:
             keys.append(ApiKey(f"key{n}", frozenset(SCOPES), sha256_hex(entry)))
-    return keys
+    return check_unique_names(keys, "CAI_API_KEYS")
 
 
 def load_keys_file(path: Path) -> list[ApiKey]:
@@ -99,7 +121,18 @@ class KeyRing:
         self._file_keys: list[ApiKey] = []
         self._file_stamp: tuple[int, int] | None = None
         self._lock = threading.Lock()
-        self.refresh()
+        if keys_file is not None and keys_file.exists():  # invalid at start: refuse to start
+            self._file_keys = self._load(keys_file)
+            stat = keys_file.stat()
+            self._file_stamp = (stat.st_mtime_ns, stat.st_size)
+
+    def _load(self, path: Path) -> list[ApiKey]:
+        try:
+            keys = load_keys_file(path)
+        except (OSError, yaml.YAMLError, ValidationError) as exc:
+            raise InvalidKeys(f"API keys file {path}: {exc}") from exc
+        check_unique_names(self.static + keys, f"API keys file {path} beside CAI_API_KEYS")
+        return keys
 
     @property
     def enabled(self) -> bool:
@@ -118,10 +151,12 @@ class KeyRing:
             return
         with self._lock:
             try:
-                self._file_keys = load_keys_file(self.keys_file) if stamp is not None else []
+                self._file_keys = self._load(self.keys_file) if stamp is not None else []
                 log.info("API keys file %s: %d keys", self.keys_file, len(self._file_keys))
-            except (OSError, yaml.YAMLError, ValidationError) as exc:
-                log.error("API keys file %s is invalid; keeping the last good keys: %s", self.keys_file, exc)
+            except InvalidKeys as exc:
+                # The edit may have been meant to remove a key: none of the file's keys is vouched for.
+                self._file_keys = []
+                log.error("%s; the file's keys are refused until it is valid again", exc)
             self._file_stamp = stamp
 
     def current(self) -> list[ApiKey]:
