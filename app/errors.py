@@ -10,6 +10,7 @@ from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 
 from app.schemas import FieldError, TooManyPrompts
@@ -139,6 +140,12 @@ async def too_many_prompts(request: Request, exc: TooManyPrompts) -> JSONRespons
     return error_response(413, [{"field": "prompts", "message": message}])
 
 
+async def client_gone(request: Request, exc: ClientDisconnect) -> Response:
+    """The client hung up mid-body: its own doing, worth a line, not a traceback at ERROR."""
+    log.info("%s %s: the client disconnected before its body was read", request.method, request.url.path)
+    return Response(status_code=400)  # never delivered; the audit log records it as a 400
+
+
 def install_error_handlers(app) -> None:
     import psycopg
     import sqlalchemy.exc
@@ -152,3 +159,4 @@ def install_error_handlers(app) -> None:
     app.add_exception_handler(UnicodeError, invalid_unicode)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(TooManyPrompts, too_many_prompts)
+    app.add_exception_handler(ClientDisconnect, client_gone)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from cai_dpo.core.storable import find_unstorable
+from cai_dpo.core.storable import MAX_JSON_DEPTH, find_unstorable
 
 pytestmark = pytest.mark.unit
 
@@ -27,5 +27,13 @@ def test_deep_nesting_does_not_exhaust_the_stack():
     value: list = ["\x00"]
     for _ in range(50_000):
         value = [value]
-    where, _ = find_unstorable(value)
-    assert where == ".".join(["0"] * 50_001)
+    where, reason = find_unstorable(value)
+    # Refused at the depth cap, without recursing: deeper values fail to serialise (a 500 once).
+    assert where == ".".join(["0"] * MAX_JSON_DEPTH) and reason == f"nested more than {MAX_JSON_DEPTH} deep"
+    shallow: list = ["\x00"]
+    for _ in range(MAX_JSON_DEPTH - 1):
+        shallow = [shallow]
+    assert find_unstorable(shallow) == (
+        ".".join(["0"] * MAX_JSON_DEPTH),
+        "contains a NUL character (\\u0000)",
+    )

@@ -5,6 +5,7 @@ loopback mode refuses what a web page could send, and constitutions and imports 
 
 import contextlib
 import os
+import re
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -440,3 +441,32 @@ def test_every_field_that_names_a_model_takes_only_what_the_server_offers(settin
             "/generate", json=generate | {"scorer": {"kind": "reward_model", "model": str(root)}}
         )
         assert no_config.status_code == 422 and "config.json" in no_config.text
+
+
+def test_deep_json_and_yaml_aliases_that_expand_get_a_4xx_naming_the_field(settings, db):
+    deep = "[" * 900 + "]" * 900
+    body = '{"prompts": ["hi"], "constitution": "harmless", "metadata": {"a": ' + deep + "}}"
+    anchor = "x" * 1900
+    expanding = (
+        f"description: &d '{anchor}'\n"
+        + "notes: ["
+        + ", ".join("*d" for _ in range(60))
+        + "]\n"
+        + "principles:\n  - id: a\n    critique: c\n    revision: r\n"
+    )
+    with server(settings, max_constitution_bytes=65_536) as (_, http):
+        answer = http.post("/generate", content=body, headers=JSON)
+        assert answer.status_code == 422, answer.text  # was a 500 (serialisation depth)
+        assert answer.json()["errors"][0]["field"].startswith("metadata") and "nested" in answer.text
+        assert len(expanding) < 65_536
+        answer = http.put("/constitutions/expanding", content=expanding, headers=YAML)
+        assert answer.status_code == 422 and "expand" in answer.text, answer.text
+        assert answer.json()["errors"][0]["field"] == "body"
+        # The console's upload of a JSON file nested past the parser's stack: a 422 page.
+        token = re.search(r'name="csrf_token" value="([^"]+)"', http.get("/ui/jobs").text).group(1)
+        upload = http.post(
+            "/ui/generate",
+            data={"constitution": "harmless", "csrf_token": token},
+            files={"file": ("prompts.json", ("[" * 100_000 + "]" * 100_000).encode(), "application/json")},
+        )
+        assert upload.status_code == 422 and "nested too deeply" in upload.text

@@ -389,6 +389,8 @@ def read_prompt_file(upload: UploadFile, data: bytes) -> list[Any]:
             numbered = [(n, json.loads(line)) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
     except json.JSONDecodeError as exc:
         raise ConsoleError(422, "file", f"{name}: line {exc.lineno}: malformed JSON ({exc.msg})") from None
+    except RecursionError:  # brackets nested deeper than the parser's stack
+        raise ConsoleError(422, "file", f"{name}: JSON nested too deeply") from None
     prompts = []
     for n, item in numbered:
         if isinstance(item, dict):

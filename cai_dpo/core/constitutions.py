@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import os
 import re
 import tempfile
@@ -232,6 +233,13 @@ def parse_constitution(
         raise ConstitutionError(f"{len(text.encode())} bytes; at most {max_bytes}", path=path, field="body")
     _check_shape(text, path)
     data = yaml.load(text, Loader=_LOADER)  # noqa: S506 - a safe loader (C or Python)
+    # Aliases expand: 64 of them naming one long string made 8 MB of a 121 KB file. What the
+    # constitution stands for (stored, served, sent to workers) obeys the same cap as its text.
+    expanded = len(json.dumps(data, default=str).encode())
+    if max_bytes is not None and expanded > max_bytes:
+        raise ConstitutionError(
+            f"its YAML aliases expand it to {expanded} bytes; at most {max_bytes}", path=path, field="body"
+        )
     if not isinstance(data, dict):
         raise ConstitutionError("a constitution must be a YAML mapping", path=path, field="(root)", line=1)
     try:

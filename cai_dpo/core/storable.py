@@ -24,15 +24,22 @@ def text_problem(text: str) -> str | None:
     return None
 
 
+# Deeper than this, a value is refused: nothing the service stores needs it, and serialising a
+# value nested some hundreds deep fails (a 500 where a 422 belongs).
+MAX_JSON_DEPTH = 32
+
+
 def find_unstorable(value: Any) -> tuple[str, str] | None:
     """The first place in a JSON-like value that PostgreSQL cannot store, and why; None if none.
 
-    Text must be valid Unicode without NUL, numbers finite (JSON has no NaN). Iterative, so a
-    deeply nested upload cannot exhaust the stack.
+    Text must be valid Unicode without NUL, numbers finite (JSON has no NaN), nesting at most
+    MAX_JSON_DEPTH deep. Iterative, so a deeply nested upload cannot exhaust the stack.
     """
-    queue = deque([("", value)])
+    queue = deque([("", value, 0)])
     while queue:
-        path, item = queue.popleft()
+        path, item, depth = queue.popleft()
+        if isinstance(item, dict | list) and depth >= MAX_JSON_DEPTH:
+            return path, f"nested more than {MAX_JSON_DEPTH} deep"
         if isinstance(item, str):
             if reason := text_problem(item):
                 return path, reason
@@ -43,7 +50,7 @@ def find_unstorable(value: Any) -> tuple[str, str] | None:
             for key, child in pairs:
                 if isinstance(key, str) and (reason := text_problem(key)):
                     return path, f"a key {reason}"  # the key itself could not be shown back
-                queue.append((f"{path}.{key}" if path else str(key), child))
+                queue.append((f"{path}.{key}" if path else str(key), child, depth + 1))
     return None
 
 
