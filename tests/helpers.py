@@ -1,15 +1,21 @@
 """Helpers the tests share: HH-RLHF data parsed by the import code, job and pair builders, free
-ports, waiting for a state.
+ports, waiting for a state, generation workers run in process (on a scripted engine or the
+session's vLLM engine) and as processes.
 
 Test modules import from here (and from tests/fixtures, tests/fake_engine.py), never from each other.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import gzip
 import json
+import os
+import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -23,8 +29,10 @@ from cai_dpo.core.pair_import import ImportedPair, parse_pair
 from cai_dpo.core.queries import constitutions as constitution_queries
 from cai_dpo.core.queries import jobs as job_queries
 from cai_dpo.core.queries import training as training_queries
-from cai_dpo.core.settings import Settings
+from cai_dpo.core.settings import PROJECT_ROOT, Settings
 from cai_dpo.core.tables import Pair, Prompt
+from tests.fixtures.model import TEST_MODELS_DIR
+from workers.generation.worker import GenerationWorker
 
 MODEL = "smollm2-135m-instruct"
 
@@ -157,6 +165,48 @@ def insert_pairs(db: Engine, n: int, *, flagged_extra: bool = True) -> None:
         session.execute(Pair.__table__.insert(), rows)
 
 
+def job_finished(client, job_id: int) -> Callable[[], bool]:
+    """`GET /jobs/<id>` says the job is over (done or failed)."""
+    return lambda: client.get(f"/jobs/{job_id}").json()["status"] in ("done", "failed")
+
+
+def pairs_of(db: Engine, job_id: int) -> list[Pair]:
+    """The job's pairs, in prompt order."""
+    with session_scope(db) as session:
+        return list(session.scalars(select(Pair).where(Pair.job_id == job_id).order_by(Pair.prompt_id)))
+
+
+def prompts_of(db: Engine, job_id: int) -> list[Prompt]:
+    """The job's prompt rows, in id order."""
+    with session_scope(db) as session:
+        return list(session.scalars(select(Prompt).where(Prompt.job_id == job_id).order_by(Prompt.id)))
+
+
+# --- workers in this process ----------------------------------------------------------------------
+
+
+def run_until(worker, condition: Callable[[], object], timeout: float = 30.0) -> None:
+    """Run `worker` in this thread, on an event loop of its own, until `condition()` holds
+    (`running_until`)."""
+    asyncio.run(running_until(worker, condition, timeout))
+
+
+async def running_until(worker, condition: Callable[[], object], timeout: float) -> None:
+    """Run `worker` (a worker runtime) on this event loop until `condition()` (called in a thread)
+    holds, then stop it and wait for its shutdown. A worker that fails meanwhile fails the wait at
+    once with its error; one that has not got there within `timeout` fails it with a TimeoutError."""
+    task = asyncio.create_task(worker.run())
+    try:
+        async with asyncio.timeout(timeout):
+            while not await asyncio.to_thread(condition):
+                if task.done():
+                    task.result()
+                await asyncio.sleep(0.05)
+    finally:
+        worker.stop()
+        await task
+
+
 class SharedEngine:
     """The session's vLLM engine (`vllm_engine` fixture) lent to one in-process worker: the
     worker's start and shutdown leave it running for the next test."""
@@ -172,3 +222,64 @@ class SharedEngine:
 
     async def shutdown(self):
         pass
+
+
+def run_on_shared_engine(
+    vllm_engine,
+    settings: Settings,
+    db: Engine,
+    until: Callable[[], object],
+    timeout: float = 600.0,
+    **overrides,
+) -> GenerationWorker:
+    """A generation worker in this process on the session's vLLM engine, until `until()` holds;
+    `overrides` are settings (16 trajectories in flight, a 0.2 s poll unless given)."""
+    settings = settings.model_copy(update={"max_in_flight": 16, "poll_seconds": 0.2} | overrides)
+    worker = GenerationWorker(
+        settings, db, url=settings.database_url, engine_factory=lambda *_: SharedEngine(vllm_engine)
+    )
+    vllm_engine.run(running_until(worker, until, timeout), timeout=timeout + 60)
+    return worker
+
+
+# --- generation workers as processes ---------------------------------------------------------------
+
+
+def start_worker(settings: Settings, **env: str) -> subprocess.Popen:
+    """`cai-dpo worker generate` as a process on the test database, its engine on the bundled
+    model: leases of 15 s, 4 trajectories in flight, claims of 2; `env` adds or overrides variables.
+    With `DATABASE_URL` set the command execs the worker module, so the process is the worker."""
+    environment = os.environ | {
+        "DATABASE_URL": settings.database_url,
+        "CAI_DATA_DIR": str(settings.data_dir),
+        "CAI_MODELS_DIR": str(TEST_MODELS_DIR),
+        "CAI_LEASE_SECONDS": "15",
+        "CAI_POLL_SECONDS": "0.5",
+        "CAI_MAX_IN_FLIGHT": "4",
+        "CAI_CLAIM_BATCH": "2",
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        **env,
+    }
+    # Its own process group: a kill takes vLLM's engine process with it, as a crashed container's would.
+    return subprocess.Popen(
+        [sys.executable, "-m", "cai_dpo.cli.main", "worker", "generate"],
+        env=environment,
+        cwd=PROJECT_ROOT,
+        start_new_session=True,
+    )
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL to the process and everything in its group (vLLM's engine process with it)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def stop_worker(proc: subprocess.Popen) -> None:
+    """SIGTERM (a minute to shut down), then whatever is left of the group is killed."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=60)
+    kill_group(proc)

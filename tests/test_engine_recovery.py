@@ -17,7 +17,7 @@ from cai_dpo.core.queries import jobs as job_queries
 from cai_dpo.core.queries import workers as worker_queries
 from cai_dpo.core.tables import Pair, Prompt, Worker
 from tests.fake_engine import ScriptedEngine
-from tests.helpers import make_job, statuses
+from tests.helpers import make_job, run_until, statuses
 from workers.generation.engines import EngineError, EngineUnavailable
 from workers.generation.worker import EngineRestartsExhausted, GenerationWorker
 from workers.runtime import LeaseKeeper
@@ -53,27 +53,15 @@ class DyingEngine(ScriptedEngine):
         return await super().chat(messages, sampling, request_id)
 
 
-def run_worker(worker: GenerationWorker, condition, timeout: float = 40.0) -> None:
-    async def main():
-        task = asyncio.create_task(worker.run())
-        try:
-            async with asyncio.timeout(timeout):
-                while not await asyncio.to_thread(condition):
-                    if task.done():
-                        task.result()
-                    await asyncio.sleep(0.05)
-        finally:
-            worker.stop()
-            await task
-
-    asyncio.run(main())
-
-
 def make_worker(settings, db, engine, **overrides) -> GenerationWorker:
     settings = settings.model_copy(
         update={"max_in_flight": 4, "claim_batch": 4, "poll_seconds": 0.1, "lease_seconds": 3} | overrides
     )
-    return GenerationWorker(settings, db, url=settings.database_url, engine_factory=lambda *_: engine)
+    worker = GenerationWorker(settings, db, url=settings.database_url, engine_factory=lambda *_: engine)
+    # The back-off between failed restarts (2 s, 4 s, ...) proves nothing here: these tests count
+    # restarts and attempts, not seconds.
+    worker.restart_delay = lambda attempt: 0.01
+    return worker
 
 
 def all_done(db):
@@ -92,7 +80,7 @@ def test_a_dead_engine_costs_no_attempt_and_is_restarted(settings, db):
         await report()
 
     worker.report = watched_report
-    run_worker(worker, all_done(db))
+    run_until(worker, all_done(db), timeout=40)
     assert engine.starts == 2  # the first start, then one restart
     assert problems[0].startswith("engine down: vLLM engine dead") and problems[-1] is None
     with session_scope(db) as session:
@@ -114,7 +102,7 @@ def test_many_engine_errors_in_a_row_count_as_a_dead_engine(settings, db):
     # The engine never answers: after 3 errors in a row the worker stops blaming prompts.
     engine.recovers = False
     with pytest.raises(EngineRestartsExhausted):
-        run_worker(worker, lambda: False)
+        run_until(worker, lambda: False, timeout=40)
     rows = statuses(db)
     assert all(status == "queued" for status, _, _ in rows.values())
     # Two attempts were charged before the third error in a row showed the engine was the cause.
@@ -126,7 +114,7 @@ def test_an_engine_that_cannot_restart_makes_the_worker_exit_with_its_prompts_re
     engine = DyingEngine(healthy_calls=0, error=EngineUnavailable("gone"), recovers=False)
     worker = make_worker(settings, db, engine, engine_restarts=2)
     with pytest.raises(EngineRestartsExhausted, match="engine down: gone"):
-        run_worker(worker, lambda: False)
+        run_until(worker, lambda: False, timeout=40)
     assert all(v == ("queued", 0, None) for v in statuses(db).values())
     with session_scope(db) as session:
         row = session.scalars(select(Worker)).one()

@@ -4,67 +4,28 @@ The first tests run the worker loop in process on the session's shared engine (e
 costs ~20 s); the crash tests run workers as real processes and kill them.
 """
 
-import asyncio
-import contextlib
 import os
 import signal
-import subprocess
-import sys
 
 import pytest
 from sqlalchemy import delete, select, update
 
 from cai_dpo.cli.supervisor import generation_envs
 from cai_dpo.core.db import session_scope
-from cai_dpo.core.settings import PROJECT_ROOT
 from cai_dpo.core.tables import Pair, Prompt
-from tests.fixtures.model import TEST_MODELS_DIR
-from tests.helpers import hh_prompts, wait_for
-from workers.generation.worker import GenerationWorker
+from tests.helpers import (
+    hh_prompts,
+    job_finished,
+    kill_group,
+    pairs_of,
+    prompts_of,
+    run_on_shared_engine,
+    start_worker,
+    stop_worker,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.model, pytest.mark.vllm]
-
-
-class SharedEngine:
-    """The session's engine lent to one worker: the worker's shutdown leaves it running."""
-
-    def __init__(self, handle):
-        self.inner = handle.engine
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-    async def start(self):
-        pass
-
-    async def shutdown(self):
-        pass
-
-
-def run_worker_in_process(vllm_engine, settings, db, until, timeout=300.0):
-    settings = settings.model_copy(update={"max_in_flight": 16})
-    worker = GenerationWorker(
-        settings, db, url=settings.database_url, engine_factory=lambda *_: SharedEngine(vllm_engine)
-    )
-
-    async def main():
-        task = asyncio.create_task(worker.run())
-        try:
-            async with asyncio.timeout(timeout):
-                while not await asyncio.to_thread(until):
-                    if task.done():
-                        task.result()
-                    await asyncio.sleep(0.2)
-        finally:
-            worker.stopping.set()
-            await task
-
-    vllm_engine.run(main(), timeout=timeout + 60)
-    return worker
-
-
-def job_finished(client, job_id):
-    return lambda: client.get(f"/jobs/{job_id}").json()["status"] in ("done", "failed")
 
 
 def test_eight_hh_prompts_give_eight_pairs_with_critiques(vllm_engine, client, settings, db):
@@ -75,7 +36,7 @@ def test_eight_hh_prompts_give_eight_pairs_with_critiques(vllm_engine, client, s
         "sampling": {"max_tokens": 64, "seed": 11},
     }
     job_id = client.post("/generate", json=body).json()["job_id"]
-    run_worker_in_process(vllm_engine, settings, db, job_finished(client, job_id))
+    run_on_shared_engine(vllm_engine, settings, db, job_finished(client, job_id), timeout=300)
     state = client.get(f"/jobs/{job_id}").json()
     assert state["counts"]["done"] == 8 and state["counts"]["failed"] == 0 and state["status"] == "done"
     assert state["pairs_per_s"] > 0
@@ -110,7 +71,7 @@ def test_rerunning_a_job_draws_the_same_principles(vllm_engine, client, settings
         "sampling": {"max_tokens": 32, "seed": 5},
     }
     job_id = client.post("/generate", json=body).json()["job_id"]
-    run_worker_in_process(vllm_engine, settings, db, job_finished(client, job_id))
+    run_on_shared_engine(vllm_engine, settings, db, job_finished(client, job_id), timeout=300)
 
     def principles():
         with session_scope(db) as session:
@@ -128,58 +89,12 @@ def test_rerunning_a_job_draws_the_same_principles(vllm_engine, client, settings
             .where(Prompt.job_id == job_id)
             .values(status="queued", attempts=0, finished_at=None)
         )
-    run_worker_in_process(vllm_engine, settings, db, job_finished(client, job_id))
+    run_on_shared_engine(vllm_engine, settings, db, job_finished(client, job_id), timeout=300)
     assert principles() == first
     assert len({tuple(p) for p in first.values()}) > 1  # drawn per prompt, not one global choice
 
 
 # --- real worker processes ------------------------------------------------------------------------
-
-
-def start_worker(settings, **env) -> subprocess.Popen:
-    environment = os.environ | {
-        "DATABASE_URL": settings.database_url,
-        "CAI_DATA_DIR": str(settings.data_dir),
-        "CAI_MODELS_DIR": str(TEST_MODELS_DIR),
-        "CAI_LEASE_SECONDS": "15",
-        "CAI_POLL_SECONDS": "0.5",
-        "CAI_MAX_IN_FLIGHT": "4",
-        "CAI_CLAIM_BATCH": "2",
-        "VLLM_CPU_KVCACHE_SPACE": "1",
-        **env,
-    }
-    # Its own process group: a kill takes vLLM's engine process with it, as a crashed container's would.
-    return subprocess.Popen(
-        [sys.executable, "-m", "cai_dpo.cli.main", "worker", "generate"],
-        env=environment,
-        cwd=PROJECT_ROOT,
-        start_new_session=True,
-    )
-
-
-def kill_group(proc: subprocess.Popen) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-
-
-def stop(proc: subprocess.Popen) -> None:
-    """SIGTERM, then whatever is left of the group is killed."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=60)
-    kill_group(proc)
-
-
-def prompt_rows(db, job_id):
-    with session_scope(db) as session:
-        return session.scalars(select(Prompt).where(Prompt.job_id == job_id).order_by(Prompt.id)).all()
-
-
-def pairs_of(db, job_id):
-    with session_scope(db) as session:
-        return session.scalars(select(Pair).where(Pair.job_id == job_id)).all()
 
 
 @pytest.mark.e2e
@@ -204,7 +119,7 @@ def test_two_workers_share_a_job_and_survive_a_sigkill(client, settings, db):
         }
         first = client.post("/generate", json=body).json()["job_id"]
         wait_for(job_finished(client, first), 900, "the first job", procs=(a, b))
-        rows, pairs = prompt_rows(db, first), pairs_of(db, first)
+        rows, pairs = prompts_of(db, first), pairs_of(db, first)
         # Both alive: every prompt was claimed once and generated by exactly one worker.
         assert all(r.status == "done" and r.attempts == 1 for r in rows)
         assert sorted(p.prompt_id for p in pairs) == [r.id for r in rows]
@@ -215,23 +130,23 @@ def test_two_workers_share_a_job_and_survive_a_sigkill(client, settings, db):
         wait_for(
             lambda: any(
                 r.status == "running" and r.lease_owner and f"-{a.pid}-" in r.lease_owner
-                for r in prompt_rows(db, second)
+                for r in prompts_of(db, second)
             ),
             120,
             "worker A to hold prompts",
             procs=(a, b),
         )
-        held_by_a = {r.id for r in prompt_rows(db, second) if r.lease_owner and f"-{a.pid}-" in r.lease_owner}
+        held_by_a = {r.id for r in prompts_of(db, second) if r.lease_owner and f"-{a.pid}-" in r.lease_owner}
         kill_group(a)
         wait_for(job_finished(client, second), 900, "worker B to finish the job", procs=(b,))
-        rows, pairs = prompt_rows(db, second), pairs_of(db, second)
+        rows, pairs = prompts_of(db, second), pairs_of(db, second)
         assert all(r.status == "done" for r in rows), [(r.id, r.status, r.last_error) for r in rows]
         assert sorted(p.prompt_id for p in pairs) == [r.id for r in rows]  # none lost, none twice
         retried = {r.id for r in rows if r.attempts == 2}
         assert held_by_a - {p.prompt_id for p in pairs if f"-{a.pid}-" in p.trajectory["worker"]} <= retried
     finally:
         for proc in (a, b):
-            stop(proc)
+            stop_worker(proc)
 
 
 @pytest.mark.e2e
@@ -242,7 +157,7 @@ def test_sigterm_releases_prompts_in_flight_at_once(client, settings, db):
         body = {"prompts": hh_prompts(12, offset=60), "constitution": "harmless", "revisions": 2}
         job_id = client.post("/generate", json=body).json()["job_id"]
         wait_for(
-            lambda: sum(r.status == "running" for r in prompt_rows(db, job_id)) == 4,
+            lambda: sum(r.status == "running" for r in prompts_of(db, job_id)) == 4,
             120,
             "prompts in flight",
             procs=(worker,),
@@ -250,10 +165,10 @@ def test_sigterm_releases_prompts_in_flight_at_once(client, settings, db):
         worker.send_signal(signal.SIGTERM)
         worker.wait(timeout=60)
         assert worker.returncode == 0
-        rows = prompt_rows(db, job_id)
+        rows = prompts_of(db, job_id)
         assert not [r for r in rows if r.status == "running"]
         assert all(r.lease_owner is None for r in rows if r.status == "queued")
         done = {p.prompt_id for p in pairs_of(db, job_id)}
         assert {r.id for r in rows if r.status == "done"} == done
     finally:
-        stop(worker)
+        stop_worker(worker)

@@ -8,61 +8,28 @@ evaluation records (probabilities, both orders, scores, flags, counts), not whic
 import asyncio
 import contextlib
 import math
-import os
-import signal
 import subprocess
-import sys
 import threading
 
 import psutil
 import pytest
-from sqlalchemy import select
 
-from cai_dpo.core.db import session_scope
 from cai_dpo.core.settings import PROJECT_ROOT
-from cai_dpo.core.tables import Pair, Prompt
-from tests.helpers import SharedEngine, hh_lines, hh_prompts, wait_for
-from workers.generation.worker import GenerationWorker
+from tests.helpers import (
+    hh_lines,
+    hh_prompts,
+    job_finished,
+    kill_group,
+    pairs_of,
+    prompts_of,
+    run_on_shared_engine,
+    start_worker,
+    stop_worker,
+    wait_for,
+)
 from workers.training.worker import TrainingWorker
 
 pytestmark = [pytest.mark.model, pytest.mark.vllm]
-
-
-def run_worker(vllm_engine, settings, db, until, timeout: float = 600.0, **overrides) -> GenerationWorker:
-    """A generation worker in this process on the session's engine, until `until()` holds."""
-    settings = settings.model_copy(update={"max_in_flight": 16, "poll_seconds": 0.2} | overrides)
-    worker = GenerationWorker(
-        settings, db, url=settings.database_url, engine_factory=lambda *_: SharedEngine(vllm_engine)
-    )
-
-    async def main():
-        task = asyncio.create_task(worker.run())
-        try:
-            async with asyncio.timeout(timeout):
-                while not await asyncio.to_thread(until):
-                    if task.done():
-                        task.result()
-                    await asyncio.sleep(0.2)
-        finally:
-            worker.stop()
-            await task
-
-    vllm_engine.run(main(), timeout=timeout + 60)
-    return worker
-
-
-def finished(client, job_id):
-    return lambda: client.get(f"/jobs/{job_id}").json()["status"] in ("done", "failed")
-
-
-def pairs_of(db, job_id) -> list[Pair]:
-    with session_scope(db) as session:
-        return list(session.scalars(select(Pair).where(Pair.job_id == job_id).order_by(Pair.prompt_id)))
-
-
-def prompts_of(db, job_id) -> list[Prompt]:
-    with session_scope(db) as session:
-        return list(session.scalars(select(Prompt).where(Prompt.job_id == job_id).order_by(Prompt.id)))
 
 
 def test_a_seeded_job_of_24_prompts_finishes_on_vllm_cpu(vllm_engine, client, settings, db):
@@ -74,7 +41,9 @@ def test_a_seeded_job_of_24_prompts_finishes_on_vllm_cpu(vllm_engine, client, se
         "sampling": {"max_tokens": 64, "seed": 3},
     }
     job_id = client.post("/generate", json=body).json()["job_id"]
-    run_worker(vllm_engine, settings, db, finished(client, job_id), max_in_flight=24, claim_batch=24)
+    run_on_shared_engine(
+        vllm_engine, settings, db, job_finished(client, job_id), max_in_flight=24, claim_batch=24
+    )
     state = client.get(f"/jobs/{job_id}").json()
     assert state["counts"]["done"] == 24 and state["counts"]["failed"] == 0, state
     assert len(pairs_of(db, job_id)) == 24
@@ -90,7 +59,7 @@ def test_ai_feedback_pairs_carry_the_judges_preference(vllm_engine, client, sett
         "sampling": {"max_tokens": 32, "seed": 5},
     }
     job_id = client.post("/generate", json=body).json()["job_id"]
-    run_worker(vllm_engine, settings, db, finished(client, job_id))
+    run_on_shared_engine(vllm_engine, settings, db, job_finished(client, job_id))
     pairs = pairs_of(db, job_id)
     assert len(pairs) == 4
     for pair in pairs:
@@ -113,7 +82,7 @@ def test_verify_records_whether_the_revision_is_preferred(vllm_engine, client, s
         "sampling": {"max_tokens": 32},
     }
     job_id = client.post("/generate", json=body).json()["job_id"]
-    run_worker(vllm_engine, settings, db, finished(client, job_id))
+    run_on_shared_engine(vllm_engine, settings, db, job_finished(client, job_id))
     pairs = pairs_of(db, job_id)
     assert len(pairs) == 3
     for pair in pairs:
@@ -150,7 +119,7 @@ def test_best_of_n_ranks_by_a_reward_model(vllm_engine, client, settings, db, tm
     }
     response = client.post("/generate", json=body)
     assert response.status_code == 202, response.text
-    run_worker(vllm_engine, settings, db, finished(client, response.json()["job_id"]))
+    run_on_shared_engine(vllm_engine, settings, db, job_finished(client, response.json()["job_id"]))
     pairs = pairs_of(db, response.json()["job_id"])
     assert len(pairs) == 3
     for pair in pairs:
@@ -160,37 +129,6 @@ def test_best_of_n_ranks_by_a_reward_model(vllm_engine, client, settings, db, tm
 
 
 # --- processes killed mid-job ----------------------------------------------------------------------
-
-
-def start_worker(settings, **env) -> subprocess.Popen:
-    environment = {
-        **os.environ,
-        "DATABASE_URL": settings.database_url,
-        "CAI_DATA_DIR": str(settings.data_dir),
-        "CAI_MODELS_DIR": str(PROJECT_ROOT / "data" / "models"),
-        "CAI_LEASE_SECONDS": "15",
-        "CAI_POLL_SECONDS": "0.5",
-        "CAI_MAX_IN_FLIGHT": "4",
-        "CAI_CLAIM_BATCH": "2",
-        "VLLM_CPU_KVCACHE_SPACE": "1",
-        **env,
-    }
-    return subprocess.Popen(
-        [sys.executable, "-m", "workers.generation"],
-        env=environment,
-        cwd=PROJECT_ROOT,
-        start_new_session=True,  # a kill of the group takes vLLM's engine process with it
-    )
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=60)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
 
 
 def engine_core(proc: subprocess.Popen) -> psutil.Process | None:
@@ -224,7 +162,9 @@ def test_killing_the_engine_process_mid_job_costs_no_prompt(client, settings, db
             "the worker to report its engine down (or to have finished)",
             procs=(worker,),
         )
-        wait_for(finished(client, job_id), 600, "the job to finish on the restarted engine", procs=(worker,))
+        wait_for(
+            job_finished(client, job_id), 600, "the job to finish on the restarted engine", procs=(worker,)
+        )
         rows, pairs = prompts_of(db, job_id), pairs_of(db, job_id)
         assert all(r.status == "done" for r in rows), [(r.id, r.status, r.last_error) for r in rows]
         assert sorted(p.prompt_id for p in pairs) == [r.id for r in rows]  # none lost, none twice
@@ -232,7 +172,7 @@ def test_killing_the_engine_process_mid_job_costs_no_prompt(client, settings, db
         assert all(w["healthy"] for w in client.get("/workers").json())
         assert client.get("/health").json()["status"] == "ok"
     finally:
-        stop(worker)
+        stop_worker(worker)
 
 
 @pytest.mark.e2e
@@ -250,18 +190,17 @@ def test_a_worker_killed_mid_scoring_loses_and_duplicates_nothing(client, settin
         }
         job_id = client.post("/generate", json=body).json()["job_id"]
         wait_for(lambda: len(pairs_of(db, job_id)) >= 1, 300, "the first pair", procs=(first,))
-        os.killpg(first.pid, signal.SIGKILL)  # mid-job: others held, being sampled or judged
-        first.wait()
+        kill_group(first)  # mid-job: others held, being sampled or judged
         second = start_worker(settings)
-        wait_for(finished(client, job_id), 900, "a second worker to finish the job", procs=(second,))
+        wait_for(job_finished(client, job_id), 900, "a second worker to finish the job", procs=(second,))
         rows, pairs = prompts_of(db, job_id), pairs_of(db, job_id)
         assert all(r.status == "done" for r in rows), [(r.id, r.status, r.last_error) for r in rows]
         assert sorted(p.prompt_id for p in pairs) == [r.id for r in rows]
         assert all(p.preference and p.preference["orders"] == 2 for p in pairs)
     finally:
-        stop(first)
+        stop_worker(first)
         if second is not None:
-            stop(second)
+            stop_worker(second)
 
 
 @pytest.mark.e2e
@@ -319,4 +258,4 @@ def test_a_trained_model_is_evaluated_against_its_base(client, settings, db):
         trainer.stop()
         thread.join(timeout=120)
         if generator is not None:
-            stop(generator)
+            stop_worker(generator)

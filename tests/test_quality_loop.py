@@ -27,7 +27,7 @@ from cai_dpo.core.queries import evaluations as evaluation_queries
 from cai_dpo.core.queries import training as training_queries
 from cai_dpo.core.tables import Comparison, Pair, Prompt, TrainingJob, TrainPolicy
 from tests.fake_engine import ScriptedEngine
-from tests.helpers import statuses
+from tests.helpers import run_until, statuses
 from workers.generation.modes import log_odds
 from workers.generation.worker import GenerationWorker
 from workers.training.worker import TrainingWorker
@@ -105,20 +105,7 @@ class LengthJudgeEngine(ScriptedEngine):
 def run_generation(settings, db, engine, condition, timeout: float = 60.0) -> GenerationWorker:
     settings = settings.model_copy(update={"max_in_flight": 4, "claim_batch": 4, "poll_seconds": 0.1})
     worker = GenerationWorker(settings, db, url=settings.database_url, engine_factory=lambda *_: engine)
-
-    async def main():
-        task = asyncio.create_task(worker.run())
-        try:
-            async with asyncio.timeout(timeout):
-                while not await asyncio.to_thread(condition):
-                    if task.done():
-                        task.result()
-                    await asyncio.sleep(0.05)
-        finally:
-            worker.stop()
-            await task
-
-    asyncio.run(main())
+    run_until(worker, condition, timeout)
     return worker
 
 
@@ -214,16 +201,7 @@ def test_best_of_n_keeps_the_best_and_worst_scores(client, settings, db, tmp_pat
         return LengthScorer()
 
     worker.scorer = scripted_scorer
-
-    async def main():
-        task = asyncio.create_task(worker.run())
-        async with asyncio.timeout(60):
-            while not await asyncio.to_thread(all_done(db)):
-                await asyncio.sleep(0.05)
-        worker.stop()
-        await task
-
-    asyncio.run(main())
+    run_until(worker, all_done(db), timeout=60)
     (pair,) = pairs(db)
     assert pair.chosen == "word word word word" and pair.rejected == "word"  # answers are stored trimmed
     assert pair.scores == {"chosen": 19.0, "rejected": 4.0}
@@ -316,16 +294,7 @@ def test_an_evaluation_compares_trained_and_base_and_promotes_past_the_gate(clie
         update={"model": f"train:{train_id}", "max_in_flight": 4, "poll_seconds": 0.1}
     )
     worker = GenerationWorker(worker_settings, db, url=settings.database_url, engine_factory=engine_factory)
-
-    async def compare():
-        task = asyncio.create_task(worker.run())
-        async with asyncio.timeout(60):
-            while not await asyncio.to_thread(all_done(db)):
-                await asyncio.sleep(0.05)
-        worker.stop()
-        await task
-
-    asyncio.run(compare())
+    run_until(worker, all_done(db), timeout=60)
     assert set(engines) == {f"train:{train_id}", "smollm2-135m-instruct"}
     with session_scope(db) as session:
         comparisons = session.scalars(select(Comparison)).all()

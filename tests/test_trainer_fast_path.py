@@ -22,7 +22,7 @@ from workers.training.ranks import Ranks
 from workers.training.step import score_pairs, score_with
 
 
-@pytest.mark.unit
+@pytest.mark.model  # torch optimizer steps; the first optimizer of a session imports torch._dynamo (1-2 s)
 def test_master_adamw_is_fp32_adamw_with_the_model_in_bf16():
     torch.manual_seed(0)
     shapes = [(8, 16), (40,), (3, 5, 7)]

@@ -20,7 +20,7 @@ from cai_dpo.core.model_sources import training_output_dir
 from cai_dpo.core.settings import PROJECT_ROOT
 from cai_dpo.core.tables import TrainingJob
 from tests.fixtures.model import TEST_MODELS_DIR
-from tests.helpers import hh_lines, wait_for
+from tests.helpers import hh_lines, job_finished, run_until, wait_for
 from workers.generation.worker import GenerationWorker
 from workers.training.worker import TrainingWorker
 
@@ -123,18 +123,7 @@ def test_train_over_http_then_generate_with_the_trained_model(client, settings, 
         db,
         url=settings.database_url,
     )
-
-    async def run_until_done():
-        task = asyncio.create_task(generation.run())
-        async with asyncio.timeout(600):
-            while client.get(f"/jobs/{job_id}").json()["status"] not in ("done", "failed"):
-                if task.done():
-                    task.result()
-                await asyncio.sleep(0.5)
-        generation.stopping.set()
-        await task
-
-    asyncio.run(run_until_done())
+    run_until(generation, job_finished(client, job_id), timeout=600)
     pairs = client.get("/pairs", params={"job_id": job_id, "include_flagged": True}).json()["items"]
     assert len(pairs) == 2 and all(p["model"] == f"train:{train_id}" and p["rejected"] for p in pairs)
 

@@ -14,26 +14,10 @@ from sqlalchemy import select
 from cai_dpo.core.db import libpq_url, session_scope
 from cai_dpo.core.tables import Pair, Prompt, Worker
 from tests.fake_engine import ScriptedEngine
-from tests.helpers import make_job, statuses, with_database
+from tests.helpers import make_job, run_until, statuses, with_database
 from workers.generation.worker import GenerationWorker
 
 pytestmark = pytest.mark.db
-
-
-def run_until(worker: GenerationWorker, condition, timeout: float = 30.0) -> None:
-    """Run the worker until `condition()` holds (checked on the loop), then stop it."""
-
-    async def main():
-        task = asyncio.create_task(worker.run())
-        try:
-            async with asyncio.timeout(timeout):
-                while not await asyncio.to_thread(condition):
-                    await asyncio.sleep(0.05)
-        finally:
-            worker.stopping.set()
-            await task
-
-    asyncio.run(main())
 
 
 def make_worker(settings, db, engine: ScriptedEngine, **overrides) -> GenerationWorker:

@@ -302,6 +302,11 @@ class GenerationWorker(WorkerRuntime):
             self.wakeup.set()  # the loop may be waiting for work: it has to recover first
         await self.db_call(queue.release, queue.PROMPTS, worker_id=self.id, ids=[prompt.id])
 
+    @staticmethod
+    def restart_delay(attempt: int) -> float:
+        """Seconds to wait after the `attempt`-th failed restart of the engine: 2, 4, 8 ... at most 30."""
+        return min(2**attempt, 30)
+
     async def recover_engine(self) -> None:
         """Give back every prompt held, report the problem, then restart the engine; exit if it
         cannot be restarted (the supervisor starts a fresh worker process)."""
@@ -316,7 +321,7 @@ class GenerationWorker(WorkerRuntime):
                 self.engine = await self.start_engine(self.model)
             except Exception:  # noqa: BLE001 - retried, then the process exits
                 log.exception("engine restart %d of %d failed", attempt, self.settings.engine_restarts)
-                await asyncio.sleep(min(2**attempt, 30))
+                await asyncio.sleep(self.restart_delay(attempt))
                 continue
             log.info("engine for %s restarted (attempt %d)", self.model, attempt)
             self.problem, self.engine_errors_in_a_row = None, 0
