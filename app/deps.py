@@ -56,11 +56,12 @@ def require_owner_or_admin(caller: ApiKey, owner: str | None, what: str) -> None
 
 
 def checked_model(session: Session, settings: Settings, model: str | None, *, field: str) -> str:
-    """A model name a job may use, or a 422 naming the request's field."""
+    """A model name a job may use, or a 404 naming the request's field: what a model reference may
+    look like is `ModelRef`'s (a 422 while the body is read); whether it exists is this check's."""
     try:
         return check_model_name(session, model, settings)
     except ModelNotFound as exc:
-        raise FieldError(field, str(exc)) from None
+        raise FieldError(field, str(exc), 404) from None
 
 
 def checked_scorer_model(session: Session, settings: Settings, spec: ScorerSpec, *, field: str) -> None:
@@ -72,7 +73,7 @@ def checked_scorer_model(session: Session, settings: Settings, spec: ScorerSpec,
         else:
             check_model_name(session, spec.model, settings)
     except ModelNotFound as exc:
-        raise FieldError(field, str(exc)) from None
+        raise FieldError(field, str(exc), 404) from None
 
 
 def or_404(row: T | None, message: str) -> T:

@@ -61,6 +61,10 @@ async def validation_error(request: Request, exc: RequestValidationError) -> JSO
                 inner, message = named.groups()
                 field = inner if field == "body" else f"{field}.{inner}"
             errors.append({"field": field, "message": message})
+    # A path whose ids name no resource (`/pairs/None`, `/jobs/0`) is Not Found, as for an id
+    # that names no row: the path is where a resource would be, not a form the client filled in.
+    if status == 422 and all(error["loc"][:1] == ("path",) for error in exc.errors()):
+        status = 404
     return error_response(status, errors)
 
 

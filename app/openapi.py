@@ -29,7 +29,8 @@ from app.access import NDJSON, YAML, Access
 from app.schemas import NONBLANK, ErrorBody
 from app.security import MUTATING, UPLOAD_HEADER
 from cai_dpo.core.constitutions import NAME_PATTERN, ConstitutionSpec
-from cai_dpo.core.settings import Settings
+from cai_dpo.core.model_refs import model_roots
+from cai_dpo.core.settings import BUNDLED_MODEL, Settings
 
 SCHEMAS = "#/components/schemas/"
 
@@ -41,11 +42,11 @@ WHEN = {
     "(no keys configured), or a multipart upload without `X-Requested-By`.",
     404: "Nothing has this id or name: the message names the parameter or field.",
     409: "The request conflicts with the resource's state: the message says how.",
-    412: "`If-Match` names another version than the current one: reload and retry.",
     413: "The body is over the route's size cap, or holds more prompts or rows than the server takes.",
     415: "The body's `Content-Type` is not one this route takes.",
     422: "A field is invalid: `errors` names each field at fault and what is wrong.",
-    429: "Too many exports at once: retry after `Retry-After` seconds.",
+    429: "Too many exports at once, or this client was refused (401, 403) too often in the last minute: "
+    "retry after `Retry-After` seconds.",
 }
 
 # A constitution's or policy's name, as `core.constitutions.check_name` enforces it.
@@ -202,7 +203,8 @@ def finish(
                 if media.get("schema", {}).get("$ref") == f"{SCHEMAS}HTTPValidationError":
                     responses[status] = _error(422)
             scope = access[(method.upper(), path)].scope
-            guard = [400, 403] + ([401] if scope is not None else [])
+            # 429: a client refused (401, 403) too often in a minute (`CAI_REFUSALS_PER_MINUTE`).
+            guard = [400, 403] + ([401, 429] if scope is not None else [])
             if method.upper() in MUTATING:
                 guard += [413, 415]
             for code in guard:
@@ -235,17 +237,31 @@ def _ecma_escape(text: str) -> str:
     return "".join(f"\\{c}" if c in r"\^$.|?*+()[]{}/" else c for c in text)
 
 
+def model_ref_pattern(settings: Settings) -> str:
+    """What `ModelRef` takes on this server, as a pattern: the bundled and default models,
+    `train:<id>`, or a folder below a model root (names without a leading dot, so no `..`)."""
+    names = sorted({BUNDLED_MODEL, settings.model})
+    part = "[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}"
+    roots = [_ecma_escape(root.rstrip("/")) for root in model_roots(settings)]
+    folders = [f"{root}/{part}(/{part}){{0,7}}" for root in roots]
+    return "^(" + "|".join([*map(_ecma_escape, names), "train:[1-9][0-9]{0,15}", *folders]) + ")$"
+
+
+def _state_model_refs(node: Any, pattern: str) -> None:
+    """Every field typed `ModelRef` (marked `x-model-ref`) gets this server's pattern."""
+    if isinstance(node, dict):
+        if node.pop("x-model-ref", False):
+            node["pattern"] = pattern
+        for child in node.values():
+            _state_model_refs(child, pattern)
+    elif isinstance(node, list):
+        for child in node:
+            _state_model_refs(child, pattern)
+
+
 def _state_limits(schemas: dict[str, Any], settings: Settings) -> None:
     """The settings' limits and model names, where the request models leave them open."""
-    model = {
-        "pattern": f"^({_ecma_escape(settings.model)}|train:[0-9]{{1,19}})$",
-        "description": f"`{settings.model}` (the default), or `train:<id>` of a succeeded training job.",
-    }
-    named = (("GenerateRequest", "model"), ("TrainRequest", "base_model"), ("TrainPolicyIn", "base_model"))
-    for name, field in named:
-        for branch in schemas.get(name, {}).get("properties", {}).get(field, {}).get("anyOf", []):
-            if branch.get("type") == "string":
-                branch.update(model)
+    _state_model_refs(schemas, model_ref_pattern(settings))
     request = schemas.get("GenerateRequest", {}).get("properties", {})
     if "prompts" in request:
         prompts = request["prompts"]

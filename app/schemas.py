@@ -17,6 +17,7 @@ from cai_dpo.core.model_refs import ModelRef, current_settings
 from cai_dpo.core.pair_filter import PairFilter
 from cai_dpo.core.settings import Settings
 from cai_dpo.core.storable import SchemaPattern, StorableJson, StorableText
+from cai_dpo.core.strict_json import StrictJson
 from cai_dpo.core.training_params import TrainParams  # pydantic only: the API never imports torch
 
 Role = Literal["system", "user", "assistant"]
@@ -58,14 +59,14 @@ class ErrorBody(BaseModel):
     errors: list[ErrorItem] = Field(min_length=1)
 
 
-class ChatMessage(BaseModel):
+class ChatMessage(StrictJson):
     model_config = ConfigDict(extra="forbid")
 
     role: Role
     content: StorableText
 
 
-class SamplingRequest(BaseModel):
+class SamplingRequest(StrictJson):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     temperature: float | None = Field(None, ge=0, le=2)
@@ -198,10 +199,17 @@ class PromptPage(BaseModel):
     next_cursor: str | None
 
 
-class ReviewIn(BaseModel):
+class ReviewIn(StrictJson):
     """`POST /pairs/{id}/review`: approve or reject the pair, optionally with an edited chosen answer."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        # `_edit_approves`, stated in the OpenAPI document: a rejection carries no `chosen`.
+        json_schema_extra={
+            "if": {"properties": {"status": {"const": "rejected"}}, "required": ["status"]},
+            "then": {"properties": {"chosen": {"type": "null"}}},
+        },
+    )
 
     status: Literal["approved", "rejected"]
     chosen: StorableText | None = Field(
@@ -266,12 +274,16 @@ class PairOut(BaseModel):
 class PairPageQuery(PairFilter):
     """`GET /pairs`: the filters, and a page."""
 
+    model_config = ConfigDict(strict=False)  # a query string carries text only
+
     cursor: Cursor | None = None
     limit: int = Field(50, ge=1, description="Rows per page (at most CAI_PAGE_SIZE_MAX).")
 
 
 class ExportQuery(PairFilter):
     """`GET /export`: the filters, and the file's format, style and split."""
+
+    model_config = ConfigDict(strict=False)  # a query string carries text only
 
     format: Literal["jsonl", "parquet"] = "jsonl"
     style: Literal["standard", "conversational"] = Field(

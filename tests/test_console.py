@@ -226,7 +226,7 @@ def test_bad_reviews_are_refused_naming_the_field(client, db):
 @pytest.mark.db
 def test_a_training_dataset_takes_the_review_filter(client, db):
     insert_pairs(db, 3, flagged_extra=False)
-    assert client.post("/train", json={"dataset": {"review": "approved"}, "max_steps": 1}).status_code == 422
+    assert client.post("/train", json={"dataset": {"review": "approved"}, "max_steps": 1}).status_code == 409
     client.post("/pairs/2/review", json={"status": "approved"})
     started = client.post("/train", json={"dataset": {"review": "approved"}, "max_steps": 1})
     assert started.status_code == 202
@@ -451,7 +451,7 @@ def test_constitution_editor_checks_saves_with_if_match_and_tries(client, db, se
     stale = client.post(
         "/ui/constitutions/harmless", data={"body": original, "if_match": if_match, "csrf_token": token}
     )
-    assert stale.status_code == 412 and "reload" in stale.text
+    assert stale.status_code == 409 and "reload" in stale.text
     new_version = hashlib.sha256(edited.encode()).hexdigest()
     old_version = hashlib.sha256(original.encode()).hexdigest()
     diff = client.get("/ui/constitutions/harmless/diff", params={"a": old_version, "b": new_version}).text

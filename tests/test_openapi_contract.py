@@ -50,6 +50,9 @@ def test_schemathesis_finds_no_contract_failure(settings, db, tmp_path, keys):
         "CAI_DATA_DIR": str(tmp_path / "data"),
         "CAI_CONSTITUTIONS_DIR": str(settings.constitutions_dir),
         "CAI_API_KEYS": f"admin:admin:{KEY}" if keys else "",
+        # Schemathesis sends thousands of requests without a key on purpose (it checks each is a 401):
+        # the refusal budget that keeps a real client from flooding the audit log would answer 429.
+        "CAI_REFUSALS_PER_MINUTE": "1000000",
     }
     auth = ["--header", f"Authorization: Bearer {KEY}"] if keys else []
     serve = subprocess.Popen(

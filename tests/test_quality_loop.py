@@ -218,13 +218,17 @@ def test_bad_modes_are_refused_naming_the_field(client):
         ({"mode": "revise", "scorer": {"kind": "judge"}}, "scorer"),
         ({"mode": "ai_feedback", "verify": {"scorer": {"kind": "judge"}}}, "verify"),
         ({"mode": "best_of_n", "scorer": {"kind": "reward_model", "model": "/nowhere"}}, "scorer.model"),
-        ({"mode": "best_of_n", "scorer": {"kind": "implicit", "model": "train:99"}}, "scorer.model"),
         ({"verify": {"scorer": {"kind": "reward_model"}}}, "verify.scorer"),
     ]
     for extra, field in cases:
         response = client.post("/generate", json={"prompts": ["x"], "constitution": "harmless"} | extra)
         assert response.status_code == 422, (extra, response.text)
         assert response.json()["detail"].startswith(field), (extra, response.json()["detail"])
+    # A trained model that does not exist is the server's state, not the form: 404 naming the field.
+    extra = {"mode": "best_of_n", "scorer": {"kind": "implicit", "model": "train:99"}}
+    response = client.post("/generate", json={"prompts": ["x"], "constitution": "harmless"} | extra)
+    assert response.status_code == 404, response.text
+    assert response.json()["detail"].startswith("scorer.model")
 
 
 # --- evaluation and the promotion gate -------------------------------------------------------------

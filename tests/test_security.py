@@ -280,7 +280,7 @@ def test_if_match_stops_a_lost_update_and_versions_can_be_restored(client, setti
         "/constitutions/edited", content=second_text, headers=YAML | {"If-Match": f'"{first}"'}
     ).json()["version"]
     stale = client.put("/constitutions/edited", content=GOOD + "# mine\n", headers=YAML | {"If-Match": first})
-    assert stale.status_code == 412 and second in stale.json()["detail"]
+    assert stale.status_code == 409 and second in stale.json()["detail"]
     assert path.read_text() == second_text  # the other editor's save stands
     old = client.get(f"/constitutions/edited/versions/{first[:8]}").json()
     assert old["version"] == first and old["body"] == GOOD
@@ -437,8 +437,9 @@ def test_every_field_that_names_a_model_takes_only_what_the_server_offers(settin
             "/generate", json=generate | {"scorer": {"kind": "reward_model", "model": str(root / "rm")}}
         )
         assert ok.status_code == 202, ok.text
+        (root / "empty").mkdir()
         no_config = http.post(
-            "/generate", json=generate | {"scorer": {"kind": "reward_model", "model": str(root)}}
+            "/generate", json=generate | {"scorer": {"kind": "reward_model", "model": str(root / "empty")}}
         )
         assert no_config.status_code == 422 and "config.json" in no_config.text
 

@@ -58,9 +58,9 @@ def test_post_train_records_a_queued_job(client, db):
         ({"lora": {"r": 0}}, "lora.r"),
         ({"lora": {"rank": 8}}, "lora.rank"),
         ({"optimizer": "sgd"}, "optimizer"),
-        ({"base_model": "train:99"}, "base_model"),
-        ({"dataset": {"constitution": "nobody"}}, "dataset"),
         ({"dataset": {"colour": "red"}}, "dataset.colour"),
+        ({"evaluate": 0}, "evaluate"),  # JSON's 0 is no false: request models are strict about types
+        ({"dataset": {"min_margin": False}}, "dataset.min_margin"),
     ],
 )
 def test_invalid_training_requests_name_the_field(client, db, body, field):
@@ -68,6 +68,19 @@ def test_invalid_training_requests_name_the_field(client, db, body, field):
     response = client.post("/train", json=body)
     assert response.status_code == 422, response.text
     assert field in response.json()["detail"]
+    assert jobs(db) == []
+
+
+def test_a_missing_model_is_a_404_and_an_empty_dataset_a_409_naming_the_field(client, db):
+    """What the server holds, not the request's form: a model that does not exist, no pairs to train."""
+    insert_pairs(db, 4)
+    for body, status, field in (
+        ({"base_model": "train:99"}, 404, "base_model"),
+        ({"dataset": {"constitution": "nobody"}}, 409, "dataset"),
+    ):
+        response = client.post("/train", json=body)
+        assert response.status_code == status, response.text
+        assert response.json()["errors"][0]["field"] == field
     assert jobs(db) == []
 
 

@@ -29,7 +29,7 @@ IfMatch = Annotated[
     str | None,
     Header(
         pattern=r'^"?[0-9a-f]{64}"?$',
-        description="The version (content hash) you edited: a save over another version is a 412.",
+        description="The version (content hash) you edited: a save over another version is a 409.",
     ),
 ]
 
@@ -104,8 +104,10 @@ def _save(
     try:
         return store.put(constitution, if_match=if_match.strip('"') if if_match else None)
     except VersionMismatch as exc:
+        # 409 as GitHub's contents API answers a stale `sha`: the request conflicts with the
+        # resource's current state (a 412 is outside what API clients and fuzzers expect of a body).
         raise HTTPException(
-            412,
+            409,
             f"if-match: the constitution is at version {exc.current}, not {exc.expected}; reload and retry",
         ) from None
 
@@ -113,7 +115,7 @@ def _save(
 @router.put(
     "/{name}",
     response_model=ConstitutionOut,
-    responses=errors(412),
+    responses=errors(409),
     openapi_extra=yaml_request("ConstitutionSpec"),
 )
 @access("admin", accepts=YAML, cap="constitution")
@@ -142,7 +144,7 @@ def get_version(name: Name, version: Version, session: SessionDep):
     )
 
 
-@router.post("/{name}/versions/{version}/restore", response_model=ConstitutionOut, responses=errors(404, 412))
+@router.post("/{name}/versions/{version}/restore", response_model=ConstitutionOut, responses=errors(404, 409))
 @access("admin")
 def restore_version(
     name: Name,

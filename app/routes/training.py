@@ -93,7 +93,7 @@ def list_policies(session: SessionDep):
     return [_policy_out(p, session) for p in policy_queries.list_train_policies(session)]
 
 
-@router.put("/policies/{name}")
+@router.put("/policies/{name}", responses=errors(404))
 @access("train")
 def put_policy(name: Name, body: TrainPolicyIn, session: SessionDep, settings: SettingsDep):
     check_name(name)
@@ -141,14 +141,14 @@ def _policy_out(policy, session) -> dict:
     }
 
 
-@router.post("", status_code=202)
+@router.post("", status_code=202, responses=errors(404, 409))
 @access("train")
 def start_training(
     body: TrainRequest, request: Request, caller: CallerDep, session: SessionDep, settings: SettingsDep
 ):
     base_model = checked_model(session, settings, body.base_model, field="base_model")
     if pair_queries.count_pairs(session, body.dataset) == 0:
-        raise FieldError("dataset", f"no pairs match {body.dataset.described()}")
+        raise FieldError("dataset", f"no pairs match {body.dataset.described()}", 409)
     job = training_queries.create_training_job(
         session,
         base_model=base_model,

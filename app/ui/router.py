@@ -436,7 +436,7 @@ def submit_job(request: Request, form: FormDep, session: SessionDep):
             prompts += read_prompt_file(upload, upload.file.read())
         if not prompts:
             raise ConsoleError(422, "prompts", "paste prompts or choose a file")
-        body = GenerateRequest.model_validate(generate_body(form, prompts))
+        body = GenerateRequest.model_validate(generate_body(form, prompts), strict=False)  # a form's text
         created = act(
             session,
             lambda: job_routes.generate(
@@ -510,7 +510,7 @@ def pair_filter_from(query: dict[str, str]) -> tuple[PairFilter, list[str], dict
     if values.get("include_flagged") == "on":
         values["include_flagged"] = "true"
     try:
-        return PairFilter.model_validate(values), [], values
+        return PairFilter.model_validate(values, strict=False), [], values
     except ValidationError as exc:
         return PairFilter(), refused(exc)[1], values
 
@@ -593,7 +593,9 @@ def pair_page(request: Request, pair_id: DbId, session: SessionDep):
 def review_pair(request: Request, pair_id: DbId, form: FormDep, session: SessionDep, caller: CallerDep):
     f, _, values = pair_filter_from({k: v for k, v in form.items() if isinstance(v, str)})
     try:
-        body = ReviewIn.model_validate(given(form, "status") | {"chosen": form.get("chosen") or None})
+        body = ReviewIn.model_validate(
+            given(form, "status") | {"chosen": form.get("chosen") or None}, strict=False
+        )
         act(session, lambda: pair_routes.review_pair(pair_id, request, session, caller, body))
     except ACTION_ERRORS as exc:
         return errors_fragment("review-result", exc)
@@ -712,7 +714,7 @@ def save_constitution(request: Request, name: str, form: FormDep, session: Sessi
         )
     except ACTION_ERRORS as exc:
         status, lines = refused(exc)
-        conflict = status == 412
+        conflict = status == 409 and "if-match" in " ".join(lines)
         check = check_text(store, name, text) if status == 422 else None
         html = templates.get_template("_saved.html").render(
             ok=False, lines=lines, conflict=conflict, check=check, name=name, if_match=if_match
@@ -893,7 +895,7 @@ def start_training(
     request: Request, form: FormDep, session: SessionDep, settings: SettingsDep, caller: CallerDep
 ):
     try:
-        body = TrainRequest.model_validate(train_body(form))
+        body = TrainRequest.model_validate(train_body(form), strict=False)  # a form's text
         started = act(
             session, lambda: training_routes.start_training(body, request, caller, session, settings)
         )

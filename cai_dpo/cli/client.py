@@ -220,7 +220,9 @@ def pair_filter_options(command: Callable[..., None]) -> Callable[..., None]:
     def with_filter(**kwargs: Any) -> None:
         given = {name: kwargs.pop(name) for name in PairFilter.model_fields}
         try:
-            pair_filter = PairFilter.model_validate({k: v for k, v in given.items() if v is not None})
+            pair_filter = PairFilter.model_validate(
+                {k: v for k, v in given.items() if v is not None}, strict=False
+            )
         except ValidationError as exc:
             problems = (f"--{str(e['loc'][0]).replace('_', '-')}: {e['msg']}" for e in exc.errors())
             raise SystemExit("; ".join(problems)) from None

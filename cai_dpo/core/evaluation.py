@@ -14,19 +14,20 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
 from cai_dpo.core.constitutions import NAME_PATTERN
 from cai_dpo.core.generation_modes import ScorerSpec
 from cai_dpo.core.pair_filter import PairFilter
 from cai_dpo.core.storable import StorableText
+from cai_dpo.core.strict_json import StrictJson
 
 # A comparison whose probability is this close to 0.5 is a tie, not a win or a loss.
 TIE_BAND = 0.05
 Z_95 = 1.959963984540054
 
 
-class EvaluationRequest(BaseModel):
+class EvaluationRequest(StrictJson):
     """`POST /train/{id}/evaluate`, or a training job's `evaluation` parameters."""
 
     model_config = ConfigDict(extra="forbid")

@@ -15,16 +15,42 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
 from cai_dpo.core.model_refs import ModelRef
+from cai_dpo.core.strict_json import StrictJson
 
 ScorerKind = Literal["judge", "reward_model", "implicit"]
 Mode = Literal["revise", "ai_feedback", "best_of_n"]
 
 
-class ScorerSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class ScorerSpec(StrictJson):
+    # The rules of `_model_where_needed`, stated in the OpenAPI document as JSON Schema can state them.
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "allOf": [
+                {
+                    "if": {
+                        "properties": {"kind": {"enum": ["reward_model", "implicit"]}},
+                        "required": ["kind"],
+                    },
+                    "then": {
+                        "required": ["model"],
+                        "properties": {
+                            "model": {"type": "string"},
+                            "k": {"const": 1},
+                            "chain_of_thought": {"const": False},
+                        },
+                    },
+                },
+                {
+                    "if": {"properties": {"kind": {"const": "implicit"}}, "required": ["kind"]},
+                    "then": {"properties": {"model": {"type": "string", "pattern": "^train:"}}},
+                },
+            ]
+        },
+    )
 
     kind: ScorerKind
     model: ModelRef | None = Field(
@@ -49,16 +75,56 @@ class ScorerSpec(BaseModel):
         return self
 
 
-class VerifySpec(BaseModel):
+class VerifySpec(StrictJson):
     model_config = ConfigDict(extra="forbid")
 
     scorer: ScorerSpec
 
 
-class GenerationMode(BaseModel):
+class GenerationMode(StrictJson):
     """The `mode`, `n`, `scorer` and `verify` of `POST /generate`."""
 
-    model_config = ConfigDict(extra="forbid")
+    # The rules of `_consistent`, stated in the OpenAPI document (no `mode` is revise).
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "allOf": [
+                {
+                    "if": {"properties": {"mode": {"const": "revise"}}},
+                    "then": {"properties": {"scorer": {"type": "null"}}},
+                },
+                {
+                    "if": {
+                        "properties": {"mode": {"enum": ["ai_feedback", "best_of_n"]}},
+                        "required": ["mode"],
+                    },
+                    "then": {"properties": {"verify": {"type": "null"}}},
+                },
+                {
+                    "if": {"properties": {"mode": {"const": "ai_feedback"}}, "required": ["mode"]},
+                    "then": {
+                        "properties": {
+                            "scorer": {
+                                "anyOf": [{"type": "null"}, {"properties": {"kind": {"const": "judge"}}}]
+                            }
+                        }
+                    },
+                },
+                {
+                    "if": {"properties": {"mode": {"const": "best_of_n"}}, "required": ["mode"]},
+                    "then": {
+                        "required": ["scorer"],
+                        "properties": {
+                            "scorer": {
+                                "type": "object",
+                                "properties": {"kind": {"enum": ["reward_model", "implicit"]}},
+                            }
+                        },
+                    },
+                },
+            ]
+        },
+    )
 
     mode: Mode = "revise"
     n: int = Field(2, ge=2, le=16, description="ai_feedback, best_of_n: answers sampled per prompt.")
@@ -86,7 +152,7 @@ class GenerationMode(BaseModel):
         return self.scorer or ScorerSpec(kind="judge")
 
 
-class CompareOptions(BaseModel):
+class CompareOptions(StrictJson):
     """An evaluation's comparison job (not a mode of `POST /generate`): the job's model (the trained
     one) and `baseline` answer each prompt, the judge `scorer` compares the two answers."""
 

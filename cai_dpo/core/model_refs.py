@@ -15,6 +15,7 @@ they were stored).
 from __future__ import annotations
 
 import os
+import re
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated
@@ -28,7 +29,6 @@ from cai_dpo.core.settings import BUNDLED_MODEL, Settings
 current_settings: ContextVar[Settings | None] = ContextVar("current_settings", default=None)
 
 TRAINED_PREFIX = "train:"
-DB_ID_MAX = 2**63 - 1
 
 
 def model_roots(settings: Settings) -> list[str]:
@@ -37,27 +37,37 @@ def model_roots(settings: Settings) -> list[str]:
     return [os.path.realpath(root) for root in roots]
 
 
+# The names below a model root a reference may use: no leading dot (so no `..`), no spaces.
+FOLDER_PART = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}")
+MAX_FOLDER_DEPTH = 8
+TRAIN_ID = re.compile(r"[1-9][0-9]{0,15}")
+
+
 def check_model_ref(spec: str, settings: Settings | None) -> str:
-    """`spec` if a request may name it as a model, else a ValueError saying what may be named."""
+    """`spec` if a request may name it as a model, else a ValueError saying what may be named.
+    The OpenAPI document states the same rule as a pattern (`app/openapi.py`)."""
     if spec == BUNDLED_MODEL or (settings is not None and spec == settings.model):
         return spec
     if spec.startswith(TRAINED_PREFIX):
-        train_id = spec.removeprefix(TRAINED_PREFIX)
-        if train_id.isdigit() and 0 < int(train_id) <= DB_ID_MAX:
+        if TRAIN_ID.fullmatch(spec.removeprefix(TRAINED_PREFIX)):
             return spec
         raise ValueError(f"{spec!r}: a trained model is `train:<id>` with a training job's id")
     if settings is None:  # read back from the database: it was checked when it was stored
         return spec
-    folder = os.path.realpath(os.path.expanduser(spec)) if spec and "\x00" not in spec else ""
-    roots = model_roots(settings)
-    if not folder or not any(folder == root or folder.startswith(root + os.sep) for root in roots):
-        raise ValueError(
-            f"{spec!r} is not a model this server offers: name {BUNDLED_MODEL!r}, `train:<id>`, or a "
-            "model folder under CAI_MODEL_ROOTS"
-        )
-    if not os.path.isfile(os.path.join(folder, "config.json")):
-        raise ValueError(f"{spec!r}: no Hugging Face model folder (config.json) there")
-    return spec
+    refusal = ValueError(
+        f"{spec!r} is not a model this server offers: name {BUNDLED_MODEL!r}, `train:<id>`, or a "
+        "model folder under CAI_MODEL_ROOTS"
+    )
+    for root in model_roots(settings):
+        parts = spec.removeprefix(root + "/").split("/") if spec.startswith(root + "/") else []
+        if parts and len(parts) <= MAX_FOLDER_DEPTH and all(FOLDER_PART.fullmatch(p) for p in parts):
+            # Links resolved: a link below a root must not lead out of it.
+            folder = os.path.realpath(spec)
+            if folder.startswith(root + "/"):
+                if not os.path.isfile(os.path.join(folder, "config.json")):
+                    raise ValueError(f"{spec!r}: no Hugging Face model folder (config.json) there")
+                return spec
+    raise refusal
 
 
 def _check(spec: str) -> str:
@@ -71,6 +81,8 @@ ModelRef = Annotated[
         max_length=1000,
         description=f"`{BUNDLED_MODEL}` (or the server's default model), `train:<id>`, or a model "
         "folder under the server's CAI_MODEL_ROOTS.",
+        # The OpenAPI document states the pattern this server takes (app/openapi.py).
+        json_schema_extra={"x-model-ref": True},
     ),
     AfterValidator(_check),
 ]

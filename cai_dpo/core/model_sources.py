@@ -124,14 +124,17 @@ def trained_model_path(session: Session, spec: str) -> str | None:
 
 
 def check_model_name(session: Session, spec: str | None, settings: Settings) -> str:
-    """The model a job may name: the default model, or `train:<id>` of a job that produced one."""
+    """The model a job may name: the default model, `train:<id>` of a job that produced one, or a
+    model folder (`ModelRef` has already kept it under the model roots)."""
     if spec is None or spec == settings.model:
         return settings.model
     train_id = spec.removeprefix("train:")
     if spec.startswith("train:") and train_id.isdigit() and 0 < int(train_id) <= DB_ID_MAX:
         trained_model_path(session, spec)
         return spec
-    raise ModelNotFound(f"unknown model {spec!r}: use {settings.model!r} or train:<id>")
+    if spec != BUNDLED_MODEL:
+        local_model_folder(spec)
+    return spec
 
 
 def local_model_folder(spec: str) -> Path:

@@ -12,16 +12,19 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from annotated_types import Interval
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BeforeValidator, ConfigDict, Field
 from sqlalchemy import ColumnElement, Select, and_, exists, select
 from sqlalchemy.orm import aliased
 
 from cai_dpo.core.generation_modes import ScorerKind
 from cai_dpo.core.storable import StorableText
+from cai_dpo.core.strict_json import StrictJson
 from cai_dpo.core.tables import ConstitutionVersion, Pair, PairReview
 
-# Row ids are PostgreSQL bigints: a larger number names no row and must not reach a query.
-DB_ID_MAX = 2**63 - 1
+# Row ids are PostgreSQL bigints, but an id is read exactly only up to 2**53 - 1 by a JSON client
+# in JavaScript and by a JSON parser that reads `1.0`-style numbers as floats (and so does a fuzzer
+# comparing bounds): no service of this size reaches it, and a larger number names no row.
+DB_ID_MAX = 2**53 - 1
 DbId = Annotated[int, Interval(ge=1, le=DB_ID_MAX)]
 
 Review = Literal["approved", "rejected", "unreviewed", "any"]
@@ -42,7 +45,7 @@ def iso_time(value: Any) -> Any:
 IsoTime = Annotated[datetime, BeforeValidator(iso_time)]
 
 
-class PairFilter(BaseModel):
+class PairFilter(StrictJson):
     """Filters over stored pairs; every field optional, all given ones must hold."""
 
     model_config = ConfigDict(extra="forbid")
@@ -54,6 +57,7 @@ class PairFilter(BaseModel):
     )
     since: IsoTime | None = Field(
         None,
+        strict=False,  # an ISO 8601 string: JSON has no time type
         description="Pairs created at or after this time: ISO 8601, a date or a date and time.",
         json_schema_extra={
             "anyOf": [

@@ -8,15 +8,16 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
 from cai_dpo.core.evaluation import EvaluationRequest
 from cai_dpo.core.model_refs import ModelRef
+from cai_dpo.core.strict_json import StrictJson
 
 LossType = Literal["sigmoid", "ipo", "hinge", "robust"]
 
 
-class LoraParams(BaseModel):
+class LoraParams(StrictJson):
     """LoRA adapter settings; the adapter is merged into the base weights in the final artifact."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
@@ -32,7 +33,7 @@ class LoraParams(BaseModel):
     )
 
 
-class TrainParams(BaseModel):
+class TrainParams(StrictJson):
     """Hyperparameters of one DPO run."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
@@ -147,7 +148,7 @@ class TrainParams(BaseModel):
         return self.batch_size * self.gradient_accumulation
 
 
-class TrainPolicyIn(BaseModel):
+class TrainPolicyIn(StrictJson):
     """An automatic training policy: a job once `min_new_pairs` new unflagged pairs exist."""
 
     model_config = ConfigDict(extra="forbid")
