@@ -4,14 +4,15 @@
   go on the wire one JSON value per line.
 - Every response's status is counted into `$CAI_SCHEMATHESIS_STATUSES` (a JSON object), for the
   figures in docs/RELIABILITY.md and the test's own 5xx check.
-- Two kinds of failure are dropped, each for a reason the document cannot change:
-  * a schema-valid request refused with a 422 whose every error is one of `UNSTATED`: rules the
-    server checks that JSON Schema cannot state (a chat's last message is a user turn, a model or a
-    dataset exists, fields that must agree with each other); each is in the document's
-    descriptions. A 422 for any other reason still fails the test. A multipart upload's file
-    part is JSON Lines, which no schema of a binary part can describe: its refusals are dropped too.
-  * a schema-violating request accepted where the only violations are JSON type changes in the
-    body: pydantic reads JSON leniently (lax mode: `true` as 1, `"5"` as 5), a documented choice.
+- One kind of failure is dropped, for a reason the document cannot change: a schema-valid request
+  refused with a 422 whose every error is one of `UNSTATED`, rules the server checks that JSON
+  Schema cannot state (a chat's last message is a user turn, fields that must agree in value,
+  unique ids in a list of objects); each is in the document's descriptions. A 422 for any other
+  reason still fails the test. A multipart upload's file part is JSON Lines, which no schema of a
+  binary part can describe: its refusals are dropped too. What JSON Schema can state (how `mode`,
+  `scorer` and `verify` go together, a review's edit, the judge of a win rate, model references)
+  the document states, and a schema-violating request accepted always fails: bodies are strict
+  about JSON's types.
 """
 
 from __future__ import annotations
@@ -24,10 +25,6 @@ import re
 import threading
 
 import schemathesis
-from schemathesis.core.failures import AcceptedNegativeData
-from schemathesis.core.mutations import OperatorKind
-from schemathesis.core.parameters import ParameterLocation
-from schemathesis.generation.meta import CoveragePhaseData, CoverageScenario
 from schemathesis.openapi.checks import RejectedPositiveData
 
 UNSTATED = [
@@ -38,29 +35,16 @@ UNSTATED = [
         r"a system message may only come first",
         r"^prompts\.\d+\.\d+\.content: empty or whitespace-only prompt$",
         r"^prompts\.\d+: \d+ characters; at most \d+$",
-        # POST /generate: how mode, scorer and verify go together; what a scorer needs
-        r"revise takes `verify: \{scorer: \.\.\.\}`, not `scorer`",
-        r"only revise verifies",
-        r"ai_feedback is judged by a judge",
-        r"best_of_n needs a reward_model or implicit scorer",
-        r"scorer needs a model$",
-        r"an implicit scorer is a trained model",
-        r"only a judge takes k and chain_of_thought",
-        # models and datasets that must exist (the server's state, not the request's form)
-        r"unknown model .*: use .* or train:<id>",
-        r"no finished training job with a model",
+        # a model folder under a root that holds no model (the server's state, not the form)
         r"no Hugging Face model folder \(config\.json\) there",
-        r"^dataset: no pairs match",
         r"the job held out no pairs",
         # POST /train, PUT /train/policies: hyperparameters that must agree
         r"max_prompt_length must be smaller than max_length",
         r"label_smoothing has no meaning for loss_type",
-        r"the win rate is judged by a judge",
         # PUT /constitutions/{name}: ids unique, references to them
         r"duplicate id\(s\)",
         r"is not a principle id",
-        # POST /pairs/{id}/review: an edit comes with an approval
-        r"an edited answer is approved; reject without `chosen`",
+        # POST /pairs/{id}/review: an edited answer has text
         r"^chosen: empty or whitespace-only answer$",
         # POST /datasets/import: rows whose parts must agree
         r"a transcript must end with an Assistant turn",
@@ -101,23 +85,7 @@ def filter_failure(context, failure, case, response) -> bool:
         if (case.media_type or "").startswith("multipart/"):
             return False
         return not (response.status_code == 422 and all(map(_unstated, _messages(response))))
-    if isinstance(failure, AcceptedNegativeData):
-        return not _only_type_changes_in_body(case)
     return True
-
-
-def _only_type_changes_in_body(case) -> bool:
-    data = case.meta.phase.data if case.meta else None
-    if isinstance(data, CoveragePhaseData):
-        return (
-            data.scenario == CoverageScenario.INCORRECT_TYPE
-            and data.parameter_location == ParameterLocation.BODY
-        )
-    changes = [
-        m.operator == OperatorKind.CHANGE_TYPE and m.parameter_location == ParameterLocation.BODY
-        for m in getattr(data, "mutations", ())
-    ]
-    return bool(changes) and all(changes)
 
 
 def _messages(response) -> list[str]:

@@ -30,7 +30,13 @@ Z_95 = 1.959963984540054
 class EvaluationRequest(StrictJson):
     """`POST /train/{id}/evaluate`, or a training job's `evaluation` parameters."""
 
-    model_config = ConfigDict(extra="forbid")
+    # `_judge_is_a_judge`, stated in the OpenAPI document.
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra=lambda schema: schema.setdefault("allOf", []).append(
+            {"properties": {"judge": {"properties": {"kind": {"const": "judge"}}}}}
+        ),
+    )
 
     prompts: list[StorableText] | None = Field(
         None,
