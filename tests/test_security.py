@@ -4,6 +4,7 @@ loopback mode refuses what a web page could send, and constitutions and imports 
 """
 
 import contextlib
+import logging
 import os
 import re
 import socket
@@ -471,3 +472,28 @@ def test_deep_json_and_yaml_aliases_that_expand_get_a_4xx_naming_the_field(setti
             files={"file": ("prompts.json", ("[" * 100_000 + "]" * 100_000).encode(), "application/json")},
         )
         assert upload.status_code == 422 and "nested too deeply" in upload.text
+
+
+def test_a_client_that_hangs_up_mid_body_is_an_info_line_not_a_traceback(settings, db, caplog):
+    """`/datasets/import` reads its body as a stream: a client gone mid-body logged a 65-line
+    traceback at ERROR."""
+    caplog.set_level(logging.INFO)
+    with server(settings) as (running, http):
+        port = int(running.url.rsplit(":", 1)[1])
+        for path, content_type in (
+            ("/generate", "application/json"),
+            ("/datasets/import", "application/x-ndjson"),
+        ):
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+                sock.sendall(
+                    f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {content_type}\r\n"
+                    "X-Requested-By: t\r\nContent-Length: 100000\r\n\r\n".encode()
+                    + b'{"prompts": ["a'
+                )
+        deadline = time.monotonic() + 10
+        while not any("/datasets/import: the client disconnected" in r.getMessage() for r in caplog.records):
+            assert time.monotonic() < deadline, [r.getMessage() for r in caplog.records][-5:]
+            time.sleep(0.05)
+        assert http.get("/health").status_code == 200
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == []
