@@ -205,10 +205,13 @@ def test_one_step_on_two_ranks_is_the_single_process_step(group, tiny_model_path
             dist["after"][name] - dist["before"][name],
             one["after"][name] - one["before"][name],
         )
-        # AdamW's first update is lr * g / (|g| + eps), about ±lr: a weight whose gradient sits near
-        # eps (1e-8) would turn on the gradient's last bits. None does here (measured: the
-        # gradients agree to 6e-8, the updates of all 3.2M weights to 1e-5).
-        assert torch.allclose(update, want, rtol=0, atol=1e-5), name
+        # AdamW's first update is lr * g / (|g| + eps), about ±lr whatever |g|: where g is within
+        # float32 rounding of 0, its sign (and so the update's) is the reduction order's. On an
+        # AVX2 machine none was; on an AVX-512 one a k_proj weight was. Updates agree where the
+        # gradient is well above that rounding, and are about ±lr at most everywhere.
+        clear = grad.abs() > 1e-6
+        assert torch.allclose(update[clear], want[clear], rtol=0, atol=1e-5), name
+        assert update.abs().max() <= LEARNING_RATE * 1.001, name
         assert update.abs().max() > LEARNING_RATE / 2 or "lora_A" in name, name
     if kind == "lora":  # only the adapters train; B moves first (A's gradient is 0 while B is)
         assert all("lora_" in name for name in one["grads"])

@@ -107,14 +107,15 @@ def test_best_of_n_ranks_by_a_reward_model(vllm_engine, client, settings, db, tm
         pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(0)
-    LlamaForSequenceClassification(config).save_pretrained(tmp_path / "rm")
-    tokenizer.save_pretrained(tmp_path / "rm")
+    folder = settings.models_dir / f"rm-{tmp_path.name}"  # where the server offers models
+    LlamaForSequenceClassification(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
     body = {
         "prompts": hh_prompts(3, offset=150),
         "constitution": "harmless",
         "mode": "best_of_n",
         "n": 3,
-        "scorer": {"kind": "reward_model", "model": str(tmp_path / "rm")},
+        "scorer": {"kind": "reward_model", "model": str(folder)},
         "sampling": {"max_tokens": 24, "seed": 2},
     }
     response = client.post("/generate", json=body)
