@@ -13,8 +13,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 
-from app.schemas import FieldError, TooManyPrompts
 from cai_dpo.core.constitutions import ConstitutionError, UnknownConstitution
+from cai_dpo.core.errors import FieldError
+from cai_dpo.core.requests import TooManyPrompts
 
 log = logging.getLogger(__name__)
 

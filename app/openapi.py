@@ -26,10 +26,11 @@ from fastapi import FastAPI
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.access import NDJSON, YAML, Access
-from app.schemas import NONBLANK, ErrorBody
+from app.schemas import ErrorBody
 from app.security import MUTATING, UPLOAD_HEADER
 from cai_dpo.core.constitutions import NAME_PATTERN, ConstitutionSpec
 from cai_dpo.core.model_refs import model_roots
+from cai_dpo.core.requests import NONBLANK
 from cai_dpo.core.settings import BUNDLED_MODEL, Settings
 
 SCHEMAS = "#/components/schemas/"

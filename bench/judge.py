@@ -123,8 +123,10 @@ def verify_cost(args: argparse.Namespace) -> dict:
 
     from cai_dpo.core.constitutions import ConstitutionStore
     from cai_dpo.core.db import get_engine, session_scope, start_embedded_postgres, upgrade_database
+    from cai_dpo.core.generation_modes import Sampling
     from cai_dpo.core.queries import constitutions as constitution_queries
     from cai_dpo.core.queries import jobs as job_queries
+    from cai_dpo.core.queries.jobs import job_options
     from cai_dpo.core.settings import Settings
     from cai_dpo.core.tables import Prompt
     from workers.generation.engines import VLLMEngine
@@ -164,12 +166,12 @@ def verify_cost(args: argparse.Namespace) -> dict:
                     constitution_version=version,
                     model=settings.model,
                     revisions=1,
-                    sampling={"temperature": 0.7, "top_p": 0.95, "max_tokens": args.max_tokens, "seed": 0},
+                    sampling=Sampling(temperature=0.7, top_p=0.95, max_tokens=args.max_tokens, seed=0),
                     metadata={},
                     prompts=prompts,
                     idempotency_key=None,
                     request_hash=None,
-                    options=options,
+                    options=job_options(options),
                 )
                 job_id = job.id
             worker = GenerationWorker(settings, db, url=url, engine_factory=lambda *_: Kept())

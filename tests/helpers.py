@@ -25,6 +25,7 @@ from sqlalchemy import Engine, select
 
 from cai_dpo.core.constitutions import ConstitutionStore
 from cai_dpo.core.db import libpq_url, session_scope
+from cai_dpo.core.generation_modes import GenerationMode, Sampling
 from cai_dpo.core.pair_import import ImportedPair, parse_pair
 from cai_dpo.core.queries import constitutions as constitution_queries
 from cai_dpo.core.queries import jobs as job_queries
@@ -32,6 +33,7 @@ from cai_dpo.core.queries import training as training_queries
 from cai_dpo.core.settings import PROJECT_ROOT, Settings
 from cai_dpo.core.tables import Pair, Prompt
 from tests.fixtures.model import TEST_MODELS_DIR
+from workers.generation.engines import make_engine
 from workers.generation.worker import GenerationWorker
 
 MODEL = "smollm2-135m-instruct"
@@ -115,7 +117,8 @@ def make_job(db: Engine, settings: Settings, n: int, model: str = MODEL) -> int:
             constitution_version=version,
             model=model,
             revisions=1,
-            sampling={"temperature": 0.7, "top_p": 0.95, "max_tokens": 32, "seed": None},
+            sampling=Sampling(temperature=0.7, top_p=0.95, max_tokens=32),
+            options=GenerationMode(),
             metadata={},
             prompts=[[{"role": "user", "content": f"prompt {i}"}] for i in range(n)],
             idempotency_key=None,
@@ -224,6 +227,19 @@ class SharedEngine:
         pass
 
 
+def shared_engine_factory(vllm_engine):
+    """An `engine_factory` for an in-process worker: the session's vLLM engine for the bundled
+    model, a fresh engine (`make_engine`) for any other (a trained `train:<id>`), so a worker that
+    needs the base model beside another starts one engine, not two."""
+
+    def factory(settings: Settings, model: str, trained_path: str | None = None):
+        if model == MODEL:
+            return SharedEngine(vllm_engine)
+        return make_engine(settings, model, trained_path)
+
+    return factory
+
+
 def run_on_shared_engine(
     vllm_engine,
     settings: Settings,
@@ -232,11 +248,12 @@ def run_on_shared_engine(
     timeout: float = 600.0,
     **overrides,
 ) -> GenerationWorker:
-    """A generation worker in this process on the session's vLLM engine, until `until()` holds;
-    `overrides` are settings (16 trajectories in flight, a 0.2 s poll unless given)."""
+    """A generation worker in this process on the session's vLLM engine (`shared_engine_factory`:
+    other models get engines of their own), until `until()` holds; `overrides` are settings (16
+    trajectories in flight, a 0.2 s poll unless given)."""
     settings = settings.model_copy(update={"max_in_flight": 16, "poll_seconds": 0.2} | overrides)
     worker = GenerationWorker(
-        settings, db, url=settings.database_url, engine_factory=lambda *_: SharedEngine(vllm_engine)
+        settings, db, url=settings.database_url, engine_factory=shared_engine_factory(vllm_engine)
     )
     vllm_engine.run(running_until(worker, until, timeout), timeout=timeout + 60)
     return worker

@@ -318,14 +318,16 @@ def test_make_engine_picks_the_engine_from_settings(bundled_model_path):
 @pytest.mark.vllm
 def test_vllm_chat_returns_text_finish_reason_and_token_counts(vllm_engine):
     engine: VLLMEngine = vllm_engine.engine
-    result = vllm_engine.run(engine.chat(QUESTION, Sampling(0.0, 1.0, 128), "q1"))
+    result = vllm_engine.run(
+        engine.chat(QUESTION, Sampling(temperature=0.0, top_p=1.0, max_tokens=128), "q1")
+    )
     assert "paris" in result.text.lower()
     assert result.finish_reason == "stop"
     assert result.prompt_tokens == len(engine.prompt_token_ids(QUESTION))
     assert 0 < result.completion_tokens < 128
     assert result.cached_tokens is not None
 
-    short = vllm_engine.run(engine.chat(QUESTION, Sampling(0.0, 1.0, 3), "q2"))
+    short = vllm_engine.run(engine.chat(QUESTION, Sampling(temperature=0.0, top_p=1.0, max_tokens=3), "q2"))
     assert short.finish_reason == "length" and short.completion_tokens == 3 and short.text
 
 
@@ -398,7 +400,9 @@ def test_vllm_clamps_max_tokens_to_the_room_left(vllm_engine):
     room = engine.max_model_len - prompt_tokens
     assert 8 <= room <= 12
 
-    result = vllm_engine.run(engine.chat(messages, Sampling(1.0, 1.0, 256, seed=3), "nearly-full"))
+    result = vllm_engine.run(
+        engine.chat(messages, Sampling(temperature=1.0, top_p=1.0, max_tokens=256, seed=3), "nearly-full")
+    )
     assert result.prompt_tokens == prompt_tokens
     assert 0 < result.completion_tokens <= room
     assert result.finish_reason == "length" or result.completion_tokens < room
@@ -411,7 +415,11 @@ def test_vllm_same_seed_same_text(vllm_engine):
     prompt = [{"role": "user", "content": "Write a short poem about the sea."}]
 
     async def sample(seed: int, request_id: str) -> str:
-        return (await engine.chat(prompt, Sampling(1.0, 1.0, 40, seed=seed), request_id)).text
+        return (
+            await engine.chat(
+                prompt, Sampling(temperature=1.0, top_p=1.0, max_tokens=40, seed=seed), request_id
+            )
+        ).text
 
     async def all_samples():
         # The same request id on purpose: the engine must keep concurrent requests apart.
@@ -431,7 +439,9 @@ def test_vllm_cancelled_chat_frees_its_slot(vllm_engine):
 
     async def cancel_midway():
         before = engine.stats()
-        task = asyncio.create_task(engine.chat(QUESTION, Sampling(1.0, 1.0, 1000, seed=0), "cancel-me"))
+        task = asyncio.create_task(
+            engine.chat(QUESTION, Sampling(temperature=1.0, top_p=1.0, max_tokens=1000, seed=0), "cancel-me")
+        )
         deadline = time.monotonic() + 30
         while engine.stats().in_flight == before.in_flight:
             assert time.monotonic() < deadline, "the chat never became in flight"
@@ -511,16 +521,21 @@ def test_openai_engine_against_vllm_serve(vllm_server, vllm_engine):
     long_prefix = [SHARED_SYSTEM, {"role": "user", "content": "Name a river."}]
 
     async def work(engine: OpenAIEngine):
-        answer = await engine.chat(QUESTION, Sampling(0.0, 1.0, 128), "r1")
-        short = await engine.chat(QUESTION, Sampling(0.0, 1.0, 3), "r2")
-        seeded = [await engine.chat(QUESTION, Sampling(1.0, 1.0, 32, seed=9), "r3") for _ in range(2)]
+        answer = await engine.chat(QUESTION, Sampling(temperature=0.0, top_p=1.0, max_tokens=128), "r1")
+        short = await engine.chat(QUESTION, Sampling(temperature=0.0, top_p=1.0, max_tokens=3), "r2")
+        seeded = [
+            await engine.chat(QUESTION, Sampling(temperature=1.0, top_p=1.0, max_tokens=32, seed=9), "r3")
+            for _ in range(2)
+        ]
         cached = [await engine.chat(long_prefix, GREEDY, "r4") for _ in range(2)]
         return answer, short, seeded, cached, engine.stats()
 
     answer, short, seeded, cached, stats = asyncio.run(with_openai_engine(vllm_server, work))
 
     # Same model, same chat template, greedy: the remote server agrees with the in-process engine.
-    expected = vllm_engine.run(local.chat(QUESTION, Sampling(0.0, 1.0, 128), "r1-local"))
+    expected = vllm_engine.run(
+        local.chat(QUESTION, Sampling(temperature=0.0, top_p=1.0, max_tokens=128), "r1-local")
+    )
     assert answer.text == expected.text and "paris" in answer.text.lower()
     assert answer.finish_reason == "stop"
     assert answer.prompt_tokens == expected.prompt_tokens == len(local.prompt_token_ids(QUESTION))
@@ -571,7 +586,9 @@ def test_openai_engine_clamps_max_tokens_near_a_full_context(vllm_server, vllm_e
         await engine.start()
         try:
             assert engine.max_model_len == 2048  # read from /v1/models at start
-            return await engine.chat(near_full, Sampling(1.0, 1.0, 256, seed=1), "near-full")
+            return await engine.chat(
+                near_full, Sampling(temperature=1.0, top_p=1.0, max_tokens=256, seed=1), "near-full"
+            )
         finally:
             await engine.shutdown()
 

@@ -23,6 +23,7 @@ from cai_dpo.core.evaluation import (
     wilson_interval,
     win_rate,
 )
+from cai_dpo.core.generation_modes import Sampling
 from cai_dpo.core.queries import evaluations as evaluation_queries
 from cai_dpo.core.queries import training as training_queries
 from cai_dpo.core.tables import Comparison, Pair, Prompt, TrainingJob, TrainPolicy
@@ -336,7 +337,7 @@ def test_no_promotion_without_a_clear_win(client, settings, db, tmp_path):
             prompts=[[{"role": "user", "content": "q"}]] * 4,
             constitution_version=_any_version(session, settings),
             baseline="smollm2-135m-instruct",
-            sampling={"temperature": 0.7, "top_p": 0.95, "max_tokens": 8, "seed": 0},
+            sampling=Sampling(temperature=0.7, top_p=0.95, max_tokens=8, seed=0),
         )
         evaluation.status, evaluation.compare_job_id = "comparing", compare_job.id
         for n, prompt in enumerate(session.scalars(select(Prompt).where(Prompt.job_id == compare_job.id))):

@@ -458,7 +458,9 @@ def test_openai_continue_chat_continues_the_assistant_turn():
     result = asyncio.run(
         with_started(
             mock_openai(handler),
-            lambda e: e.continue_chat(CONVERSATION, COT_PREFIX, Sampling(0.7, 0.95, 64, seed=4), "r"),
+            lambda e: e.continue_chat(
+                CONVERSATION, COT_PREFIX, Sampling(temperature=0.7, top_p=0.95, max_tokens=64, seed=4), "r"
+            ),
         )
     )
     assert result.text == " A is safer." and result.completion_tokens == 4

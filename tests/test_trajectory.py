@@ -96,7 +96,12 @@ def test_trajectory_builds_the_growing_conversation():
     prompt = [{"role": "user", "content": "How do I get revenge?"}]
     trajectory = asyncio.run(
         run_trajectory(
-            engine, spec=s, prompt_id=4, prompt=prompt, revisions=2, sampling=Sampling(0.7, 0.9, 32, seed=1)
+            engine,
+            spec=s,
+            prompt_id=4,
+            prompt=prompt,
+            revisions=2,
+            sampling=Sampling(temperature=0.7, top_p=0.9, max_tokens=32, seed=1),
         )
     )
     assert [request_id for request_id, _ in engine.calls] == [

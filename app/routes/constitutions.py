@@ -2,21 +2,21 @@
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Header, HTTPException, Path, Request
+from fastapi import APIRouter, Depends, Header, Path, Request
 from sqlalchemy.orm import Session
 
 from app.access import YAML, access
 from app.deps import SessionDep, StoreDep, or_404
 from app.openapi import NAME, VERSION, errors, yaml_request
-from app.schemas import ConstitutionOut, ConstitutionVersionOut, FieldError
+from app.schemas import ConstitutionOut, ConstitutionVersionOut
+from cai_dpo.core import services
 from cai_dpo.core.constitutions import (
     Constitution,
     ConstitutionStore,
     UnknownConstitution,
-    VersionMismatch,
     check_name,
 )
-from cai_dpo.core.db import session_scope
+from cai_dpo.core.errors import FieldError
 from cai_dpo.core.queries import constitutions as constitution_queries
 
 router = APIRouter(prefix="/constitutions", tags=["constitutions"])
@@ -93,25 +93,6 @@ def get_constitution(name: Name, store: StoreDep, session: SessionDep):
     return _detail(_current(store, name), store, session)
 
 
-def _save(
-    request: Request, store: ConstitutionStore, name: str, text: str, if_match: str | None
-) -> Constitution:
-    """Validate, record the version in the database, then replace the file (so every text that was
-    ever on disk has its row), with the lost-update check of `If-Match`."""
-    constitution = store.validate(check_name(name), text)
-    with session_scope(request.app.state.engine) as record:
-        constitution_queries.store_constitution_version(record, constitution)
-    try:
-        return store.put(constitution, if_match=if_match.strip('"') if if_match else None)
-    except VersionMismatch as exc:
-        # 409 as GitHub's contents API answers a stale `sha`: the request conflicts with the
-        # resource's current state (a 412 is outside what API clients and fuzzers expect of a body).
-        raise HTTPException(
-            409,
-            f"if-match: the constitution is at version {exc.current}, not {exc.expected}; reload and retry",
-        ) from None
-
-
 @router.put(
     "/{name}",
     response_model=ConstitutionOut,
@@ -128,7 +109,9 @@ def put_constitution(
     if_match: IfMatch = None,
 ):
     """Replace the constitution's file with a YAML body (validated first; nothing changes if invalid)."""
-    return _detail(_save(request, store, name, body, if_match), store, session)
+    return _detail(
+        services.save_constitution(request.app.state.engine, store, name, body, if_match), store, session
+    )
 
 
 @router.get("/{name}/versions/{version}", response_model=ConstitutionVersionOut, responses=errors(404))
@@ -159,4 +142,6 @@ def restore_version(
         constitution_queries.find_version(session, check_name(name), version),
         f"version: no version {version!r} of {name!r}",
     )
-    return _detail(_save(request, store, name, row.body, if_match), store, session)
+    return _detail(
+        services.save_constitution(request.app.state.engine, store, name, row.body, if_match), store, session
+    )

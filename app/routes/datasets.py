@@ -18,9 +18,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from app.access import MULTIPART, NDJSON, access
 from app.deps import CallerDep, SettingsDep
 from app.openapi import IMPORT_BODY, errors
-from app.schemas import FieldError
 from cai_dpo.core.api_keys import scoped_idempotency_key
 from cai_dpo.core.db import session_scope
+from cai_dpo.core.errors import FieldError
 from cai_dpo.core.pair_import import TooManyRows, parse_pairs
 from cai_dpo.core.queries import pairs as pair_queries
 from cai_dpo.core.settings import Settings

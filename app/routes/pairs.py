@@ -8,10 +8,12 @@ from fastapi import APIRouter, Query, Request
 from app.access import access
 from app.deps import CallerDep, SessionDep, SettingsDep, or_404
 from app.openapi import errors
-from app.schemas import FieldError, PairOut, PairPage, PairPageQuery, ReviewIn
+from app.schemas import PairOut, PairPage, PairPageQuery
+from cai_dpo.core import services
 from cai_dpo.core.pair_filter import DbId
 from cai_dpo.core.queries import pairs as pair_queries
 from cai_dpo.core.queries import reviews as review_queries
+from cai_dpo.core.requests import ReviewIn
 from cai_dpo.core.tables import Pair, PairReview
 
 router = APIRouter(prefix="/pairs", tags=["pairs"])
@@ -84,11 +86,6 @@ def review_pair(
 ):
     """Approve or reject the pair, or approve it with an edited chosen answer: a new review version
     recorded with the key's name and the time. The generated text is never overwritten."""
-    pair, _ = or_404(pair_queries.get_pair(session, pair_id), f"pair_id: no pair {pair_id}")
-    if body is None:
-        raise FieldError("body", "a review needs `status`: approved or rejected")
-    review = review_queries.add_review(
-        session, pair, status=body.status, reviewer=caller.name, chosen=body.chosen
-    )
+    review = services.review_pair(session, pair_id=pair_id, body=body, reviewer=caller)
     request.state.audit_ids = {"review_version": str(review.version)}
     return get_pair(pair_id, session)

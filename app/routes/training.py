@@ -10,17 +10,19 @@ from fastapi.responses import PlainTextResponse
 from sqlalchemy.orm import Session
 
 from app.access import access
-from app.deps import CallerDep, SessionDep, SettingsDep, checked_model, or_404, require_owner_or_admin
+from app.deps import CallerDep, SessionDep, SettingsDep, or_404
 from app.openapi import NAME, errors
-from app.schemas import EvaluationOut, FieldError, TrainJobOut, TrainRequest
+from app.schemas import EvaluationOut, TrainJobOut
+from cai_dpo.core import services
 from cai_dpo.core.constitutions import check_name
+from cai_dpo.core.errors import FieldError
 from cai_dpo.core.evaluation import EvaluationRequest
 from cai_dpo.core.pair_filter import DbId
 from cai_dpo.core.progress import eta_seconds
 from cai_dpo.core.queries import evaluations as evaluation_queries
-from cai_dpo.core.queries import pairs as pair_queries
 from cai_dpo.core.queries import policies as policy_queries
 from cai_dpo.core.queries import training as training_queries
+from cai_dpo.core.requests import TrainRequest
 from cai_dpo.core.tables import TrainingJob
 from cai_dpo.core.training_params import TrainPolicyIn
 
@@ -98,7 +100,7 @@ def list_policies(session: SessionDep):
 def put_policy(name: Name, body: TrainPolicyIn, session: SessionDep, settings: SettingsDep):
     check_name(name)
     if body.base_model is not None:
-        checked_model(session, settings, body.base_model, field="base_model")
+        services.checked_model(session, settings, body.base_model, field="base_model")
     return _policy_out(
         policy_queries.upsert_train_policy(session, constitution_name=name, **body.db_values()), session
     )
@@ -146,16 +148,7 @@ def _policy_out(policy, session) -> dict:
 def start_training(
     body: TrainRequest, request: Request, caller: CallerDep, session: SessionDep, settings: SettingsDep
 ):
-    base_model = checked_model(session, settings, body.base_model, field="base_model")
-    if pair_queries.count_pairs(session, body.dataset) == 0:
-        raise FieldError("dataset", f"no pairs match {body.dataset.described()}", 409)
-    job = training_queries.create_training_job(
-        session,
-        base_model=base_model,
-        dataset=body.dataset.described(),
-        params=body.params(),
-        created_by=caller.name,
-    )
+    job = services.submit_training_job(session, body=body, caller=caller, settings=settings)
     request.state.audit_ids = {"train_id": str(job.id)}
     return {"train_id": job.id}
 
@@ -213,16 +206,7 @@ def training_metrics(train_id: DbId, session: SessionDep, format: Literal["json"
 @router.post("/{train_id}/cancel", response_model=TrainJobOut, responses=errors(404))
 @access("train")
 def cancel_training(train_id: DbId, session: SessionDep, caller: CallerDep):
-    owner = or_404(
-        training_queries.get_training_job(session, train_id), f"train_id: no training job {train_id}"
-    )
-    require_owner_or_admin(caller, owner.created_by, f"training job {train_id}")
-    job = or_404(
-        training_queries.request_training_cancel(session, train_id), f"train_id: no training job {train_id}"
-    )
-    session.flush()
-    session.refresh(job)
-    return train_out(session, job)
+    return train_out(session, services.cancel_training_job(session, train_id, caller))
 
 
 @router.post("/{train_id}/evaluate", status_code=202, response_model=TrainJobOut, responses=errors(404, 409))
@@ -249,7 +233,7 @@ def evaluate_training(
             "prompts", "the job held out no pairs (eval_fraction 0): give the prompts to compare on"
         )
     if body.judge.model is not None:
-        checked_model(session, request.app.state.settings, body.judge.model, field="judge.model")
+        services.checked_model(session, request.app.state.settings, body.judge.model, field="judge.model")
     evaluation = evaluation_queries.create_evaluation(session, train_id, body, created_by=caller.name)
     request.state.audit_ids = {"train_id": str(train_id), "evaluation_id": str(evaluation.id)}
     return train_out(session, job)

@@ -36,14 +36,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
 
 from app.access import CONSOLE_FORMS, PUBLIC, access, declare
-from app.deps import CallerDep, SessionDep, SettingsDep, StoreDep, checked_model
+from app.deps import CallerDep, SessionDep, SettingsDep, StoreDep
 from app.errors import field_name
-from app.routes import constitutions as constitution_routes
 from app.routes import jobs as job_routes
-from app.routes import pairs as pair_routes
 from app.routes import training as training_routes
 from app.routes import workers as worker_routes
-from app.schemas import FieldError, GenerateRequest, ReviewIn, TrainRequest, normalize_prompts
 from app.ui.auth import (
     CSRF_COOKIE,
     CSRF_FIELD,
@@ -53,21 +50,22 @@ from app.ui.auth import (
     is_console,
 )
 from app.ui.text_diff import diff_stats, line_diff, word_diff
+from cai_dpo.core import services
 from cai_dpo.core.constitutions import (
-    Constitution,
     ConstitutionError,
     ConstitutionStore,
     check_name,
     content_hash,
 )
+from cai_dpo.core.errors import FieldError
 from cai_dpo.core.pair_filter import DbId, PairFilter
 from cai_dpo.core.queries import constitutions as constitution_queries
-from cai_dpo.core.queries import evaluations as evaluation_queries
 from cai_dpo.core.queries import jobs as job_queries
 from cai_dpo.core.queries import pairs as pair_queries
 from cai_dpo.core.queries import reviews as review_queries
 from cai_dpo.core.queries import sessions as session_queries
 from cai_dpo.core.queries import training as training_queries
+from cai_dpo.core.requests import GenerateRequest, ReviewIn, TrainRequest
 from cai_dpo.core.settings import Settings
 
 HERE = Path(__file__).parent
@@ -226,7 +224,7 @@ ACTION_ERRORS = (ValidationError, FieldError, ConstitutionError, HTTPException, 
 
 
 def act(session: Session, action: Callable[[], Any]) -> Any:
-    """Run an API route function in a savepoint: a refusal leaves nothing of it behind."""
+    """Run a service function in a savepoint: a refusal leaves nothing of it behind."""
     with session.begin_nested():
         return action()
 
@@ -437,22 +435,22 @@ def submit_job(request: Request, form: FormDep, session: SessionDep):
         if not prompts:
             raise ConsoleError(422, "prompts", "paste prompts or choose a file")
         body = GenerateRequest.model_validate(generate_body(form, prompts), strict=False)  # a form's text
-        created = act(
+        submitted = act(
             session,
-            lambda: job_routes.generate(
+            lambda: services.submit_generation_job(
+                session,
                 body=body,
-                request=request,
                 caller=request.state.caller,
-                response=Response(),
-                session=session,
                 settings=request.app.state.settings,
                 store=request.app.state.constitutions,
+                engine=request.app.state.engine,
                 idempotency_key=key,
             ),
         )
     except ACTION_ERRORS as exc:
         return errors_fragment("submit-result", exc)
-    return go(request, f"/ui/jobs/{created.job_id}")
+    request.state.audit_ids = {"job_id": str(submitted.job.id)}
+    return go(request, f"/ui/jobs/{submitted.job.id}")
 
 
 @router.get("/jobs/{job_id}")
@@ -482,13 +480,17 @@ def _job_or_404(session: Session, job_id: int):
 @router.post("/jobs/{job_id}/retry")
 @access("generate", accepts=CONSOLE_FORMS)
 def retry_job(request: Request, job_id: DbId, form: FormDep, session: SessionDep, caller: CallerDep):
-    return _job_action(request, session, job_id, lambda: job_routes.retry_job(job_id, session, caller))
+    return _job_action(
+        request, session, job_id, lambda: services.retry_generation_job(session, job_id, caller)
+    )
 
 
 @router.post("/jobs/{job_id}/cancel")
 @access("generate", accepts=CONSOLE_FORMS)
 def cancel_job(request: Request, job_id: DbId, form: FormDep, session: SessionDep, caller: CallerDep):
-    return _job_action(request, session, job_id, lambda: job_routes.cancel_job(job_id, session, caller))
+    return _job_action(
+        request, session, job_id, lambda: services.cancel_generation_job(session, job_id, caller)
+    )
 
 
 def _job_action(request: Request, session: Session, job_id: int, action: Callable[[], Any]) -> Response:
@@ -596,9 +598,12 @@ def review_pair(request: Request, pair_id: DbId, form: FormDep, session: Session
         body = ReviewIn.model_validate(
             given(form, "status") | {"chosen": form.get("chosen") or None}, strict=False
         )
-        act(session, lambda: pair_routes.review_pair(pair_id, request, session, caller, body))
+        review = act(
+            session, lambda: services.review_pair(session, pair_id=pair_id, body=body, reviewer=caller)
+        )
     except ACTION_ERRORS as exc:
         return errors_fragment("review-result", exc)
+    request.state.audit_ids = {"review_version": str(review.version)}
     query = urlencode(values)
     if not is_htmx(request):
         return RedirectResponse(f"/ui/pairs/{pair_id}?{query}", status_code=303)
@@ -710,7 +715,7 @@ def save_constitution(request: Request, name: str, form: FormDep, session: Sessi
     try:
         act(
             session,
-            lambda: constitution_routes.put_constitution(name, request, store, session, text, if_match),
+            lambda: services.save_constitution(request.app.state.engine, store, name, text, if_match),
         )
     except ACTION_ERRORS as exc:
         status, lines = refused(exc)
@@ -747,12 +752,6 @@ def constitution_diff(request: Request, name: str, session: SessionDep, store: S
     return fragment(templates.get_template("_line_diff.html").render(rows=rows, a=a, b=b))
 
 
-def try_name(name: str) -> str:
-    """Where a try's draft version and its pair are kept: apart from the constitution's own (`:`
-    is in no constitution's name), so neither its history nor its datasets take them in."""
-    return f"try:{name}"[:64]
-
-
 @router.post("/constitutions/{name}/try")
 @access("generate", accepts=CONSOLE_FORMS)
 def try_constitution(
@@ -764,62 +763,28 @@ def try_constitution(
     store: StoreDep,
     caller: CallerDep,
 ):
-    """One prompt through the loop with the editor's (unsaved) text: the text is stored as a
-    version by its content hash, the file is not touched, and a generation worker runs the
-    one-prompt job like any other."""
+    """One prompt through the loop with the editor's (unsaved) text (`services.submit_try_job`)."""
     try:
-        constitution = store.validate(check_name(name), text_field(form, "body"))
-        prompt = text_field(form, "prompt").strip()
-        if not prompt:
-            raise ConsoleError(422, "prompt", "write a prompt to try")
-        messages = normalize_prompts([prompt], settings)
-        revisions = int_field(form, "revisions", constitution.spec.revisions, 1, settings.max_revisions)
-        max_tokens = int_field(form, "max_tokens", 128, 1, 8192)
-        job_id = act(
+        given_rounds = text_field(form, "revisions").strip()
+        revisions = int_field(form, "revisions", 1, 1, settings.max_revisions) if given_rounds else None
+        job = act(
             session,
-            lambda: create_try_job(
-                request, session, settings, name, constitution, messages, revisions, max_tokens
+            lambda: services.submit_try_job(
+                session,
+                name=name,
+                text=text_field(form, "body"),
+                prompt=text_field(form, "prompt"),
+                revisions=revisions,
+                max_tokens=int_field(form, "max_tokens", 128, 1, 8192),
+                caller=caller,
+                settings=settings,
+                store=store,
             ),
         )
     except ACTION_ERRORS as exc:
         return errors_fragment("try-result", exc)
-    return try_result(request, name, job_id, session)
-
-
-def create_try_job(
-    request: Request,
-    session: Session,
-    settings: Settings,
-    name: str,
-    constitution: Constitution,
-    messages: list[list[dict[str, str]]],
-    revisions: int,
-    max_tokens: int,
-) -> int:
-    promoted = evaluation_queries.promotion_for(session, name)
-    model = checked_model(session, settings, promoted.model if promoted else None, field="model")
-    draft = constitution.model_copy(update={"name": try_name(name)})
-    version = constitution_queries.store_constitution_version(session, draft)
-    job = job_queries.create_generation_job(
-        session,
-        constitution_version=version,
-        model=model,
-        revisions=revisions,
-        sampling={
-            "temperature": settings.temperature,
-            "top_p": settings.top_p,
-            "max_tokens": max_tokens,
-            "seed": None,
-        },
-        options={"mode": "revise"},
-        metadata={"console_try": name},
-        prompts=messages,
-        idempotency_key=None,
-        request_hash=None,
-        created_by=request.state.caller.name,
-    )
     request.state.audit_ids = {"job_id": str(job.id)}
-    return job.id
+    return try_result(request, name, job.id, session)
 
 
 @router.get("/constitutions/{name}/try/{job_id}")
@@ -896,12 +861,14 @@ def start_training(
 ):
     try:
         body = TrainRequest.model_validate(train_body(form), strict=False)  # a form's text
-        started = act(
-            session, lambda: training_routes.start_training(body, request, caller, session, settings)
+        job = act(
+            session,
+            lambda: services.submit_training_job(session, body=body, caller=caller, settings=settings),
         )
     except ACTION_ERRORS as exc:
         return errors_fragment("train-result", exc)
-    return go(request, f"/ui/train/{started['train_id']}")
+    request.state.audit_ids = {"train_id": str(job.id)}
+    return go(request, f"/ui/train/{job.id}")
 
 
 def _run_or_404(session: Session, train_id: int):
@@ -948,7 +915,7 @@ def training_run_metrics(train_id: DbId, session: SessionDep):
 @access("train", accepts=CONSOLE_FORMS)
 def cancel_training(request: Request, train_id: DbId, form: FormDep, session: SessionDep, caller: CallerDep):
     try:
-        act(session, lambda: training_routes.cancel_training(train_id, session, caller))
+        act(session, lambda: services.cancel_training_job(session, train_id, caller))
     except ACTION_ERRORS as exc:
         return errors_fragment("train-action", exc)
     return go(request, f"/ui/train/{train_id}")

@@ -18,6 +18,7 @@ from typing import Literal
 from pydantic import ConfigDict, Field, model_validator
 
 from cai_dpo.core.model_refs import ModelRef
+from cai_dpo.core.settings import Settings
 from cai_dpo.core.strict_json import StrictJson
 
 ScorerKind = Literal["judge", "reward_model", "implicit"]
@@ -161,3 +162,35 @@ class CompareOptions(StrictJson):
     mode: Literal["compare"] = "compare"
     baseline: str
     scorer: ScorerSpec
+
+
+class Sampling(StrictJson):
+    """How a job's answers are sampled: resolved from the request and the settings when the job is
+    made, stored as its dump, read back by the workers and handed to the engine as it is."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
+
+    temperature: float = Field(ge=0, le=2)
+    top_p: float = Field(gt=0, le=1)
+    max_tokens: int = Field(ge=1)
+    seed: int | None = Field(None, ge=0, description="Per-request seed (None: unseeded).")
+
+
+class SamplingRequest(StrictJson):
+    """`POST /generate`'s `sampling`: each field left out takes the server's default (`CAI_TEMPERATURE`,
+    `CAI_TOP_P`, `CAI_MAX_TOKENS`; no seed)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    max_tokens: int | None = Field(None, ge=1, le=8192)
+    seed: int | None = Field(None, ge=0, le=2**31 - 1)
+
+    def resolve(self, settings: Settings) -> Sampling:
+        return Sampling(
+            temperature=settings.temperature if self.temperature is None else self.temperature,
+            top_p=settings.top_p if self.top_p is None else self.top_p,
+            max_tokens=settings.max_tokens if self.max_tokens is None else self.max_tokens,
+            seed=self.seed,
+        )

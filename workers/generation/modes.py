@@ -156,12 +156,7 @@ async def ranked_pair(
     """`n` answers to the prompt, ranked by the scorer: the best is chosen, the worst rejected."""
 
     async def sample(i: int) -> ChatResult:
-        seeded = Sampling(
-            sampling.temperature,
-            sampling.top_p,
-            sampling.max_tokens,
-            request_seed(sampling.seed, prompt_id, f"sample{i}"),
-        )
+        seeded = sampling.model_copy(update={"seed": request_seed(sampling.seed, prompt_id, f"sample{i}")})
         return await engine.chat(messages, seeded, request_id=f"{request_prefix}p{prompt_id}-sample{i}")
 
     results = await asyncio.gather(*(sample(i) for i in range(n)))
@@ -207,12 +202,7 @@ async def compare_models(
     request_prefix: str,
 ) -> dict[str, Any]:
     """Both models answer the prompt (the same seed), the judge compares: model A is `engine`'s."""
-    seeded = Sampling(
-        sampling.temperature,
-        sampling.top_p,
-        sampling.max_tokens,
-        request_seed(sampling.seed, prompt_id, "answer"),
-    )
+    seeded = sampling.model_copy(update={"seed": request_seed(sampling.seed, prompt_id, "answer")})
     answers = await asyncio.gather(
         engine.chat(messages, seeded, request_id=f"{request_prefix}p{prompt_id}-a"),
         baseline.chat(messages, seeded, request_id=f"{request_prefix}p{prompt_id}-b"),

@@ -150,12 +150,7 @@ async def run_trajectory(
     conv = with_few_shot(few_shot if few_shot is not None else few_shot_turns(spec), prompt)
 
     async def chat(messages: list[Message], stage: str) -> ChatResult:
-        seeded = Sampling(
-            sampling.temperature,
-            sampling.top_p,
-            sampling.max_tokens,
-            request_seed(sampling.seed, prompt_id, stage),
-        )
+        seeded = sampling.model_copy(update={"seed": request_seed(sampling.seed, prompt_id, stage)})
         result = await engine.chat(messages, seeded, request_id=f"{request_prefix}p{prompt_id}-{stage}")
         trajectory.add_usage(result)
         return result

@@ -39,7 +39,6 @@ from workers.generation.engines import (
     EngineError,
     EngineUnavailable,
     PromptTooLong,
-    Sampling,
     make_engine,
 )
 from workers.generation.modes import PairDraft, compare_models, ranked_pair, revise_pair
@@ -148,8 +147,8 @@ class GenerationWorker(WorkerRuntime):
 
     async def make_and_write(self, prompt: job_queries.ClaimedPrompt) -> None:
         try:
-            if (prompt.options or {}).get("mode") == "compare":
-                await self.write_comparison(prompt)
+            if isinstance(prompt.options, CompareOptions):
+                await self.write_comparison(prompt, prompt.options)
                 return
             draft = await self.make_pair(prompt)
             pair = draft.columns() | {
@@ -160,7 +159,7 @@ class GenerationWorker(WorkerRuntime):
                 "prompt": prompt.messages,
                 "trajectory": draft.trajectory | {"worker": self.id, "attempt": prompt.attempts},
                 "model": prompt.model,
-                "sampling": prompt.sampling,
+                "sampling": prompt.sampling.model_dump(mode="json"),
             }
             self.engine_errors_in_a_row = 0
             if await self.db_call(
@@ -185,10 +184,9 @@ class GenerationWorker(WorkerRuntime):
             log.exception("prompt %d failed", prompt.id)
             await self.fail(prompt, f"{type(exc).__name__}: {exc}", retryable=True)
 
-    async def write_comparison(self, prompt: job_queries.ClaimedPrompt) -> None:
+    async def write_comparison(self, prompt: job_queries.ClaimedPrompt, options: CompareOptions) -> None:
         """An evaluation's prompt: this worker's model and the baseline answer, the judge compares."""
         spec, _ = await self.constitution(prompt.constitution_version_id, prompt.constitution_hash)
-        options = CompareOptions.model_validate(prompt.options)
         judge = await self.scorer(options.scorer, spec, prompt.constitution_hash)
         result = await compare_models(
             self.engine,
@@ -196,7 +194,7 @@ class GenerationWorker(WorkerRuntime):
             judge,
             prompt_id=prompt.id,
             messages=prompt.messages,
-            sampling=self.sampling_of(prompt),
+            sampling=prompt.sampling,
             request_prefix=f"{self.id}-a{prompt.attempts}-",
         )
         self.engine_errors_in_a_row = 0
@@ -209,19 +207,11 @@ class GenerationWorker(WorkerRuntime):
         ):
             log.warning("prompt %d: lease lost before its comparison was written; discarded", prompt.id)
 
-    @staticmethod
-    def sampling_of(prompt: job_queries.ClaimedPrompt) -> Sampling:
-        return Sampling(
-            temperature=prompt.sampling["temperature"],
-            top_p=prompt.sampling["top_p"],
-            max_tokens=prompt.sampling["max_tokens"],
-            seed=prompt.sampling.get("seed"),
-        )
-
     async def make_pair(self, prompt: job_queries.ClaimedPrompt) -> PairDraft:
         spec, few_shot = await self.constitution(prompt.constitution_version_id, prompt.constitution_hash)
-        mode = GenerationMode.model_validate(prompt.options or {})
-        sampling = self.sampling_of(prompt)
+        mode = prompt.options
+        assert isinstance(mode, GenerationMode)  # comparisons went to write_comparison
+        sampling = prompt.sampling
         scorer_spec = mode.effective_scorer()
         scorer = await self.scorer(scorer_spec, spec, prompt.constitution_hash) if scorer_spec else None
         request_prefix = f"{self.id}-a{prompt.attempts}-"

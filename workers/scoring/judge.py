@@ -154,11 +154,8 @@ class Judge:
         detail: dict[str, Any] = {"principle": principle.id, "order": order}
         prefix = ANSWER_PREFIX
         if self.chain_of_thought:
-            sampling = Sampling(
-                temperature=self.reasoning_sampling.temperature,
-                top_p=self.reasoning_sampling.top_p,
-                max_tokens=self.reasoning_sampling.max_tokens,
-                seed=derived_seed("judge-reasoning", seed, principle.id, order),
+            sampling = self.reasoning_sampling.model_copy(
+                update={"seed": derived_seed("judge-reasoning", seed, principle.id, order)}
             )
             reasoning = await engine.continue_chat(messages, COT_PREFIX, sampling, f"{request_id}-reason")
             detail["reasoning"] = reasoning.text

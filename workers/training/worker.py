@@ -32,6 +32,7 @@ from cai_dpo.core.constitutions import ConstitutionStore
 from cai_dpo.core.db import database_url, get_engine
 from cai_dpo.core.evaluation import EvaluationRequest
 from cai_dpo.core.export_format import split_of
+from cai_dpo.core.generation_modes import SamplingRequest
 from cai_dpo.core.model_sources import resolve_model, trained_model_path, training_output_dir
 from cai_dpo.core.queries import constitutions as constitution_queries
 from cai_dpo.core.queries import evaluations as evaluation_queries
@@ -361,12 +362,7 @@ class TrainingWorker(WorkerRuntime):
         name = request.constitution or job.dataset.get("constitution") or "harmless"
         constitution = ConstitutionStore(self.settings.constitutions_dir).get(name)
         version = constitution_queries.store_constitution_version(session, constitution)
-        sampling = {
-            "temperature": self.settings.temperature,
-            "top_p": self.settings.top_p,
-            "max_tokens": request.max_tokens,
-            "seed": evaluation.id,
-        }
+        sampling = SamplingRequest(max_tokens=request.max_tokens, seed=evaluation.id).resolve(self.settings)
         return evaluation_queries.queue_comparison_job(
             session,
             evaluation=evaluation,

@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 
 from cai_dpo.core import queue
 from cai_dpo.core.evaluation import EvaluationRequest, WinRate, promotion_decision, win_rate
+from cai_dpo.core.generation_modes import CompareOptions, Sampling
 from cai_dpo.core.queries.jobs import complete_prompt_with, create_generation_job
 from cai_dpo.core.tables import (
     Comparison,
@@ -78,7 +79,7 @@ def queue_comparison_job(
     prompts: list[list[dict[str, str]]],
     constitution_version: ConstitutionVersion,
     baseline: str,
-    sampling: dict[str, Any],
+    sampling: Sampling,
 ) -> GenerationJob:
     """The win-rate job: the trained model (`train:<id>`) and the baseline answer each prompt, the
     judge compares them. Its rows go through the prompt queue like any job's."""
@@ -93,7 +94,7 @@ def queue_comparison_job(
         prompts=prompts,
         idempotency_key=f"evaluation:{evaluation.id}",
         request_hash=None,
-        options={"mode": "compare", "baseline": baseline, "scorer": request.judge.model_dump(mode="json")},
+        options=CompareOptions(baseline=baseline, scorer=request.judge),
         created_by=evaluation.created_by,
     )
     if job is None:  # queued by an earlier attempt of this evaluation: that one stands

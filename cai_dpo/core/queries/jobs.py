@@ -13,6 +13,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from cai_dpo.core import queue
+from cai_dpo.core.generation_modes import CompareOptions, GenerationMode, Sampling
 from cai_dpo.core.tables import ConstitutionVersion, GenerationJob, Pair, Prompt
 
 PromptStatus = Literal["queued", "running", "done", "failed", "cancelled"]
@@ -29,10 +30,10 @@ def create_generation_job(
     constitution_version: ConstitutionVersion,
     model: str,
     revisions: int,
-    sampling: dict[str, Any],
+    sampling: Sampling,
     metadata: dict[str, Any],
     prompts: Sequence[list[dict[str, str]]],
-    options: dict[str, Any] | None = None,
+    options: GenerationMode | CompareOptions,
     idempotency_key: str | None,
     request_hash: str | None,
     created_by: str | None = None,
@@ -45,8 +46,9 @@ def create_generation_job(
             constitution_name=constitution_version.name,
             model=model,
             revisions=revisions,
-            sampling=sampling,
-            options=options or {},
+            # Stored as the models' dumps and read back by the same models (`ClaimedPrompt`).
+            sampling=sampling.model_dump(mode="json"),
+            options=options.model_dump(mode="json", exclude_none=True),
             job_metadata=metadata,
             n_prompts=len(prompts),
             idempotency_key=idempotency_key,
@@ -172,8 +174,8 @@ class ClaimedPrompt:
     messages: list[dict[str, str]]
     attempts: int
     revisions: int
-    sampling: dict[str, Any]
-    options: dict[str, Any]
+    sampling: Sampling
+    options: GenerationMode | CompareOptions
     constitution_version_id: int
     constitution_hash: str
     constitution_name: str
@@ -215,7 +217,21 @@ def claim_prompts(
         .where(Prompt.id.in_(ids))
         .order_by(Prompt.id)
     )
-    return [ClaimedPrompt(**row._mapping) for row in rows]
+    return [
+        ClaimedPrompt(
+            **dict(row._mapping)
+            | {"sampling": Sampling.model_validate(row.sampling), "options": job_options(row.options)}
+        )
+        for row in rows
+    ]
+
+
+def job_options(stored: dict[str, Any] | None) -> GenerationMode | CompareOptions:
+    """A job's options as stored: an evaluation's comparison, or a mode of `POST /generate`."""
+    stored = stored or {}
+    if stored.get("mode") == "compare":
+        return CompareOptions.model_validate(stored)
+    return GenerationMode.model_validate(stored)
 
 
 def claimable_models(session: Session, *, max_attempts: int) -> list[str]:

@@ -8,16 +8,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal, Protocol, runtime_checkable
 
+# How answers are sampled: the core's model, the same from the request to the engine.
+from cai_dpo.core.generation_modes import Sampling as Sampling
+
 FinishReason = Literal["stop", "length"]
 Messages = list[dict[str, str]]
-
-
-@dataclass(frozen=True)
-class Sampling:
-    temperature: float
-    top_p: float
-    max_tokens: int
-    seed: int | None = None
 
 
 @dataclass

@@ -303,4 +303,3 @@ def _is_engine_dead(exc: BaseException) -> bool:
     from vllm.v1.engine.exceptions import EngineDeadError
 
     return isinstance(exc, EngineDeadError) or isinstance(exc.__cause__, EngineDeadError)
-
