@@ -1,10 +1,8 @@
 """Generation jobs: `POST /generate` queues prompts; `/jobs` shows progress and cancels."""
 
-from datetime import UTC, datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request
-from sqlalchemy.orm import Session
 
 from app.access import access
 from app.deps import (
@@ -15,15 +13,12 @@ from app.deps import (
     or_404,
 )
 from app.openapi import errors
-from app.schemas import Cursor, GenerateResponse, JobCounts, JobOut, PromptOut, PromptPage
+from app.schemas import Cursor, GenerateResponse, JobOut, PromptPage
+from app.views import jobs_out, prompt_out
 from cai_dpo.core import services
-from cai_dpo.core.generation_modes import Sampling
 from cai_dpo.core.pair_filter import DbId
-from cai_dpo.core.progress import job_progress
-from cai_dpo.core.queries import constitutions as constitution_queries
 from cai_dpo.core.queries import jobs as job_queries
 from cai_dpo.core.requests import GenerateRequest
-from cai_dpo.core.tables import GenerationJob
 
 router = APIRouter(tags=["generation"])
 
@@ -56,44 +51,6 @@ def generate(
     )
 
 
-def job_out(job: GenerationJob, stats: job_queries.JobStats, version: str | None) -> JobOut:
-    progress = job_progress(
-        stats.counts,
-        cancelled=job.cancelled_at is not None,
-        first_started_at=stats.first_started_at,
-        last_finished_at=stats.last_finished_at,
-        now=datetime.now(UTC),
-    )
-    return JobOut(
-        id=job.id,
-        status=progress.status,
-        constitution=job.constitution_name,
-        constitution_version=version,
-        model=job.model,
-        revisions=job.revisions,
-        sampling=Sampling.model_validate(job.sampling),
-        options=job_queries.job_options(job.options),
-        metadata=job.job_metadata,
-        n_prompts=job.n_prompts,
-        counts=JobCounts(**stats.counts, flagged=stats.flagged),
-        pairs_per_s=progress.rate_per_s,
-        eta_s=progress.eta_s,
-        created_at=job.created_at,
-        cancelled_at=job.cancelled_at,
-    )
-
-
-def _jobs_out(session: Session, jobs: list[GenerationJob]) -> list[JobOut]:
-    stats = job_queries.job_stats(session, [job.id for job in jobs])
-    versions = {
-        job.constitution_version_id: constitution_queries.get_constitution_version(
-            session, job.constitution_version_id
-        )
-        for job in jobs
-    }
-    return [job_out(job, stats[job.id], versions[job.constitution_version_id].content_hash) for job in jobs]
-
-
 @router.get("/jobs", response_model=list[JobOut])
 @access("read")
 def list_jobs(
@@ -101,19 +58,19 @@ def list_jobs(
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     before: Annotated[DbId | None, Query(description="Only jobs with a smaller id (paging).")] = None,
 ):
-    return _jobs_out(session, job_queries.list_jobs(session, limit=limit, before_id=before))
+    return jobs_out(session, job_queries.list_jobs(session, limit=limit, before_id=before))
 
 
 @router.get("/jobs/{job_id}", response_model=JobOut, responses=errors(404))
 @access("read")
 def get_job(job_id: DbId, session: SessionDep):
-    return _jobs_out(session, [or_404(job_queries.get_job(session, job_id), f"job_id: no job {job_id}")])[0]
+    return jobs_out(session, [or_404(job_queries.get_job(session, job_id), f"job_id: no job {job_id}")])[0]
 
 
 @router.post("/jobs/{job_id}/cancel", response_model=JobOut, responses=errors(404))
 @access("generate")
 def cancel_job(job_id: DbId, session: SessionDep, caller: CallerDep):
-    return _jobs_out(session, [services.cancel_generation_job(session, job_id, caller)])[0]
+    return jobs_out(session, [services.cancel_generation_job(session, job_id, caller)])[0]
 
 
 @router.get("/jobs/{job_id}/prompts", response_model=PromptPage, responses=errors(404))
@@ -132,20 +89,7 @@ def list_job_prompts(
     rows = job_queries.list_job_prompts(
         session, job_id, status=status, after_id=int(cursor) if cursor else None, limit=limit
     )
-    items = [
-        PromptOut(
-            id=prompt.id,
-            position=prompt.position,
-            status=prompt.status,
-            attempts=prompt.attempts,
-            last_error=prompt.last_error,
-            pair_id=pair_id,
-            messages=prompt.messages,
-            started_at=prompt.started_at,
-            finished_at=prompt.finished_at,
-        )
-        for prompt, pair_id in rows
-    ]
+    items = [prompt_out(prompt, pair_id) for prompt, pair_id in rows]
     return PromptPage(items=items, next_cursor=str(items[-1].id) if len(items) == limit else None)
 
 
@@ -153,4 +97,4 @@ def list_job_prompts(
 @access("generate")
 def retry_job(job_id: DbId, session: SessionDep, caller: CallerDep):
     """Queue the job's failed prompts again (e.g. after a model or settings fix)."""
-    return _jobs_out(session, [services.retry_generation_job(session, job_id, caller)])[0]
+    return jobs_out(session, [services.retry_generation_job(session, job_id, caller)])[0]

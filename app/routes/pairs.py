@@ -9,49 +9,14 @@ from app.access import access
 from app.deps import CallerDep, SessionDep, SettingsDep, or_404
 from app.openapi import errors
 from app.schemas import PairOut, PairPage, PairPageQuery
+from app.views import pair_out
 from cai_dpo.core import services
 from cai_dpo.core.pair_filter import DbId
 from cai_dpo.core.queries import pairs as pair_queries
 from cai_dpo.core.queries import reviews as review_queries
 from cai_dpo.core.requests import ReviewIn
-from cai_dpo.core.tables import Pair, PairReview
 
 router = APIRouter(prefix="/pairs", tags=["pairs"])
-
-
-def pair_out(
-    pair: Pair,
-    version: str | None,
-    *,
-    detail: bool,
-    review: PairReview | None = None,
-    reviews: list[dict] | None = None,
-) -> PairOut:
-    return PairOut(
-        id=pair.id,
-        job_id=pair.job_id,
-        prompt_id=pair.prompt_id,
-        source=pair.source,
-        constitution=pair.constitution_name,
-        constitution_version=version,
-        prompt=pair.prompt,
-        chosen=pair.chosen,
-        rejected=pair.rejected,
-        flags=pair.flags,
-        model=pair.model,
-        created_at=pair.created_at,
-        principles=pair.trajectory.get("principles", []),
-        trajectory=pair.trajectory if detail else None,
-        sampling=pair.sampling if detail else None,
-        usage=pair.usage if detail else None,
-        scores=pair.scores,
-        preference=pair.preference,
-        margin=pair.margin,
-        metadata=pair.pair_metadata,
-        review=review.status if review else None,
-        reviewed_chosen=review.chosen_text if review else None,
-        reviews=reviews,
-    )
 
 
 @router.get("", response_model=PairPage)

@@ -2,7 +2,6 @@
 
 import csv
 import io
-from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Path, Query, Request
@@ -12,13 +11,13 @@ from sqlalchemy.orm import Session
 from app.access import access
 from app.deps import CallerDep, SessionDep, SettingsDep, or_404
 from app.openapi import NAME, errors
-from app.schemas import EvaluationOut, TrainJobOut
+from app.schemas import TrainJobOut
+from app.views import policy_out, train_out
 from cai_dpo.core import services
 from cai_dpo.core.constitutions import check_name
 from cai_dpo.core.errors import FieldError
 from cai_dpo.core.evaluation import EvaluationRequest
 from cai_dpo.core.pair_filter import DbId
-from cai_dpo.core.progress import eta_seconds
 from cai_dpo.core.queries import evaluations as evaluation_queries
 from cai_dpo.core.queries import policies as policy_queries
 from cai_dpo.core.queries import training as training_queries
@@ -36,63 +35,11 @@ Name = Annotated[
 ]
 
 
-def evaluation_out(session: Session, job: TrainingJob) -> EvaluationOut | None:
-    evaluation = evaluation_queries.latest_evaluation(session, job.id)
-    if evaluation is None:
-        return None
-    win = evaluation.win_rate
-    if win is None and evaluation.compare_job_id is not None:  # still comparing: the count so far
-        win = evaluation_queries.comparison_summary(session, evaluation.compare_job_id)
-    held_out = {"before": job.eval_before, "after": job.eval_after} if job.eval_after else None
-    accuracy = {"held_out": held_out, "external": evaluation.external}
-    return EvaluationOut(
-        id=evaluation.id,
-        status=evaluation.status,
-        request=evaluation.request,
-        win_rate=win,
-        reward_accuracy=accuracy if any(accuracy.values()) else None,
-        promotion=evaluation.promotion,
-        error=evaluation.last_error,
-        created_at=evaluation.created_at,
-        finished_at=evaluation.finished_at,
-    )
-
-
-def train_out(session: Session, job: TrainingJob) -> TrainJobOut:
-    latest = training_queries.latest_training_metric(session, job.id)
-    running = job.status == "running" and job.started_at is not None
-    elapsed = (datetime.now(UTC) - job.started_at).total_seconds() if running else 0
-    return TrainJobOut(
-        id=job.id,
-        status=job.status,
-        base_model=job.base_model,
-        dataset=job.dataset,
-        params=job.params,
-        policy=job.policy,
-        n_train_pairs=len(job.pair_ids) if job.pair_ids is not None else None,
-        n_eval_pairs=len(job.eval_pair_ids) if job.eval_pair_ids is not None else None,
-        step=job.step,
-        total_steps=job.total_steps,
-        eta_s=eta_seconds(job.step, job.total_steps or 0, elapsed) if running else None,
-        latest_metrics=latest.values if latest else None,
-        eval_before=job.eval_before,
-        eval_after=job.eval_after,
-        artifact=job.artifact_path,
-        model=f"train:{job.id}" if job.status == "succeeded" else None,
-        evaluation=evaluation_out(session, job),
-        error=job.last_error,
-        attempts=job.attempts,
-        created_at=job.created_at,
-        started_at=job.started_at,
-        finished_at=job.finished_at,
-    )
-
-
 # Policies first: `/train/policies` must not be taken for `/train/{train_id}`.
 @router.get("/policies")
 @access("read")
 def list_policies(session: SessionDep):
-    return [_policy_out(p, session) for p in policy_queries.list_train_policies(session)]
+    return [policy_out(session, p) for p in policy_queries.list_train_policies(session)]
 
 
 @router.put("/policies/{name}", responses=errors(404))
@@ -101,8 +48,8 @@ def put_policy(name: Name, body: TrainPolicyIn, session: SessionDep, settings: S
     check_name(name)
     if body.base_model is not None:
         services.checked_model(session, settings, body.base_model, field="base_model")
-    return _policy_out(
-        policy_queries.upsert_train_policy(session, constitution_name=name, **body.db_values()), session
+    return policy_out(
+        session, policy_queries.upsert_train_policy(session, constitution_name=name, **body.db_values())
     )
 
 
@@ -119,28 +66,6 @@ def demote(name: Name, session: SessionDep):
     or_404(
         evaluation_queries.demote(session, check_name(name)) or None, f"name: no promoted model for {name!r}"
     )
-
-
-def _policy_out(policy, session) -> dict:
-    promotion = evaluation_queries.promotion_for(session, policy.constitution_name)
-    return {
-        "constitution": policy.constitution_name,
-        "min_new_pairs": policy.min_new_pairs,
-        "base_model": policy.base_model,
-        "enabled": policy.enabled,
-        "params": policy.params,
-        # Progress towards the next automatic job: it starts when this reaches min_new_pairs.
-        "pairs_waiting": policy_queries.policy_pairs_waiting(session, policy.constitution_name),
-        "promote": policy.promote,
-        "promoted": None
-        if promotion is None
-        else {
-            "model": promotion.model,
-            "train_id": promotion.train_id,
-            "reason": promotion.reason,
-            "promoted_at": promotion.promoted_at.isoformat(),
-        },
-    }
 
 
 @router.post("", status_code=202, responses=errors(404, 409))

@@ -5,6 +5,7 @@ from fastapi import APIRouter
 from app.access import access
 from app.deps import SessionDep, SettingsDep
 from app.schemas import WorkerOut
+from app.views import workers_out
 from cai_dpo.core.queries import workers as worker_queries
 
 router = APIRouter(prefix="/workers", tags=["workers"])
@@ -13,9 +14,4 @@ router = APIRouter(prefix="/workers", tags=["workers"])
 @router.get("", response_model=list[WorkerOut])
 @access("read")
 def list_workers(session: SessionDep, settings: SettingsDep):
-    out = []
-    for worker in worker_queries.live_workers(session, seen_seconds=settings.worker_seen_seconds):
-        problem = (worker.stats or {}).get("problem")
-        row = {c.name: getattr(worker, c.name) for c in worker.__table__.columns}
-        out.append(WorkerOut.model_validate(row | {"healthy": problem is None, "problem": problem}))
-    return out
+    return workers_out(worker_queries.live_workers(session, seen_seconds=settings.worker_seen_seconds))
