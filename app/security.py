@@ -16,7 +16,7 @@ stands for the key it was opened with (unless signed out: revoked on the server)
 page (or a redirect to the login form), its forms may post `application/x-www-form-urlencoded` and
 `multipart/form-data`, and every post must carry the CSRF token bound to the session: in the
 `X-CSRF-Token` header, checked here before the body is read, or in the form's `csrf_token` field,
-which the console's form dependency checks (`app/ui/router.py`).
+which the console's form dependency checks (`app/ui/forms.py`).
 """
 
 from __future__ import annotations
