@@ -15,7 +15,9 @@ from cai_dpo.core.progress import eta_seconds, job_progress
 from cai_dpo.core.queries import constitutions as constitution_queries
 from cai_dpo.core.queries import evaluations as evaluation_queries
 from cai_dpo.core.queries import jobs as job_queries
+from cai_dpo.core.queries import pairs as pair_queries
 from cai_dpo.core.queries import policies as policy_queries
+from cai_dpo.core.queries import reviews as review_queries
 from cai_dpo.core.queries import training as training_queries
 from cai_dpo.core.tables import GenerationJob, Pair, PairReview, Prompt, TrainingJob, TrainPolicy, Worker
 
@@ -110,6 +112,15 @@ def pair_out(
 
 
 # --- training -------------------------------------------------------------------------------------
+
+
+def pair_detail(session: Session, pair_id: int) -> PairOut | None:
+    """One pair with its trajectory, its review in force and the review history; None if none."""
+    found = pair_queries.get_pair(session, pair_id)
+    if found is None:
+        return None
+    latest = review_queries.latest_reviews(session, [pair_id]).get(pair_id)
+    return pair_out(*found, detail=True, review=latest, reviews=review_queries.history(session, pair_id))
 
 
 def evaluation_out(session: Session, job: TrainingJob) -> EvaluationOut | None:

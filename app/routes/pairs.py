@@ -5,6 +5,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
 
+from app import views
 from app.access import access
 from app.deps import CallerDep, SessionDep, SettingsDep, or_404
 from app.openapi import errors
@@ -33,9 +34,7 @@ def list_pairs(session: SessionDep, settings: SettingsDep, query: Annotated[Pair
 @router.get("/{pair_id}", response_model=PairOut, responses=errors(404))
 @access("read")
 def get_pair(pair_id: DbId, session: SessionDep):
-    found = or_404(pair_queries.get_pair(session, pair_id), f"pair_id: no pair {pair_id}")
-    latest = review_queries.latest_reviews(session, [pair_id]).get(pair_id)
-    return pair_out(*found, detail=True, review=latest, reviews=review_queries.history(session, pair_id))
+    return or_404(views.pair_detail(session, pair_id), f"pair_id: no pair {pair_id}")
 
 
 @router.post(
@@ -53,4 +52,4 @@ def review_pair(
     recorded with the key's name and the time. The generated text is never overwritten."""
     review = services.review_pair(session, pair_id=pair_id, body=body, reviewer=caller)
     request.state.audit_ids = {"review_version": str(review.version)}
-    return get_pair(pair_id, session)
+    return views.pair_detail(session, pair_id)
