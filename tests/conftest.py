@@ -10,6 +10,7 @@ pytest_plugins = [
     "tests.fixtures.api",
     "tests.fixtures.model",
     "tests.fixtures.engine",
+    "tests.fixtures.openai_stub",
     "tests.fixtures.training",
 ]
 

