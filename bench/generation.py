@@ -101,7 +101,6 @@ def raw_vllm(args: argparse.Namespace) -> dict:
 
 def service(args: argparse.Namespace) -> dict:
     import httpx
-
     from service import running_service  # bench/ is on sys.path: this file runs as a script
 
     prompts = hh_prompts(Path(args.data), args.prompts)
