@@ -11,7 +11,7 @@ start (and the tests fail) when a new route declares nothing.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
@@ -89,32 +89,35 @@ def route_access(routes: Iterable[BaseRoute], scope: AsgiScope) -> Access:
     return UNROUTED
 
 
-def undeclared_routes(routes: Iterable[BaseRoute], prefix: str = "") -> list[str]:
-    """Every route (inside mounts too) that declares no access: the app refuses to start with any."""
-    missing = []
+def _routes_with_access(
+    routes: Iterable[BaseRoute], prefix: str = ""
+) -> Iterator[tuple[BaseRoute, str, Access | None]]:
+    """Every route a request can reach, with its full path and its declaration: a mount's inner
+    routes, unless the mount itself declares its access (static files)."""
     for route in routes:
         path = prefix + getattr(route, "path", "")
-        inner = getattr(route, "routes", None)
-        if declared_access(route) is not None:
-            continue
-        if isinstance(route, Mount) and inner:
-            missing += undeclared_routes(inner, path)
-        else:
-            methods = sorted(getattr(route, "methods", None) or [])
-            missing.append(f"{' '.join(methods)} {path}".strip())
-    return missing
-
-
-def access_table(routes: Iterable[BaseRoute], prefix: str = "") -> dict[tuple[str, str], Access]:
-    """(method, path template) -> access, for the OpenAPI document's per-route answers."""
-    table: dict[tuple[str, str], Access] = {}
-    for route in routes:
-        path = prefix + getattr(route, "path", "")
-        inner = getattr(route, "routes", None)
         declared = declared_access(route)
+        inner = getattr(route, "routes", None)
         if isinstance(route, Mount) and inner and declared is None:
-            table |= access_table(inner, path)
-        elif declared is not None:
-            for method in getattr(route, "methods", None) or []:
-                table[(method, path)] = declared
-    return table
+            yield from _routes_with_access(inner, path)
+        else:
+            yield route, path, declared
+
+
+def undeclared_routes(routes: Iterable[BaseRoute]) -> list[str]:
+    """Every route (inside mounts too) that declares no access: the app refuses to start with any."""
+    return [
+        f"{' '.join(sorted(getattr(route, 'methods', None) or []))} {path}".strip()
+        for route, path, declared in _routes_with_access(routes)
+        if declared is None
+    ]
+
+
+def access_table(routes: Iterable[BaseRoute]) -> dict[tuple[str, str], Access]:
+    """(method, path template) -> access, for the OpenAPI document's per-route answers."""
+    return {
+        (method, path): declared
+        for route, path, declared in _routes_with_access(routes)
+        if declared is not None
+        for method in getattr(route, "methods", None) or []
+    }
