@@ -29,7 +29,7 @@ from app.access import NDJSON, YAML, Access
 from app.schemas import ErrorBody
 from app.security import MUTATING, UPLOAD_HEADER
 from cai_dpo.core.constitutions import NAME_PATTERN, ConstitutionSpec
-from cai_dpo.core.model_refs import model_roots
+from cai_dpo.core.model_refs import FOLDER_PART, MAX_FOLDER_DEPTH, TRAIN_ID, TRAINED_PREFIX, model_roots
 from cai_dpo.core.requests import NONBLANK
 from cai_dpo.core.settings import BUNDLED_MODEL, Settings
 
@@ -242,10 +242,11 @@ def model_ref_pattern(settings: Settings) -> str:
     """What `ModelRef` takes on this server, as a pattern: the bundled and default models,
     `train:<id>`, or a folder below a model root (names without a leading dot, so no `..`)."""
     names = sorted({BUNDLED_MODEL, settings.model})
-    part = "[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}"
+    part = FOLDER_PART.pattern  # the validator's own rules: the document cannot drift from them
     roots = [_ecma_escape(root.rstrip("/")) for root in model_roots(settings)]
-    folders = [f"{root}/{part}(/{part}){{0,7}}" for root in roots]
-    return "^(" + "|".join([*map(_ecma_escape, names), "train:[1-9][0-9]{0,15}", *folders]) + ")$"
+    folders = [f"{root}/{part}(/{part}){{0,{MAX_FOLDER_DEPTH - 1}}}" for root in roots]
+    trained = TRAINED_PREFIX + TRAIN_ID.pattern
+    return "^(" + "|".join([*map(_ecma_escape, names), trained, *folders]) + ")$"
 
 
 def _state_model_refs(node: Any, pattern: str) -> None:
