@@ -11,8 +11,10 @@ engine process with it).
 import signal
 import time
 
+import psycopg
 import pytest
 
+from cai_dpo.core.db import libpq_url
 from tests.helpers import (
     hh_prompts,
     job_finished,
@@ -176,6 +178,59 @@ def test_a_worker_killed_mid_scoring_loses_and_duplicates_nothing(client, settin
         assert {r.id for r in rows if r.attempts == 2} == scoring
         assert all(f"-{second.pid}-" in p.trajectory["worker"] for p in pairs if p.prompt_id in scoring)
     finally:
+        stop_worker(first)
+        if second is not None:
+            stop_worker(second)
+
+
+def test_a_worker_killed_with_a_batch_of_pairs_uncommitted_loses_and_duplicates_nothing(
+    client, settings, db, stub_llm
+):
+    """Finished pairs are committed in batches (workers/generation/writer.py): a worker killed
+    after its batch was built and sent, before the commit, wrote none of it, and the prompts are
+    made again elsewhere, once each."""
+    stub_llm.hold()
+    first = start_worker(settings, **stub_llm.env(lease_seconds=3))
+    second = None
+    blocker = psycopg.connect(libpq_url(settings.database_url), autocommit=False)
+    try:
+        wait_for(lambda: first.pid in worker_pids(client), 60, "the first worker", procs=(first,))
+        body = {
+            "prompts": hh_prompts(8, offset=220),
+            "constitution": "harmless",
+            "sampling": {"max_tokens": 32},
+        }
+        job_id = client.post("/generate", json=body).json()["job_id"]
+        wait_for(lambda: len(held_by(db, job_id, first.pid)) == 4, 30, "4 prompts held", procs=(first,))
+        held = held_by(db, job_id, first.pid)
+        # Inserts into `pairs` wait behind this lock: the worker's batch gets as far as its INSERT,
+        # its prompts already marked done inside its open transaction.
+        blocker.execute("LOCK TABLE pairs IN SHARE MODE")
+        stub_llm.release()
+
+        def batch_waiting() -> int:
+            with psycopg.connect(libpq_url(settings.database_url), autocommit=True) as conn:
+                return conn.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                    "AND query LIKE 'INSERT INTO pairs%'"
+                ).fetchone()[0]
+
+        wait_for(batch_waiting, 30, "the worker's batch to wait on its INSERT", procs=(first,))
+        kill_group(first)
+        blocker.rollback()
+        # Nothing of the batch was written: the prompts still run under the dead worker's lease.
+        assert not pairs_of(db, job_id)
+        assert held <= {r.id for r in prompts_of(db, job_id) if r.status == "running"}
+
+        second = start_worker(settings, **stub_llm.env(lease_seconds=3))
+        wait_for(job_finished(client, job_id), 60, "a second worker to finish the job", procs=(second,))
+        rows, pairs = prompts_of(db, job_id), pairs_of(db, job_id)
+        assert all(r.status == "done" for r in rows), [(r.id, r.status, r.last_error) for r in rows]
+        assert sorted(p.prompt_id for p in pairs) == [r.id for r in rows]  # none lost, none twice
+        assert {r.id for r in rows if r.attempts == 2} == held
+        assert all(f"-{second.pid}-" in p.trajectory["worker"] for p in pairs)
+    finally:
+        blocker.close()
         stop_worker(first)
         if second is not None:
             stop_worker(second)

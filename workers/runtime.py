@@ -21,6 +21,7 @@ from typing import Any
 
 import psycopg
 from sqlalchemy import Engine as DBEngine
+from sqlalchemy import event
 
 from cai_dpo.core import queue
 from cai_dpo.core.db import is_connection_error, libpq_url, run_in_session
@@ -82,6 +83,23 @@ class LeaseKeeper:
                 self.on_lost(row_id, token)
 
 
+class StatementCounter:
+    """Statements this worker's database engine sent (its LISTEN connection aside)."""
+
+    def __init__(self, db: DBEngine) -> None:
+        self.db = db
+        self.count = 0
+        event.listen(db, "before_cursor_execute", self._count)
+
+    def _count(self, *_: Any) -> None:
+        self.count += 1  # exact enough for a figure read by the heartbeat
+
+    def close(self) -> None:
+        """Stop counting (a process that runs several workers on one engine, as the tests do)."""
+        if event.contains(self.db, "before_cursor_execute", self._count):
+            event.remove(self.db, "before_cursor_execute", self._count)
+
+
 class DatabaseUnavailable(RuntimeError):
     """The database stayed out of reach for `CAI_DB_OUTAGE_SECONDS`: the worker exits (code 4) for
     its supervisor to restart it; the leases it held run out and its work is claimed again."""
@@ -113,6 +131,7 @@ class WorkerRuntime:
         # The process's exit code: non-zero asks its supervisor for a fresh process.
         self.exit_code = 0
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.statements = StatementCounter(db)
 
     # --- to be provided by each worker ------------------------------------------------------
 
@@ -132,7 +151,13 @@ class WorkerRuntime:
         return self.keepers[kind.name]
 
     def base_status(self, **values: Any) -> dict[str, Any]:
-        stats = values.pop("stats", {}) | {"problem": self.problem}
+        # CPU time and statements since start, so that a benchmark (or an operator) can divide
+        # them by the work done: the worker's own cost, apart from the engine's and the database's.
+        stats = values.pop("stats", {}) | {
+            "problem": self.problem,
+            "cpu_seconds": round(time.process_time(), 3),
+            "db_statements": self.statements.count,
+        }
         return {
             "id": self.id,
             "kind": self.role,
@@ -214,6 +239,8 @@ class WorkerRuntime:
 
                 def renew_and_report(session: Any, snapshots: dict = snapshots) -> dict[str, set[int]]:
                     held = {name: self.keepers[name].renew(session, snap) for name, snap in snapshots.items()}
+                    # Off the claim path: rows nobody may claim any more reach their final state.
+                    queue.expire(session, self.kind, max_attempts=self.settings.max_attempts)
                     worker_queries.record_worker_heartbeat(session, **self.status())
                     return held
 
@@ -271,6 +298,9 @@ class WorkerRuntime:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         try:
+            await self.report()  # the final figures (pairs, CPU, statements) stay readable
             await self.db_call(worker_queries.mark_worker_stopped, self.id)
         except DatabaseUnavailable:  # its heartbeat row goes stale instead
             log.warning("could not mark worker %s stopped: no database", self.id)
+        finally:
+            self.statements.close()

@@ -76,6 +76,13 @@ EVALUATIONS = WorkKind(
 KINDS = (PROMPTS, TRAINING, EVALUATIONS)
 
 
+def _update(t: Any) -> Any:
+    """An UPDATE of a queue table that leaves the ORM session alone: the queue's statements say
+    in SQL which rows they change, and no caller reads those rows back from its session (the
+    ORM's default synchronisation evaluated every statement's WHERE in Python, per call)."""
+    return update(t).execution_options(synchronize_session=False)
+
+
 def _lease_until(lease_seconds: float) -> ColumnElement[Any]:
     return func.now() + func.make_interval(0, 0, 0, 0, 0, 0, lease_seconds)
 
@@ -97,12 +104,12 @@ def expire(session: Session, kind: WorkKind, *, max_attempts: int) -> None:
     t = kind.table
     unheld = or_(t.status == "queued", _lease_ran_out(t))
     session.execute(
-        update(t)
+        _update(t)
         .where(unheld, kind.cancelled())
         .values(status="cancelled", finished_at=func.now(), lease_owner=None, lease_expires_at=None)
     )
     session.execute(
-        update(t)
+        _update(t)
         .where(_lease_ran_out(t), t.attempts >= max_attempts)
         .values(
             status="failed",
@@ -141,9 +148,15 @@ def claim(
     lease_seconds: float,
     max_attempts: int,
     where: Sequence[ColumnElement[bool]] = (),
+    settle: bool = True,
 ) -> list[int]:
-    """Claim up to `n` rows (oldest first) for `worker_id`; returns their ids in order."""
-    expire(session, kind, max_attempts=max_attempts)
+    """Claim up to `n` rows (oldest first) for `worker_id`; returns their ids in order.
+
+    `settle=False` skips `expire` first: a worker that claims many times a second settles from
+    its heartbeat instead (claimable rows are the same either way; settling only moves rows
+    nobody may claim to their final state)."""
+    if settle:
+        expire(session, kind, max_attempts=max_attempts)
     t = kind.table
     candidates = (
         select(t.id)
@@ -154,7 +167,7 @@ def claim(
         .cte("candidates")
     )
     claimed = session.execute(
-        update(t)
+        _update(t)
         .where(t.id == candidates.c.id)
         .values(
             status="running",
@@ -188,8 +201,12 @@ def renew(
     conditions = [t.id.in_(ids), t.lease_owner == worker_id, t.status == "running"]
     if kind.stop_when_cancelled:
         conditions.append(not_(kind.cancelled()))
+    held = _locked_in_id_order(t, *conditions)
     rows = session.execute(
-        update(t).where(*conditions).values(lease_expires_at=_lease_until(lease_seconds)).returning(t.id)
+        _update(t)
+        .where(t.id == held.c.id)
+        .values(lease_expires_at=_lease_until(lease_seconds))
+        .returning(t.id)
     )
     return set(rows.scalars())
 
@@ -200,7 +217,7 @@ def release(session: Session, kind: WorkKind, *, worker_id: str, ids: Sequence[i
         return 0
     t = kind.table
     result = session.execute(
-        update(t)
+        _update(t)
         .where(t.id.in_(ids), t.lease_owner == worker_id, t.status == "running")
         .values(
             status="queued",
@@ -215,14 +232,35 @@ def release(session: Session, kind: WorkKind, *, worker_id: str, ids: Sequence[i
 
 def finish(session: Session, kind: WorkKind, *, worker_id: str, id: int, status: str, **values: Any) -> bool:
     """End a held row with `status` (and any other column values); False if the lease was lost."""
+    return id in finish_many(session, kind, worker_id=worker_id, ids=[id], status=status, **values)
+
+
+def finish_many(
+    session: Session, kind: WorkKind, *, worker_id: str, ids: Sequence[int], status: str, **values: Any
+) -> set[int]:
+    """End the held rows among `ids` with `status`, in one statement; returns the ids ended (a row
+    whose lease was lost is left alone)."""
+    if not ids:
+        return set()
     t = kind.table
+    held = _locked_in_id_order(t, t.id.in_(ids), t.lease_owner == worker_id, t.status == "running")
     done = session.execute(
-        update(t)
-        .where(t.id == id, t.lease_owner == worker_id, t.status == "running")
+        _update(t)
+        .where(t.id == held.c.id)
         .values(status=status, finished_at=func.now(), lease_owner=None, lease_expires_at=None, **values)
         .returning(t.id)
-    ).scalar_one_or_none()
-    return done is not None
+    )
+    return set(done.scalars())
+
+
+def _locked_in_id_order(t: Any, *conditions: ColumnElement[bool]) -> Any:
+    """The rows matching `conditions`, locked in id order before an UPDATE of several rows.
+
+    A worker's batched finish and its heartbeat's renewal update the same rows in two
+    transactions at once; taking the row locks in one order (id) means they queue behind each
+    other instead of deadlocking.
+    """
+    return select(t.id).where(*conditions).order_by(t.id).with_for_update().cte("held")
 
 
 def fail(
@@ -240,8 +278,8 @@ def fail(
     t = kind.table
     # Attempts count from the claim: a retry is only worth it while some are left.
     again = t.attempts < max_attempts if retryable else false()
-    return session.execute(
-        update(t)
+    status = session.execute(
+        _update(t)
         .where(t.id == id, t.lease_owner == worker_id, t.status == "running")
         .values(
             status=case((again, literal("queued")), else_=literal("failed")),
@@ -252,3 +290,6 @@ def fail(
         )
         .returning(t.status)
     ).scalar_one_or_none()
+    if status == "queued":  # an idle worker takes the retry at once, not at its next poll
+        notify(session, kind)
+    return status

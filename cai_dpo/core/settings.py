@@ -156,7 +156,19 @@ class Settings(BaseSettings):
         ge=1,
         description="Failed requests in a row (no prompt's own fault) after which the engine counts as down.",
     )
-    claim_batch: int = Field(16, ge=1, description="Most prompts claimed in one statement.")
+    claim_batch: int = Field(
+        256,
+        ge=1,
+        description="Most prompts claimed in one statement. A generation worker claims when an eighth "
+        "of its in-flight target is free (at most this many), so claims stay a small share of its "
+        "statements at any in-flight.",
+    )
+    write_batch: int = Field(
+        256,
+        ge=1,
+        description="Most finished prompts a generation worker commits in one transaction. Results "
+        "that finish while a write is in flight join the next one (group commit).",
+    )
     temperature: float = Field(0.7, ge=0, description="Default sampling temperature.")
     top_p: float = Field(0.95, gt=0, le=1, description="Default nucleus sampling.")
     max_tokens: int = Field(256, ge=1, description="Default new tokens per generated message.")

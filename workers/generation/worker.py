@@ -31,9 +31,9 @@ from cai_dpo.core.db import database_url, get_engine
 from cai_dpo.core.generation_modes import CompareOptions, GenerationMode, ScorerSpec
 from cai_dpo.core.model_sources import resolve_model, trained_model_path
 from cai_dpo.core.queries import constitutions as constitution_queries
-from cai_dpo.core.queries import evaluations as evaluation_queries
 from cai_dpo.core.queries import jobs as job_queries
 from cai_dpo.core.settings import Settings
+from cai_dpo.core.tables import Comparison, Pair
 from workers.generation.engines import (
     Engine,
     EngineError,
@@ -43,6 +43,7 @@ from workers.generation.engines import (
 )
 from workers.generation.modes import PairDraft, compare_models, ranked_pair, revise_pair
 from workers.generation.trajectory import few_shot_turns
+from workers.generation.writer import Finished, ResultWriter
 from workers.runtime import DatabaseUnavailable, WorkerRuntime
 from workers.scoring import Scorer, make_scorer
 
@@ -70,12 +71,16 @@ class GenerationWorker(WorkerRuntime):
         self.engine_down = asyncio.Event()
         self.engine_down_reason = ""
         self.engine_errors_in_a_row = 0
+        # Finished prompts are committed in batches; set when a finished trajectory leaves room
+        # for a claim worth making.
+        self.writer = ResultWriter(self.write_results, max_batch=settings.write_batch)
+        self.room_freed = asyncio.Event()
 
     # --- the loop ---------------------------------------------------------------------------
 
     async def run(self) -> None:
         self.engine = await self.start_engine(self.settings.model)
-        background = self.start_background()
+        background = [*self.start_background(), asyncio.create_task(self.writer.run())]
         try:
             while not self.stopping.is_set():
                 if self.engine_down.is_set():
@@ -83,25 +88,41 @@ class GenerationWorker(WorkerRuntime):
                     continue
                 # Cleared before the claim: a NOTIFY that lands while it runs still wakes the wait.
                 self.wakeup.clear()
-                claimed = await self.claim()
+                room = self.in_flight_target() - len(self.in_flight)
+                if room < self.refill_size():
+                    # Full: claiming a few prompts at a time would cost a statement per pair.
+                    self.room_freed.clear()
+                    await self.wait_for_work(asyncio.ensure_future(self.room_freed.wait()))
+                    continue
+                asked = min(room, self.settings.claim_batch)
+                claimed = await self.claim(asked)
                 for prompt in claimed:
                     self.start_trajectory(prompt)
                 if not claimed and not self.in_flight:
                     await self.maybe_switch_model()
-                if not claimed or len(self.in_flight) >= self.settings.max_in_flight:
-                    # The queue had prompts and there is room: claim again at once; else wait for
-                    # a free slot, a NOTIFY, a stop or the poll interval.
-                    await self.wait_for_work(*self.in_flight.values())
+                if len(claimed) < asked:
+                    # The queue is drained for now: new prompts come with a NOTIFY (or the poll).
+                    await self.wait_for_work()
         except DatabaseUnavailable as exc:
             self.give_up(exc)
         finally:
             # With the database gone for good the prompts cannot be handed back: their leases
             # run out instead. The engine is stopped either way (a live one keeps the process up).
             with contextlib.suppress(DatabaseUnavailable):
+                await self.writer.flush()  # pairs already made are kept
                 await self.release_all()
             await self.stop_background(background)
             await self.shutdown_engines()
             log.info("worker %s stopped (%d pairs written)", self.id, self.pairs_written)
+
+    def in_flight_target(self) -> int:
+        """How many trajectories to keep running now."""
+        return self.settings.max_in_flight
+
+    def refill_size(self) -> int:
+        """Free slots worth a claim: an eighth of the target, so the engine stays at least 7/8
+        full while a claim carries many prompts."""
+        return max(1, min(self.settings.claim_batch, self.in_flight_target() // 8))
 
     @property
     def in_flight(self) -> dict[int, asyncio.Task]:
@@ -118,18 +139,18 @@ class GenerationWorker(WorkerRuntime):
         log.warning("prompt %d: lease lost; stopping its trajectory", prompt_id)
         task.cancel()
 
-    async def claim(self) -> list[job_queries.ClaimedPrompt]:
-        free = self.settings.max_in_flight - len(self.in_flight)
-        if free <= 0 or self.stopping.is_set() or self.engine_down.is_set():
+    async def claim(self, n: int) -> list[job_queries.ClaimedPrompt]:
+        if n <= 0 or self.stopping.is_set() or self.engine_down.is_set():
             return []
         try:
             return await self.db_call(
                 job_queries.claim_prompts,
                 worker_id=self.id,
                 model=self.model,
-                n=min(free, self.settings.claim_batch),
+                n=n,
                 lease_seconds=self.settings.lease_seconds,
                 max_attempts=self.settings.max_attempts,
+                settle=False,  # the heartbeat settles (`settle_rows`)
             )
         except SQLAlchemyError as exc:  # the database restarting: keep the trajectories, retry
             log.warning("claim failed (%s); retrying after the poll interval", exc.__class__.__name__)
@@ -144,6 +165,8 @@ class GenerationWorker(WorkerRuntime):
         finally:
             # After a lost lease this worker may already have claimed the prompt again.
             self.leases.drop(prompt.id, asyncio.current_task())
+            if self.in_flight_target() - len(self.in_flight) >= self.refill_size():
+                self.room_freed.set()
 
     async def make_and_write(self, prompt: job_queries.ClaimedPrompt) -> None:
         try:
@@ -162,9 +185,7 @@ class GenerationWorker(WorkerRuntime):
                 "sampling": prompt.sampling.model_dump(mode="json"),
             }
             self.engine_errors_in_a_row = 0
-            if await self.db_call(
-                job_queries.complete_prompt, worker_id=self.id, prompt_id=prompt.id, pair=pair
-            ):
+            if await self.writer.submit(prompt.id, Pair, pair):
                 self.pairs_written += 1
             else:
                 log.warning("prompt %d: lease lost before its pair was written; discarded", prompt.id)
@@ -184,6 +205,20 @@ class GenerationWorker(WorkerRuntime):
             log.exception("prompt %d failed", prompt.id)
             await self.fail(prompt, f"{type(exc).__name__}: {exc}", retryable=True)
 
+    async def write_results(self, batch: list[Finished]) -> set[int]:
+        """One transaction for the batch: each prompt done and its result inserted, lease checked."""
+        by_table: dict[Any, dict[int, dict[str, Any]]] = {}
+        for item in batch:
+            by_table.setdefault(item.table, {})[item.prompt_id] = item.values
+
+        def complete(session: Any) -> set[int]:
+            written: set[int] = set()
+            for table, results in by_table.items():
+                written |= job_queries.complete_prompts(session, table, worker_id=self.id, results=results)
+            return written
+
+        return await self.db_call(complete)
+
     async def write_comparison(self, prompt: job_queries.ClaimedPrompt, options: CompareOptions) -> None:
         """An evaluation's prompt: this worker's model and the baseline answer, the judge compares."""
         spec, _ = await self.constitution(prompt.constitution_version_id, prompt.constitution_hash)
@@ -199,12 +234,7 @@ class GenerationWorker(WorkerRuntime):
         )
         self.engine_errors_in_a_row = 0
         comparison = result | {"job_id": prompt.job_id, "model_a": prompt.model, "model_b": options.baseline}
-        if not await self.db_call(
-            evaluation_queries.complete_comparison,
-            worker_id=self.id,
-            prompt_id=prompt.id,
-            comparison=comparison,
-        ):
+        if not await self.writer.submit(prompt.id, Comparison, comparison):
             log.warning("prompt %d: lease lost before its comparison was written; discarded", prompt.id)
 
     async def make_pair(self, prompt: job_queries.ClaimedPrompt) -> PairDraft:

@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 from cai_dpo.core import queue
 from cai_dpo.core.evaluation import EvaluationRequest, WinRate, promotion_decision, win_rate
 from cai_dpo.core.generation_modes import CompareOptions, Sampling
-from cai_dpo.core.queries.jobs import complete_prompt_with, create_generation_job
+from cai_dpo.core.queries.jobs import complete_prompts, create_generation_job
 from cai_dpo.core.tables import (
     Comparison,
     ConstitutionVersion,
@@ -108,8 +108,8 @@ def complete_comparison(
     session: Session, *, worker_id: str, prompt_id: int, comparison: dict[str, Any]
 ) -> bool:
     """Mark a comparison prompt done and store its result, in one transaction (as a pair is)."""
-    return complete_prompt_with(
-        session, Comparison, worker_id=worker_id, prompt_id=prompt_id, values=comparison
+    return prompt_id in complete_prompts(
+        session, Comparison, worker_id=worker_id, results={prompt_id: comparison}
     )
 
 

@@ -183,9 +183,17 @@ class ClaimedPrompt:
 
 
 def claim_prompts(
-    session: Session, *, worker_id: str, model: str, n: int, lease_seconds: float, max_attempts: int
+    session: Session,
+    *,
+    worker_id: str,
+    model: str,
+    n: int,
+    lease_seconds: float,
+    max_attempts: int,
+    settle: bool = True,
 ) -> list[ClaimedPrompt]:
-    """Claim up to `n` prompts of jobs for `model`: queued ones, or ones whose lease ran out."""
+    """Claim up to `n` prompts of jobs for `model`: queued ones, or ones whose lease ran out
+    (`settle`: see `queue.claim`)."""
     ids = queue.claim(
         session,
         queue.PROMPTS,
@@ -194,6 +202,7 @@ def claim_prompts(
         lease_seconds=lease_seconds,
         max_attempts=max_attempts,
         where=[Prompt.job_id.in_(select(GenerationJob.id).where(GenerationJob.model == model))],
+        settle=settle,
     )
     if not ids:
         return []
@@ -249,29 +258,37 @@ def claimable_models(session: Session, *, max_attempts: int) -> list[str]:
 
 def complete_prompt(session: Session, *, worker_id: str, prompt_id: int, pair: dict[str, Any]) -> bool:
     """Mark the prompt done and insert its pair, in the caller's transaction."""
-    return complete_prompt_with(session, Pair, worker_id=worker_id, prompt_id=prompt_id, values=pair)
+    return prompt_id in complete_prompts(session, Pair, worker_id=worker_id, results={prompt_id: pair})
 
 
-def complete_prompt_with(
-    session: Session, table: Any, *, worker_id: str, prompt_id: int, values: dict[str, Any]
-) -> bool:
-    """Mark the prompt done and insert its result row (a pair, a comparison) in one transaction.
+def complete_prompts(
+    session: Session, table: Any, *, worker_id: str, results: dict[int, dict[str, Any]]
+) -> set[int]:
+    """Mark many prompts done and insert each one's result row (a pair, a comparison), all in the
+    caller's one transaction; returns the prompts whose result was written.
 
-    Only the lease holder completes: a worker that lost its lease (it stalled, the prompt went to
-    another worker) writes nothing. The result is unique per prompt: the last line of defence
-    against a prompt retried after a crash yielding two.
+    Only the lease holder completes: a prompt whose lease this worker lost (it stalled, the
+    prompt went to another worker) is left alone and its result dropped. The result is unique per
+    prompt: the last line of defence against a prompt retried after a crash yielding two. A
+    worker killed before the commit wrote none of the batch: the leases run out and the prompts
+    are made again.
     """
-    if not queue.finish(
-        session, queue.PROMPTS, worker_id=worker_id, id=prompt_id, status="done", last_error=None
-    ):
-        return False
-    inserted = session.execute(
-        insert(table)
-        .values(prompt_id=prompt_id, **values)
-        .on_conflict_do_nothing(index_elements=["prompt_id"])
-        .returning(table.id)
-    ).scalar_one_or_none()
-    return inserted is not None
+    done = queue.finish_many(
+        session, queue.PROMPTS, worker_id=worker_id, ids=list(results), status="done", last_error=None
+    )
+    rows = [results[prompt_id] | {"prompt_id": prompt_id} for prompt_id in sorted(done)]
+    written: set[int] = set()
+    # One INSERT per set of columns (executemany sends each set as multi-row VALUES).
+    by_columns: dict[frozenset[str], list[dict[str, Any]]] = {}
+    for row in rows:
+        by_columns.setdefault(frozenset(row), []).append(row)
+    for same_columns in by_columns.values():
+        inserted = session.execute(
+            insert(table).on_conflict_do_nothing(index_elements=["prompt_id"]).returning(table.prompt_id),
+            same_columns,
+        )
+        written.update(inserted.scalars())
+    return written
 
 
 def queue_depth(session: Session) -> dict[str, int]:
