@@ -11,6 +11,8 @@ from workers.generation.engines import ChatResult, EngineStats, PromptTooLong, S
 class ScriptedEngine:
     """Answers each chat with `reply(messages)`; can block on a gate and fail chosen prompts."""
 
+    on_cpu = True  # like the CPU engine of the tests: no batch size to size in-flight by
+
     def __init__(
         self,
         model: str = "smollm2-135m-instruct",
@@ -43,6 +45,9 @@ class ScriptedEngine:
 
     def stats(self) -> EngineStats:
         return EngineStats(requests=len(self.calls), completion_tokens=self.completion_tokens)
+
+    async def refresh_stats(self) -> None:
+        pass
 
     async def shutdown(self) -> None:
         self.started = False

@@ -17,17 +17,21 @@ import httpx
 import pytest
 
 from cai_dpo.core.settings import Settings
+from tests.fixtures.openai_stub import StubLLM
 from tests.helpers import free_port
 from workers.generation.engines import (
     ChatResult,
     Engine,
     EngineError,
+    EngineStats,
     OpenAIEngine,
     PromptTooLong,
     Sampling,
     VLLMEngine,
     make_engine,
 )
+from workers.generation.engines.openai_http import parse_occupancy, prompt_token_bound
+from workers.generation.engines.vllm_local import Occupancy
 
 MODEL_NAME = "smollm2-135m-instruct"
 GREEDY = Sampling(temperature=0.0, top_p=1.0, max_tokens=64)
@@ -296,6 +300,292 @@ def test_openai_engine_backoff_is_exponential_capped_and_jittered():
         assert len(delays) > 1, "no jitter"
 
 
+# --- OpenAIEngine: /tokenize only near the context's end ------------------------------------------
+
+
+def sized_engine(tokenize_count, max_model_len: int = 2048) -> tuple[OpenAIEngine, list[str], list[dict]]:
+    """An OpenAIEngine on a server that says its context length; `/tokenize` answers
+    `tokenize_count(body)`. Returns the engine, every path asked and every chat body sent."""
+    paths: list[str] = []
+    chats: list[dict] = []
+
+    def server(request: httpx.Request) -> httpx.Response:
+        paths.append(request.url.path)
+        if request.url.path == "/v1/models":
+            entry = {"id": MODEL_NAME, "object": "model", "max_model_len": max_model_len}
+            return httpx.Response(200, json={"object": "list", "data": [entry]})
+        if request.url.path == "/tokenize":
+            return httpx.Response(200, json={"count": tokenize_count(json.loads(request.content))})
+        chats.append(json.loads(request.content))
+        return httpx.Response(200, json=completion())
+
+    engine = OpenAIEngine("http://llm.test/v1", MODEL_NAME, transport=httpx.MockTransport(server))
+    return engine, paths, chats
+
+
+@pytest.mark.unit
+def test_openai_engine_sends_no_tokenize_for_a_conversation_that_certainly_fits():
+    engine, paths, chats = sized_engine(lambda body: pytest.fail("no /tokenize expected"))
+    conversation = [
+        *QUESTION,
+        {"role": "assistant", "content": "Paris."},
+        {"role": "user", "content": "Why?"},
+    ]
+
+    async def work():
+        await engine.chat(QUESTION, GREEDY, "short")
+        await engine.chat(conversation, Sampling(temperature=0.0, top_p=1.0, max_tokens=1024), "longer")
+
+    asyncio.run(started(engine, work))
+    assert paths == ["/v1/models", "/v1/chat/completions", "/v1/chat/completions"]
+    assert [body["max_tokens"] for body in chats] == [64, 1024]
+
+
+@pytest.mark.unit
+def test_openai_engine_asks_tokenize_near_the_context_end_and_clamps_max_tokens():
+    # 1,900 bytes of content: the bound (one token a byte, plus the template's allowance) does not
+    # leave 256 tokens of a 2048-token context, so the engine asks; the server counts 2,000.
+    engine, paths, chats = sized_engine(lambda body: 2000)
+    long = [{"role": "user", "content": "word " * 380}]
+    sampling = Sampling(temperature=0.0, top_p=1.0, max_tokens=256)
+    result = asyncio.run(started(engine, lambda: engine.chat(long, sampling, "long")))
+    assert result.text == "Paris."
+    assert paths == ["/v1/models", "/tokenize", "/v1/chat/completions"]
+    assert chats[0]["max_tokens"] == 48
+
+    # The same conversation with an answer short enough to fit whatever its tokens: no question.
+    engine, paths, chats = sized_engine(lambda body: pytest.fail("no /tokenize expected"))
+    few = Sampling(temperature=0.0, top_p=1.0, max_tokens=2048 - prompt_token_bound(long))
+    asyncio.run(started(engine, lambda: engine.chat(long, few, "fits")))
+    assert paths == ["/v1/models", "/v1/chat/completions"] and chats[0]["max_tokens"] == few.max_tokens
+
+
+@pytest.mark.unit
+def test_openai_engine_prompt_too_long_from_tokenize_sends_no_chat():
+    engine, paths, chats = sized_engine(lambda body: 2048)
+    with pytest.raises(PromptTooLong, match="no room for an answer"):
+        asyncio.run(started(engine, lambda: engine.chat(TOO_LONG, GREEDY, "long")))
+    assert paths == ["/v1/models", "/tokenize"] and chats == []
+    assert engine.stats().failed == 1
+
+
+@pytest.mark.unit
+def test_openai_engine_continuation_near_the_context_end_is_counted_as_a_continuation():
+    bodies: list[dict] = []
+    engine, paths, chats = sized_engine(lambda body: bodies.append(body) or 1000)
+    long = [{"role": "user", "content": "word " * 380}]
+    asyncio.run(started(engine, lambda: engine.continue_chat(long, "Because", GREEDY, "go on")))
+    (body,) = bodies
+    assert body["continue_final_message"] is True and body["add_generation_prompt"] is False
+    assert body["messages"][-1] == {"role": "assistant", "content": "Because"}
+
+
+@pytest.mark.model
+def test_prompt_token_bound_holds_for_the_bundled_tokenizer(bundled_model_path):
+    """The bound is at least the rendered conversation's tokens, for text of every kind: ASCII,
+    accented and CJK letters, emoji, any code point, special-token look-alikes, empty messages."""
+    import random
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(bundled_model_path)
+    rng = random.Random(0)
+    letters = [chr(c) for c in range(32, 0x2FF)] + list("日本語中文한국어😀🎉 \n\t")
+    words = ["a", "I", "<|im_end|>", "<|im_start|>", " ", "\n", "x1", "…"]
+
+    def text(n: int) -> str:
+        kind = rng.random()
+        if kind < 0.3:
+            return "".join(rng.choice(letters) for _ in range(n))
+        if kind < 0.6:
+            return " ".join(rng.choice(words) for _ in range(n))
+        points = (rng.randint(0x20, 0x10FFFF) for _ in range(n))
+        return "".join(chr(p) for p in points if not 0xD800 <= p <= 0xDFFF)
+
+    closest = 0.0
+    for _ in range(100):
+        messages = [
+            {"role": rng.choice(["system", "user", "assistant"]), "content": text(rng.randint(0, 300))}
+            for _ in range(rng.randint(1, 6))
+        ]
+        for continuation in (False, True):
+            tokens = tokenizer.apply_chat_template(
+                messages,
+                add_generation_prompt=not continuation,
+                continue_final_message=continuation and messages[-1]["role"] == "assistant",
+                tokenize=True,
+                return_dict=False,
+            )
+            assert len(tokens) <= prompt_token_bound(messages), messages
+            closest = max(closest, len(tokens) / prompt_token_bound(messages))
+    assert closest > 0.5, "the bound should not be loose by more than twice on random text"
+
+
+# --- engine occupancy: EngineStats.running / waiting / kv_cache_usage / max_num_seqs --------------
+
+VLLM_METRICS = """\
+# HELP vllm:num_requests_running Number of requests in model execution batches.
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{engine="0",model_name="smollm2-135m-instruct"} 5.0
+vllm:num_requests_running{engine="1",model_name="smollm2-135m-instruct"} 3.0
+vllm:num_requests_running{engine="0",model_name="another-model"} 40.0
+# TYPE vllm:num_requests_waiting gauge
+vllm:num_requests_waiting{engine="0",model_name="smollm2-135m-instruct"} 2.0
+vllm:num_requests_waiting{engine="1",model_name="smollm2-135m-instruct"} 0.0
+vllm:num_requests_waiting_by_reason{engine="0",model_name="smollm2-135m-instruct",reason="capacity"} 9.0
+# TYPE vllm:kv_cache_usage_perc gauge
+vllm:kv_cache_usage_perc{engine="0",model_name="smollm2-135m-instruct"} 0.5
+vllm:kv_cache_usage_perc{engine="1",model_name="smollm2-135m-instruct"} 0.25
+vllm:prompt_tokens_total{engine="0",model_name="smollm2-135m-instruct"} 1234.0
+"""
+
+
+@pytest.mark.unit
+def test_parse_occupancy_reads_vllm_gauges_of_the_model_across_engines():
+    assert parse_occupancy(VLLM_METRICS, MODEL_NAME) == (8, 2, 0.375)
+    older = 'vllm:gpu_cache_usage_perc{model_name="smollm2-135m-instruct"} 0.125\n'
+    assert parse_occupancy(older, MODEL_NAME) == (None, None, 0.125)
+    assert parse_occupancy("# nothing of vLLM's\nprocess_cpu_seconds_total 3.0\n", MODEL_NAME) == (
+        None,
+        None,
+        None,
+    )
+    assert parse_occupancy("vllm:num_requests_running 2\n", MODEL_NAME) == (2, None, None)  # no labels
+
+
+def metrics_engine(metrics, **kwargs) -> tuple[OpenAIEngine, list[str]]:
+    """An OpenAIEngine whose server answers `/metrics` with `metrics()` (a Response or an
+    exception to raise) and every chat with `completion()`."""
+    paths: list[str] = []
+
+    def server(request: httpx.Request) -> httpx.Response:
+        paths.append(request.url.path)
+        if request.url.path == "/v1/models":
+            return httpx.Response(404)
+        if request.url.path == "/metrics":
+            answer = metrics()
+            if isinstance(answer, Exception):
+                raise answer
+            return answer
+        return httpx.Response(200, json=completion())
+
+    engine = OpenAIEngine("http://llm.test/v1", MODEL_NAME, transport=httpx.MockTransport(server), **kwargs)
+    return engine, paths
+
+
+@pytest.mark.unit
+def test_openai_engine_refresh_stats_reads_metrics_at_most_once_per_interval():
+    engine, paths = metrics_engine(lambda: httpx.Response(200, text=VLLM_METRICS), max_num_seqs=512)
+
+    async def work():
+        before = engine.stats()
+        await asyncio.gather(engine.refresh_stats(), engine.refresh_stats())
+        await engine.refresh_stats()
+        return before, engine.stats()
+
+    before, after = asyncio.run(started(engine, work))
+    assert (before.running, before.waiting, before.kv_cache_usage) == (None, None, None)
+    assert before.max_num_seqs == 512
+    assert (after.running, after.waiting, after.kv_cache_usage, after.max_num_seqs) == (8, 2, 0.375, 512)
+    assert paths.count("/metrics") == 1
+
+    engine, paths = metrics_engine(
+        lambda: httpx.Response(200, text=VLLM_METRICS), metrics_interval_seconds=0.0
+    )
+
+    async def twice():
+        await engine.refresh_stats()
+        await engine.refresh_stats()
+
+    asyncio.run(started(engine, twice))
+    assert paths.count("/metrics") == 2
+    assert engine.stats().max_num_seqs is None  # not said: unknown
+
+
+@pytest.mark.unit
+def test_openai_engine_without_metrics_has_no_occupancy_and_no_complaints(caplog):
+    engine, paths = metrics_engine(
+        lambda: httpx.Response(404, text="Not Found"), metrics_interval_seconds=0.0
+    )
+
+    async def work():
+        for _ in range(3):
+            await engine.refresh_stats()
+        return await engine.chat(QUESTION, GREEDY, "p1")
+
+    with caplog.at_level("INFO", logger="workers.generation.engines.openai_http"):
+        assert asyncio.run(started(engine, work)).text == "Paris."
+    stats = engine.stats()
+    assert (stats.running, stats.waiting, stats.kv_cache_usage) == (None, None, None)
+    assert paths.count("/metrics") == 1, "a server without /metrics is asked once"
+    assert len(caplog.records) <= 1 and all(r.levelname == "INFO" for r in caplog.records)
+
+    # Unreachable, then answering: None meanwhile, never an error, nothing above DEBUG.
+    answers = iter([httpx.ConnectError("refused"), httpx.Response(200, text=VLLM_METRICS)])
+    engine, paths = metrics_engine(lambda: next(answers), metrics_interval_seconds=0.0)
+    caplog.clear()
+
+    async def flaky():
+        await engine.refresh_stats()
+        down = engine.stats()
+        await engine.refresh_stats()
+        return down, engine.stats()
+
+    with caplog.at_level("INFO", logger="workers.generation.engines.openai_http"):
+        down, up = asyncio.run(started(engine, flaky))
+    assert (down.running, down.kv_cache_usage) == (None, None)
+    assert (up.running, up.waiting) == (8, 2)
+    assert caplog.records == []
+
+
+@pytest.mark.unit
+def test_openai_engine_reads_the_stub_servers_occupancy():
+    """Over the stub server's real app (tests/fixtures/openai_stub.py): a held chat runs."""
+    stub = StubLLM(model=MODEL_NAME)
+    stub.kv_cache_usage = 0.125
+    engine = OpenAIEngine(
+        "http://stub.test/v1",
+        MODEL_NAME,
+        metrics_interval_seconds=0.0,
+        transport=httpx.ASGITransport(app=stub.app),
+    )
+
+    async def work():
+        stub.hold()
+        chat = asyncio.create_task(engine.chat(QUESTION, GREEDY, "held"))
+        while not stub.held():
+            await asyncio.sleep(0.01)
+        await engine.refresh_stats()
+        busy = engine.stats()
+        stub.release()
+        await chat
+        await engine.refresh_stats()
+        return busy, engine.stats()
+
+    busy, idle = asyncio.run(started(engine, work))
+    assert (busy.running, busy.waiting, busy.kv_cache_usage, busy.in_flight) == (1, 0, 0.125, 1)
+    assert (idle.running, idle.in_flight) == (0, 0)
+
+
+@pytest.mark.unit
+def test_vllm_occupancy_sums_engine_cores_and_is_bounded_by_requests_in_flight():
+    occupancy = Occupancy()
+    assert occupancy.now(in_flight=3) == (None, None, None)  # no engine step yet
+    occupancy.by_engine[0] = (4, 2, 0.5)
+    occupancy.by_engine[1] = (3, 0, 0.25)
+    assert occupancy.now(in_flight=20) == (7, 2, 0.375)
+    # A cancelled request leaves the last step's numbers behind; the requests in flight bound them.
+    assert occupancy.now(in_flight=8) == (7, 1, 0.375)
+    assert occupancy.now(in_flight=0) == (0, 0, 0.375)
+
+
+@pytest.mark.unit
+def test_engine_stats_occupancy_is_optional():
+    stats = EngineStats(requests=2, prompt_tokens=10, cached_prompt_tokens=5)
+    assert (stats.running, stats.waiting, stats.kv_cache_usage, stats.max_num_seqs) == (None,) * 4
+    assert stats.prefix_cache_hit_rate == 0.5
+
+
 @pytest.mark.model
 def test_make_engine_picks_the_engine_from_settings(bundled_model_path):
     remote = make_engine(
@@ -303,12 +593,28 @@ def test_make_engine_picks_the_engine_from_settings(bundled_model_path):
     )
     assert isinstance(remote, OpenAIEngine) and isinstance(remote, Engine)
     assert remote.model == "my-model" and remote.base_url == "http://gpu-box:8001/v1"
-    named = make_engine(Settings(engine="openai", openai_model="served-name"), "my-model")
-    assert named.model == "served-name"
+    assert remote.max_num_seqs is None
+    named = make_engine(
+        Settings(engine="openai", openai_model="served-name", openai_max_num_seqs=256), "my-model"
+    )
+    assert named.model == "served-name" and named.max_num_seqs == 256
 
     local = make_engine(Settings(engine="vllm", vllm_max_model_len=1024), str(bundled_model_path))
     assert isinstance(local, VLLMEngine) and isinstance(local, Engine)
     assert local.model_path == str(bundled_model_path) and local.max_model_len == 1024
+    assert (local._max_num_seqs, local._max_num_batched_tokens, local._data_parallel_size) == (None, None, 1)
+    tuned = make_engine(
+        Settings(
+            engine="vllm",
+            vllm_max_num_seqs=512,
+            vllm_max_num_batched_tokens=8192,
+            vllm_data_parallel_size=2,
+            vllm_tensor_parallel_size=2,
+        ),
+        str(bundled_model_path),
+    )
+    assert (tuned._max_num_seqs, tuned._max_num_batched_tokens) == (512, 8192)
+    assert (tuned._data_parallel_size, tuned._tensor_parallel_size) == (2, 2)
 
 
 # --- the real in-process VLLMEngine ---------------------------------------------------------------
@@ -329,6 +635,39 @@ def test_vllm_chat_returns_text_finish_reason_and_token_counts(vllm_engine):
 
     short = vllm_engine.run(engine.chat(QUESTION, Sampling(temperature=0.0, top_p=1.0, max_tokens=3), "q2"))
     assert short.finish_reason == "length" and short.completion_tokens == 3 and short.text
+
+
+@pytest.mark.model
+@pytest.mark.vllm
+def test_vllm_stats_report_the_engines_occupancy(vllm_engine):
+    """running / waiting / kv_cache_usage come from vLLM's own scheduler stats (the engine's stat
+    logger), max_num_seqs from its scheduler config."""
+    engine: VLLMEngine = vllm_engine.engine
+    config = engine._engine.vllm_config
+    assert engine.stats().max_num_seqs == config.scheduler_config.max_num_seqs > 0
+    assert config.scheduler_config.enable_chunked_prefill is False  # on the CPU (vllm_local.py)
+    sampling = Sampling(temperature=1.0, top_p=1.0, max_tokens=32, seed=2)
+    prompts = [[{"role": "user", "content": f"Tell me a story about {topic}."}] for topic in TOPICS[:3]]
+
+    async def busy_then_idle():
+        chats = [
+            asyncio.create_task(engine.chat(p, sampling, f"occupancy-{i}")) for i, p in enumerate(prompts)
+        ]
+        seen: list = []
+        while not all(chat.done() for chat in chats):
+            stats = engine.stats()
+            if stats.running:
+                seen.append(stats)
+            await asyncio.sleep(0.01)
+        await asyncio.gather(*chats)
+        return seen, engine.stats()
+
+    seen, idle = vllm_engine.run(busy_then_idle())
+    assert seen, "the engine never reported a running sequence while three chats ran"
+    assert max(s.running + s.waiting for s in seen) <= 3
+    assert all(0 < s.kv_cache_usage <= 1 for s in seen)
+    assert (idle.running, idle.waiting, idle.in_flight) == (0, 0, 0)
+    assert idle.kv_cache_usage is not None and 0 <= idle.kv_cache_usage < max(s.kv_cache_usage for s in seen)
 
 
 @pytest.mark.model
@@ -528,9 +867,12 @@ def test_openai_engine_against_vllm_serve(vllm_server, vllm_engine):
             for _ in range(2)
         ]
         cached = [await engine.chat(long_prefix, GREEDY, "r4") for _ in range(2)]
+        await engine.refresh_stats()  # vLLM's own /metrics: the gauges' names are the installed vLLM's
         return answer, short, seeded, cached, engine.stats()
 
     answer, short, seeded, cached, stats = asyncio.run(with_openai_engine(vllm_server, work))
+    assert (stats.running, stats.waiting) == (0, 0)
+    assert stats.kv_cache_usage is not None and 0 <= stats.kv_cache_usage <= 1
 
     # Same model, same chat template, greedy: the remote server agrees with the in-process engine.
     expected = vllm_engine.run(

@@ -173,7 +173,29 @@ class Settings(BaseSettings):
     top_p: float = Field(0.95, gt=0, le=1, description="Default nucleus sampling.")
     max_tokens: int = Field(256, ge=1, description="Default new tokens per generated message.")
     vllm_tensor_parallel_size: int = Field(
-        1, ge=1, description="vLLM tensor parallel size (GPUs per worker)."
+        1, ge=1, description="vLLM tensor parallel size: GPUs per engine core (one model split across them)."
+    )
+    vllm_data_parallel_size: int = Field(
+        1,
+        ge=1,
+        description="vLLM data parallel size: engine cores (each a whole copy of the model on "
+        "`CAI_VLLM_TENSOR_PARALLEL_SIZE` GPUs) behind one worker, balanced by vLLM; the worker "
+        "needs data x tensor parallel GPUs.",
+    )
+    vllm_max_num_seqs: int | None = Field(
+        None,
+        ge=1,
+        description="Most sequences vLLM batches in one step (per engine core). Unset: vLLM's "
+        "offline default for the hardware (vLLM 0.32: 1024 on an H100, H200 or B200; 256 on "
+        "smaller GPUs and the A100; 256 per tensor-parallel rank on CPUs).",
+    )
+    vllm_max_num_batched_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="Most tokens vLLM schedules in one step (per engine core; on a GPU chunked "
+        "prefill splits longer prompts). Unset: vLLM's offline default (vLLM 0.32: 16384 on an "
+        "H100, H200 or B200; 8192 on other GPUs; 4096 per tensor-parallel rank on CPUs, and at "
+        "least `CAI_VLLM_MAX_MODEL_LEN` there).",
     )
     vllm_memory_fraction: float | None = Field(
         None, gt=0, le=1, description="vLLM `gpu_memory_utilization`. Unset: 0.25 on the CPU, 0.9 on a GPU."
@@ -183,7 +205,8 @@ class Settings(BaseSettings):
     )
     vllm_enforce_eager: bool | None = Field(
         None,
-        description="Skip torch.compile / CUDA graphs. Unset: on for the CPU (faster start), off on a GPU.",
+        description="Skip torch.compile / CUDA graphs. Unset: on for the CPU (faster start), off on a "
+        "GPU (CUDA graphs: faster decode steps, at the cost of a longer start).",
     )
     vllm_dtype: str = Field(
         "auto",
@@ -201,6 +224,12 @@ class Settings(BaseSettings):
     openai_model: str | None = Field(None, description="Model name to request from it. Unset: `CAI_MODEL`.")
     openai_concurrency: int = Field(
         32, ge=1, description="Requests in flight to the OpenAI-compatible server."
+    )
+    openai_max_num_seqs: int | None = Field(
+        None,
+        ge=1,
+        description="Most sequences the OpenAI-compatible server batches (`vllm serve --max-num-seqs`, "
+        "times its data parallel size), for sizing the requests in flight to it. Unset: unknown.",
     )
     openai_timeout_seconds: float = Field(120.0, gt=0, description="Timeout of one request to it.")
     openai_max_retries: int = Field(4, ge=0, description="Retries (exponential backoff) of a failed request.")

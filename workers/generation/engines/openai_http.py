@@ -8,6 +8,7 @@ import itertools
 import logging
 import random
 import re
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -51,6 +52,10 @@ class OpenAIEngine:
     5xx are retried up to `max_retries` times with exponential backoff and jitter (a `Retry-After`
     header wins when larger); other 4xx fail at once, a 400 about the context length as
     `PromptTooLong`. A request does not hold its concurrency slot while it backs off.
+
+    `stats()` reports the server's occupancy (running, waiting, KV cache usage) as of the last
+    `refresh_stats()`, which reads its Prometheus `/metrics` (vLLM's gauges) at most once per
+    `metrics_interval_seconds`; `max_num_seqs` is what the caller says the server batches.
     """
 
     def __init__(
@@ -64,10 +69,14 @@ class OpenAIEngine:
         max_retries: int = 4,
         backoff_base: float = 0.5,
         backoff_max: float = 30.0,
+        max_num_seqs: int | None = None,
+        metrics_interval_seconds: float = 5.0,
         transport: httpx.AsyncBaseTransport | None = None,
         sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
     ) -> None:
         self.model = model
+        # Where the server computes is its own business; it is no CPU engine of this machine.
+        self.on_cpu = False
         self.base_url = base_url.rstrip("/")
         self._api_key = api_key
         self._concurrency = concurrency
@@ -83,6 +92,11 @@ class OpenAIEngine:
         self._counters = RequestCounters()
         # The served context length, where the server says it (vLLM lists it in /v1/models).
         self.max_model_len: int | None = None
+        self.max_num_seqs = max_num_seqs
+        self._metrics_interval = metrics_interval_seconds
+        self._metrics_read_at: float | None = None  # monotonic time of the last /metrics attempt
+        self._metrics_served = True  # False once the server answered that it has no /metrics
+        self._occupancy: tuple[int | None, int | None, float | None] = (None, None, None)
 
     async def start(self) -> None:
         if self._client is not None:
@@ -92,8 +106,11 @@ class OpenAIEngine:
             base_url=self.base_url,
             headers=headers,
             timeout=httpx.Timeout(self._timeout, connect=min(10.0, self._timeout)),
+            # Room beside the chats for the small requests (/tokenize, /metrics), which must not
+            # wait for a chat to finish to get a connection.
             limits=httpx.Limits(
-                max_connections=self._concurrency, max_keepalive_connections=self._concurrency
+                max_connections=self._concurrency + _SIDE_CONNECTIONS,
+                max_keepalive_connections=self._concurrency + _SIDE_CONNECTIONS,
             ),
             transport=self._transport,
         )
@@ -112,14 +129,21 @@ class OpenAIEngine:
                 return int(length) if isinstance(length, int) else None
         return None
 
-    async def _room_for_answer(self, messages: Messages, *, continue_final: bool = False) -> int | None:
-        """Tokens left after the rendered conversation (vLLM's `/tokenize`); None if unknown.
+    async def _room_for_answer(
+        self, messages: Messages, max_tokens: int, *, continue_final: bool = False
+    ) -> int | None:
+        """Tokens left after the rendered conversation, at least; None if unknown.
 
         `vllm serve` refuses a request whose prompt plus `max_tokens` exceeds the context (a 400)
-        where the in-process engine clamps `max_tokens`; asking first makes both behave alike.
+        where the in-process engine clamps `max_tokens`; knowing the room makes both behave alike.
+        A conversation whose token bound (`prompt_token_bound`) leaves room for `max_tokens` needs
+        nothing more; only one that may not asks the server's `/tokenize` for its exact count.
         """
         if self.max_model_len is None or self._client is None:
             return None
+        bound = prompt_token_bound(messages)
+        if bound + max_tokens <= self.max_model_len:
+            return self.max_model_len - bound
         root = self.base_url.removesuffix("/v1")
         body: dict[str, Any] = {"model": self.model, "messages": messages, "add_generation_prompt": True}
         if continue_final:
@@ -198,7 +222,7 @@ class OpenAIEngine:
         if self._client is None:
             raise EngineError("the engine is not started")
         max_tokens = sampling.max_tokens
-        room = await self._room_for_answer(messages, continue_final=bool(extra))
+        room = await self._room_for_answer(messages, max_tokens, continue_final=bool(extra))
         with self._counters.request():
             if room is not None:
                 if room < 1:
@@ -283,7 +307,40 @@ class OpenAIEngine:
         )
 
     def stats(self) -> EngineStats:
-        return self._counters.snapshot()
+        running, waiting, kv_cache_usage = self._occupancy
+        return self._counters.snapshot(
+            running=running, waiting=waiting, kv_cache_usage=kv_cache_usage, max_num_seqs=self.max_num_seqs
+        )
+
+    async def refresh_stats(self) -> None:
+        """Read the server's occupancy from its Prometheus `/metrics` (vLLM's
+        `vllm:num_requests_running`, `vllm:num_requests_waiting`, `vllm:kv_cache_usage_perc`), at
+        most once per `metrics_interval_seconds`. Never raises: an unreachable server or an
+        unreadable answer leaves the fields None until a later read works; a server without
+        `/metrics` (a 404) is not asked again."""
+        now = time.monotonic()
+        if (
+            self._client is None
+            or not self._metrics_served
+            or (self._metrics_read_at is not None and now - self._metrics_read_at < self._metrics_interval)
+        ):
+            return
+        self._metrics_read_at = now  # before the await: concurrent callers do not ask twice
+        root = self.base_url.removesuffix("/v1")
+        try:
+            response = await self._client.get(f"{root}/metrics", timeout=_METRICS_TIMEOUT)
+        except httpx.HTTPError as exc:
+            log.debug("no /metrics from %s: %r", root, exc)
+            self._occupancy = (None, None, None)
+            return
+        if response.status_code in (404, 405):
+            log.info("%s serves no /metrics: the engine's occupancy is unknown", root)
+            self._metrics_served = False
+            self._occupancy = (None, None, None)
+            return
+        self._occupancy = (
+            parse_occupancy(response.text, self.model) if response.status_code == 200 else (None, None, None)
+        )
 
     async def shutdown(self) -> None:
         client, self._client = self._client, None
@@ -294,6 +351,68 @@ class OpenAIEngine:
 # vLLM's extra chat parameters that continue a final assistant message instead of starting a new one.
 _CONTINUE_FINAL = {"add_generation_prompt": False, "continue_final_message": True}
 _TOP_LOGPROBS = 20  # the most the OpenAI API (and vLLM's default max_logprobs) allows
+_SIDE_CONNECTIONS = 2  # connections beyond `concurrency`: /tokenize, /metrics
+_METRICS_TIMEOUT = 5.0  # seconds for one /metrics read (pool wait included): a heartbeat waits on it
+
+# An upper bound of a rendered conversation's tokens, from its text alone (`prompt_token_bound`).
+# Byte-level BPE tokenizers (GPT-2's family: SmolLM2, Llama 3, Qwen, Mistral's Tekken) cover at least
+# one byte of text with every token, and byte-fallback SentencePiece ones (Llama 2, Mistral v1-v3,
+# Gemma) at least one byte too, an unknown character falling back to one token per byte: the
+# content's UTF-8 bytes bound its tokens. SentencePiece's leading "▁" may add one token per piece
+# of text between special tokens, which the per-message allowance covers.
+# What the template adds around each message: role markers and separators (SmolLM2 and Qwen's
+# `<|im_start|>user\n ... <|im_end|>\n`: 5 tokens; Llama 3's `<|start_header_id|>user<|end_header_id|>
+# \n\n ... <|eot_id|>`: 5; Mistral's `[INST] ... [/INST]`: 4), with room to spare.
+_TEMPLATE_TOKENS_PER_MESSAGE = 16
+# What the template adds once: the generation prompt (SmolLM2's `<|im_start|>assistant\n`: 4
+# tokens), a begin-of-text token, and a default system prompt where the conversation has none:
+# SmolLM2's ("You are a helpful AI assistant named SmolLM, trained by Hugging Face": 21 tokens with
+# its markers), Qwen2.5's (about 25), Llama 3.1's date header ("Cutting Knowledge Date: December
+# 2023 / Today Date: 26 Jul 2024": about 30 with its markers); four times the largest of these.
+# A template that adds much more (tool schemas, long fixed instructions) would need more here.
+# tests/test_engines.py checks the bound against SmolLM2's tokenizer on random text.
+_TEMPLATE_TOKENS_FIXED = 128
+
+
+def prompt_token_bound(messages: Messages) -> int:
+    """At least as many tokens as `messages` rendered by a chat template take (the constants above
+    say why); only a conversation this bound does not fit needs the server's exact count."""
+    content = sum(len(str(message.get("content") or "").encode()) for message in messages)
+    return content + _TEMPLATE_TOKENS_PER_MESSAGE * len(messages) + _TEMPLATE_TOKENS_FIXED
+
+
+# A sample line of Prometheus' text format: `name{label="value",...} value [timestamp]`.
+_SAMPLE = re.compile(r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?P<labels>[^}]*)\})?\s+(?P<value>\S+)")
+_MODEL_LABEL = re.compile(r'model_name="(?P<model>(?:[^"\\]|\\.)*)"')
+_RUNNING = "vllm:num_requests_running"
+_WAITING = "vllm:num_requests_waiting"
+# vLLM's KV cache usage gauge, a fraction (0..1) despite its name; older vLLM versions called it
+# `vllm:gpu_cache_usage_perc` (vLLM 0.32 serves only the new name).
+_KV_USAGE = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
+
+
+def parse_occupancy(text: str, model: str) -> tuple[int | None, int | None, float | None]:
+    """Running and waiting requests (summed over the server's engines, one per data-parallel rank)
+    and the mean KV cache usage, from a vLLM server's Prometheus text; only samples of `model`
+    where they name one. None for a gauge the text lacks."""
+    values: dict[str, list[float]] = {}
+    for line in text.splitlines():
+        if not line.startswith("vllm:") or not (match := _SAMPLE.match(line)):
+            continue
+        name = match["name"]
+        if name not in (_RUNNING, _WAITING, *_KV_USAGE):
+            continue
+        labelled = _MODEL_LABEL.search(match["labels"] or "")
+        if labelled and labelled["model"] != model:
+            continue
+        try:
+            values.setdefault(name, []).append(float(match["value"]))
+        except ValueError:
+            continue
+    running = int(sum(values[_RUNNING])) if _RUNNING in values else None
+    waiting = int(sum(values[_WAITING])) if _WAITING in values else None
+    usage = next((values[name] for name in _KV_USAGE if name in values), None)
+    return running, waiting, (sum(usage) / len(usage) if usage else None)
 
 
 def _parse_option_logprobs(

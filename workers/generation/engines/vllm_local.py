@@ -56,6 +56,9 @@ class VLLMEngine:
         enforce_eager: bool | None = None,
         kv_cache_memory_bytes: int | None = None,
         dtype: str = "auto",
+        max_num_seqs: int | None = None,
+        max_num_batched_tokens: int | None = None,
+        data_parallel_size: int = 1,
     ) -> None:
         self.model = name or str(model_path)
         self.model_path = str(model_path)
@@ -65,7 +68,14 @@ class VLLMEngine:
         self._enforce_eager = enforce_eager
         self._kv_cache_memory_bytes = kv_cache_memory_bytes
         self._dtype = dtype
+        self._max_num_seqs = max_num_seqs
+        self._max_num_batched_tokens = max_num_batched_tokens
+        self._data_parallel_size = data_parallel_size
         self.dtype = dtype  # resolved by start()
+        self.on_cpu = False  # resolved by start()
+        # The most sequences the engine batches, all data-parallel ranks together (after start()).
+        self.max_num_seqs: int | None = None
+        self._occupancy = Occupancy()
         self._engine: AsyncLLM | None = None
         self._tokenizer: Any = None
         self._eos_token_id: int | None = None
@@ -78,9 +88,10 @@ class VLLMEngine:
             return
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.platforms import current_platform
+        from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        on_cpu = current_platform.is_cpu()
+        on_cpu = self.on_cpu = current_platform.is_cpu()
         self.dtype = self._dtype
         if self.dtype == "auto" and on_cpu:
             # float32 on every CPU. Without AVX512-BF16 the bf16 kernels emulate it (float32 measured
@@ -96,36 +107,66 @@ class VLLMEngine:
             model=self.model_path,
             served_model_name=[self.model],
             tensor_parallel_size=self._tensor_parallel_size,
+            # vLLM's own data parallelism: this many engine cores (each of `tensor_parallel_size`
+            # GPUs), one AsyncLLM that balances requests across them.
+            data_parallel_size=self._data_parallel_size,
             gpu_memory_utilization=memory_fraction,
             max_model_len=self._requested_max_model_len,
+            # Off on a GPU: CUDA graphs (captured at start) replay each decode step without the
+            # per-kernel launch cost, which dominates small models' steps. On the CPU there are no
+            # graphs to capture, and eager skips torch.compile's minutes at start.
             enforce_eager=enforce_eager,
             enable_prefix_caching=True,
             kv_cache_memory_bytes=self._kv_cache_memory_bytes,
             dtype=self.dtype,
-            # On the CPU a prefill split across engine steps makes vLLM rewind the request's seeded
-            # generator with set_offset(), which CPU generators do not have ("CPU Generator does
-            # not use offset"): the engine process dies. Whole prefills never rewind. Upstream:
-            # vllm-project/vllm PR 10097's thread (the rewind relies on CUDA's Philox offsets);
-            # other CPU backends skip the rewind (RBLN-SW/vllm-rbln PR 1025).
-            enable_chunked_prefill=False if on_cpu else None,
+            # On a GPU, on (vLLM 0.32's default for generating models, said here so that it stays
+            # on): long prefills are split into chunks batched with the running decodes, so new
+            # conversations never stall the batch. On the CPU, off: a prefill split across engine
+            # steps makes vLLM rewind the request's seeded generator with set_offset(), which CPU
+            # generators do not have ("CPU Generator does not use offset"): the engine process
+            # dies. Whole prefills never rewind. Upstream: vllm-project/vllm PR 10097's thread (the
+            # rewind relies on CUDA's Philox offsets); other CPU backends skip the rewind
+            # (RBLN-SW/vllm-rbln PR 1025).
+            enable_chunked_prefill=not on_cpu,
+            # None: vLLM's defaults for the usage context below.
+            max_num_seqs=self._max_num_seqs,
+            max_num_batched_tokens=self._max_num_batched_tokens,
         )
         started = time.perf_counter()
         # Construction blocks for the whole engine start (process spawn, weights, KV cache);
         # a worker thread keeps this event loop free for heartbeats meanwhile.
         # No local name for the engine: something in vLLM keeps this frame alive, and a local
         # would keep the engine alive past shutdown().
-        self._engine = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
+        self._occupancy = Occupancy()
+        self._engine = await asyncio.to_thread(
+            AsyncLLM.from_engine_args,
+            args,
+            # The batch defaults vLLM picks for offline batch inference (its `LLM` class), which
+            # this worker is: on an H100/H200 1024 sequences and 16384 tokens a step (vLLM 0.32),
+            # where AsyncLLM's own default context gets 128 and 2048 on any GPU.
+            usage_context=UsageContext.LLM_CLASS,
+            stat_loggers=[occupancy_logger_factory(self._occupancy)],
+        )
         self._tokenizer = self._engine.get_tokenizer()
         self._eos_token_id = self._tokenizer.eos_token_id
         self.max_model_len = self._engine.model_config.max_model_len
+        config = self._engine.vllm_config
+        self.max_num_seqs = config.scheduler_config.max_num_seqs * config.parallel_config.data_parallel_size
         log.info(
-            "vLLM engine for %s ready in %.1f s (max_model_len %d, dtype %s, %s, eager=%s)",
+            "vLLM engine for %s ready in %.1f s (max_model_len %d, dtype %s, %s, eager=%s, "
+            "max_num_seqs %d, max_num_batched_tokens %d, chunked prefill %s, data parallel %d, "
+            "tensor parallel %d)",
             self.model,
             time.perf_counter() - started,
             self.max_model_len,
             self.dtype,
             "cpu" if on_cpu else f"gpu memory fraction {memory_fraction}",
             enforce_eager,
+            config.scheduler_config.max_num_seqs,
+            config.scheduler_config.max_num_batched_tokens,
+            config.scheduler_config.enable_chunked_prefill,
+            config.parallel_config.data_parallel_size,
+            config.parallel_config.tensor_parallel_size,
         )
 
     def prompt_token_ids(self, messages: Messages) -> list[int]:
@@ -268,7 +309,13 @@ class VLLMEngine:
         return result
 
     def stats(self) -> EngineStats:
-        return self._counters.snapshot()
+        running, waiting, kv_cache_usage = self._occupancy.now(self._counters.in_flight)
+        return self._counters.snapshot(
+            running=running, waiting=waiting, kv_cache_usage=kv_cache_usage, max_num_seqs=self.max_num_seqs
+        )
+
+    async def refresh_stats(self) -> None:
+        """Nothing to fetch: the engine's stat logger records its occupancy every step."""
 
     async def shutdown(self) -> None:
         engine, self._engine = self._engine, None
@@ -278,6 +325,67 @@ class VLLMEngine:
             # shutdown) from running during interpreter teardown, where it fails noisily.
             del engine
             gc.collect()
+
+
+class Occupancy:
+    """The engine's latest scheduler stats, per engine core (one per data-parallel rank), as its
+    stat logger (`occupancy_logger_factory`) records them."""
+
+    def __init__(self) -> None:
+        # engine index -> (running, waiting, KV cache usage) after that core's last step
+        self.by_engine: dict[int, tuple[int, int, float]] = {}
+
+    def now(self, in_flight: int) -> tuple[int | None, int | None, float | None]:
+        """Running and waiting sequences summed over the engine cores, their mean KV cache usage;
+        None before the first step.
+
+        The numbers are those of each core's last step, and a core with nothing to do takes no
+        step: after a request is cancelled (aborted between steps) the last numbers would count
+        it for ever. This process is the engine's only client, so its own requests in flight
+        bound what the engine can hold.
+        """
+        if not self.by_engine:
+            return None, None, None
+        cores = list(self.by_engine.values())
+        running = min(sum(core[0] for core in cores), in_flight)
+        waiting = min(sum(core[1] for core in cores), in_flight - running)
+        return running, waiting, sum(core[2] for core in cores) / len(cores)
+
+
+def occupancy_logger_factory(occupancy: Occupancy) -> Any:
+    """A per-engine stat logger factory for `AsyncLLM.from_engine_args(stat_loggers=[...])` that
+    keeps each core's latest `SchedulerStats` in `occupancy`.
+
+    vLLM computes the scheduler stats every step whenever any stat logger is attached (its
+    default loggers are, unless `disable_log_stats`); this one only stores three numbers per
+    step, on the event loop that reads the engine's outputs. Built here because vLLM may only be
+    imported inside functions.
+    """
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+    class OccupancyLogger(StatLoggerBase):
+        def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
+            self.engine_index = engine_index
+
+        def record(
+            self,
+            scheduler_stats: Any,
+            iteration_stats: Any,
+            mm_cache_stats: Any = None,
+            engine_idx: int = 0,
+        ) -> None:
+            if scheduler_stats is not None:
+                occupancy.by_engine[engine_idx] = (
+                    scheduler_stats.num_running_reqs,
+                    # Deferred ones wait too (vLLM's `num_requests_waiting` gauge counts both).
+                    scheduler_stats.num_waiting_reqs + scheduler_stats.num_skipped_waiting_reqs,
+                    scheduler_stats.kv_cache_usage,
+                )
+
+        def log_engine_initialized(self) -> None:
+            pass
+
+    return OccupancyLogger
 
 
 def option_token_ids(tokenizer: Any, assistant_prefix: str, options: list[str]) -> list[int]:
