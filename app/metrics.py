@@ -86,12 +86,31 @@ class ServiceCollector(Collector):
         healthy = GaugeMetricFamily(
             "cai_worker_healthy", "1 if a live worker can work, 0 if it reports a problem.", labels=labels
         )
+        # A generation worker's engine, as the worker last read it (absent where it cannot say).
+        engine_gauges = {
+            "in_flight_target": GaugeMetricFamily(
+                "cai_worker_in_flight_target", "Trajectories a generation worker aims to hold.", labels=labels
+            ),
+            "running": GaugeMetricFamily(
+                "cai_engine_running", "Sequences in a generation worker's engine batch.", labels=labels
+            ),
+            "waiting": GaugeMetricFamily(
+                "cai_engine_waiting", "Requests queued inside a generation worker's engine.", labels=labels
+            ),
+            "kv_cache_usage": GaugeMetricFamily(
+                "cai_engine_kv_cache_usage", "Fraction of the engine's KV cache in use.", labels=labels
+            ),
+        }
         for worker in workers:
             key = [worker.id, worker.kind]
+            stats = worker.stats or {}
             in_flight.add_metric(key, worker.in_flight)
             rate.add_metric(key, worker.tokens_per_s)
-            healthy.add_metric(key, 0 if (worker.stats or {}).get("problem") else 1)
-        yield from (in_flight, rate, healthy)
+            healthy.add_metric(key, 0 if stats.get("problem") else 1)
+            for name, gauge in engine_gauges.items():
+                if isinstance(stats.get(name), int | float):
+                    gauge.add_metric(key, stats[name])
+        yield from (in_flight, rate, healthy, *engine_gauges.values())
 
 
 def metrics_registry(

@@ -182,6 +182,19 @@ class ConstitutionVersionOut(BaseModel):
     first_used_at: datetime
 
 
+class EngineOccupancyOut(BaseModel):
+    """How full a generation worker keeps its engine: what it is told to hold, and what the engine
+    says it holds (None where it does not say: a remote server without `/metrics`)."""
+
+    in_flight_target: int | None = Field(
+        None, description="Trajectories the worker keeps in flight now (fixed, or steered by the rest)."
+    )
+    running: int | None = Field(None, description="Sequences in the engine's batch.")
+    waiting: int | None = Field(None, description="Requests queued inside the engine.")
+    kv_cache_usage: float | None = Field(None, description="Fraction (0-1) of its KV cache in use.")
+    max_num_seqs: int | None = Field(None, description="The most sequences it batches at once.")
+
+
 class WorkerOut(BaseModel):
     id: str
     kind: str
@@ -190,6 +203,7 @@ class WorkerOut(BaseModel):
     model: str | None
     in_flight: int
     tokens_per_s: float
+    engine: EngineOccupancyOut | None = Field(None, description="A generation worker's engine occupancy.")
     healthy: bool = Field(description="False while the worker reports a problem (e.g. its engine is down).")
     problem: str | None = None
     stats: dict[str, Any]

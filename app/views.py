@@ -10,7 +10,16 @@ from typing import Any, TypeVar
 from pydantic import BaseModel
 from sqlalchemy.orm import Session
 
-from app.schemas import EvaluationOut, JobCounts, JobOut, PairOut, PromptOut, TrainJobOut, WorkerOut
+from app.schemas import (
+    EngineOccupancyOut,
+    EvaluationOut,
+    JobCounts,
+    JobOut,
+    PairOut,
+    PromptOut,
+    TrainJobOut,
+    WorkerOut,
+)
 from cai_dpo.core.progress import eta_seconds, job_progress
 from cai_dpo.core.queries import constitutions as constitution_queries
 from cai_dpo.core.queries import evaluations as evaluation_queries
@@ -190,6 +199,8 @@ def workers_out(workers: list[Worker]) -> list[WorkerOut]:
     """Each worker, healthy unless its last heartbeat reported a problem."""
     out = []
     for worker in workers:
-        problem = (worker.stats or {}).get("problem")
-        out.append(shaped(WorkerOut, worker, healthy=problem is None, problem=problem))
+        stats = worker.stats or {}
+        problem = stats.get("problem")
+        engine = EngineOccupancyOut.model_validate(stats) if worker.kind == "generate" else None
+        out.append(shaped(WorkerOut, worker, healthy=problem is None, problem=problem, engine=engine))
     return out

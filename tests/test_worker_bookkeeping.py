@@ -15,6 +15,8 @@ from cai_dpo.core.db import libpq_url, session_scope
 from cai_dpo.core.tables import Pair, Prompt, Worker
 from tests.fake_engine import ScriptedEngine
 from tests.helpers import make_job, run_until, statuses, with_database
+from workers.generation.engines import EngineStats
+from workers.generation.in_flight import waiting_margin
 from workers.generation.worker import GenerationWorker
 
 pytestmark = pytest.mark.db
@@ -165,3 +167,71 @@ def test_a_database_gone_for_good_ends_the_worker_without_failing_prompts(settin
     assert {attempts for _, attempts, _ in statuses(db).values()} == {1}
     with session_scope(db) as session:
         assert session.scalars(select(Pair)).all() == []
+
+
+class BatchingEngine(ScriptedEngine):
+    """A GPU-like engine that batches `max_num_seqs` requests and queues the rest, and says so."""
+
+    on_cpu = False
+
+    def __init__(self, max_num_seqs: int) -> None:
+        super().__init__()
+        self.max_num_seqs = max_num_seqs
+        self.asked = 0
+
+    async def chat(self, messages, sampling, request_id):
+        self.asked += 1
+        try:
+            return await super().chat(messages, sampling, request_id)
+        finally:
+            self.asked -= 1
+
+    def stats(self) -> EngineStats:
+        running = min(self.asked, self.max_num_seqs)
+        return EngineStats(
+            requests=len(self.calls),
+            running=running,
+            waiting=self.asked - running,
+            kv_cache_usage=0.5,
+            max_num_seqs=self.max_num_seqs,
+        )
+
+
+def test_in_flight_is_sized_to_an_engine_that_reports_its_batch(client, settings, db):
+    """Unset CAI_MAX_IN_FLIGHT and an engine that batches 32: the worker holds its batch plus a
+    short queue (not the fixed 64 of an engine that says nothing), and /workers and /metrics show
+    the engine's occupancy as the worker read it."""
+    make_job(db, settings, 120)
+    engine = BatchingEngine(max_num_seqs=32)
+    engine.gate.clear()  # every request waits: the engine is as full as the worker makes it
+    worker = make_worker(
+        settings, db, engine, max_in_flight=None, claim_batch=256, lease_seconds=3, poll_seconds=0.1
+    )
+
+    seen = {}
+
+    def engine_seen() -> bool:
+        workers = [w for w in client.get("/workers").json() if w["id"] == worker.id]
+        margin = waiting_margin(32)
+        if workers and (workers[0]["engine"] or {}) | {"kv_cache_usage": 0} == {
+            "in_flight_target": 32 + margin,
+            "running": 32,
+            "waiting": margin,
+            "kv_cache_usage": 0,
+            "max_num_seqs": 32,
+        }:
+            seen["worker"], seen["metrics"] = workers[0], client.get("/metrics").text
+            seen["target"], seen["asked"] = worker.in_flight_target(), engine.asked
+        return bool(seen)
+
+    run_until(worker, engine_seen)
+    margin = waiting_margin(32)
+    assert seen["target"] == 32 + margin and seen["asked"] == 32 + margin
+    assert seen["worker"]["engine"] == {
+        "in_flight_target": 32 + margin,
+        "running": 32,
+        "waiting": margin,
+        "kv_cache_usage": 0.5,
+        "max_num_seqs": 32,
+    }
+    assert f'cai_engine_waiting{{kind="generate",worker="{worker.id}"}} {float(margin)}' in seen["metrics"]

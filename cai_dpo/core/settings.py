@@ -144,7 +144,14 @@ class Settings(BaseSettings):
     )
 
     # --- generation ----------------------------------------------------------------------------
-    max_in_flight: int = Field(64, ge=1, description="Trajectories a generation worker runs at once.")
+    max_in_flight: int | None = Field(
+        None,
+        ge=1,
+        description="Trajectories a generation worker runs at once. Unset: sized to the engine: on a "
+        "GPU (or a remote server with `CAI_OPENAI_MAX_NUM_SEQS`) its batch size plus an eighth, then "
+        "steered twice a second so the engine's batch stays full and its queue short; 64 on a CPU "
+        "or where the engine does not say how full it is.",
+    )
     engine_restarts: int = Field(
         3,
         ge=0,
@@ -222,8 +229,11 @@ class Settings(BaseSettings):
     )
     openai_api_key: str = Field("", description="Bearer key for the OpenAI-compatible server.")
     openai_model: str | None = Field(None, description="Model name to request from it. Unset: `CAI_MODEL`.")
-    openai_concurrency: int = Field(
-        32, ge=1, description="Requests in flight to the OpenAI-compatible server."
+    openai_concurrency: int | None = Field(
+        None,
+        ge=1,
+        description="Requests in flight to the OpenAI-compatible server. Unset: twice "
+        "`CAI_OPENAI_MAX_NUM_SEQS` where it is set (the batch and a queue as long), else 32.",
     )
     openai_max_num_seqs: int | None = Field(
         None,

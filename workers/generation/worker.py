@@ -41,6 +41,7 @@ from workers.generation.engines import (
     PromptTooLong,
     make_engine,
 )
+from workers.generation.in_flight import InFlightTarget
 from workers.generation.modes import PairDraft, compare_models, ranked_pair, revise_pair
 from workers.generation.trajectory import few_shot_turns
 from workers.generation.writer import Finished, ResultWriter
@@ -75,12 +76,17 @@ class GenerationWorker(WorkerRuntime):
         # for a claim worth making.
         self.writer = ResultWriter(self.write_results, max_batch=settings.write_batch)
         self.room_freed = asyncio.Event()
+        self.target = InFlightTarget(fixed=settings.max_in_flight)
 
     # --- the loop ---------------------------------------------------------------------------
 
     async def run(self) -> None:
         self.engine = await self.start_engine(self.settings.model)
-        background = [*self.start_background(), asyncio.create_task(self.writer.run())]
+        background = [
+            *self.start_background(),
+            asyncio.create_task(self.writer.run()),
+            asyncio.create_task(self.steer_in_flight()),
+        ]
         try:
             while not self.stopping.is_set():
                 if self.engine_down.is_set():
@@ -116,8 +122,23 @@ class GenerationWorker(WorkerRuntime):
             log.info("worker %s stopped (%d pairs written)", self.id, self.pairs_written)
 
     def in_flight_target(self) -> int:
-        """How many trajectories to keep running now."""
-        return self.settings.max_in_flight
+        """How many trajectories to keep running now (`CAI_MAX_IN_FLIGHT`, or steered)."""
+        return self.target.value
+
+    async def steer_in_flight(self) -> None:
+        """Twice a second, size the in-flight target to the engine's occupancy (`in_flight.py`)."""
+        while True:
+            await asyncio.sleep(0.5)
+            if not self.target.steered or self.engine is None or self.engine_down.is_set():
+                continue
+            with contextlib.suppress(Exception):  # occupancy is advice: a failed read changes nothing
+                await self.engine.refresh_stats()
+            before = self.target.value
+            self.target.observe(self.engine.stats(), in_flight=len(self.in_flight))
+            if self.target.value != before:
+                log.debug("in-flight target %d -> %d", before, self.target.value)
+                if self.target.value - len(self.in_flight) >= self.refill_size():
+                    self.room_freed.set()
 
     def refill_size(self) -> int:
         """Free slots worth a claim: an eighth of the target, so the engine stays at least 7/8
@@ -289,7 +310,7 @@ class GenerationWorker(WorkerRuntime):
         if model is None or model == self.model:
             return self.engine
         if model not in self.extra_engines:
-            self.extra_engines[model] = await self.start_engine(model)
+            self.extra_engines[model] = await self.start_engine(model, own=False)
         return self.extra_engines[model]
 
     async def shutdown_engines(self) -> None:
@@ -362,12 +383,19 @@ class GenerationWorker(WorkerRuntime):
             self.specs[content_hash] = (spec, few_shot_turns(spec))
         return self.specs[content_hash]
 
-    async def start_engine(self, model: str) -> Engine:
+    async def start_engine(self, model: str, *, own: bool = True) -> Engine:
         started = time.monotonic()
         trained_path = await self.db_call(trained_model_path, model)
         engine = self.engine_factory(self.settings, model, trained_path)
         await engine.start()
         log.info("engine for %s ready in %.1f s", model, time.monotonic() - started)
+        if own:  # a judge's engine does not size this worker's trajectories
+            self.target.start(engine.stats(), engine_on_cpu=engine.on_cpu)
+            log.info(
+                "in flight: %d trajectories%s",
+                self.target.value,
+                ", steered by the engine's occupancy" if self.target.steered else "",
+            )
         return engine
 
     async def maybe_switch_model(self) -> None:
@@ -397,7 +425,7 @@ class GenerationWorker(WorkerRuntime):
             model=self.model,
             in_flight=len(self.in_flight),
             tokens_per_s=round(max(rate, 0.0), 2),
-            stats={"pairs_written": self.pairs_written}
+            stats={"pairs_written": self.pairs_written, "in_flight_target": self.target.value}
             | (
                 asdict(stats) | {"prefix_cache_hit_rate": round(stats.prefix_cache_hit_rate, 4)}
                 if stats
@@ -424,12 +452,7 @@ async def run_worker(settings: Settings) -> int:
     url = database_url(settings)
     worker = GenerationWorker(settings, get_engine(settings, pool_size=4), url=url)
     worker.install_signal_handlers()
-    log.info(
-        "generation worker %s starting (model %s, %d in flight)",
-        worker.id,
-        settings.model,
-        settings.max_in_flight,
-    )
+    log.info("generation worker %s starting (model %s)", worker.id, settings.model)
     await worker.run()
     return worker.exit_code
 

@@ -62,7 +62,8 @@ def make_engine(settings: Settings, model: str, trained_path: str | None = None)
             settings.openai_base_url,
             settings.openai_model or model,
             api_key=settings.openai_api_key,
-            concurrency=settings.openai_concurrency,
+            concurrency=settings.openai_concurrency
+            or (2 * settings.openai_max_num_seqs if settings.openai_max_num_seqs else 32),
             timeout_seconds=settings.openai_timeout_seconds,
             max_retries=settings.openai_max_retries,
             max_num_seqs=settings.openai_max_num_seqs,
