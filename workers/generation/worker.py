@@ -1,9 +1,13 @@
 """The generation worker: claim prompts, run their trajectories on one engine, write pairs.
 
-One process holds one engine and runs up to `CAI_MAX_IN_FLIGHT` trajectories as asyncio tasks,
-refilling as each finishes, so the engine's continuous batching always has work and no prompt
-waits for another. Leases are renewed by a heartbeat; SIGTERM stops claiming and gives the
-prompts in flight back at once. Database calls are synchronous SQLAlchemy run in threads.
+One process holds one engine and keeps a target number of trajectories in flight as asyncio
+tasks (`CAI_MAX_IN_FLIGHT`, or sized to the engine's batch: `in_flight.py`), claiming again in
+one statement whenever an eighth of the target is free, so the engine's continuous batching
+always has work and no prompt waits for another. Finished prompts are committed in batches
+(`writer.py`): the database cost per pair is a small fraction of one statement. Leases are
+renewed by a heartbeat, which also settles rows nobody may claim any more; SIGTERM stops
+claiming, commits the pairs already made and gives the prompts in flight back at once. Database
+calls are synchronous SQLAlchemy run in threads, few enough that a thread per call costs little.
 
 Only a prompt's own fault (too long for the context, a request error of its own) costs it an
 attempt. An engine that is down (its process died, the server is unreachable, or
@@ -98,7 +102,11 @@ class GenerationWorker(WorkerRuntime):
                 if room < self.refill_size():
                     # Full: claiming a few prompts at a time would cost a statement per pair.
                     self.room_freed.clear()
-                    await self.wait_for_work(asyncio.ensure_future(self.room_freed.wait()))
+                    room_freed = asyncio.ensure_future(self.room_freed.wait())
+                    try:
+                        await self.wait_for_work(room_freed)
+                    finally:
+                        room_freed.cancel()
                     continue
                 asked = min(room, self.settings.claim_batch)
                 claimed = await self.claim(asked)
