@@ -7,7 +7,7 @@ LOCK := requirements/cpu.lock
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml $(LOCK) | sha256sum | cut -c1-12)
 PYTEST_ARGS ?=
 
-.PHONY: up test test-deps test-fast lint lock format bench-submit bench-export bench-generation bench-training clean-venv
+.PHONY: up test test-deps test-fast lint lock format bench-submit bench-export bench-generation bench-training bench-ceiling clean-venv
 
 $(STAMP): pyproject.toml $(LOCK)
 	python3 -m venv $(VENV)
@@ -60,7 +60,7 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-bench-submit bench-export bench-generation bench-training: bench-%: $(STAMP)
+bench-submit bench-export bench-generation bench-training bench-ceiling: bench-%: $(STAMP)
 	$(PY) bench/$*.py $(ARGS)
 
 clean-venv:

@@ -1,9 +1,12 @@
 """Every benchmark runs as docs/BENCHMARKS.md says (`python bench/<name>.py`): its `--help` answers,
 and every import it makes, function-level ones included, resolves the way a script's does (its own
 folder first on `sys.path`, not the repository root). `python bench/generation.py` once finished
-its raw-vLLM side and then died on `from bench.service import ...` in the service side."""
+its raw-vLLM side and then died on `from bench.service import ...` in the service side.
+
+`bench/ceiling.py --dry-run` also runs once, end to end: its two engine paths on a real service."""
 
 import ast
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -11,8 +14,6 @@ from pathlib import Path
 import pytest
 
 from cai_dpo.core.settings import PROJECT_ROOT
-
-pytestmark = pytest.mark.unit
 
 SCRIPTS = sorted((PROJECT_ROOT / "bench").glob("*.py"))
 
@@ -48,6 +49,7 @@ def script_imports(script: Path) -> set[str]:
     return found
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("script", SCRIPTS, ids=[s.stem for s in SCRIPTS])
 def test_each_benchmark_answers_help_and_its_imports_resolve_as_a_script(script):
     # `bench` itself is no package on a script's path: `from bench.x import` fails when run as documented.
@@ -65,3 +67,28 @@ def test_each_benchmark_answers_help_and_its_imports_resolve_as_a_script(script)
         resolved.stdout,
         resolved.stderr[-2000:],
     )
+
+
+# `cai-dpo serve` on an embedded PostgreSQL, a scripted worker, the stub server and a real
+# `cai-dpo worker generate`: subprocesses of the service, each start a second or two.
+@pytest.mark.e2e
+@pytest.mark.timeout(240)
+def test_generation_ceiling_dry_run_makes_one_pair_per_prompt_on_both_paths():
+    ran = subprocess.run(
+        [sys.executable, "bench/ceiling.py", "--dry-run"],
+        capture_output=True,
+        text=True,
+        cwd=PROJECT_ROOT,
+        timeout=220,
+    )
+    assert ran.returncode == 0, ran.stderr[-4000:]
+    lines = [json.loads(line) for line in ran.stdout.splitlines() if line.startswith("{")]
+    runs = {run["path"]: run for run in lines if "path" in run}
+    assert set(runs) == {"scripted", "openai"}, ran.stdout
+    for run in runs.values():
+        assert run["pairs_per_s"] > 0 and run["worker_cpu_ms_per_pair"] > 0, run
+        # Every prompt ended done, with exactly one pair.
+        assert run["done"] == run["prompts"] == run["pairs"] > 0 and run["failed"] == 0, run
+        assert run["all_done_one_pair"], run
+    assert runs["openai"]["mode"] == "ai_feedback" and runs["openai"]["stub_requests_per_pair"]["judge"] > 0
+    assert lines[-1]["all_done_one_pair"] is True
