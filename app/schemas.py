@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from cai_dpo.core.generation_modes import CompareOptions, GenerationMode, Sampling
 from cai_dpo.core.pair_filter import PairFilter
+from cai_dpo.core.pair_flags import FLAGS
 
 # A `next_cursor`: the last id of the previous page.
 Cursor = Annotated[str, Field(pattern=r"^\d{1,18}$", description="`next_cursor` of the previous page.")]
@@ -111,7 +112,10 @@ class PairOut(BaseModel):
     prompt: list[dict[str, Any]]
     chosen: str
     rejected: str
-    flags: list[str]
+    flags: list[str] = Field(
+        description="Quality flags (a flagged pair is left out unless include_flagged=true): "
+        + " ".join(f"`{name}`: {text}" for name, text in FLAGS.items())
+    )
     model: str | None
     created_at: datetime
     scores: dict[str, float] | None = Field(

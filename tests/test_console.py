@@ -24,6 +24,7 @@ from app.ui.text_diff import diff_stats, line_diff, word_diff
 from cai_dpo.core.api_keys import KeyRing
 from cai_dpo.core.db import session_scope
 from cai_dpo.core.pair_filter import PairFilter
+from cai_dpo.core.pair_flags import FLAGS
 from cai_dpo.core.queries import pairs as pair_queries
 from cai_dpo.core.tables import ConstitutionVersion, GenerationJob, Pair, PairReview, TrainingJob
 from tests.fixtures.api import ServerThread
@@ -315,6 +316,16 @@ def test_pairs_pages_back_and_forth_with_the_filter(client, db):
     detail = client.get("/ui/pairs/51", params={"source": "test"}).text
     assert 'href="/ui/pairs/50?source=test" data-key="k"' in detail
     assert 'href="/ui/pairs/52?source=test" data-key="j"' in detail
+
+
+@pytest.mark.db
+def test_pairs_pages_say_what_each_flag_means(client, db):
+    insert_pairs(db, 1)  # and pair 2, flagged `unchanged`
+    page = client.get("/ui/pairs", params={"include_flagged": "on"}).text
+    assert '<span class="flag" title="The revision is the first answer again' in page
+    legend = page[page.index("What the flags mean") :]
+    assert all(f'<span class="flag">{flag}</span>' in legend for flag in FLAGS)
+    assert 'title="The revision is the first answer again' in client.get("/ui/pairs/2").text
 
 
 @pytest.mark.db

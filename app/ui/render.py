@@ -13,6 +13,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
 from app.ui.auth import CSRF_COOKIE, CSRF_FIELD, SESSION_COOKIE, ConsoleAuth
+from cai_dpo.core.pair_flags import FLAGS
 
 HERE = Path(__file__).parent
 PAGE_SIZE = 50
@@ -63,7 +64,7 @@ def _prompt_text(messages: list[dict[str, Any]]) -> str:
 
 
 templates.env.filters |= {"duration": _duration, "when": _when, "number": _number, "excerpt": _excerpt}
-templates.env.globals |= {"prompt_text": _prompt_text}
+templates.env.globals |= {"prompt_text": _prompt_text, "flag_help": FLAGS}
 
 
 def set_cookie(response: Response, request: Request, name: str, value: str, max_age: int | None) -> None:

@@ -4,7 +4,11 @@
 - `revise_pair`: the critique-and-revise trajectory; with a verifier, the revision is compared
   with the first answer and the pair flagged `not_improved` where the scorer prefers the original.
 - `ranked_pair` (`ai_feedback`, `best_of_n`): `n` answers sampled at once (one continuous batch),
-  ranked by the scorer; the most preferred is chosen, the least preferred rejected.
+  ranked by the scorer; the most preferred is chosen, the least preferred rejected; flagged
+  `inconsistent` where the scorer's own chosen-vs-rejected comparison prefers the rejected one.
+
+Besides `quality_flags`, a revision is checked for text copied from the constitution
+(`copies_example`) and for a critique given in place of a revision (`meta_revision`).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cai_dpo.core.constitutions import ConstitutionSpec
+from cai_dpo.core.pair_flags import copies_example, example_texts, inconsistent, meta_revision
 from workers.generation.engines import ChatResult, Engine, Sampling
 from workers.generation.trajectory import (
     answer_text,
@@ -75,6 +80,17 @@ def log_odds(p: float) -> float:
     return math.log(p / (1 - p))
 
 
+def revision_flags(spec: ConstitutionSpec, messages: list[Message], chosen: str) -> list[str]:
+    """The content flags of a critique-and-revise pair (`cai_dpo.core.pair_flags`)."""
+    prompt = "\n".join(str(m.get("content", "")) for m in messages)
+    flags = []
+    if copies_example(chosen, sources=example_texts(spec), prompt=prompt):
+        flags.append("copies_example")
+    if meta_revision(chosen, prompt=prompt):
+        flags.append("meta_revision")
+    return flags
+
+
 def judged(draft: PairDraft, ranking: Ranking, scorer: Scorer, *, chosen: int, rejected: int) -> PairDraft:
     """Record how `scorer` judged responses `chosen` vs `rejected` (indices into what it ranked)."""
     # The ranking's own chosen/rejected may be the other way round (verify keeps the revision as
@@ -128,7 +144,8 @@ async def revise_pair(
         trajectory=trajectory.to_record() | {"mode": "revise"},
         flags=quality_flags(
             rejected=trajectory.initial, chosen=trajectory.chosen, finish_reasons=trajectory.finish_reasons
-        ),
+        )
+        + (revision_flags(spec, messages, trajectory.chosen) if trajectory.rounds else []),
         usage=trajectory.usage,
     )
     if verifier is None:
@@ -188,7 +205,10 @@ async def ranked_pair(
         ),
         usage=usage,
     )
-    return judged(draft, ranking, scorer, chosen=chosen, rejected=rejected)
+    judged(draft, ranking, scorer, chosen=chosen, rejected=rejected)
+    if inconsistent(draft.preference["p_chosen"], draft.margin):
+        draft.flags.append("inconsistent")
+    return draft
 
 
 async def compare_models(
