@@ -157,8 +157,12 @@ class ExportQuery(PairFilter):
     style: Literal["standard", "conversational"] = Field(
         "conversational", description="TRL's standard (strings) or conversational (messages) rows."
     )
-    split: Literal["train", "test", "all"] = Field("all", description="Deterministic split by pair id.")
-    test_fraction: float = Field(0.1, ge=0, le=1, description="Share of pairs in the test split.")
+    split: Literal["train", "test", "all"] = Field(
+        "all",
+        description="Deterministic split by prompt (a hash of its messages): every pair of a prompt "
+        "is on one side, the same side as in a training job with `eval_fraction` = `test_fraction`.",
+    )
+    test_fraction: float = Field(0.1, ge=0, le=1, description="Share of prompts in the test split.")
     metadata: bool = Field(False, description="Add id, constitution, principles, source, flags, ...")
 
 
@@ -239,7 +243,10 @@ class EvaluationOut(BaseModel):
     win_rate: dict[str, Any] | None = Field(
         None,
         description="wins, ties, losses, n, rate = (wins + ties/2) / n, ci95 (Wilson), open and failed "
-        "prompts: the trained model against its base, judged in both orders. Live while comparing.",
+        "prompts: the trained model against its base, judged in both orders. Live while comparing. "
+        "prompts_in_training: {n, prompts}, how many of the compared prompts are prompts of the trained "
+        "model's training pairs (its lineage's included; 0 for the default held-out prompts), and "
+        "the first 50 of them.",
     )
     reward_accuracy: dict[str, Any] | None = Field(
         None, description="held_out (from training) and external: accuracy and mean margin, base and trained."

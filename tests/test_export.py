@@ -1,4 +1,5 @@
-"""`GET /export`: TRL's two dataset formats as JSONL and Parquet, filters, the deterministic split."""
+"""`GET /export`: TRL's two dataset formats as JSONL and Parquet, filters, the deterministic split
+(by prompt: tests/test_held_out.py)."""
 
 import io
 import json
@@ -7,17 +8,8 @@ from types import SimpleNamespace
 import pyarrow.parquet as pq
 import pytest
 
-from cai_dpo.core.export_format import export_row, prompt_text, split_of
+from cai_dpo.core.export_format import export_row, prompt_text
 from tests.helpers import insert_pairs
-
-
-@pytest.mark.unit
-def test_split_is_deterministic_and_close_to_the_fraction():
-    splits = [split_of(i, 0.2) for i in range(1, 5001)]
-    assert splits == [split_of(i, 0.2) for i in range(1, 5001)]
-    assert 0.18 < splits.count("test") / 5000 < 0.22
-    assert {split_of(i, 0.0) for i in range(100)} == {"train"}
-    assert {split_of(i, 1.0) for i in range(100)} == {"test"}
 
 
 @pytest.mark.unit

@@ -53,7 +53,7 @@ def export(request: Request, query: Annotated[ExportQuery, Query()]):
         try:
             with session_scope(engine) as session:
                 for row in pair_queries.stream_pairs(session, filters):
-                    if in_split(row.id, query.split, query.test_fraction):
+                    if in_split(row.prompt, query.split, query.test_fraction):
                         yield export_row(row, style=query.style, metadata=query.metadata)
         finally:
             slot.release()

@@ -240,7 +240,10 @@ def export(
     style: Annotated[
         Literal["standard", "conversational"], typer.Option(help="TRL's row style.")
     ] = "conversational",
-    split: Annotated[Literal["train", "test", "all"], typer.Option(help="Split by pair id.")] = "all",
+    split: Annotated[
+        Literal["train", "test", "all"],
+        typer.Option(help="Split by prompt: the training split at the same fraction."),
+    ] = "all",
     test_fraction: Annotated[float | None, typer.Option(min=0, max=1, help="Default: 0.1.")] = None,
     metadata: Annotated[bool, typer.Option("--metadata", help="Add id, constitution, flags, ...")] = False,
     url: Url = None,

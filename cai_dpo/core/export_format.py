@@ -1,6 +1,6 @@
 """The export format: TRL-ready rows (`prompt`, `chosen`, `rejected`) written as JSONL or Parquet.
 
-`export_row` and `split_of` are pure; the writers turn an iterator of database rows into an
+`export_row` and `prompt_split` are pure; the writers turn an iterator of database rows into an
 iterator of byte chunks, so `GET /export` streams with flat memory whatever the dataset size.
 """
 
@@ -20,14 +20,29 @@ Split = Literal["train", "test", "all"]
 _ROLE_NAMES = {"user": "Human", "assistant": "Assistant", "system": "System"}
 
 
-def split_of(pair_id: int, test_fraction: float) -> Literal["train", "test"]:
-    """Deterministic split from the pair id alone: the same pair lands in the same split every time."""
-    digest = hashlib.sha256(f"cai-dpo-split:{pair_id}".encode()).digest()
-    return "test" if int.from_bytes(digest[:8], "big") / 2**64 < test_fraction else "train"
+def prompt_key(messages: str | list[dict[str, str]]) -> bytes:
+    """A stable digest of a prompt: its messages' roles and contents, whitespace normalised (stripped,
+    runs collapsed to one space), so the same prompt stored twice gets the same key. A bare string is
+    the single user turn `normalize_prompts` makes of it."""
+    if isinstance(messages, str):
+        messages = [{"role": "user", "content": messages}]
+    turns = [[m["role"].strip().lower(), " ".join(m["content"].split())] for m in messages]
+    return hashlib.sha256(b"cai-dpo-prompt-split:" + json.dumps(turns, ensure_ascii=False).encode()).digest()
 
 
-def in_split(pair_id: int, split: Split, test_fraction: float) -> bool:
-    return split == "all" or split_of(pair_id, test_fraction) == split
+def key_split(key: bytes, test_fraction: float) -> Literal["train", "test"]:
+    """The side of a `prompt_key`: a prompt is `test` at a fraction iff it is at every larger one."""
+    return "test" if int.from_bytes(key[:8], "big") / 2**64 < test_fraction else "train"
+
+
+def prompt_split(messages: str | list[dict[str, str]], test_fraction: float) -> Literal["train", "test"]:
+    """Deterministic split by prompt: every pair of a prompt lands on the same side, every time, in
+    every process (export `split`, training `eval_fraction` and the evaluation's default prompts)."""
+    return key_split(prompt_key(messages), test_fraction)
+
+
+def in_split(messages: list[dict[str, str]], split: Split, test_fraction: float) -> bool:
+    return split == "all" or prompt_split(messages, test_fraction) == split
 
 
 def prompt_text(messages: list[dict[str, str]]) -> str:

@@ -83,14 +83,13 @@ class TrainParams(StrictJson):
         description="If set, prompts longer than this keep only their last tokens before max_length applies. "
         "None (TRL 1.16's behaviour): prompts are not cut; pairs whose prompt fills max_length are dropped.",
     )
-    seed: int = Field(
-        0, ge=0, le=2**32 - 1, description="Seeds the data order, the split and adapter initialisation."
-    )
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="Seeds the data order and adapter initialisation.")
     eval_fraction: float = Field(
         0.05,
         ge=0,
         lt=1,
-        description="Share of the pairs held out to measure reward accuracy before and after.",
+        description="Share of the prompts held out (every pair of a held-out prompt) to measure reward "
+        "accuracy before and after; the same prompts as the export's `test` split at this fraction.",
     )
     lora: LoraParams | None = Field(None, description="LoRA settings; None trains every weight.")
     checkpoint_steps: int | None = Field(

@@ -31,7 +31,7 @@ from cai_dpo.core.artifact_store import publish_model
 from cai_dpo.core.constitutions import ConstitutionStore
 from cai_dpo.core.db import database_url, get_engine
 from cai_dpo.core.evaluation import EvaluationRequest
-from cai_dpo.core.export_format import split_of
+from cai_dpo.core.export_format import prompt_key, prompt_split
 from cai_dpo.core.generation_modes import SamplingRequest
 from cai_dpo.core.model_sources import resolve_model, trained_model_path, training_output_dir
 from cai_dpo.core.queries import constitutions as constitution_queries
@@ -51,11 +51,27 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def split_train_eval(pair_ids: list[int], eval_fraction: float) -> tuple[list[int], list[int]]:
-    """Held-out pairs are the export's `test` split at the same fraction: one notion of held out."""
-    evals = [i for i in pair_ids if split_of(i, eval_fraction) == "test"]
-    held = set(evals)
-    return [i for i in pair_ids if i not in held], evals
+def split_train_eval(
+    pairs: list[tuple[int, list[dict[str, str]]]], eval_fraction: float
+) -> tuple[list[int], list[int]]:
+    """Held-out pairs are the export's `test` split at the same fraction, by prompt: every pair of a
+    prompt (several, after rounds with `train:<id>`) falls on one side. `pairs`: (id, prompt)."""
+    sides: dict[str, str] = {}
+    train, evals = [], []
+    for pair_id, prompt in pairs:
+        key = json.dumps(prompt, sort_keys=True)  # one hash per distinct prompt as stored
+        if key not in sides:
+            sides[key] = prompt_split(prompt, eval_fraction)
+        (evals if sides[key] == "test" else train).append(pair_id)
+    return train, evals
+
+
+def prompts_in_training(
+    prompts: list[list[dict[str, str]]], trained: list[list[dict[str, str]]]
+) -> list[int]:
+    """The indexes of `prompts` that are also prompts of `trained` (compared as `prompt_key`s)."""
+    keys = {prompt_key(p) for p in trained}
+    return [i for i, p in enumerate(prompts) if prompt_key(p) in keys]
 
 
 class _Run:
@@ -359,11 +375,12 @@ class TrainingWorker(WorkerRuntime):
             prompts = evaluation_queries.held_out_prompts(session, job, request.max_prompts)
         if not prompts:
             raise ValueError("no held-out prompts to compare on: give `prompts`")
+        seen = prompts_in_training(prompts, training_queries.trained_prompts(session, job.id))
         name = request.constitution or job.dataset.get("constitution") or "harmless"
         constitution = ConstitutionStore(self.settings.constitutions_dir).get(name)
         version = constitution_queries.store_constitution_version(session, constitution)
         sampling = SamplingRequest(max_tokens=request.max_tokens, seed=evaluation.id).resolve(self.settings)
-        return evaluation_queries.queue_comparison_job(
+        compare_job = evaluation_queries.queue_comparison_job(
             session,
             evaluation=evaluation,
             train_job=job,
@@ -372,6 +389,11 @@ class TrainingWorker(WorkerRuntime):
             baseline=job.base_model or self.settings.model,
             sampling=sampling,
         )
+        # How many of the prompts the trained model (or its base's lineage) learned from: 0 for the
+        # default held-out prompts; given prompts that were trained on are listed (at most 50).
+        in_training = {"n": len(seen), "prompts": [prompts[i] for i in seen[:50]]}
+        compare_job.job_metadata = {**(compare_job.job_metadata or {}), "prompts_in_training": in_training}
+        return compare_job
 
     async def settle_evaluations(self) -> None:
         for evaluation in await self.db_call(evaluation_queries.settle_evaluations):
@@ -390,10 +412,10 @@ class TrainingWorker(WorkerRuntime):
         if job.pair_ids is not None:
             return list(job.pair_ids), list(job.eval_pair_ids or [])
         pair_filter, selection = training_queries.dataset_selection(job)
-        ids = await self.db_call(pair_queries.pair_ids, pair_filter, **selection)
-        if not ids:
+        pairs = await self.db_call(pair_queries.pair_prompts, pair_filter, **selection)
+        if not pairs:
             raise ValueError(f"dataset {job.dataset} matches no pairs")
-        train_ids, eval_ids = split_train_eval(ids, params.eval_fraction)
+        train_ids, eval_ids = split_train_eval(pairs, params.eval_fraction)
         await self.db_call(
             training_queries.update_training_job,
             job.id,

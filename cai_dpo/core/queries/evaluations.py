@@ -120,7 +120,14 @@ def comparison_summary(session: Session, job_id: int) -> dict[str, Any]:
         select(func.count()).where(Prompt.job_id == job_id, Prompt.status.in_(OPEN_PROMPT_STATES))
     )
     failed = session.scalar(select(func.count()).where(Prompt.job_id == job_id, Prompt.status == "failed"))
-    return win_rate(p_trained).to_dict() | {"open": open_prompts, "failed": failed, "job_id": job_id}
+    # Set when the job was queued (workers/training/worker.py): prompts the trained model learned from.
+    in_training = (session.get(GenerationJob, job_id).job_metadata or {}).get("prompts_in_training")
+    return win_rate(p_trained).to_dict() | {
+        "open": open_prompts,
+        "failed": failed,
+        "job_id": job_id,
+        "prompts_in_training": in_training,
+    }
 
 
 def settle_evaluations(session: Session) -> list[Evaluation]:

@@ -91,6 +91,12 @@ def pair_ids(session: Session, f: PairFilter, **selection: Any) -> list[int]:
     return list(session.scalars(filtered(select(Pair.id), f, **selection).order_by(Pair.id)))
 
 
+def pair_prompts(session: Session, f: PairFilter, **selection: Any) -> list[tuple[int, list[dict[str, str]]]]:
+    """`pair_ids` with each pair's prompt: what a split by prompt needs."""
+    query = filtered(select(Pair.id, Pair.prompt), f, **selection).order_by(Pair.id)
+    return [(pair_id, prompt) for pair_id, prompt in session.execute(query)]
+
+
 def pairs_by_ids(session: Session, ids: Sequence[int]) -> list[Pair]:
     """The pairs, each with the chosen text a dataset uses: a reviewer's latest edit where there is
     one. The edit is set as the loaded value, never written: the stored pair keeps its own text."""

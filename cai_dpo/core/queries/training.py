@@ -9,8 +9,9 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from cai_dpo.core import queue
+from cai_dpo.core.model_refs import TRAINED_PREFIX
 from cai_dpo.core.pair_filter import PairFilter
-from cai_dpo.core.tables import TrainingJob, TrainingMetric
+from cai_dpo.core.tables import Pair, TrainingJob, TrainingMetric
 
 
 def create_training_job(
@@ -119,3 +120,31 @@ def latest_training_metric(session: Session, train_id: int) -> TrainingMetric | 
 
 def training_job_counts(session: Session) -> dict[str, int]:
     return dict(session.execute(select(TrainingJob.status, func.count()).group_by(TrainingJob.status)).all())
+
+
+def lineage(session: Session, train_id: int) -> list[int]:
+    """The training job and the jobs its base model came from (`train:<id>` chains), newest first."""
+    ids: list[int] = []
+    job = session.get(TrainingJob, train_id)
+    while job is not None and job.id not in ids:
+        ids.append(job.id)
+        base = job.base_model or ""
+        parent = base.removeprefix(TRAINED_PREFIX)
+        job = (
+            session.get(TrainingJob, int(parent))
+            if base.startswith(TRAINED_PREFIX) and parent.isdigit()
+            else None
+        )
+    return ids
+
+
+def trained_prompts(session: Session, train_id: int) -> list[list[dict[str, str]]]:
+    """The distinct prompts of the pairs a trained model learned from: its job's training pairs and
+    those of every job in its base model's lineage (held-out pairs excluded)."""
+    jobs = lineage(session, train_id)
+    trained_ids = (
+        select(func.unnest(TrainingJob.pair_ids).label("pair_id")).where(TrainingJob.id.in_(jobs)).subquery()
+    )
+    return list(
+        session.scalars(select(Pair.prompt).join(trained_ids, Pair.id == trained_ids.c.pair_id).distinct())
+    )
