@@ -14,6 +14,7 @@ from typing import Any
 
 import httpx
 
+from workers.generation.engines.aiohttp_transport import AiohttpTransport
 from workers.generation.engines.base import (
     ChatResult,
     EngineError,
@@ -112,7 +113,10 @@ class OpenAIEngine:
                 max_connections=self._concurrency + _SIDE_CONNECTIONS,
                 max_keepalive_connections=self._concurrency + _SIDE_CONNECTIONS,
             ),
-            transport=self._transport,
+            # aiohttp's pool on the wire: httpx's own costs CPU per request that grows with the
+            # connections held (aiohttp_transport.py).
+            transport=self._transport
+            or AiohttpTransport(max_connections=self._concurrency + _SIDE_CONNECTIONS),
         )
         self.max_model_len = await self._served_max_model_len()
 
