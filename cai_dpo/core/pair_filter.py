@@ -17,6 +17,7 @@ from sqlalchemy import ColumnElement, Select, and_, exists, select
 from sqlalchemy.orm import aliased
 
 from cai_dpo.core.generation_modes import ScorerKind
+from cai_dpo.core.pair_flags import FLAGS
 from cai_dpo.core.storable import StorableText
 from cai_dpo.core.strict_json import StrictJson
 from cai_dpo.core.tables import ConstitutionVersion, Pair, PairReview
@@ -28,6 +29,7 @@ DB_ID_MAX = 2**53 - 1
 DbId = Annotated[int, Interval(ge=1, le=DB_ID_MAX)]
 
 Review = Literal["approved", "rejected", "unreviewed", "any"]
+FlagName = Literal[tuple(FLAGS)]  # type: ignore[valid-type]  # the flags the service sets
 
 
 def iso_time(value: Any) -> Any:
@@ -68,6 +70,11 @@ class PairFilter(StrictJson):
         },
     )
     include_flagged: bool = Field(False, description="Include pairs carrying a quality flag.")
+    flag: FlagName | None = Field(
+        None,
+        description="Only pairs carrying this quality flag (flagged pairs included whatever "
+        "`include_flagged` says): " + ", ".join(FLAGS) + ".",
+    )
     source: StorableText | None = Field(
         None, max_length=200, description="`generated`, or the source tag of an import."
     )
@@ -116,7 +123,9 @@ def pair_conditions(
         conditions.append(Pair.constitution_version_id.in_(versions))
     if f.since is not None:
         conditions.append(Pair.created_at >= f.since)
-    if not f.include_flagged:
+    if f.flag is not None:
+        conditions.append(Pair.flags.any(f.flag))
+    elif not f.include_flagged:
         conditions.append(Pair.flagged.is_(False))
     if f.source is not None:
         conditions.append(Pair.source == f.source)
