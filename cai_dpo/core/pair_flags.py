@@ -56,9 +56,10 @@ def ngrams(text: str, n: int = COPY_WORDS) -> set[tuple[str, ...]]:
 
 
 @lru_cache(maxsize=64)
-def _source_ngrams(texts: tuple[str, ...], n: int) -> frozenset[tuple[str, ...]]:
-    """A constitution's n-grams, kept: every pair of a job asks about the same few texts."""
-    return frozenset(gram for text in texts for gram in ngrams(text, n))
+def _source_ngrams(texts: tuple[str, ...], n: int) -> tuple[frozenset[tuple[str, ...]], frozenset[str]]:
+    """A constitution's n-grams and words, kept: every pair of a job asks about the same texts."""
+    grams = frozenset(gram for text in texts for gram in ngrams(text, n))
+    return grams, frozenset(word for gram in grams for word in gram)
 
 
 def example_texts(spec: ConstitutionSpec) -> tuple[str, ...]:
@@ -75,13 +76,17 @@ def example_texts(spec: ConstitutionSpec) -> tuple[str, ...]:
 def copied_text(chosen: str, *, sources: Iterable[str], prompt: str = "", n: int = COPY_WORDS) -> str | None:
     """The first run of `n` words of `chosen` that one of `sources` contains and `prompt` does not
     (normalised words, joined by spaces); None where there is none."""
-    source = _source_ngrams(tuple(sources), n)
+    source, vocabulary = _source_ngrams(tuple(sources), n)
     if not source:
         return None
     w = words(chosen)
     in_prompt: set[tuple[str, ...]] | None = None
-    for i in range(len(w) - n + 1):
-        gram = tuple(w[i : i + n])
+    run = 0  # how many words up to i the sources use: a copy needs n in a row
+    for i, word in enumerate(w):
+        run = run + 1 if word in vocabulary else 0
+        if run < n:
+            continue
+        gram = tuple(w[i - n + 1 : i + 1])
         if gram in source:
             if in_prompt is None:
                 in_prompt = ngrams(prompt, n)
@@ -99,6 +104,8 @@ def copies_example(chosen: str, *, sources: Iterable[str], prompt: str = "", n: 
 # --- meta_revision --------------------------------------------------------------------------------
 
 _ANSWER = r"(?:response|answer|reply)"
+# Every pattern below names one of these.
+_NOUNS = ("response", "answer", "reply", "user", "human")
 _SELF = r"(?:assistant|ai|chatbot|bot)(?:'s|\u2019s)?|model(?:'s|\u2019s)"
 # Phrases that name the assistant's own answer, or the user in the third person: an answer
 # speaks to the user, a critique speaks about the exchange. Checked anywhere in the text.
@@ -129,6 +136,9 @@ _SUBJECT = {
 def meta_revision(revision: str, *, prompt: str = "") -> bool:
     """The revision talks about an answer ("The response is dishonest", "the assistant's answer",
     "my previous answer", "the user's request") instead of giving one."""
+    lowered = revision.casefold()
+    if not any(word in lowered for word in _NOUNS):  # the usual case, checked cheaply
+        return False
     if _ABOUT_THE_ANSWER.search(revision):
         return True
     topical = prompt.casefold()
