@@ -242,8 +242,13 @@ class EvaluationOut(BaseModel):
     request: dict[str, Any]
     win_rate: dict[str, Any] | None = Field(
         None,
-        description="wins, ties, losses, n, rate = (wins + ties/2) / n, ci95 (Wilson), open and failed "
-        "prompts: the trained model against its base, judged in both orders. Live while comparing. "
+        description="wins, ties, losses, n = wins + ties + losses (finished comparisons), rate = "
+        "(wins + ties/2) / n, ci95 (Wilson), failed (comparisons that failed for good, not in n), open, "
+        "cancelled, prompts (all of them); length_controlled: {rate, ci95, length_coefficient, "
+        "length_term, n}, the win rate at no length difference (the promotion gate's figure); lengths: "
+        "mean answer lengths in characters; judges: each judge's own counts and rate. The trained model "
+        "against its base, judged in both orders by a judge that is not the trained model. Live while "
+        "comparing. "
         "prompts_in_training: {n, prompts}, how many of the compared prompts are prompts of the trained "
         "model's training pairs (its lineage's included; 0 for the default held-out prompts), and "
         "the first 50 of them.",

@@ -138,7 +138,8 @@ def evaluation_out(session: Session, job: TrainingJob) -> EvaluationOut | None:
         return None
     win = evaluation.win_rate
     if win is None and evaluation.compare_job_id is not None:  # still comparing: the count so far
-        win = evaluation_queries.comparison_summary(session, evaluation.compare_job_id)
+        # A lighter bootstrap for the live figures (every GET); the settled ones use the full one.
+        win = evaluation_queries.comparison_summary(session, evaluation.compare_job_id, resamples=200)
     held_out = {"before": job.eval_before, "after": job.eval_after} if job.eval_after else None
     accuracy = {"held_out": held_out, "external": evaluation.external}
     return shaped(

@@ -267,7 +267,7 @@ class TrainedIsLonger(LengthJudgeEngine):
 @pytest.mark.db
 def test_an_evaluation_compares_trained_and_base_and_promotes_past_the_gate(client, settings, db, tmp_path):
     train_id = succeeded_training_job(db, tmp_path, policy="harmless")
-    prompts = [f"held-out question {i}" for i in range(12)]
+    prompts = [f"held-out question {i}" for i in range(20)]  # CAI_EVAL_MIN_COMPARISONS
     response = client.post(
         f"/train/{train_id}/evaluate", json={"prompts": prompts, "judge": {"kind": "judge"}}
     )
@@ -286,7 +286,7 @@ def test_an_evaluation_compares_trained_and_base_and_promotes_past_the_gate(clie
 
     asyncio.run(take_evaluation())
     state = client.get(f"/train/{train_id}").json()["evaluation"]
-    assert state["status"] == "comparing" and state["win_rate"]["open"] == 12
+    assert state["status"] == "comparing" and state["win_rate"]["open"] == 20
 
     # ...the generation workers answer with both models and judge...
     engines = {}
@@ -301,17 +301,21 @@ def test_an_evaluation_compares_trained_and_base_and_promotes_past_the_gate(clie
     worker = GenerationWorker(worker_settings, db, url=settings.database_url, engine_factory=engine_factory)
     run_until(worker, all_done(db), timeout=60)
     assert set(engines) == {f"train:{train_id}", "smollm2-135m-instruct"}
+    # The base model judged; the trained model, a contestant, did not (tests/test_judges.py).
+    assert engines[f"train:{train_id}"].judged == 0 and engines["smollm2-135m-instruct"].judged == 20 * 2
     with session_scope(db) as session:
         comparisons = session.scalars(select(Comparison)).all()
-        assert len(comparisons) == 12 and all(c.p_a == pytest.approx(0.8) for c in comparisons)
+        assert len(comparisons) == 20 and all(c.p_a == pytest.approx(0.8) for c in comparisons)
         assert {c.model_a for c in comparisons} == {f"train:{train_id}"}
 
-    # ...and the next idle turn of a training worker settles it: 12 wins of 12.
+    # ...and the next idle turn of a training worker settles it: 20 wins of 20.
     asyncio.run(trainer.settle_evaluations())
     evaluation = client.get(f"/train/{train_id}").json()["evaluation"]
     assert evaluation["status"] == "done"
     win = evaluation["win_rate"]
-    assert (win["wins"], win["ties"], win["losses"], win["n"]) == (12, 0, 0, 12)
+    assert (win["wins"], win["ties"], win["losses"], win["n"]) == (20, 0, 0, 20)
+    # Every trained answer is longer by the same count: no length effect to tell from the model's.
+    assert win["length_controlled"]["length_term"] is False and win["length_controlled"]["rate"] > 0.75
     assert win["rate"] == 1.0 and win["ci95"][0] > 0.5
     assert evaluation["promotion"]["promoted"] is True
     # The constitution now generates with the trained model by default; one call undoes it.

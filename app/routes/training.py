@@ -15,7 +15,6 @@ from app.schemas import TrainJobOut
 from app.views import policy_out, train_out
 from cai_dpo.core import services
 from cai_dpo.core.constitutions import check_name
-from cai_dpo.core.errors import FieldError
 from cai_dpo.core.evaluation import EvaluationRequest
 from cai_dpo.core.pair_filter import DbId
 from cai_dpo.core.queries import evaluations as evaluation_queries
@@ -144,21 +143,10 @@ def evaluate_training(
     body: EvaluationRequest | None = None,
 ):
     """Queue an evaluation of the trained model: a win rate against its base model on held-out
-    prompts (judged in both orders), and reward accuracy on an imported preference set."""
-    job = or_404(
-        training_queries.get_training_job(session, train_id), f"train_id: no training job {train_id}"
+    prompts (judged in both orders by a judge, or a panel, that is not the trained model; raw and
+    length-controlled), and reward accuracy on an imported preference set."""
+    evaluation = services.submit_evaluation(
+        session, train_id=train_id, body=body, caller=caller, settings=request.app.state.settings
     )
-    if job.status != "succeeded":
-        raise FieldError(
-            "train_id", f"training job {train_id} is {job.status}; only a finished model is evaluated", 409
-        )
-    body = body or EvaluationRequest()
-    if body.prompts is None and not job.eval_pair_ids:
-        raise FieldError(
-            "prompts", "the job held out no pairs (eval_fraction 0): give the prompts to compare on"
-        )
-    if body.judge.model is not None:
-        services.checked_model(session, request.app.state.settings, body.judge.model, field="judge.model")
-    evaluation = evaluation_queries.create_evaluation(session, train_id, body, created_by=caller.name)
     request.state.audit_ids = {"train_id": str(train_id), "evaluation_id": str(evaluation.id)}
-    return train_out(session, job)
+    return train_out(session, _job_or_404(session, train_id))

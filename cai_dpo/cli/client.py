@@ -382,8 +382,17 @@ def follow_evaluation(client: Client, train_id: int) -> None:
     low, high = win["ci95"]
     print(
         f"win rate {win['rate']:.3f} (95% interval {low:.3f}..{high:.3f}) against the base model: "
-        f"{win['wins']} wins, {win['ties']} ties, {win['losses']} losses of {win['n']}"
+        f"{win['wins']} wins, {win['ties']} ties, {win['losses']} losses of {win['n']}, "
+        f"{win.get('failed') or 0} failed"
     )
+    if controlled := win.get("length_controlled"):
+        low, high = controlled["ci95"]
+        print(
+            f"length-controlled win rate {controlled['rate']:.3f} (95% interval {low:.3f}..{high:.3f}): "
+            "the judge's preference at no length difference, the promotion gate's figure"
+        )
+    if judges := win.get("judges"):
+        print("judged by " + ", ".join(f"{j['model']} (win rate {j['rate']:.3f})" for j in judges))
     external = (evaluation.get("reward_accuracy") or {}).get("external")
     if external:
         base, trained = external["base"]["logp"], external["trained"]["implicit_reward"]

@@ -162,6 +162,11 @@ class CompareOptions(StrictJson):
     mode: Literal["compare"] = "compare"
     baseline: str
     scorer: ScorerSpec
+    # A panel: every judge compares, P(first) is the mean of theirs (`scorer` is its first).
+    judges: list[ScorerSpec] | None = None
+
+    def panel(self) -> list[ScorerSpec]:
+        return list(self.judges) if self.judges else [self.scorer]
 
 
 class Sampling(StrictJson):

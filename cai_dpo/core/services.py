@@ -1,6 +1,6 @@
 """What a client can do to the service, each action once: submit a generation job (or the
 console's one-prompt try of an unsaved constitution), cancel or retry one, submit or cancel a
-training job, review a pair, save a constitution.
+training job, evaluate its model, review a pair, save a constitution.
 
 Each is a function of a database session and the typed request (`core/requests.py`), checks
 what exists and who may act, and raises `FieldError` naming the field (a 4xx). The API's routes
@@ -26,6 +26,7 @@ from cai_dpo.core.constitutions import (
 )
 from cai_dpo.core.db import session_scope
 from cai_dpo.core.errors import FieldError
+from cai_dpo.core.evaluation import EvaluationRequest, judge_models
 from cai_dpo.core.generation_modes import GenerationMode, SamplingRequest, ScorerSpec
 from cai_dpo.core.model_sources import ModelNotFound, check_model_name, local_model_folder
 from cai_dpo.core.queries import constitutions as constitution_queries
@@ -36,7 +37,7 @@ from cai_dpo.core.queries import reviews as review_queries
 from cai_dpo.core.queries import training as training_queries
 from cai_dpo.core.requests import GenerateRequest, ReviewIn, TrainRequest, normalize_prompts
 from cai_dpo.core.settings import Settings
-from cai_dpo.core.tables import GenerationJob, PairReview, TrainingJob
+from cai_dpo.core.tables import Evaluation, GenerationJob, PairReview, TrainingJob
 
 
 def checked_model(session: Session, settings: Settings, model: str | None, *, field: str) -> str:
@@ -235,6 +236,36 @@ def submit_training_job(
         params=body.params(),
         created_by=caller.name,
     )
+
+
+def submit_evaluation(
+    session: Session, *, train_id: int, body: EvaluationRequest | None, caller: ApiKey, settings: Settings
+) -> Evaluation:
+    """Queue an evaluation of a finished training job's model. Its judges must exist and must not
+    be the model under evaluation (`train:<id>`): a 422 naming the judge's field; a judge naming no
+    model is `CAI_JUDGE_MODEL`, else the base model, fixed when the comparison job is queued."""
+    job = training_queries.get_training_job(session, train_id)
+    if job is None:
+        raise FieldError("train_id", f"no training job {train_id}", 404)
+    if job.status != "succeeded":
+        raise FieldError(
+            "train_id", f"training job {train_id} is {job.status}; only a finished model is evaluated", 409
+        )
+    body = body or EvaluationRequest()
+    if body.prompts is None and not job.eval_pair_ids:
+        raise FieldError(
+            "prompts", "the job held out no pairs (eval_fraction 0): give the prompts to compare on"
+        )
+    base = job.base_model or settings.model
+    try:
+        judges = judge_models(body, trained=f"train:{train_id}", base=base, configured=settings.judge_model)
+    except ValueError as exc:
+        field, _, message = str(exc).partition(": ")
+        raise FieldError(field, message) from None
+    for (field, spec), judge in zip(body.judge_fields(), judges, strict=True):
+        if spec.model is not None:
+            checked_model(session, settings, judge.model, field=field)
+    return evaluation_queries.create_evaluation(session, train_id, body, created_by=caller.name)
 
 
 def cancel_training_job(session: Session, train_id: int, caller: ApiKey) -> TrainingJob:

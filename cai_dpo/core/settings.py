@@ -128,6 +128,11 @@ class Settings(BaseSettings):
     engine: Literal["vllm", "openai"] = Field(
         "vllm", description="Generation engine: in-process vLLM, or a remote OpenAI-compatible server."
     )
+    judge_model: str | None = Field(
+        None,
+        description="The judge of an evaluation that names none: a model that is neither contestant (a "
+        "prepared model, a local folder or `train:<id>`). Unset: the base model. Never the trained model.",
+    )
 
     # --- queue ---------------------------------------------------------------------------------
     lease_seconds: float = Field(60.0, gt=0, description="How long a claimed prompt or training job is held.")
@@ -251,6 +256,12 @@ class Settings(BaseSettings):
     train_policies: str = Field(
         "",
         description='Automatic training policies as JSON: `{"harmless": {"min_new_pairs": 500, ...}}`.',
+    )
+    eval_min_comparisons: int = Field(
+        20,
+        ge=1,
+        description="The promotion gate's minimum number of finished comparisons: an evaluation with fewer "
+        "never promotes, whatever its win rate.",
     )
 
     @field_validator("data_dir", "constitutions_dir", "models_dir_override", "api_keys_file")

@@ -294,9 +294,15 @@ class Comparison(Base):
     model_b: Mapped[str] = mapped_column(Text)
     answer_a: Mapped[str] = mapped_column(Text)
     answer_b: Mapped[str] = mapped_column(Text)
-    # P(answer_a preferred), the judge's ensemble over principles and both orders.
+    # P(answer_a preferred), the judge's ensemble over principles and both orders (a panel's:
+    # the mean over its judges).
     p_a: Mapped[float] = mapped_column(Float)
     preference: Mapped[dict[str, Any]]
+    # The answers' lengths in characters (the length-controlled win rate); None before 0008.
+    length_a: Mapped[int | None] = mapped_column(Integer)
+    length_b: Mapped[int | None] = mapped_column(Integer)
+    # Who judged: [{"model": ..., "p_a": ...}] per judge of the panel; None before 0008.
+    judges: Mapped[list[dict[str, Any]] | None] = mapped_column(JSONB)
     created_at: Mapped[datetime] = _now()
 
 

@@ -28,6 +28,7 @@ from workers.generation.trajectory import (
     run_trajectory,
 )
 from workers.scoring import Ranking, Scorer, rank_responses
+from workers.scoring.base import gather_all
 
 Message = dict[str, str]
 
@@ -214,31 +215,49 @@ async def ranked_pair(
 async def compare_models(
     engine: Engine,
     baseline: Engine,
-    judge: Scorer,
+    judges: Scorer | list[Scorer],
     *,
     prompt_id: int,
     messages: list[Message],
     sampling: Sampling,
     request_prefix: str,
 ) -> dict[str, Any]:
-    """Both models answer the prompt (the same seed), the judge compares: model A is `engine`'s."""
+    """Both models answer the prompt (the same seed), the judges compare: model A is `engine`'s.
+
+    Each judge of a panel asks both orders; P(A preferred) is the mean of the judges'
+    probabilities, each judge's own kept (`judges`). Lengths are the answers' characters."""
+    panel = judges if isinstance(judges, list) else [judges]
     seeded = sampling.model_copy(update={"seed": request_seed(sampling.seed, prompt_id, "answer")})
     answers = await asyncio.gather(
         engine.chat(messages, seeded, request_id=f"{request_prefix}p{prompt_id}-a"),
         baseline.chat(messages, seeded, request_id=f"{request_prefix}p{prompt_id}-b"),
     )
     answer_a, answer_b = (answer_text(r) for r in answers)
-    comparison = await judge.compare(messages, answer_a, answer_b, seed=_scoring_seed(sampling, prompt_id))
-    return {
-        "answer_a": answer_a,
-        "answer_b": answer_b,
-        "p_a": comparison.p_first,
-        "preference": {
+    seed = _scoring_seed(sampling, prompt_id)
+    comparisons = await gather_all(judge.compare(messages, answer_a, answer_b, seed=seed) for judge in panel)
+    per_judge = [
+        {
+            "model": judge.model,
+            "p_a": comparison.p_first,
             "principles": comparison.principles,
             "orders": comparison.orders,
             "details": finite(comparison.details),
-            "judge": judge.model,
+        }
+        for judge, comparison in zip(panel, comparisons, strict=True)
+    ]
+    return {
+        "answer_a": answer_a,
+        "answer_b": answer_b,
+        "p_a": math.fsum(c.p_first for c in comparisons) / len(comparisons),
+        "length_a": len(answer_a),
+        "length_b": len(answer_b),
+        "judges": [{"model": j["model"], "p_a": j["p_a"]} for j in per_judge],
+        "preference": {
+            "judge": panel[0].model if len(panel) == 1 else [judge.model for judge in panel],
+            "judges": per_judge,
             "finish_reasons": [r.finish_reason for r in answers],
+            "completion_tokens": [r.completion_tokens for r in answers],
+            "length_unit": "characters",
         },
     }
 

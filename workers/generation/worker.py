@@ -70,6 +70,7 @@ class GenerationWorker(WorkerRuntime):
         self.scorers: dict[tuple[str, str], Scorer] = {}
         # Engines of other models, started for judges that are not this worker's model.
         self.extra_engines: dict[str, Engine] = {}
+        self.extra_engines_starting = asyncio.Lock()
         self.pairs_written = 0
         self._last_tokens = (time.monotonic(), 0)
         # Set by a trajectory that found the engine down; the loop then recovers it.
@@ -249,13 +250,25 @@ class GenerationWorker(WorkerRuntime):
         return await self.db_call(complete)
 
     async def write_comparison(self, prompt: job_queries.ClaimedPrompt, options: CompareOptions) -> None:
-        """An evaluation's prompt: this worker's model and the baseline answer, the judge compares."""
+        """An evaluation's prompt: this worker's model and the baseline answer, the judges compare.
+
+        A judge is never this worker's model (the trained one, a contestant): one that names no
+        model (a job queued before judges were fixed at queue time) is the baseline's engine."""
         spec, _ = await self.constitution(prompt.constitution_version_id, prompt.constitution_hash)
-        judge = await self.scorer(options.scorer, spec, prompt.constitution_hash)
+        judges = []
+        for judge_spec in options.panel():
+            if (judge_spec.model or options.baseline) == prompt.model:
+                await self.fail(
+                    prompt, f"judge {prompt.model} is the model under evaluation", retryable=False
+                )
+                return
+            judges.append(
+                await self.scorer(judge_spec, spec, prompt.constitution_hash, default_model=options.baseline)
+            )
         result = await compare_models(
             self.engine,
             await self.engine_for(options.baseline),
-            judge,
+            judges,
             prompt_id=prompt.id,
             messages=prompt.messages,
             sampling=prompt.sampling,
@@ -298,9 +311,17 @@ class GenerationWorker(WorkerRuntime):
         )
 
     async def scorer(
-        self, spec: ScorerSpec, constitution: ConstitutionSpec, constitution_hash: str
+        self,
+        spec: ScorerSpec,
+        constitution: ConstitutionSpec,
+        constitution_hash: str,
+        *,
+        default_model: str | None = None,
     ) -> Scorer:
-        """The scorer a job names, built once per (scorer, constitution) and kept."""
+        """The scorer a job names, built once per (scorer, constitution) and kept. A judge naming
+        no model is `default_model`'s, else this worker's own."""
+        if spec.kind == "judge" and spec.model is None and default_model is not None:
+            spec = spec.model_copy(update={"model": default_model})
         key = (spec.model_dump_json(), constitution_hash)
         if key not in self.scorers:
             trained = await self.db_call(trained_model_path, spec.model) if spec.model else None
@@ -317,8 +338,10 @@ class GenerationWorker(WorkerRuntime):
         """The engine of `model`: this worker's own, or a second one started for a judge model."""
         if model is None or model == self.model:
             return self.engine
-        if model not in self.extra_engines:
-            self.extra_engines[model] = await self.start_engine(model, own=False)
+        # One start at a time: concurrent trajectories asking for the same model get one engine.
+        async with self.extra_engines_starting:
+            if model not in self.extra_engines:
+                self.extra_engines[model] = await self.start_engine(model, own=False)
         return self.extra_engines[model]
 
     async def shutdown_engines(self) -> None:

@@ -388,6 +388,7 @@ class TrainingWorker(WorkerRuntime):
             constitution_version=version,
             baseline=job.base_model or self.settings.model,
             sampling=sampling,
+            judge_model=self.settings.judge_model,
         )
         # How many of the prompts the trained model (or its base's lineage) learned from: 0 for the
         # default held-out prompts; given prompts that were trained on are listed (at most 50).
@@ -396,7 +397,9 @@ class TrainingWorker(WorkerRuntime):
         return compare_job
 
     async def settle_evaluations(self) -> None:
-        for evaluation in await self.db_call(evaluation_queries.settle_evaluations):
+        for evaluation in await self.db_call(
+            evaluation_queries.settle_evaluations, min_comparisons=self.settings.eval_min_comparisons
+        ):
             log.info(
                 "evaluation %d of training job %d: win rate %s, %s",
                 evaluation.id,

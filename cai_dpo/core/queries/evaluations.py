@@ -10,7 +10,16 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from cai_dpo.core import queue
-from cai_dpo.core.evaluation import EvaluationRequest, WinRate, promotion_decision, win_rate
+from cai_dpo.core.evaluation import (
+    BOOTSTRAP_RESAMPLES,
+    EvaluationRequest,
+    LengthControlled,
+    WinRate,
+    judge_models,
+    length_controlled_win_rate,
+    promotion_decision,
+    win_rate,
+)
 from cai_dpo.core.generation_modes import CompareOptions, Sampling
 from cai_dpo.core.queries.jobs import complete_prompts, create_generation_job
 from cai_dpo.core.tables import (
@@ -80,10 +89,14 @@ def queue_comparison_job(
     constitution_version: ConstitutionVersion,
     baseline: str,
     sampling: Sampling,
+    judge_model: str | None = None,
 ) -> GenerationJob:
     """The win-rate job: the trained model (`train:<id>`) and the baseline answer each prompt, the
-    judge compares them. Its rows go through the prompt queue like any job's."""
+    judge (or each judge of the panel) compares them. Every judge's model is fixed here: a judge
+    naming none is `judge_model` (`CAI_JUDGE_MODEL`), else the baseline; never the trained model
+    (`ValueError`). Its rows go through the prompt queue like any job's."""
     request = EvaluationRequest.model_validate(evaluation.request)
+    judges = judge_models(request, trained=f"train:{train_job.id}", base=baseline, configured=judge_model)
     job = create_generation_job(
         session,
         constitution_version=constitution_version,
@@ -94,7 +107,9 @@ def queue_comparison_job(
         prompts=prompts,
         idempotency_key=f"evaluation:{evaluation.id}",
         request_hash=None,
-        options=CompareOptions(baseline=baseline, scorer=request.judge),
+        options=CompareOptions(
+            baseline=baseline, scorer=judges[0], judges=judges if len(judges) > 1 else None
+        ),
         created_by=evaluation.created_by,
     )
     if job is None:  # queued by an earlier attempt of this evaluation: that one stands
@@ -113,26 +128,70 @@ def complete_comparison(
     )
 
 
-def comparison_summary(session: Session, job_id: int) -> dict[str, Any]:
-    """The win rate of a comparison job so far (model_a is the trained model), with its progress."""
-    p_trained = list(session.scalars(select(Comparison.p_a).where(Comparison.job_id == job_id)))
-    open_prompts = session.scalar(
-        select(func.count()).where(Prompt.job_id == job_id, Prompt.status.in_(OPEN_PROMPT_STATES))
+def comparison_summary(
+    session: Session, job_id: int, *, resamples: int = BOOTSTRAP_RESAMPLES
+) -> dict[str, Any]:
+    """The win rate of a comparison job so far (model_a is the trained model), with its progress.
+
+    `wins + ties + losses` is `n`, the comparisons that finished; with `failed` (prompts whose
+    comparison failed for good: too long for an engine, errors past the attempts), `open` (not yet
+    done) and `cancelled` it is `prompts`, every prompt of the job. `length_controlled` is the
+    length-controlled win rate (`length_controlled_win_rate`, lengths in characters), `lengths` the
+    mean answer lengths, `judges` each judge's own win rate over the comparisons it judged."""
+    rows = session.execute(
+        select(Comparison.p_a, Comparison.length_a, Comparison.length_b, Comparison.judges).where(
+            Comparison.job_id == job_id
+        )
+    ).all()
+    p_trained = [row.p_a for row in rows]
+    by_status = dict(
+        session.execute(
+            select(Prompt.status, func.count()).where(Prompt.job_id == job_id).group_by(Prompt.status)
+        ).all()
     )
-    failed = session.scalar(select(func.count()).where(Prompt.job_id == job_id, Prompt.status == "failed"))
+    open_prompts = sum(by_status.get(status, 0) for status in OPEN_PROMPT_STATES)
+    failed = by_status.get("failed", 0)
+    measured = [row for row in rows if row.length_a is not None and row.length_b is not None]
+    controlled = length_controlled_win_rate(
+        [row.p_a for row in measured],
+        [row.length_a for row in measured],
+        [row.length_b for row in measured],
+        resamples=resamples,
+    )
+    per_judge: dict[str, list[float]] = {}
+    for row in rows:
+        for judged in row.judges or []:
+            per_judge.setdefault(judged["model"], []).append(judged["p_a"])
+    lengths = (
+        {
+            "unit": "characters",
+            "mean_a": sum(row.length_a for row in measured) / len(measured),
+            "mean_b": sum(row.length_b for row in measured) / len(measured),
+            "a_longer": sum(row.length_a > row.length_b for row in measured),
+            "n": len(measured),
+        }
+        if measured
+        else None
+    )
     # Set when the job was queued (workers/training/worker.py): prompts the trained model learned from.
     in_training = (session.get(GenerationJob, job_id).job_metadata or {}).get("prompts_in_training")
     return win_rate(p_trained).to_dict() | {
         "open": open_prompts,
         "failed": failed,
+        "cancelled": by_status.get("cancelled", 0),
+        "prompts": sum(by_status.values()),
+        "length_controlled": controlled.to_dict() if controlled is not None else None,
+        "lengths": lengths,
+        "judges": [{"model": model} | win_rate(ps).to_dict() for model, ps in per_judge.items()],
         "job_id": job_id,
         "prompts_in_training": in_training,
     }
 
 
-def settle_evaluations(session: Session) -> list[Evaluation]:
+def settle_evaluations(session: Session, *, min_comparisons: int = 1) -> list[Evaluation]:
     """Finish the evaluations whose comparison job has no open prompt left: store the win rate and
-    apply the promotion gate. Rows are locked so that concurrent workers settle each once."""
+    apply the promotion gate (at least `min_comparisons` finished: `CAI_EVAL_MIN_COMPARISONS`).
+    Rows are locked so that concurrent workers settle each once."""
     waiting = session.scalars(
         select(Evaluation).where(Evaluation.status == "comparing").with_for_update(skip_locked=True)
     ).all()
@@ -144,13 +203,18 @@ def settle_evaluations(session: Session) -> list[Evaluation]:
         evaluation.win_rate = summary
         evaluation.status = "done"
         evaluation.finished_at = func.now()
-        evaluation.promotion = apply_promotion_gate(session, evaluation, summary)
+        evaluation.promotion = apply_promotion_gate(
+            session, evaluation, summary, min_comparisons=min_comparisons
+        )
         settled.append(evaluation)
     return settled
 
 
-def apply_promotion_gate(session: Session, evaluation: Evaluation, summary: dict[str, Any]) -> dict[str, Any]:
-    """Promote the trained model of an automatic job whose policy asks for it, if it clears the gate."""
+def apply_promotion_gate(
+    session: Session, evaluation: Evaluation, summary: dict[str, Any], *, min_comparisons: int = 1
+) -> dict[str, Any]:
+    """Promote the trained model of an automatic job whose policy asks for it, if it clears the gate
+    (`promotion_decision`: enough comparisons, the length-controlled win rate's lower bound)."""
     train_job = session.get(TrainingJob, evaluation.train_id)
     policy = session.get(TrainPolicy, train_job.policy) if train_job and train_job.policy else None
     if policy is None or not policy.promote:
@@ -163,7 +227,15 @@ def apply_promotion_gate(session: Session, evaluation: Evaluation, summary: dict
         rate=summary["rate"],
         ci95=tuple(summary["ci95"]),
     )
-    promoted, reason = promotion_decision(result)
+    controlled = summary.get("length_controlled")
+    promoted, reason = promotion_decision(
+        result,
+        length_controlled=LengthControlled(**controlled | {"ci95": tuple(controlled["ci95"])})
+        if controlled
+        else None,
+        min_comparisons=min_comparisons,
+        failed=summary.get("failed", 0),
+    )
     if promoted:
         promote(
             session,
