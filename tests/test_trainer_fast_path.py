@@ -17,7 +17,7 @@ from workers.training import model as model_module
 from workers.training.data import TokenizedPair, token_batches
 from workers.training.loop import TrainHooks, TrainResult, run_training
 from workers.training.model import PairForward, Runtime, Setup, default_runtime, settle_attention
-from workers.training.optim import MasterAdamW
+from workers.training.optim import MasterAdamW, param_groups
 from workers.training.ranks import Ranks
 from workers.training.step import score_pairs, score_with
 
@@ -28,7 +28,8 @@ def test_master_adamw_is_fp32_adamw_with_the_model_in_bf16():
     shapes = [(8, 16), (40,), (3, 5, 7)]
     reference = [torch.randn(shape).bfloat16().float().requires_grad_() for shape in shapes]
     model = [torch.nn.Parameter(p.detach().bfloat16()) for p in reference]
-    fp32 = torch.optim.AdamW(reference, lr=1e-2, weight_decay=0.1, fused=True)
+    # The same groups: decay on the matrices, none on the 1-D parameter (as a norm weight or a bias).
+    fp32 = torch.optim.AdamW(param_groups(reference, reference, 0.1), lr=1e-2, weight_decay=0.1, fused=True)
     mixed = MasterAdamW(model, lr=1e-2, weight_decay=0.1, group_elements=100)  # several groups
     assert len(mixed.groups) > 1
     for step in range(4):

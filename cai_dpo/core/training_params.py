@@ -24,7 +24,13 @@ class LoraParams(StrictJson):
 
     r: int = Field(16, ge=1, le=1024, description="Rank of the low-rank update matrices.")
     alpha: float = Field(32.0, gt=0, description="Scaling numerator: the update is scaled by alpha / r.")
-    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter input during training.")
+    dropout: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="peft's lora_dropout, accepted for compatibility: DPO runs with every dropout off, "
+        "the adapters' included (as TRL's disable_dropout), so it has no effect.",
+    )
     target_modules: list[str] | None = Field(
         None,
         min_length=1,

@@ -136,6 +136,16 @@ def _flex_supported(lm: nn.Module) -> bool:
     return bool(getattr(type(lm), "_supports_flex_attn", False)) and hasattr(lm, "set_attn_implementation")
 
 
+def disable_dropout(model: nn.Module) -> None:
+    """As TRL (disable_dropout=True, applied after the peft wrap): DPO compares log-probs of the same
+    model, dropout only adds noise, and the held-out metrics must not depend on the mode."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        if hasattr(module, "attention_dropout"):
+            module.attention_dropout = 0.0
+
+
 def load_model(model_path: Path, params: TrainParams, ranks: Ranks) -> tuple[nn.Module, Runtime]:
     """The model as every rank loads it, before any collective (a failure here is agreed on)."""
     from transformers import AutoModelForCausalLM
@@ -148,12 +158,6 @@ def load_model(model_path: Path, params: TrainParams, ranks: Ranks) -> tuple[nn.
     if layout != "fsdp":
         model = model.to(device)  # FSDP moves each shard to the device itself: no full copy there
     model.config.use_cache = False
-    # As TRL (disable_dropout=True): DPO compares log-probs of the same model, dropout only adds noise.
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = 0.0
-        if hasattr(module, "attention_dropout"):
-            module.attention_dropout = 0.0
     plan = _plan(model)  # refuses a model whose log-probs it cannot reproduce
     for note in plan.notes:
         log.info("%s: %s", plan.model_type, note)
@@ -187,6 +191,8 @@ def load_model(model_path: Path, params: TrainParams, ranks: Ranks) -> tuple[nn.
         # optimizer. DDP: fp32 adapters (it reduces their gradients in fp32; AdamW steps them as
         # they are).
         model = get_peft_model(model, config, autocast_adapter_dtype=not low or layout == "ddp")
+    # After the adapters exist, so theirs too (the FlexAttention path scores in train mode).
+    disable_dropout(model)
     if cuda and (runtime.flex or params.compile):
         # Pair counts and lengths vary by batch: let dynamo mark them dynamic rather than give up.
         dynamo = torch._dynamo.config

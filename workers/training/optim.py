@@ -4,6 +4,7 @@ Two implementations. `AdamW`: fused AdamW on the model's own float32 weights, pl
 FSDP2's DTensor shards (the norm is then the norm over every shard). `MasterAdamW`: a bf16 model
 with float32 master copies in the optimizer, the update rounded into the model's weights. The loop
 and the checkpoints ask only what `Optimizer` declares; `make_optimizer` picks by the weights' dtype.
+Both decay the matrices only (`param_groups`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,23 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
+
+
+def decays(param: nn.Parameter) -> bool:
+    """Weight decay for matrices only: biases, norm weights and every other 1-D (or scalar) parameter
+    take none, as in transformers' Trainer (its decay groups leave out biases and norm layers)."""
+    return param.ndim >= 2
+
+
+def param_groups(
+    tensors: list[Tensor], params: list[nn.Parameter], weight_decay: float
+) -> list[dict[str, Any]]:
+    """AdamW's groups over `tensors` (the parameters themselves, or their float32 masters), decided by
+    the matching `params`: `weight_decay` for the matrices, 0 for the rest; empty groups left out."""
+    decay = [t for t, p in zip(tensors, params, strict=True) if decays(p)]
+    no_decay = [t for t, p in zip(tensors, params, strict=True) if not decays(p)]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [group for group in groups if group["params"]]
 
 
 class Optimizer:
@@ -55,7 +73,8 @@ class AdamW(Optimizer):
 
     def __init__(self, params: list[nn.Parameter], lr: float, weight_decay: float):
         self.params = list(params)
-        self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay, fused=True)
+        groups = param_groups(self.params, self.params, weight_decay)
+        self.optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, fused=True)
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -88,7 +107,8 @@ class MasterAdamW(Optimizer):
     ):
         self.params = list(params)
         self.master_weights = [p.detach().to(torch.float32, copy=True) for p in self.params]
-        self.optimizer = torch.optim.AdamW(self.master_weights, lr=lr, weight_decay=weight_decay, fused=True)
+        groups = param_groups(self.master_weights, self.params, weight_decay)
+        self.optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, fused=True)
         self.groups: list[list[int]] = [[]]
         size = 0
         for index, param in enumerate(self.params):
