@@ -64,7 +64,9 @@ def test_a_panel_is_of_judges_and_replaces_the_single_judge():
     assert [(j.model, j.k) for j in panel.panel()] == [("a", 1), (None, 3)]
     assert EvaluationRequest().panel() == [ScorerSpec(kind="judge", k=2)]
     with pytest.raises(ValueError, match="judges"):
-        EvaluationRequest(judge={"kind": "judge", "model": "m"}, judges=[{"kind": "judge"}])
+        EvaluationRequest(judge={"kind": "judge"}, judges=[{"kind": "judge"}])
+    # As stored (every field dumped) and read back by the worker.
+    assert EvaluationRequest.model_validate(panel.model_dump(mode="json")) == panel
     with pytest.raises(ValueError, match=r"judges\.0\.kind"):
         EvaluationRequest(judges=[{"kind": "reward_model", "model": "/x"}])
 

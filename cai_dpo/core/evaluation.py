@@ -32,24 +32,34 @@ TIE_BAND = 0.05
 Z_95 = 1.959963984540054
 
 
+# The judge of an evaluation that names none (its model: `default_judge_model`).
+DEFAULT_JUDGE = ScorerSpec(kind="judge", k=2)
+
+
 class EvaluationRequest(StrictJson):
     """`POST /train/{id}/evaluate`, or a training job's `evaluation` parameters."""
 
     # `_judge_is_a_judge`, stated in the OpenAPI document.
     model_config = ConfigDict(
         extra="forbid",
-        json_schema_extra=lambda schema: schema.setdefault("allOf", []).append(
-            {
-                "properties": {
-                    "judge": {"properties": {"kind": {"const": "judge"}}},
-                    "judges": {
-                        "anyOf": [
-                            {"type": "null"},
-                            {"type": "array", "items": {"properties": {"kind": {"const": "judge"}}}},
-                        ]
-                    },
-                }
-            }
+        json_schema_extra=lambda schema: schema.setdefault("allOf", []).extend(
+            [
+                {
+                    "properties": {
+                        "judge": {"properties": {"kind": {"const": "judge"}}},
+                        "judges": {
+                            "anyOf": [
+                                {"type": "null"},
+                                {"type": "array", "items": {"properties": {"kind": {"const": "judge"}}}},
+                            ]
+                        },
+                    }
+                },
+                {  # a panel or one judge, not both
+                    "if": {"properties": {"judges": {"type": "array"}}, "required": ["judges"]},
+                    "then": {"properties": {"judge": {"type": "null"}}},
+                },
+            ]
         ),
     )
 
@@ -60,10 +70,10 @@ class EvaluationRequest(StrictJson):
         description="Held-out prompts for the win rate. Default: the prompts of the job's held-out pairs.",
     )
     max_prompts: int = Field(64, ge=1, le=2000, description="At most this many of the held-out prompts.")
-    judge: ScorerSpec = Field(
-        default_factory=lambda: ScorerSpec(kind="judge", k=2),
-        description="The judge comparing the answers (default model: `CAI_JUDGE_MODEL`, else the base "
-        "model; never the trained model; 2 principles per comparison, both orders).",
+    judge: ScorerSpec | None = Field(
+        None,
+        description="The judge comparing the answers, both orders (default: `{kind: judge, k: 2}`; its "
+        "model by default `CAI_JUDGE_MODEL`, else the base model; never the trained model).",
     )
     judges: list[ScorerSpec] | None = Field(
         None,
@@ -88,10 +98,10 @@ class EvaluationRequest(StrictJson):
 
     @model_validator(mode="after")
     def _judge_is_a_judge(self) -> EvaluationRequest:
-        if self.judge.kind != "judge":
+        if self.judge is not None and self.judge.kind != "judge":
             raise ValueError("judge.kind: the win rate is judged by a judge")
         if self.judges is not None:
-            if self.judge != ScorerSpec(kind="judge", k=2):  # the default: not given
+            if self.judge is not None:
                 raise ValueError("judges: give `judge` or a panel of `judges`, not both")
             for i, judge in enumerate(self.judges):
                 if judge.kind != "judge":
@@ -100,12 +110,12 @@ class EvaluationRequest(StrictJson):
 
     def panel(self) -> list[ScorerSpec]:
         """The judges of this evaluation as asked for (a model of None: the default judge)."""
-        return list(self.judges) if self.judges is not None else [self.judge]
+        return [spec for _, spec in self.judge_fields()]
 
     def judge_fields(self) -> list[tuple[str, ScorerSpec]]:
         """Each judge with the field that names it (for errors)."""
         if self.judges is None:
-            return [("judge.model", self.judge)]
+            return [("judge.model", self.judge or DEFAULT_JUDGE)]
         return [(f"judges.{i}.model", judge) for i, judge in enumerate(self.judges)]
 
 
