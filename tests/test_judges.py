@@ -327,3 +327,48 @@ def test_too_few_comparisons_never_promote(client, settings, db, tmp_path):
     assert evaluation["win_rate"]["wins"] == 4
     assert evaluation["promotion"]["promoted"] is False
     assert "fewer than the minimum 5 (CAI_EVAL_MIN_COMPARISONS)" in evaluation["promotion"]["reason"]
+
+
+@pytest.mark.db
+def test_the_worker_never_asks_the_trained_model_to_judge_even_for_a_job_that_names_no_judge(
+    settings, db, tmp_path
+):
+    """Comparison jobs queued before judges were fixed at queue time name none: the worker takes
+    the baseline's engine, not its own; one whose judge is the trained model fails, unjudged."""
+    from cai_dpo.core.generation_modes import CompareOptions, Sampling
+    from cai_dpo.core.queries.jobs import create_generation_job
+    from tests.test_quality_loop import _any_version
+
+    train_id = succeeded_training_job(db, tmp_path)
+    trained = f"train:{train_id}"
+    with session_scope(db) as session:
+        for n, judge in enumerate([ScorerSpec(kind="judge"), ScorerSpec(kind="judge", model=trained)]):
+            create_generation_job(
+                session,
+                constitution_version=_any_version(session, settings),
+                model=trained,
+                revisions=1,
+                sampling=Sampling(temperature=0.7, top_p=0.95, max_tokens=8, seed=0),
+                metadata={},
+                prompts=[[{"role": "user", "content": f"q{n}"}]],
+                idempotency_key=None,
+                request_hash=None,
+                options=CompareOptions(baseline=BASE, scorer=judge),
+            )
+    engines: dict[str, Contestant] = {}
+
+    def engine_factory(settings_, model, trained_path):
+        engines[model] = Contestant(model)
+        return engines[model]
+
+    worker_settings = settings.model_copy(update={"model": trained, "max_in_flight": 4, "poll_seconds": 0.1})
+    worker = GenerationWorker(worker_settings, db, url=settings.database_url, engine_factory=engine_factory)
+    run_until(
+        worker,
+        lambda: bool(statuses(db)) and all(s in ("done", "failed") for s, _, _ in statuses(db).values()),
+        timeout=60,
+    )
+    assert engines[trained].judged == 0 and engines[BASE].judged == 2  # one principle, both orders
+    (comparison,) = comparisons(db)
+    assert comparison.preference["judge"] == BASE
+    assert sorted(status for status, _, _ in statuses(db).values()) == ["done", "failed"]
