@@ -352,7 +352,8 @@ def test_evaluate_waits_and_prints_the_win_rate_interval_and_counts(api):
             "win_rate": {"n": 4, "failed": 1, "open": 0, "rate": 0.625, "ci95": [0.306, 0.863],
                          "wins": 2, "ties": 1, "losses": 1,
                          "length_controlled": {"rate": 0.52, "ci95": [0.2, 0.8]},
-                         "judges": [{"model": "judge-a", "rate": 0.625}]},
+                         "judges": [{"model": "judge-a", "rate": 0.625}],
+                         "prompts_in_training": {"n": 0, "prompts": []}},
             "reward_accuracy": {"external": {
                 "n_pairs": 64, "base": {"logp": {"accuracy": 0.5}},
                 "trained": {"implicit_reward": {"accuracy": 0.625, "mean_margin": 0.1}}}},
@@ -369,5 +370,6 @@ def test_evaluate_waits_and_prints_the_win_rate_interval_and_counts(api):
     )
     assert "length-controlled win rate 0.520 (95% interval 0.200..0.800)" in result.stdout
     assert "judged by judge-a (win rate 0.625)" in result.stdout
+    assert "0 of the compared prompts are prompts of the model's training pairs\n" in result.stdout
     assert "reward accuracy on 64 external pairs: base 0.500, trained 0.625" in result.stdout
     assert "promotion: no (no training policy with promote: true)" in result.stdout

@@ -185,6 +185,8 @@ def test_two_rounds_over_the_same_prompts_train_on_no_held_out_prompt(client, se
     assert given["prompts_in_training"] == {"n": 1, "prompts": [user(seen)]}
     state = client.get(f"/train/{second}").json()["evaluation"]
     assert state["win_rate"]["prompts_in_training"]["n"] == 1
+    page = client.get(f"/ui/train/{second}").text  # the console's run page says it too
+    assert "training pairs: <strong>1</strong> (they measure what it learned" in page
 
     # The export's split is the training split at the same fraction.
     def exported(split: str) -> set[int]:

@@ -393,6 +393,9 @@ def follow_evaluation(client: Client, train_id: int) -> None:
         )
     if judges := win.get("judges"):
         print("judged by " + ", ".join(f"{j['model']} (win rate {j['rate']:.3f})" for j in judges))
+    if seen := win.get("prompts_in_training"):
+        note = "" if seen["n"] == 0 else ": they measure what the model learned, not how it generalises"
+        print(f"{seen['n']} of the compared prompts are prompts of the model's training pairs{note}")
     external = (evaluation.get("reward_accuracy") or {}).get("external")
     if external:
         base, trained = external["base"]["logp"], external["trained"]["implicit_reward"]
