@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -65,6 +66,21 @@ def running_service(*, workers: bool = False, env: dict[str, str] | None = None,
         finally:
             proc.terminate()
             proc.wait(timeout=120)
+            stop_embedded_postgres(Path(data))
+
+
+def stop_embedded_postgres(data: Path, timeout: float = 30) -> None:
+    """A fast shutdown of the server in `data/postgres` if it still runs: pgserver stops it only when
+    every process that joined it exits normally, and a worker killed by a signal never does; left
+    running, it would outlive its folder, removed next."""
+    from cai_dpo.core.db import embedded_postgres_pid
+
+    if (pid := embedded_postgres_pid(data)) is None:
+        return
+    os.kill(pid, signal.SIGINT)
+    deadline = time.monotonic() + timeout
+    while embedded_postgres_pid(data) is not None and time.monotonic() < deadline:
+        time.sleep(0.2)
 
 
 def insert_bench_pairs(db_url: str, n: int) -> None:
