@@ -125,6 +125,11 @@ class PairOut(BaseModel):
         None, description="p_chosen, scorer, model, principles, orders: how a scorer judged the pair."
     )
     margin: float | None = Field(None, description="log(p_chosen / (1 - p_chosen)).")
+    length_ratio: float | None = Field(
+        None,
+        description="Characters of chosen / characters of rejected, as generated (None: rejected is "
+        "empty). Filter with min_length_ratio / max_length_ratio.",
+    )
     principles: list[str] = Field(default_factory=list)
     trajectory: dict[str, Any] | None = None
     sampling: dict[str, Any] | None = None

@@ -87,6 +87,21 @@ class PairFilter(StrictJson):
         description="Pairs the scorer preferred by at least this margin: log(p / (1 - p)) of the chosen "
         "answer (0: indifferent; 1: p = 0.73; 2: p = 0.88). Pairs no scorer judged are left out.",
     )
+    min_length_ratio: float | None = Field(
+        None,
+        ge=0,
+        le=1e6,
+        description="Pairs whose chosen answer has at least this many times the characters of the "
+        "rejected one (`length_ratio`).",
+    )
+    max_length_ratio: float | None = Field(
+        None,
+        ge=0,
+        le=1e6,
+        description="Pairs whose chosen answer has at most this many times the characters of the "
+        "rejected one (`length_ratio`; 1.5: at most half as long again). Judges favour longer answers, "
+        "so a cap keeps pairs that teach length out. Pairs with an empty rejected answer are left out.",
+    )
     review: Review = Field(
         "any",
         description="Human review: `approved` or `rejected` (by the latest review of the pair), "
@@ -135,6 +150,10 @@ def pair_conditions(
         conditions.append(Pair.scorer == f.scorer)
     if f.min_margin is not None:
         conditions.append(Pair.margin >= f.min_margin)
+    if f.min_length_ratio is not None:
+        conditions.append(Pair.length_ratio >= f.min_length_ratio)
+    if f.max_length_ratio is not None:
+        conditions.append(Pair.length_ratio <= f.max_length_ratio)
     if f.review != "any":
         # An alias of its own: a query that joins the latest review itself (the export) stays apart.
         reviews = aliased(PairReview, name="filter_reviews")

@@ -163,6 +163,12 @@ class Pair(Base):
     preference: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
     scorer: Mapped[str | None] = mapped_column(String(16))
     margin: Mapped[float | None] = mapped_column(Float)
+    # Characters of chosen over characters of rejected (NULL where rejected is empty), derived by
+    # Postgres: judges favour longer answers, and `max_length_ratio` caps what a pair teaches by it.
+    length_ratio: Mapped[float | None] = mapped_column(
+        Float,
+        Computed("char_length(chosen)::double precision / NULLIF(char_length(rejected), 0)", persisted=True),
+    )
     pair_metadata: Mapped[dict[str, Any]] = mapped_column(
         "metadata", JSONB, server_default=text("'{}'::jsonb")
     )
