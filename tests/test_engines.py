@@ -610,10 +610,12 @@ def test_make_engine_picks_the_engine_from_settings(bundled_model_path):
             vllm_max_num_batched_tokens=8192,
             vllm_data_parallel_size=2,
             vllm_tensor_parallel_size=2,
+            vllm_load_format="dummy",
         ),
         str(bundled_model_path),
     )
     assert (tuned._max_num_seqs, tuned._max_num_batched_tokens) == (512, 8192)
+    assert local._load_format == "auto" and tuned._load_format == "dummy"
     assert (tuned._data_parallel_size, tuned._tensor_parallel_size) == (2, 2)
 
 

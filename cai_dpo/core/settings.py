@@ -224,6 +224,11 @@ class Settings(BaseSettings):
         "auto",
         description="vLLM weights dtype. `auto`: the model's, but float32 on CPUs without AVX512-BF16.",
     )
+    vllm_load_format: Literal["auto", "dummy"] = Field(
+        "auto",
+        description="How vLLM loads the weights: `auto` from the model's files; `dummy` fills them with "
+        "random values and reads none (throughput benchmarks at a model's shape: bench/generation.py).",
+    )
     vllm_kv_cache_gib: float | None = Field(
         None,
         gt=0,

@@ -79,6 +79,7 @@ def make_engine(settings: Settings, model: str, trained_path: str | None = None)
         enforce_eager=settings.vllm_enforce_eager,
         kv_cache_memory_bytes=int(settings.vllm_kv_cache_gib * 2**30) if settings.vllm_kv_cache_gib else None,
         dtype=settings.vllm_dtype,
+        load_format=settings.vllm_load_format,
         max_num_seqs=settings.vllm_max_num_seqs,
         max_num_batched_tokens=settings.vllm_max_num_batched_tokens,
         data_parallel_size=settings.vllm_data_parallel_size,

@@ -56,6 +56,7 @@ class VLLMEngine:
         enforce_eager: bool | None = None,
         kv_cache_memory_bytes: int | None = None,
         dtype: str = "auto",
+        load_format: str = "auto",
         max_num_seqs: int | None = None,
         max_num_batched_tokens: int | None = None,
         data_parallel_size: int = 1,
@@ -68,6 +69,7 @@ class VLLMEngine:
         self._enforce_eager = enforce_eager
         self._kv_cache_memory_bytes = kv_cache_memory_bytes
         self._dtype = dtype
+        self._load_format = load_format
         self._max_num_seqs = max_num_seqs
         self._max_num_batched_tokens = max_num_batched_tokens
         self._data_parallel_size = data_parallel_size
@@ -119,6 +121,7 @@ class VLLMEngine:
             enable_prefix_caching=True,
             kv_cache_memory_bytes=self._kv_cache_memory_bytes,
             dtype=self.dtype,
+            load_format=self._load_format,
             # On a GPU, on (vLLM 0.32's default for generating models, said here so that it stays
             # on): long prefills are split into chunks batched with the running decodes, so new
             # conversations never stall the batch. On the CPU, off: a prefill split across engine
