@@ -158,7 +158,22 @@ class ExportQuery(PairFilter):
 
     model_config = ConfigDict(strict=False)  # a query string carries text only
 
-    format: Literal["jsonl", "parquet"] = "jsonl"
+    format: Literal["jsonl", "parquet", "hf"] = Field(
+        "jsonl",
+        description="`jsonl`, `parquet`, or `hf`: a Hugging Face Hub dataset folder as a tar stream "
+        "(`data/train-*.parquet`, `data/test-*.parquet` split by prompt at `test_fraction` and sharded "
+        "by `shard_mb`, and a README.md dataset card saying how the data was made).",
+    )
+    license: str = Field(
+        "other",
+        min_length=1,
+        max_length=64,
+        pattern=r"^[a-z0-9][a-z0-9.+-]*$",
+        description="`format=hf`: the card's license, a Hub license id (apache-2.0, mit, cc-by-4.0, other).",
+    )
+    shard_mb: float = Field(
+        500, gt=0, le=10_000, description="`format=hf`: megabytes of Parquet per shard, at most (about)."
+    )
     style: Literal["standard", "conversational"] = Field(
         "conversational", description="TRL's standard (strings) or conversational (messages) rows."
     )
@@ -168,7 +183,11 @@ class ExportQuery(PairFilter):
         "is on one side, the same side as in a training job with `eval_fraction` = `test_fraction`.",
     )
     test_fraction: float = Field(0.1, ge=0, le=1, description="Share of prompts in the test split.")
-    metadata: bool = Field(False, description="Add id, constitution, principles, source, flags, ...")
+    metadata: bool = Field(
+        False,
+        description="Add prompt_id, messages, score_chosen, score_rejected, chosen_model, "
+        "rejected_model, id, constitution, principles, source, flags, ... (always in `format=hf`).",
+    )
 
 
 class PairPage(BaseModel):

@@ -63,7 +63,7 @@ def test_parameters_carry_no_json_null_and_bodies_their_media_types():
     assert "application/x-ndjson" in bodies["POST", "/datasets/import"]
     assert "multipart/form-data" in bodies["POST", "/datasets/import"]
     export = doc["paths"]["/export"]["get"]["responses"]["200"]["content"]
-    assert set(export) == {"application/x-ndjson", "application/vnd.apache.parquet"}
+    assert set(export) == {"application/x-ndjson", "application/vnd.apache.parquet", "application/x-tar"}
 
 
 def test_the_settings_limits_are_stated():

@@ -8,6 +8,8 @@ import functools
 import hashlib
 import inspect
 import json
+import shutil
+import tarfile
 import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
@@ -235,7 +237,9 @@ def pair_filter_options(command: Callable[..., None]) -> Callable[..., None]:
 
 @pair_filter_options
 def export(
-    out: Annotated[Path, typer.Option(help="File to write; replaced once the export is complete.")],
+    out: Annotated[
+        Path | None, typer.Option(help="File to write; replaced once the export is complete.")
+    ] = None,
     format: Annotated[Literal["jsonl", "parquet"], typer.Option()] = "jsonl",
     style: Annotated[
         Literal["standard", "conversational"], typer.Option(help="TRL's row style.")
@@ -246,17 +250,54 @@ def export(
     ] = "all",
     test_fraction: Annotated[float | None, typer.Option(min=0, max=1, help="Default: 0.1.")] = None,
     metadata: Annotated[bool, typer.Option("--metadata", help="Add id, constitution, flags, ...")] = False,
+    hf_folder: Annotated[
+        Path | None,
+        typer.Option(
+            help="Write a Hugging Face Hub dataset folder instead (data/<split>-*.parquet split by "
+            "prompt, and a README.md dataset card); replaced once complete. `datasets.load_dataset(DIR)`."
+        ),
+    ] = None,
+    license: Annotated[
+        str | None, typer.Option(help="--hf-folder: the card's license id. Default: other.")
+    ] = None,
+    shard_mb: Annotated[
+        float | None, typer.Option(help="--hf-folder: MB per Parquet shard. Default: 500.")
+    ] = None,
+    push_to_hub: Annotated[
+        str | None,
+        typer.Option(
+            metavar="ORG/NAME",
+            help="--hf-folder: then upload the folder as this Hub dataset (huggingface_hub; needs HF_TOKEN "
+            "or a `hf auth login` token).",
+        ),
+    ] = None,
     url: Url = None,
     api_key: ApiKey = None,
     *,
     pair_filter: PairFilter,
 ) -> None:
-    """Download the dataset (TRL-ready JSONL or Parquet)."""
-    params = {"format": format, "style": style, "split": split, "metadata": metadata}
+    """Download the dataset (TRL-ready JSONL or Parquet, or a Hub dataset folder with its card)."""
+    if (out is None) == (hf_folder is None):
+        raise SystemExit("give --out FILE or --hf-folder DIR (one of them)")
+    if push_to_hub is not None and hf_folder is None:
+        raise SystemExit("--push-to-hub uploads the --hf-folder: give --hf-folder DIR")
+    if hf_folder is None and (license is not None or shard_mb is not None):
+        raise SystemExit("--license and --shard-mb are options of --hf-folder")
+    if push_to_hub is not None:
+        hub_token()  # before the export, not after it
+    params: dict[str, Any] = {"style": style}
+    if hf_folder is not None:
+        params["format"] = "hf"
+        params |= {"license": license} if license is not None else {}
+        params |= {"shard_mb": shard_mb} if shard_mb is not None else {}
+    else:
+        params |= {"format": format, "split": split, "metadata": metadata}
     params |= (
         {"test_fraction": test_fraction} if test_fraction is not None else {}
     ) | pair_filter.described()
-    partial = out.with_name(f".{out.name}.partial")
+    target = hf_folder if hf_folder is not None else out
+    assert target is not None
+    partial = target.with_name(f".{target.name}.partial")
     # Written aside and renamed at the end: an interrupted export never leaves a truncated file behind.
     with (
         Client(url, api_key).stream("GET", "/export", params=params) as response,
@@ -264,8 +305,55 @@ def export(
     ):
         for chunk in response.iter_bytes():
             handle.write(chunk)
-    partial.replace(out)
-    print(f"wrote {out} ({out.stat().st_size} bytes)")
+    if hf_folder is None:
+        partial.replace(target)
+        print(f"wrote {target} ({target.stat().st_size} bytes)")
+        return
+    unpack_hub_folder(partial, hf_folder)
+    files = sorted(p.relative_to(hf_folder).as_posix() for p in hf_folder.rglob("*") if p.is_file())
+    print(f"wrote {hf_folder}: {', '.join(files)}")
+    if push_to_hub is not None:
+        print(f"uploaded to {upload_folder(hf_folder, push_to_hub)}")
+
+
+def unpack_hub_folder(tar_path: Path, folder: Path) -> None:
+    """The export's tar (one folder, `pairs/`) unpacked beside `folder`, then put in its place."""
+    staging = folder.with_name(f".{folder.name}.unpacking")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        with tarfile.open(tar_path) as tar:
+            tar.extractall(staging, filter="data")
+        if folder.exists():
+            shutil.rmtree(folder)
+        (staging / "pairs").replace(folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        tar_path.unlink(missing_ok=True)
+
+
+def hub_token() -> str:
+    try:
+        import huggingface_hub
+    except ImportError:  # pragma: no cover - it is in the lock file
+        raise SystemExit("--push-to-hub needs huggingface_hub (pip install huggingface_hub)") from None
+    token = huggingface_hub.get_token()
+    if not token:
+        raise SystemExit("--push-to-hub: no Hugging Face token (set HF_TOKEN or run `hf auth login`)")
+    return token
+
+
+def upload_folder(folder: Path, repo_id: str) -> str:
+    """Create the Hub dataset repository if need be and upload the folder (card and shards)."""
+    from huggingface_hub import HfApi
+
+    card = folder / "README.md"  # its load snippet names the repository now
+    card.write_text(
+        card.read_text().replace('load_dataset("path/to/this/folder")', f'load_dataset("{repo_id}")')
+    )
+    api = HfApi(token=hub_token())
+    api.create_repo(repo_id, repo_type="dataset", exist_ok=True)
+    api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="dataset")
+    return f"https://huggingface.co/datasets/{repo_id}"
 
 
 def jobs(

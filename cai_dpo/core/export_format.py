@@ -30,6 +30,20 @@ def prompt_key(messages: str | list[dict[str, str]]) -> bytes:
     return hashlib.sha256(b"cai-dpo-prompt-split:" + json.dumps(turns, ensure_ascii=False).encode()).digest()
 
 
+def prompt_id(messages: str | list[dict[str, str]]) -> str:
+    """The hex sha256 of a prompt's normalised text, the `prompt_id` UltraFeedback-binarized and
+    distilabel datasets carry: a single user turn is its text with whitespace runs collapsed (so a
+    plain prompt gets the id those datasets give it), a longer prompt its roles and contents as JSON."""
+    if isinstance(messages, str):
+        messages = [{"role": "user", "content": messages}]
+    if len(messages) == 1 and messages[0]["role"] == "user":
+        text = " ".join(messages[0]["content"].split())
+    else:
+        turns = [[m["role"].strip().lower(), " ".join(m["content"].split())] for m in messages]
+        text = json.dumps(turns, ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def key_split(key: bytes, test_fraction: float) -> Literal["train", "test"]:
     """The side of a `prompt_key`: a prompt is `test` at a fraction iff it is at every larger one."""
     return "test" if int.from_bytes(key[:8], "big") / 2**64 < test_fraction else "train"
@@ -68,7 +82,12 @@ def export_row(row: Any, *, style: Style, metadata: bool) -> dict[str, Any]:
     else:
         out = {"prompt": prompt_text(row.prompt), "chosen": row.chosen, "rejected": row.rejected}
     if metadata:
+        extra = getattr(row, "pair_metadata", None) or {}
         out |= {
+            "prompt_id": prompt_id(row.prompt),
+            # The chosen conversation: the SFT target of the pair (TRL's and the Hub's `messages`).
+            "messages": [{"role": m["role"], "content": m["content"]} for m in row.prompt]
+            + [{"role": "assistant", "content": row.chosen}],
             "id": row.id,
             "source": row.source,
             "constitution": row.constitution_name,
@@ -76,6 +95,9 @@ def export_row(row: Any, *, style: Style, metadata: bool) -> dict[str, Any]:
             "principles": list(row.principles or []),
             "flags": list(row.flags or []),
             "model": row.model,
+            # Both answers of a generated pair come from the job's model; an import may name each.
+            "chosen_model": extra.get("chosen_model") or row.model,
+            "rejected_model": extra.get("rejected_model") or row.model,
             "job_id": row.job_id,
             # The names UltraFeedback-style datasets use; None where no scorer judged the pair.
             "score_chosen": (row.scores or {}).get("chosen"),
@@ -108,6 +130,8 @@ def parquet_schema(style: Style, metadata: bool) -> pa.Schema:
     fields = [("prompt", text), ("chosen", text), ("rejected", text)]
     if metadata:
         fields += [
+            ("prompt_id", pa.string()),
+            ("messages", _MESSAGES),
             ("id", pa.int64()),
             ("source", pa.string()),
             ("constitution", pa.string()),
@@ -115,6 +139,8 @@ def parquet_schema(style: Style, metadata: bool) -> pa.Schema:
             ("principles", pa.list_(pa.string())),
             ("flags", pa.list_(pa.string())),
             ("model", pa.string()),
+            ("chosen_model", pa.string()),
+            ("rejected_model", pa.string()),
             ("job_id", pa.int64()),
             ("score_chosen", pa.float64()),
             ("score_rejected", pa.float64()),

@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
 from cai_dpo.core.pair_filter import PairFilter, filtered
-from cai_dpo.core.tables import ConstitutionVersion, DatasetImport, Pair, PairReview
+from cai_dpo.core.tables import ConstitutionVersion, DatasetImport, GenerationJob, Pair, PairReview
 
 
 def _pairs_with_version() -> Select:
@@ -68,6 +68,7 @@ _EXPORT_COLUMNS = (
     Pair.margin,
     ConstitutionVersion.content_hash.label("constitution_version"),
     PairReview.status.label("review"),
+    Pair.pair_metadata,
 )
 
 
@@ -155,3 +156,35 @@ def insert_imported_pairs(
 
 def find_import_by_idempotency_key(session: Session, key: str) -> DatasetImport | None:
     return session.scalars(select(DatasetImport).where(DatasetImport.idempotency_key == key)).one_or_none()
+
+
+def export_provenance(
+    session: Session, f: PairFilter, *, versions: Iterable[str], job_ids: Iterable[int]
+) -> dict[str, Any]:
+    """What a dataset card says of how the exported pairs were made: the constitution versions
+    (full text), the generation jobs (mode, revisions, sampling), and the quality flags among the
+    pairs the filter matches with flagged pairs included (what a default export leaves out)."""
+    constitutions = [
+        {"name": name, "version": content_hash, "body": body}
+        for name, content_hash, body in session.execute(
+            select(ConstitutionVersion.name, ConstitutionVersion.content_hash, ConstitutionVersion.body)
+            .where(ConstitutionVersion.content_hash.in_(sorted(set(versions))))
+            .order_by(ConstitutionVersion.id)
+        )
+    ]
+    jobs = [
+        {
+            "job_id": job.id,
+            "model": job.model,
+            "mode": (job.options or {}).get("mode", "revise"),
+            "revisions": job.revisions,
+            "sampling": job.sampling,
+        }
+        for job in session.scalars(
+            select(GenerationJob).where(GenerationJob.id.in_(sorted(set(job_ids)))).order_by(GenerationJob.id)
+        )
+    ]
+    with_flagged = f.model_copy(update={"include_flagged": True, "flag": None})
+    flagged = filtered(select(func.unnest(Pair.flags).label("flag")), with_flagged).subquery()
+    flags = dict(session.execute(select(flagged.c.flag, func.count()).group_by(flagged.c.flag)).all())
+    return {"constitutions": constitutions, "jobs": jobs, "flag_counts": flags}
