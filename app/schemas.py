@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from cai_dpo.core.generation_modes import CompareOptions, GenerationMode, Sampling
 from cai_dpo.core.pair_filter import PairFilter
@@ -174,8 +174,11 @@ class ExportQuery(PairFilter):
     shard_mb: float = Field(
         500, gt=0, le=10_000, description="`format=hf`: megabytes of Parquet per shard, at most (about)."
     )
-    style: Literal["standard", "conversational"] = Field(
-        "conversational", description="TRL's standard (strings) or conversational (messages) rows."
+    style: Literal["standard", "conversational", "openai"] = Field(
+        "conversational",
+        description="TRL's standard (strings) or conversational (messages) rows, or `openai`: OpenAI's "
+        "preference fine-tuning JSONL (`input.messages`, `preferred_output`, `non_preferred_output`; "
+        "`format=jsonl` only, no metadata fields).",
     )
     split: Literal["train", "test", "all"] = Field(
         "all",
@@ -188,6 +191,13 @@ class ExportQuery(PairFilter):
         description="Add prompt_id, messages, score_chosen, score_rejected, chosen_model, "
         "rejected_model, id, constitution, principles, source, flags, ... (always in `format=hf`).",
     )
+
+    @field_validator("style")
+    @classmethod
+    def _openai_is_jsonl(cls, style: str, info: ValidationInfo) -> str:
+        if style == "openai" and info.data.get("format", "jsonl") != "jsonl":
+            raise ValueError("style=openai is a JSON Lines format: use format=jsonl")
+        return style
 
 
 class PairPage(BaseModel):

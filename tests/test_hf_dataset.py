@@ -274,3 +274,62 @@ def _fake_api(monkeypatch):
     monkeypatch.setattr(httpx, "Client", lambda **kw: real_client(transport=httpx.MockTransport(fake), **kw))
     monkeypatch.setattr(cli_client, "POLL_SECONDS", 0)
     return fake
+
+
+# --- OpenAI's preference fine-tuning JSONL: `style=openai`, and the import reads it -----------------
+
+
+@pytest.mark.unit
+def test_parse_openai_preference_line():
+    from cai_dpo.core.pair_import import RowError, parse_pair
+
+    line = {
+        "input": {"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}]},
+        "preferred_output": [{"role": "assistant", "content": "good"}],
+        "non_preferred_output": [{"role": "assistant", "content": "bad"}],
+    }
+    pair = parse_pair(line)
+    assert (pair.prompt[-1], pair.chosen, pair.rejected, pair.format) == (
+        {"role": "user", "content": "Q"},
+        "good",
+        "bad",
+        "openai",
+    )
+    with pytest.raises(RowError, match="^non_preferred_output: missing"):
+        parse_pair({k: v for k, v in line.items() if k != "non_preferred_output"})
+    with pytest.raises(RowError, match="^input.messages: expected"):
+        parse_pair(line | {"input": {"messages": []}})
+    with pytest.raises(RowError, match="^preferred_output: expected exactly one assistant"):
+        parse_pair(line | {"preferred_output": [{"role": "user", "content": "x"}]})
+
+
+@pytest.mark.db
+def test_openai_style_export_and_its_import_round_trip(client, db):
+    import json
+
+    insert_pairs(db, 5)
+    response = client.get("/export", params={"style": "openai", "metadata": True})
+    assert response.status_code == 200
+    lines = response.text.splitlines()
+    assert json.loads(lines[0]) == {
+        "input": {"messages": [{"role": "user", "content": "prompt 1"}]},
+        "preferred_output": [{"role": "assistant", "content": "chosen 1"}],
+        "non_preferred_output": [{"role": "assistant", "content": "rejected 1"}],
+    }
+    imported = client.post(
+        "/datasets/import",
+        content=response.content,
+        headers={"content-type": "application/x-ndjson"},
+        params={"source": "openai-file"},
+    )
+    assert imported.status_code == 201, imported.text
+    assert imported.json()["n_pairs"] == 5 and imported.json()["formats"] == ["openai"]
+    again = client.get("/export", params={"style": "openai", "source": "openai-file"})
+    assert again.text == response.text
+
+
+@pytest.mark.db
+@pytest.mark.parametrize("fmt", ["parquet", "hf"])
+def test_openai_style_is_jsonl_only(client, fmt):
+    response = client.get("/export", params={"style": "openai", "format": fmt})
+    assert response.status_code == 422 and response.json()["detail"].startswith("style:")

@@ -1,4 +1,5 @@
-"""`POST /datasets/import`: preference pairs from JSONL (TRL standard/conversational, or HH-RLHF).
+"""`POST /datasets/import`: preference pairs from JSONL (TRL standard/conversational, HH-RLHF, or
+OpenAI preference fine-tuning lines).
 
 The upload is read as a stream and parsed line by line; it is all or nothing (a file with a bad
 row imports no row). With an `Idempotency-Key`, a retried upload returns the first import instead

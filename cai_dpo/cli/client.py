@@ -242,7 +242,8 @@ def export(
     ] = None,
     format: Annotated[Literal["jsonl", "parquet"], typer.Option()] = "jsonl",
     style: Annotated[
-        Literal["standard", "conversational"], typer.Option(help="TRL's row style.")
+        Literal["standard", "conversational", "openai"],
+        typer.Option(help="TRL's row style, or openai (OpenAI preference fine-tuning JSONL)."),
     ] = "conversational",
     split: Annotated[
         Literal["train", "test", "all"],
@@ -283,6 +284,8 @@ def export(
         raise SystemExit("--push-to-hub uploads the --hf-folder: give --hf-folder DIR")
     if hf_folder is None and (license is not None or shard_mb is not None):
         raise SystemExit("--license and --shard-mb are options of --hf-folder")
+    if style == "openai" and (hf_folder is not None or format != "jsonl"):
+        raise SystemExit("--style openai is a JSON Lines format: --format jsonl, not --hf-folder")
     if push_to_hub is not None:
         hub_token()  # before the export, not after it
     params: dict[str, Any] = {"style": style}

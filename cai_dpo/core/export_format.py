@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 Style = Literal["standard", "conversational"]
+ExportStyle = Literal["standard", "conversational", "openai"]
 Split = Literal["train", "test", "all"]
 
 _ROLE_NAMES = {"user": "Human", "assistant": "Assistant", "system": "System"}
@@ -71,8 +72,21 @@ def prompt_text(messages: list[dict[str, str]]) -> str:
     return turns + "\n\nAssistant:"
 
 
-def export_row(row: Any, *, style: Style, metadata: bool) -> dict[str, Any]:
-    """One TRL DPO example from a pair row (an object with the `stream_pairs` columns)."""
+def openai_row(prompt: list[dict[str, str]], chosen: str, rejected: str) -> dict[str, Any]:
+    """One line of OpenAI's preference fine-tuning JSONL (DPO): the prompt's messages as `input`,
+    the chosen and rejected answers as one assistant message each."""
+    return {
+        "input": {"messages": [{"role": m["role"], "content": m["content"]} for m in prompt]},
+        "preferred_output": [{"role": "assistant", "content": chosen}],
+        "non_preferred_output": [{"role": "assistant", "content": rejected}],
+    }
+
+
+def export_row(row: Any, *, style: ExportStyle, metadata: bool) -> dict[str, Any]:
+    """One TRL DPO example from a pair row (an object with the `stream_pairs` columns), or with
+    `style="openai"` one OpenAI preference fine-tuning line (which takes no other field: no metadata)."""
+    if style == "openai":
+        return openai_row(row.prompt, row.chosen, row.rejected)
     if style == "conversational":
         out: dict[str, Any] = {
             "prompt": [{"role": m["role"], "content": m["content"]} for m in row.prompt],

@@ -1,4 +1,5 @@
-"""Parsing imported preference pairs: TRL standard or conversational rows, or HH-RLHF transcripts.
+"""Parsing imported preference pairs: TRL standard or conversational rows, HH-RLHF transcripts, or
+OpenAI preference fine-tuning lines (`input.messages`, `preferred_output`, `non_preferred_output`).
 
 Pure functions: `parse_pairs` turns JSONL lines into pair rows or a list of errors by line
 number; the route stores the rows only when there is no error at all.
@@ -77,30 +78,14 @@ def parse_pair(row: Any) -> ImportedPair:
     """One imported row in any of the accepted formats."""
     if not isinstance(row, dict):
         raise RowError("expected a JSON object")
-    if "prompt" not in row:
+    if "prompt" not in row and ("preferred_output" in row or "input" in row):
+        pair = _openai_pair(row)
+    elif "prompt" not in row:
         if isinstance(row.get("chosen"), str) and isinstance(row.get("rejected"), str):
             return _hh_pair(row["chosen"], row["rejected"])
         raise RowError("prompt: missing (or give HH-RLHF 'chosen'/'rejected' transcripts)")
-    for field in ("chosen", "rejected"):
-        if field not in row:
-            raise RowError(f"{field}: missing")
-    prompt = row["prompt"]
-    if isinstance(prompt, str):
-        if not isinstance(row["chosen"], str) or not isinstance(row["rejected"], str):
-            raise RowError("chosen/rejected: a string prompt needs string answers (TRL standard format)")
-        if _TURN.match(prompt) and prompt.rstrip().endswith("Assistant:"):  # our own multi-turn export
-            messages = transcript_turns(prompt.rstrip().removesuffix("Assistant:").rstrip())
-        else:
-            messages = [{"role": "user", "content": prompt}]
-        pair = ImportedPair(messages, row["chosen"], row["rejected"], "standard")
     else:
-        messages = _messages(prompt, "prompt")
-        pair = ImportedPair(
-            messages,
-            _single_answer(row["chosen"], "chosen"),
-            _single_answer(row["rejected"], "rejected"),
-            "conversational",
-        )
+        pair = _trl_pair(row)
     if not any(m["role"] == "user" and m["content"].strip() for m in pair.prompt):
         raise RowError("prompt: no user turn with text")
     if pair.prompt[-1]["role"] != "user":
@@ -112,6 +97,43 @@ def parse_pair(row: Any) -> ImportedPair:
         where, reason = found
         raise RowError(f"{where}: {reason}")
     return pair
+
+
+def _openai_pair(row: dict[str, Any]) -> ImportedPair:
+    """OpenAI's preference fine-tuning line: the prompt's messages under `input`, one assistant
+    message in each of `preferred_output` and `non_preferred_output`."""
+    for field in ("input", "preferred_output", "non_preferred_output"):
+        if field not in row:
+            raise RowError(f"{field}: missing")
+    if not isinstance(row["input"], dict):
+        raise RowError("input: expected an object with 'messages'")
+    return ImportedPair(
+        _messages(row["input"].get("messages"), "input.messages"),
+        _single_answer(row["preferred_output"], "preferred_output"),
+        _single_answer(row["non_preferred_output"], "non_preferred_output"),
+        "openai",
+    )
+
+
+def _trl_pair(row: dict[str, Any]) -> ImportedPair:
+    for field in ("chosen", "rejected"):
+        if field not in row:
+            raise RowError(f"{field}: missing")
+    prompt = row["prompt"]
+    if isinstance(prompt, str):
+        if not isinstance(row["chosen"], str) or not isinstance(row["rejected"], str):
+            raise RowError("chosen/rejected: a string prompt needs string answers (TRL standard format)")
+        if _TURN.match(prompt) and prompt.rstrip().endswith("Assistant:"):  # our own multi-turn export
+            messages = transcript_turns(prompt.rstrip().removesuffix("Assistant:").rstrip())
+        else:
+            messages = [{"role": "user", "content": prompt}]
+        return ImportedPair(messages, row["chosen"], row["rejected"], "standard")
+    return ImportedPair(
+        _messages(prompt, "prompt"),
+        _single_answer(row["chosen"], "chosen"),
+        _single_answer(row["rejected"], "rejected"),
+        "conversational",
+    )
 
 
 class TooManyRows(ValueError):
