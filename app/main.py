@@ -13,7 +13,7 @@ from app.access import Access, access_table, declare, undeclared_routes
 from app.errors import install_error_handlers
 from app.metrics import RequestCounter, metrics_registry
 from app.openapi import install as install_openapi
-from app.routes import admin, constitutions, datasets, export, health, jobs, pairs, training, workers
+from app.routes import admin, constitutions, datasets, export, health, jobs, judges, pairs, training, workers
 from app.security import Guard
 from app.ui.router import install_console
 from cai_dpo.core.api_keys import KeyRing
@@ -53,7 +53,7 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True) -> Fas
     app.state.export_slots = threading.BoundedSemaphore(settings.export_concurrency)
     install_error_handlers(app)
     install_openapi(app, settings)
-    for module in (health, constitutions, jobs, pairs, export, workers, training, datasets, admin):
+    for module in (health, constitutions, jobs, pairs, export, workers, training, judges, datasets, admin):
         app.include_router(module.router)
     # The web console: its pages, forms and assets under one mount, outside the API's schema.
     install_console(app)

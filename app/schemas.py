@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from cai_dpo.core.generation_modes import CompareOptions, GenerationMode, Sampling
+from cai_dpo.core.generation_modes import CalibrateOptions, CompareOptions, GenerationMode, Sampling
 from cai_dpo.core.pair_filter import PairFilter
 from cai_dpo.core.pair_flags import FLAGS
 
@@ -63,9 +63,10 @@ class JobOut(BaseModel):
     model: str
     revisions: int
     sampling: Sampling
-    options: GenerationMode | CompareOptions = Field(
+    options: GenerationMode | CompareOptions | CalibrateOptions = Field(
         description="mode, n, scorer, verify (see POST /generate); an evaluation's comparison job: "
-        "mode `compare`, the baseline model and the judge."
+        "mode `compare`, the baseline model and the judge; a judge's calibration (POST "
+        "/judges/calibrate): mode `calibrate` and the judge."
     )
     metadata: dict[str, Any]
     n_prompts: int

@@ -424,6 +424,7 @@ UNKNOWN = {
     "train_id": 987_654_321,
     "name": "nobody",
     "version": "0" * 64,
+    "calibration_id": 987_654_321,
 }
 # A valid body for each route that declares one: each field in turn is replaced by a bad value.
 VALID_BODIES = {
@@ -432,6 +433,7 @@ VALID_BODIES = {
     ("PUT", "/train/policies/{name}"): {"min_new_pairs": 5},
     ("POST", "/train/{train_id}/evaluate"): {"max_prompts": 1},
     ("POST", "/pairs/{pair_id}/review"): {"status": "approved", "chosen": "better"},
+    ("POST", "/judges/calibrate"): {"max_pairs": 1},
 }
 # Bodies no route can read, each sent as every text type a route may take: broken JSON, bytes that
 # are not UTF-8 (text in no format); then multipart bodies cut short or with no boundary.
@@ -496,7 +498,10 @@ def existing(client, db) -> dict:
     insert_pairs(db, 3)
     train = client.post("/train", json={"max_steps": 1})
     policy = client.put("/train/policies/harmless", json={"min_new_pairs": 50})
-    assert job.status_code == train.status_code == 202 and policy.status_code == 200
+    calibration = client.post("/judges/calibrate", json={"max_pairs": 1})
+    assert (
+        job.status_code == train.status_code == calibration.status_code == 202 and policy.status_code == 200
+    )
     with session_scope(db) as session:  # a trained model, as a training worker leaves it
         session.execute(
             update(TrainingJob)
@@ -509,6 +514,7 @@ def existing(client, db) -> dict:
         "train_id": train.json()["train_id"],
         "name": "harmless",
         "version": job.json()["constitution_version"],  # the job stored it
+        "calibration_id": calibration.json()["id"],
     }
 
 

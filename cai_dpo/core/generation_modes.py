@@ -169,6 +169,22 @@ class CompareOptions(StrictJson):
         return list(self.judges) if self.judges else [self.scorer]
 
 
+class CalibrateOptions(StrictJson):
+    """A judge's calibration job (`POST /judges/calibrate`, not a mode of `POST /generate`): each
+    prompt row is a stored human-labelled pair (`pair_ids[position]` in the job's metadata), the
+    judge `scorer` (and each of `judges`) compares its chosen and rejected answers in both orders.
+    The job's model is the first judge's."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Literal["calibrate"] = "calibrate"
+    scorer: ScorerSpec
+    judges: list[ScorerSpec] | None = None
+
+    def panel(self) -> list[ScorerSpec]:
+        return list(self.judges) if self.judges else [self.scorer]
+
+
 class Sampling(StrictJson):
     """How a job's answers are sampled: resolved from the request and the settings when the job is
     made, stored as its dump, read back by the workers and handed to the engine as it is."""

@@ -17,6 +17,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from cai_dpo.core.api_keys import ApiKey, scoped_idempotency_key
+from cai_dpo.core.calibration import CalibrationRequest
 from cai_dpo.core.constitutions import (
     Constitution,
     ConstitutionError,
@@ -29,6 +30,7 @@ from cai_dpo.core.errors import FieldError
 from cai_dpo.core.evaluation import EvaluationRequest, judge_models
 from cai_dpo.core.generation_modes import GenerationMode, SamplingRequest, ScorerSpec
 from cai_dpo.core.model_sources import ModelNotFound, check_model_name, local_model_folder
+from cai_dpo.core.queries import calibrations as calibration_queries
 from cai_dpo.core.queries import constitutions as constitution_queries
 from cai_dpo.core.queries import evaluations as evaluation_queries
 from cai_dpo.core.queries import jobs as job_queries
@@ -266,6 +268,42 @@ def submit_evaluation(
         if spec.model is not None:
             checked_model(session, settings, judge.model, field=field)
     return evaluation_queries.create_evaluation(session, train_id, body, created_by=caller.name)
+
+
+def submit_calibration(
+    session: Session,
+    *,
+    body: CalibrationRequest,
+    caller: ApiKey,
+    settings: Settings,
+    store: ConstitutionStore,
+) -> GenerationJob:
+    """Queue a judge's calibration on stored human-labelled pairs (`core/calibration.py`): a
+    generation job of mode `calibrate`. A judge naming no model is `CAI_JUDGE_MODEL`, else the
+    server's model, fixed here; a named one must exist (404 naming its field); no pair matching
+    `pairs` is a 422."""
+    judges = []
+    for field, spec in body.judge_fields():
+        if spec.model is not None:
+            checked_model(session, settings, spec.model, field=field)
+        judges.append(spec.model_copy(update={"model": spec.model or settings.judge_model or settings.model}))
+    pairs = calibration_queries.selected_pairs(session, body.pairs, body.max_pairs)
+    if not pairs:
+        raise FieldError("pairs", f"no pairs match {body.pairs.described()}")
+    try:
+        constitution = store.get(body.constitution or "harmless")
+    except ConstitutionError as exc:
+        raise FieldError("constitution", str(exc)) from exc
+    version = constitution_queries.store_constitution_version(session, constitution)
+    return calibration_queries.queue_calibration_job(
+        session,
+        judges=judges,
+        pairs=pairs,
+        constitution_version=version,
+        sampling=SamplingRequest(seed=0).resolve(settings),
+        request=body.model_dump(mode="json", exclude_defaults=True),
+        created_by=caller.name,
+    )
 
 
 def cancel_training_job(session: Session, train_id: int, caller: ApiKey) -> TrainingJob:

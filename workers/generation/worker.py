@@ -32,12 +32,14 @@ from sqlalchemy.exc import SQLAlchemyError
 from cai_dpo.core import queue
 from cai_dpo.core.constitutions import ConstitutionSpec
 from cai_dpo.core.db import database_url, get_engine
-from cai_dpo.core.generation_modes import CompareOptions, GenerationMode, ScorerSpec
+from cai_dpo.core.generation_modes import CalibrateOptions, CompareOptions, GenerationMode, ScorerSpec
 from cai_dpo.core.model_sources import resolve_model, trained_model_path
+from cai_dpo.core.queries import calibrations as calibration_queries
 from cai_dpo.core.queries import constitutions as constitution_queries
 from cai_dpo.core.queries import jobs as job_queries
 from cai_dpo.core.settings import Settings
 from cai_dpo.core.tables import Comparison, Pair
+from workers.generation.calibrate import judge_pair
 from workers.generation.engines import (
     Engine,
     EngineError,
@@ -203,6 +205,9 @@ class GenerationWorker(WorkerRuntime):
             if isinstance(prompt.options, CompareOptions):
                 await self.write_comparison(prompt, prompt.options)
                 return
+            if isinstance(prompt.options, CalibrateOptions):
+                await self.write_calibration(prompt, prompt.options)
+                return
             draft = await self.make_pair(prompt)
             pair = draft.columns() | {
                 "job_id": prompt.job_id,
@@ -278,6 +283,27 @@ class GenerationWorker(WorkerRuntime):
         comparison = result | {"job_id": prompt.job_id, "model_a": prompt.model, "model_b": options.baseline}
         if not await self.writer.submit(prompt.id, Comparison, comparison):
             log.warning("prompt %d: lease lost before its comparison was written; discarded", prompt.id)
+
+    async def write_calibration(self, prompt: job_queries.ClaimedPrompt, options: CalibrateOptions) -> None:
+        """A judge's calibration prompt: the judges compare the stored pair's chosen and rejected
+        answers in both orders (`calibrate.py`)."""
+        pair = await self.db_call(calibration_queries.pair_for_prompt, prompt.job_id, prompt.position)
+        if pair is None:
+            await self.fail(prompt, "the pair to judge is gone", retryable=False)
+            return
+        spec, _ = await self.constitution(prompt.constitution_version_id, prompt.constitution_hash)
+        judges = [await self.scorer(judge, spec, prompt.constitution_hash) for judge in options.panel()]
+        result = await judge_pair(
+            judges,
+            messages=prompt.messages,
+            chosen=pair.chosen,
+            rejected=pair.rejected,
+            pair_id=pair.id,
+            seed=prompt.sampling.seed or 0,
+        )
+        self.engine_errors_in_a_row = 0
+        if not await self.writer.submit(prompt.id, Comparison, result | {"job_id": prompt.job_id}):
+            log.warning("prompt %d: lease lost before its judgement was written; discarded", prompt.id)
 
     async def make_pair(self, prompt: job_queries.ClaimedPrompt) -> PairDraft:
         spec, few_shot = await self.constitution(prompt.constitution_version_id, prompt.constitution_hash)

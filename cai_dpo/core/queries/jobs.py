@@ -13,7 +13,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from cai_dpo.core import queue
-from cai_dpo.core.generation_modes import CompareOptions, GenerationMode, Sampling
+from cai_dpo.core.generation_modes import CalibrateOptions, CompareOptions, GenerationMode, Sampling
 from cai_dpo.core.tables import ConstitutionVersion, GenerationJob, Pair, Prompt
 
 PromptStatus = Literal["queued", "running", "done", "failed", "cancelled"]
@@ -33,7 +33,7 @@ def create_generation_job(
     sampling: Sampling,
     metadata: dict[str, Any],
     prompts: Sequence[list[dict[str, str]]],
-    options: GenerationMode | CompareOptions,
+    options: GenerationMode | CompareOptions | CalibrateOptions,
     idempotency_key: str | None,
     request_hash: str | None,
     created_by: str | None = None,
@@ -175,7 +175,7 @@ class ClaimedPrompt:
     attempts: int
     revisions: int
     sampling: Sampling
-    options: GenerationMode | CompareOptions
+    options: GenerationMode | CompareOptions | CalibrateOptions
     constitution_version_id: int
     constitution_hash: str
     constitution_name: str
@@ -235,11 +235,14 @@ def claim_prompts(
     ]
 
 
-def job_options(stored: dict[str, Any] | None) -> GenerationMode | CompareOptions:
-    """A job's options as stored: an evaluation's comparison, or a mode of `POST /generate`."""
+def job_options(stored: dict[str, Any] | None) -> GenerationMode | CompareOptions | CalibrateOptions:
+    """A job's options as stored: an evaluation's comparison, a judge's calibration, or a mode of
+    `POST /generate`."""
     stored = stored or {}
     if stored.get("mode") == "compare":
         return CompareOptions.model_validate(stored)
+    if stored.get("mode") == "calibrate":
+        return CalibrateOptions.model_validate(stored)
     return GenerationMode.model_validate(stored)
 
 

@@ -1,0 +1,160 @@
+"""A judge measured against people (issue 19, item 6): agreement with human labels, its interval,
+position bias and length bias, from the pure summary and through the service with a scripted judge
+whose preferences are known."""
+
+import math
+import re
+
+import pytest
+from sqlalchemy import select
+
+from cai_dpo.core.calibration import CalibrationRequest, Judged, calibration_summary
+from cai_dpo.core.db import session_scope
+from cai_dpo.core.tables import Comparison, Pair
+from tests.fake_engine import ScriptedEngine
+from tests.helpers import run_until, statuses
+from workers.generation.worker import GenerationWorker
+
+BASE = "smollm2-135m-instruct"
+
+# --- the summary, alone -------------------------------------------------------------------------------
+
+
+@pytest.mark.unit
+def test_a_judge_that_agrees_with_80_percent_of_labels_reports_0_8_within_its_interval():
+    rows = [Judged(0.9, 0.8, 50, 40) if i % 5 else Judged(0.2, 0.1, 50, 40) for i in range(100)]
+    summary = calibration_summary(rows)
+    agreement = summary["agreement"]
+    assert (agreement["agree"], agreement["disagree"], agreement["ties"], summary["n"]) == (80, 20, 0, 100)
+    assert agreement["rate"] == pytest.approx(0.8)
+    low, high = agreement["ci95"]
+    assert low < 0.8 < high and low > 0.7 and high < 0.88  # Wilson, n = 100
+    assert summary["mean_p_chosen"] == pytest.approx(0.8 * 0.85 + 0.2 * 0.15)
+    assert summary["consistent"] == 1.0
+    # Chosen is always the longer here, and the judge takes it 80% of the time: as people did (100%)
+    # minus 0.2, so this judge does not favour length.
+    length = summary["length_bias"]
+    assert length["people_prefer_longer"] == 1.0 and length["judge_prefers_longer"] == pytest.approx(0.8)
+    assert length["bias"] == pytest.approx(-0.2) and length["n"] == 100
+
+
+@pytest.mark.unit
+def test_position_and_length_bias():
+    # A judge that always picks the answer shown first: no agreement either way, all position.
+    first = calibration_summary([Judged(0.9, 0.1, 10, 10)] * 20)
+    assert first["position_bias"]["rate"] == 1.0 and first["position_bias"]["n"] == 40
+    assert first["position_bias"]["mean_p_first"] == pytest.approx(0.9)
+    assert first["agreement"]["ties"] == 20 and first["agreement"]["rate"] == 0.5
+    assert first["consistent"] == 0.0
+    assert first["length_bias"]["n"] == 0 and first["length_bias"]["bias"] is None
+    # A judge that always picks the longer answer, where people chose the longer one half the time.
+    rows = [Judged(0.8, 0.8, 90, 30) if i % 2 else Judged(0.2, 0.2, 30, 90) for i in range(40)]
+    longer = calibration_summary(rows)
+    assert longer["length_bias"]["judge_prefers_longer"] == 1.0
+    assert longer["length_bias"]["people_prefer_longer"] == 0.5 and longer["length_bias"]["bias"] == 0.5
+    assert longer["agreement"]["rate"] == 0.5 and longer["position_bias"]["rate"] == 0.5
+    empty = calibration_summary([])
+    assert empty["n"] == 0 and empty["agreement"]["rate"] is None and empty["agreement"]["ci95"] == [0.0, 1.0]
+
+
+@pytest.mark.unit
+def test_the_request_takes_a_judge_or_a_panel_of_judges():
+    assert CalibrationRequest().judge_fields()[0][1].k == 2
+    panel = CalibrationRequest(judge=[{"kind": "judge", "model": "a"}, {"kind": "judge"}])
+    assert [field for field, _ in panel.judge_fields()] == ["judge.0.model", "judge.1.model"]
+    with pytest.raises(ValueError, match=r"judge\.1\.kind"):
+        CalibrationRequest(judge=[{"kind": "judge"}, {"kind": "reward_model", "model": "/x"}])
+    with pytest.raises(ValueError, match="judge"):
+        CalibrationRequest(judge=[])
+
+
+# --- through the service --------------------------------------------------------------------------------
+
+
+class LabelledJudge(ScriptedEngine):
+    """Agrees with the human label of pair i unless i % 5 == 0 (80%): P(preferred option) is 0.8
+    when it is shown as (A), 0.7 when shown as (B) (a slight pull to the first position)."""
+
+    def __init__(self, model: str, **kwargs):
+        super().__init__(model=model, **kwargs)
+        self.judged = 0
+
+    async def option_logprobs(self, messages, assistant_prefix, options, request_id):
+        self.judged += 1
+        text = messages[-1]["content"]
+        a = re.search(r"\n\(A\) (.*)\n\(B\) ", text, re.S).group(1)
+        i = int(re.search(r"\d+", a).group())
+        a_is_chosen = a.startswith("chosen")
+        prefers_chosen = i % 5 != 0
+        p_a = 0.8 if a_is_chosen == prefers_chosen else 0.3
+        return {"A": math.log(p_a), "B": math.log(1 - p_a)}
+
+
+def insert_human_pairs(db, n: int) -> None:
+    """Pairs 0..n-1 imported from "hh": chosen is longer than rejected for even i."""
+    with session_scope(db) as session:
+        session.execute(
+            Pair.__table__.insert(),
+            [
+                {
+                    "source": "hh",
+                    "prompt": [{"role": "user", "content": f"human question {i}"}],
+                    "chosen": f"chosen {i}" + ("!" * 20 if i % 2 == 0 else ""),
+                    "rejected": f"rejected {i}",
+                    "trajectory": {},
+                    "flags": [],
+                }
+                for i in range(n)
+            ],
+        )
+
+
+@pytest.mark.db
+def test_calibrate_over_http_with_a_judge_that_agrees_with_80_percent(client, settings, db):
+    insert_human_pairs(db, 40)
+    response = client.post("/judges/calibrate", json={"pairs": {"source": "hh"}, "max_pairs": 30})
+    assert response.status_code == 202, response.text
+    calibration = response.json()
+    assert calibration["status"] == "running" and calibration["pairs"] == 30 and calibration["n"] == 0
+    assert calibration["judge"] == BASE and calibration["judges"][0]["k"] == 2
+    engines: dict[str, LabelledJudge] = {}
+
+    def engine_factory(settings_, model, trained_path):
+        engines[model] = LabelledJudge(model)
+        return engines[model]
+
+    worker_settings = settings.model_copy(update={"model": BASE, "max_in_flight": 8, "poll_seconds": 0.1})
+    worker = GenerationWorker(worker_settings, db, url=settings.database_url, engine_factory=engine_factory)
+    run_until(worker, lambda: all(s == "done" for s, _, _ in statuses(db).values()), timeout=60)
+    assert engines[BASE].judged == 30 * 2 * 2  # 2 principles, both orders
+
+    result = client.get(f"/judges/calibrations/{calibration['id']}").json()
+    assert result["status"] == "done" and result["n"] == 30 and result["open"] == 0
+    agreement = result["agreement"]
+    assert (agreement["agree"], agreement["disagree"]) == (24, 6)
+    assert agreement["rate"] == pytest.approx(0.8)
+    assert agreement["ci95"][0] < 0.8 < agreement["ci95"][1]
+    # Each pair: the preferred answer shown first wins at 0.8, shown second at 0.7.
+    assert result["position_bias"]["mean_p_first"] == pytest.approx(0.55)
+    assert result["consistent"] == 1.0
+    assert result["length_bias"]["people_prefer_longer"] == 0.5 and result["length_bias"]["n"] == 30
+    with session_scope(db) as session:
+        rows = list(session.scalars(select(Comparison)))
+    assert len(rows) == 30 and {row.model_a for row in rows} == {"human:chosen"}
+    assert all(row.preference["judge"] == BASE for row in rows)
+    assert [c["id"] for c in client.get("/judges/calibrations", params={"judge": BASE}).json()] == [
+        calibration["id"]
+    ]
+    assert client.get(f"/jobs/{calibration['id']}").json()["options"]["mode"] == "calibrate"
+
+
+@pytest.mark.db
+def test_calibrate_refuses_what_it_cannot_measure(client, settings, db):
+    response = client.post("/judges/calibrate", json={"pairs": {"source": "hh"}})
+    assert response.status_code == 422 and response.json()["detail"].startswith("pairs: no pairs match")
+    insert_human_pairs(db, 2)
+    response = client.post("/judges/calibrate", json={"judge": [{"kind": "judge", "model": "train:987654"}]})
+    assert response.status_code == 404 and response.json()["detail"].startswith("judge.0.model: ")
+    response = client.post("/judges/calibrate", json={"judge": {"kind": "reward_model", "model": "/x"}})
+    assert response.status_code == 422
+    assert client.get("/judges/calibrations/987654").status_code == 404
