@@ -48,6 +48,9 @@ def test_post_train_records_a_queued_job(client, db):
     ("body", "field"),
     [
         ({"loss_type": "kto"}, "loss_type"),
+        ({"loss_type": ["sigmoid", "kto"]}, "loss_type"),
+        ({"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0]}, "loss_weights"),
+        ({"loss_type": ["simpo", "ipo"]}, "loss_type 'simpo' is reference-free"),
         ({"beta": 0}, "beta"),
         ({"beta": "high"}, "beta"),
         ({"label_smoothing": 0.7}, "label_smoothing"),

@@ -14,7 +14,30 @@ from cai_dpo.core.evaluation import EvaluationRequest
 from cai_dpo.core.model_refs import ModelRef
 from cai_dpo.core.strict_json import StrictJson
 
-LossType = Literal["sigmoid", "ipo", "hinge", "robust"]
+# TRL 1.16's DPOTrainer loss names, then the reference-free SimPO (TRL's CPOTrainer, loss_type="simpo")
+# and ORPO (TRL's ORPOTrainer); workers/training/dpo.py holds the math.
+LossType = Literal[
+    "sigmoid",
+    "hinge",
+    "ipo",
+    "exo_pair",
+    "nca_pair",
+    "robust",
+    "bco_pair",
+    "sppo_hard",
+    "aot",
+    "aot_unpaired",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+    "sft",
+    "sigmoid_norm",
+    "simpo",
+    "orpo",
+]
+REFERENCE_FREE = ("simpo", "orpo")
+# Losses that read label_smoothing (sigmoid: cDPO; robust: rDPO's flip rate; exo_pair: its epsilon).
+SMOOTHED = ("sigmoid", "robust", "exo_pair", "aot", "aot_unpaired", "simpo")
 
 
 class LoraParams(StrictJson):
@@ -44,10 +67,35 @@ class TrainParams(StrictJson):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    loss_type: LossType = Field(
+    loss_type: LossType | list[LossType] = Field(
         "sigmoid",
-        description="sigmoid: DPO; ipo: IPO on per-token-averaged log-ratios (as TRL); "
-        "hinge: SLiC hinge; robust: rDPO with label_smoothing as the label-flip rate.",
+        description="A loss name or a list of them (summed, weighted by loss_weights), TRL 1.16's names. "
+        "With a reference model: sigmoid (DPO), hinge (SLiC), ipo (per-token-averaged log-ratios), "
+        "exo_pair, nca_pair, robust (rDPO), bco_pair, sppo_hard, aot, aot_unpaired (sorted over the "
+        "forward pass's pairs), apo_zero, apo_down, discopop, sigmoid_norm; sft: the NLL of the chosen "
+        "answers per token. Reference-free (no reference pass): simpo (length-averaged log-probs, "
+        "margin simpo_gamma; combine with sft or cpo_alpha for CPO's NLL) and orpo (NLL plus β·odds "
+        "ratio); these two take only sft beside them.",
+    )
+    loss_weights: list[float] | None = Field(
+        None,
+        min_length=1,
+        description="One weight per loss_type entry (TRL's loss_weights); None: 1 each.",
+    )
+    rpo_alpha: float | None = Field(
+        None,
+        ge=0,
+        description="RPO: adds rpo_alpha × the NLL of the chosen answers (the sft term) to the loss.",
+    )
+    cpo_alpha: float = Field(
+        0.0,
+        ge=0,
+        description="CPO's NLL weight beside simpo (TRL's CPOConfig.cpo_alpha; its default 1.0 is "
+        "CPO-SimPO, 0 here is plain SimPO).",
+    )
+    simpo_gamma: float = Field(0.5, ge=0, description="SimPO's target reward margin gamma (TRL's default).")
+    discopop_tau: float = Field(
+        0.05, gt=0, description="DiscoPOP's temperature of the logistic/exponential mix (TRL's default)."
     )
     beta: float = Field(0.1, gt=0, description="KL strength; for IPO it is the regulariser tau.")
     label_smoothing: float = Field(
@@ -144,9 +192,43 @@ class TrainParams(StrictJson):
     def _check_consistency(self) -> TrainParams:
         if self.max_prompt_length is not None and self.max_prompt_length >= self.max_length:
             raise ValueError("max_prompt_length must be smaller than max_length")
-        if self.label_smoothing > 0 and self.loss_type not in ("sigmoid", "robust"):
+        names = self.loss_types
+        if not names:
+            raise ValueError("loss_type: an empty list names no loss")
+        if self.loss_weights is not None and len(self.loss_weights) != len(names):
+            raise ValueError(
+                f"loss_weights has {len(self.loss_weights)} weights for {len(names)} loss_type entries"
+            )
+        free = [name for name in names if name in REFERENCE_FREE]
+        if free and (len(set(free)) > 1 or set(names) - {free[0], "sft"}):
+            raise ValueError(
+                f"loss_type {free[0]!r} is reference-free: it combines only with 'sft', not with {names}"
+            )
+        if self.label_smoothing > 0 and not set(names) & set(SMOOTHED):
             raise ValueError(f"label_smoothing has no meaning for loss_type={self.loss_type!r}")
+        if "exo_pair" in names and self.label_smoothing == 0:
+            raise ValueError("loss_type exo_pair needs label_smoothing > 0 (EXO recommends 1e-3)")
+        if self.cpo_alpha > 0 and "simpo" not in names:
+            raise ValueError("cpo_alpha is the NLL weight beside loss_type simpo; use rpo_alpha otherwise")
         return self
+
+    @property
+    def loss_types(self) -> list[str]:
+        return [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
+
+    def loss_terms(self) -> tuple[list[str], list[float]]:
+        """The losses and their weights, rpo_alpha and cpo_alpha added as sft terms."""
+        names = self.loss_types
+        weights = list(self.loss_weights) if self.loss_weights is not None else [1.0] * len(names)
+        for extra in (self.rpo_alpha, self.cpo_alpha):
+            if extra:
+                names, weights = [*names, "sft"], [*weights, extra]
+        return names, weights
+
+    @property
+    def reference_free(self) -> bool:
+        """simpo and orpo read no reference log-probs: no reference pass is run."""
+        return any(name in REFERENCE_FREE for name in self.loss_types)
 
     @property
     def pairs_per_step(self) -> int:

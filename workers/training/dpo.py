@@ -524,6 +524,135 @@ def check_model(model: nn.Module) -> LogpPlan:
 
 # --- the loss -------------------------------------------------------------------------------------
 
+# TRL 1.16's DPOTrainer loss names (its `loss_type` list), then the reference-free SimPO (TRL's
+# CPOTrainer with loss_type="simpo") and ORPO (TRL's ORPOTrainer).
+DPO_LOSS_TYPES = (
+    "sigmoid",
+    "hinge",
+    "ipo",
+    "exo_pair",
+    "nca_pair",
+    "robust",
+    "bco_pair",
+    "sppo_hard",
+    "aot",
+    "aot_unpaired",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+    "sft",
+    "sigmoid_norm",
+)
+REFERENCE_FREE_LOSS_TYPES = ("simpo", "orpo")
+LOSS_TYPES = DPO_LOSS_TYPES + REFERENCE_FREE_LOSS_TYPES
+
+
+def needs_reference(loss_types: str | list[str] | tuple[str, ...]) -> bool:
+    """Whether any of the losses reads the reference log-probs (all but simpo, orpo and sft do)."""
+    names = [loss_types] if isinstance(loss_types, str) else list(loss_types)
+    return any(name not in (*REFERENCE_FREE_LOSS_TYPES, "sft") for name in names)
+
+
+def _one_loss(
+    name: str,
+    *,
+    policy_chosen: Tensor,
+    policy_rejected: Tensor,
+    ref_chosen: Tensor,
+    ref_rejected: Tensor,
+    beta: float,
+    label_smoothing: float,
+    chosen_lengths: Tensor | None,
+    rejected_lengths: Tensor | None,
+    chosen_tokens_per_pair: Tensor | float | None,
+    discopop_tau: float,
+    simpo_gamma: float,
+) -> Tensor:
+    """Per-pair losses of one loss type, as TRL 1.16 writes it (DPOTrainer._compute_loss,
+    CPOTrainer.cpo_loss, ORPOTrainer.odds_ratio_loss): their mean over a batch is TRL's loss."""
+    chosen_logratios = policy_chosen - ref_chosen
+    rejected_logratios = policy_rejected - ref_rejected
+    delta = chosen_logratios - rejected_logratios
+
+    def lengths() -> tuple[Tensor, Tensor]:
+        if chosen_lengths is None or rejected_lengths is None:
+            raise ValueError(
+                f"{name} normalises by response length: pass chosen_lengths and rejected_lengths"
+            )
+        return chosen_lengths.clamp(min=1), rejected_lengths.clamp(min=1)
+
+    def smoothed_sigmoid(logits: Tensor) -> Tensor:
+        return -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
+
+    def sft() -> Tensor:
+        # TRL: -mean of the chosen answers' token log-probs over the batch, one scalar; as per-pair
+        # terms whose mean is that: -logp_i / (the batch's chosen tokens per pair).
+        per_pair = chosen_tokens_per_pair
+        if per_pair is None:
+            per_pair = lengths()[0].sum() / policy_chosen.shape[0]
+        return -policy_chosen / per_pair
+
+    if name == "sigmoid":
+        return smoothed_sigmoid(beta * delta)
+    if name == "hinge":
+        return torch.relu(1 - beta * delta)
+    if name == "ipo":
+        c_len, r_len = lengths()
+        return (chosen_logratios / c_len - rejected_logratios / r_len - 1 / (2 * beta)) ** 2
+    if name == "robust":
+        clean = -(1 - label_smoothing) * F.logsigmoid(beta * delta)
+        flipped = -label_smoothing * F.logsigmoid(-beta * delta)
+        return (clean - flipped) / (1 - 2 * label_smoothing)
+    if name == "exo_pair":
+        if not 0 < label_smoothing < 1:
+            raise ValueError("exo_pair needs 0 < label_smoothing < 1 (EXO recommends 1e-3)")
+        logits = beta * delta
+        return torch.sigmoid(logits) * (F.logsigmoid(logits) - math.log1p(-label_smoothing)) + torch.sigmoid(
+            -logits
+        ) * (F.logsigmoid(-logits) - math.log(label_smoothing))
+    if name == "nca_pair":
+        chosen, rejected = beta * chosen_logratios, beta * rejected_logratios
+        return -F.logsigmoid(chosen) - 0.5 * F.logsigmoid(-chosen) - 0.5 * F.logsigmoid(-rejected)
+    if name == "bco_pair":
+        return -F.logsigmoid(beta * chosen_logratios) - F.logsigmoid(-beta * rejected_logratios)
+    if name == "sppo_hard":
+        return (chosen_logratios - 0.5 / beta) ** 2 + (rejected_logratios + 0.5 / beta) ** 2
+    if name == "aot":  # sorted over the batch: per-pair terms are per rank of the sort, not per pair
+        logratios = torch.sort(policy_chosen - policy_rejected, dim=0).values
+        ref_logratios = torch.sort(ref_chosen - ref_rejected, dim=0).values
+        return smoothed_sigmoid(beta * (logratios - ref_logratios))
+    if name == "aot_unpaired":
+        chosen = torch.sort(chosen_logratios, dim=0).values
+        rejected = torch.sort(rejected_logratios, dim=0).values
+        return smoothed_sigmoid(beta * (chosen - rejected))
+    if name == "apo_zero":
+        return 1 - torch.sigmoid(beta * chosen_logratios) + torch.sigmoid(beta * rejected_logratios)
+    if name == "apo_down":
+        return torch.sigmoid(beta * chosen_logratios) + 1 - torch.sigmoid(beta * delta)
+    if name == "discopop":
+        logits = beta * delta
+        modulation = torch.sigmoid(logits / discopop_tau)
+        return -F.logsigmoid(logits) * (1 - modulation) + torch.exp(-logits) * modulation
+    if name == "sft":
+        return sft()
+    if name == "sigmoid_norm":
+        c_len, r_len = lengths()
+        return -F.logsigmoid(beta * (chosen_logratios / c_len - rejected_logratios / r_len))
+    if name == "simpo":  # TRL's CPOTrainer, loss_type="simpo": length-averaged log-probs, margin gamma
+        c_len, r_len = lengths()
+        return smoothed_sigmoid(beta * (policy_chosen / c_len - policy_rejected / r_len) - simpo_gamma)
+    if name == "orpo":  # TRL's ORPOTrainer: NLL of the chosen answers minus β·log σ(log odds ratio)
+        c_len, r_len = lengths()
+        chosen, rejected = (policy_chosen / c_len).float(), (policy_rejected / r_len).float()
+        log_odds = (chosen - rejected) - (_log1mexp(chosen) - _log1mexp(rejected))
+        return sft() - beta * F.logsigmoid(log_odds)
+    raise ValueError(f"unknown loss_type {name!r}")
+
+
+def _log1mexp(x: Tensor) -> Tensor:
+    """log(1 - exp(x)) for x < 0, branching at -ln 2 as TRL's ORPO does."""
+    return torch.where(x < -0.6931471805599453, torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+
 
 def dpo_loss(
     policy_chosen: Tensor,
@@ -531,41 +660,59 @@ def dpo_loss(
     ref_chosen: Tensor,
     ref_rejected: Tensor,
     beta: float,
-    loss_type: str = "sigmoid",
+    loss_type: str | list[str] | tuple[str, ...] = "sigmoid",
     label_smoothing: float = 0.0,
     *,
     chosen_lengths: Tensor | None = None,
     rejected_lengths: Tensor | None = None,
+    loss_weights: list[float] | tuple[float, ...] | None = None,
+    chosen_tokens_per_pair: Tensor | float | None = None,
+    discopop_tau: float = 0.05,
+    simpo_gamma: float = 0.5,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-pair losses and implicit rewards β·(log π − log π_ref) of chosen and rejected.
+    """Per-pair losses and implicit rewards of chosen and rejected.
 
-    ipo follows TRL: the log-ratios are divided by the response lengths (tokens) before the squared
-    loss, so pass chosen_lengths and rejected_lengths. sigmoid with label_smoothing > 0 is cDPO
-    (TRL 1.16 ignores label_smoothing for sigmoid; at 0 the two agree).
+    `loss_type` is one of LOSS_TYPES or a list of them, combined as TRL 1.x does: the sum of each
+    loss weighted by `loss_weights` (default 1 each). The mean of the per-pair losses over a batch is
+    TRL's loss on that batch. Rewards are β·(log π − log π_ref), or β·(average log π) when the loss
+    is reference-free (simpo, orpo: the reference log-probs are not read).
+
+    ipo, sigmoid_norm, simpo and orpo divide log-probs by the response lengths (tokens): pass
+    chosen_lengths and rejected_lengths. The sft term (and orpo's NLL) is the mean NLL per chosen
+    token: each pair's -log π(chosen) over `chosen_tokens_per_pair` (default: these pairs' mean
+    chosen length), so a step cut into micro-batches passes its own mean. sigmoid with
+    label_smoothing > 0 is cDPO (TRL 1.16 ignores label_smoothing for sigmoid; at 0 the two agree).
     """
-    chosen_logratios = policy_chosen - ref_chosen
-    rejected_logratios = policy_rejected - ref_rejected
-    delta = chosen_logratios - rejected_logratios
-    if loss_type == "sigmoid":
-        losses = -(1 - label_smoothing) * F.logsigmoid(beta * delta) - label_smoothing * F.logsigmoid(
-            -beta * delta
+    names = [loss_type] if isinstance(loss_type, str) else list(loss_type)
+    weights = [1.0] * len(names) if loss_weights is None else list(loss_weights)
+    if not names or len(weights) != len(names):
+        raise ValueError(f"{len(weights)} loss_weights for {len(names)} loss types")
+    losses = None
+    for name, weight in zip(names, weights, strict=True):
+        term = weight * _one_loss(
+            name,
+            policy_chosen=policy_chosen,
+            policy_rejected=policy_rejected,
+            ref_chosen=ref_chosen,
+            ref_rejected=ref_rejected,
+            beta=beta,
+            label_smoothing=label_smoothing,
+            chosen_lengths=chosen_lengths,
+            rejected_lengths=rejected_lengths,
+            chosen_tokens_per_pair=chosen_tokens_per_pair,
+            discopop_tau=discopop_tau,
+            simpo_gamma=simpo_gamma,
         )
-    elif loss_type == "hinge":
-        losses = torch.relu(1 - beta * delta)
-    elif loss_type == "ipo":
-        if chosen_lengths is None or rejected_lengths is None:
-            raise ValueError("ipo normalises by response length: pass chosen_lengths and rejected_lengths")
-        ipo_delta = chosen_logratios / chosen_lengths.clamp(
-            min=1
-        ) - rejected_logratios / rejected_lengths.clamp(min=1)
-        losses = (ipo_delta - 1 / (2 * beta)) ** 2
-    elif loss_type == "robust":
-        clean = -(1 - label_smoothing) * F.logsigmoid(beta * delta)
-        flipped = -label_smoothing * F.logsigmoid(-beta * delta)
-        losses = (clean - flipped) / (1 - 2 * label_smoothing)
-    else:
-        raise ValueError(f"unknown loss_type {loss_type!r}")
-    return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
+        losses = term if losses is None else losses + term
+    if any(name in REFERENCE_FREE_LOSS_TYPES for name in names):  # TRL's CPO/ORPO rewards
+        c_len = chosen_lengths.clamp(min=1) if chosen_lengths is not None else 1
+        r_len = rejected_lengths.clamp(min=1) if rejected_lengths is not None else 1
+        return losses, beta * (policy_chosen / c_len).detach(), beta * (policy_rejected / r_len).detach()
+    return (
+        losses,
+        beta * (policy_chosen - ref_chosen).detach(),
+        beta * (policy_rejected - ref_rejected).detach(),
+    )
 
 
 METRIC_NAMES = (

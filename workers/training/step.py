@@ -33,22 +33,33 @@ def micro_batches(pairs: list[TokenizedPair], batch_size: int, max_tokens: int |
 
 
 def pair_losses(
-    logps: Tensor, ref_chosen: Tensor, ref_rejected: Tensor, lengths: Tensor, params: TrainParams
+    logps: Tensor,
+    ref_chosen: Tensor,
+    ref_rejected: Tensor,
+    lengths: Tensor,
+    params: TrainParams,
+    chosen_tokens_per_pair: Tensor | float | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The objective on [chosen..., rejected...] log-probs and answer lengths, with the run's settings:
-    per-pair losses and the implicit rewards of chosen and rejected."""
+    per-pair losses and the implicit rewards of chosen and rejected. `chosen_tokens_per_pair`: the
+    whole step's (the sft term is a per-token mean over the step); None: these pairs'."""
     chosen, rejected = logps.chunk(2)
     chosen_lengths, rejected_lengths = lengths.chunk(2)
+    names, weights = params.loss_terms()
     return dpo_loss(
         chosen,
         rejected,
         ref_chosen,
         ref_rejected,
         params.beta,
-        params.loss_type,
+        names,
         params.label_smoothing,
         chosen_lengths=chosen_lengths,
         rejected_lengths=rejected_lengths,
+        loss_weights=weights,
+        chosen_tokens_per_pair=chosen_tokens_per_pair,
+        discopop_tau=params.discopop_tau,
+        simpo_gamma=params.simpo_gamma,
     )
 
 
@@ -122,6 +133,7 @@ def forward_backward(
     ref_chosen = ref_chosen.to(runtime.device, non_blocking=True)[mine]
     ref_rejected = ref_rejected.to(runtime.device, non_blocking=True)[mine]
     micro = micro_batches(pairs, params.batch_size, runtime.max_tokens)
+    chosen_per_pair = sum(len(p.chosen_ids) for p in step_pairs) / len(step_pairs)  # the step's, all ranks
     sums = torch.zeros(len(METRIC_NAMES), device=runtime.device)
     for index in range(passes):
         with setup.accumulating(last=index == passes - 1):
@@ -132,7 +144,7 @@ def forward_backward(
             part = micro[index]
             logps, lengths = setup.engine(pairs[part], pad_token_id, runtime)
             losses, chosen_rewards, rejected_rewards = pair_losses(
-                logps, ref_chosen[part], ref_rejected[part], lengths, params
+                logps, ref_chosen[part], ref_rejected[part], lengths, params, chosen_per_pair
             )
             # x * world / n: alone, exactly x / n.
             (losses.sum() * world / len(step_pairs)).backward()
