@@ -43,18 +43,22 @@ def test_weight_decay_spares_biases_and_norm_weights(tiny_model_path, dtype):
     model.model.layers[0].mlp.up_proj.bias = torch.nn.Parameter(torch.ones(128, dtype=dtype))  # a bias
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, lr=0.1, weight_decay=0.5)
-    assert isinstance(optimizer, AdamW if dtype == torch.float32 else MasterAdamW)
-    groups = optimizer.optimizer.param_groups
-    assert [g["weight_decay"] for g in groups] == [0.5, 0.0]
-    # Every tensor the optimizer steps is in exactly one group, the 1-D ones in the group without decay.
+    # The groups as a checkpoint holds them (whichever optimizer make_optimizer picks): the matrices
+    # with decay, then the biases and norm weights (every 1-D parameter) without.
     named = dict(model.named_parameters())
     no_decay = {name for name, p in named.items() if p.ndim < 2}
     assert "model.norm.weight" in no_decay and "model.layers.0.mlp.up_proj.bias" in no_decay
-    tensors = optimizer.master_weights if isinstance(optimizer, MasterAdamW) else params
-    index = {id(t): i for i, t in enumerate(tensors)}
-    names = list(named)
-    in_groups = [{names[index[id(t)]] for t in g["params"]} for g in groups]
-    assert in_groups[1] == no_decay and in_groups[0] == set(names) - no_decay
+    groups = optimizer.state_dict()["param_groups"]
+    assert [(g["weight_decay"], len(g["params"])) for g in groups] == [
+        (0.5, len(named) - len(no_decay)),
+        (0.0, len(no_decay)),
+    ]
+    if isinstance(optimizer, AdamW | MasterAdamW):  # the torch optimizer's own groups, tensor by tensor
+        tensors = optimizer.master_weights if isinstance(optimizer, MasterAdamW) else params
+        index = {id(t): i for i, t in enumerate(tensors)}
+        names = list(named)
+        in_groups = [{names[index[id(t)]] for t in g["params"]} for g in optimizer.optimizer.param_groups]
+        assert in_groups == [set(names) - no_decay, no_decay]
 
     # A step with zero gradients: decay alone moves the matrices and leaves the norms and biases be.
     before = {name: p.detach().clone() for name, p in named.items()}
@@ -72,3 +76,22 @@ def test_weight_decay_spares_biases_and_norm_weights(tiny_model_path, dtype):
 def test_param_groups_leave_out_an_empty_group():
     matrices = [torch.nn.Parameter(torch.ones(2, 2))]
     assert [g["weight_decay"] for g in param_groups(matrices, matrices, 0.1)] == [0.1]
+
+
+@pytest.mark.model
+def test_a_checkpoint_from_before_the_decay_groups_resumes_with_its_moments(tiny_model_path):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32)
+    params = list(model.parameters())
+    torch.manual_seed(0)
+    old = torch.optim.AdamW(params, lr=0.1, weight_decay=0.5, fused=True)  # one group, as before
+    for p in params:
+        p.grad = torch.randn_like(p)
+    old.step()
+    optimizer = make_optimizer(params, lr=0.1, weight_decay=0.5)
+    optimizer.load_state_dict(old.state_dict())
+    assert [g["weight_decay"] for g in optimizer.optimizer.param_groups] == [0.5, 0.0]
+    for p in params:  # each parameter gets its own moments back, whichever group it is in now
+        assert torch.equal(optimizer.optimizer.state[p]["exp_avg"], old.state[p]["exp_avg"])
+    optimizer.clip_and_step(None)  # and steps on

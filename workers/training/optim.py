@@ -33,10 +33,34 @@ def param_groups(
     return [group for group in groups if group["params"]]
 
 
+def regrouped(
+    state: dict[str, Any], optimizer: torch.optim.Optimizer, params: list[nn.Parameter]
+) -> dict[str, Any]:
+    """A checkpoint written before the decay groups (one group over `params`, in order) in the groups
+    of `optimizer` (`param_groups`: the matrices, then the rest), so a run resumes across the change;
+    any other state as it is."""
+    saved = state["param_groups"]
+    if len(saved) != 1 or len(optimizer.param_groups) == 1 or len(saved[0]["params"]) != len(params):
+        return state
+    old_ids = saved[0]["params"]
+    order = [i for i, p in enumerate(params) if decays(p)] + [
+        i for i, p in enumerate(params) if not decays(p)
+    ]
+    groups, start = [], 0
+    for group in optimizer.param_groups:
+        size = len(group["params"])
+        ids = list(range(start, start + size))
+        groups.append(saved[0] | {"weight_decay": group["weight_decay"], "params": ids})
+        start += size
+    moments = {new: state["state"][old_ids[i]] for new, i in enumerate(order) if old_ids[i] in state["state"]}
+    return {"state": moments, "param_groups": groups}
+
+
 class Optimizer:
     """What the training loop and the checkpoints need of an optimizer."""
 
     optimizer: torch.optim.Optimizer  # the torch optimizer whose state a checkpoint holds
+    params: list[nn.Parameter]  # the trainable parameters, in the model's order
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
@@ -53,7 +77,7 @@ class Optimizer:
         return self.optimizer.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state)
+        self.optimizer.load_state_dict(regrouped(state, self.optimizer, self.params))
 
     def masters(self) -> dict[int, Tensor]:
         """float32 values the optimizer keeps apart from the model's (rounded) weights, by id(param);
