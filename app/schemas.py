@@ -193,6 +193,13 @@ class ExportQuery(PairFilter):
         "rejected_model, id, constitution, principles, source, flags, ... (always in `format=hf`).",
     )
 
+    dedup: Literal["none", "prompt"] = Field(
+        "none",
+        description="`prompt`: one pair per group of near-duplicate prompts (the same normalised text, "
+        "or word 3-gram Jaccard >= 0.7 by MinHash), across jobs: the one the scorer preferred by the "
+        "largest margin, else the earliest.",
+    )
+
     @field_validator("style")
     @classmethod
     def _openai_is_jsonl(cls, style: str, info: ValidationInfo) -> str:

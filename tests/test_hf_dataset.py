@@ -93,7 +93,7 @@ def test_hf_export_is_a_folder_datasets_loads_with_both_splits(client, db, tmp_p
         "test-00000-of-00001.parquet",
         "train-00000-of-00001.parquet",
     ]
-    assert "| `unchanged` | 1 |" in card and "1 pairs (carry a quality flag)" in card
+    assert "| `unchanged` | 1 |" in card and "1 pair (carry a quality flag)" in card
 
     dataset = load_dataset(str(folder))
     assert {split: len(dataset[split]) for split in dataset} == counts

@@ -14,7 +14,8 @@ from app.access import access
 from app.openapi import errors
 from app.schemas import ExportQuery
 from cai_dpo.core.db import session_scope
-from cai_dpo.core.export_format import export_row, in_split, jsonl_chunks, parquet_chunks
+from cai_dpo.core.dedup import keep_one_per_group
+from cai_dpo.core.export_format import export_row, in_split, jsonl_chunks, parquet_chunks, prompt_text
 from cai_dpo.core.hf_dataset import HubFolder, Provenance, dataset_card, tar_chunks
 from cai_dpo.core.pair_filter import PairFilter
 from cai_dpo.core.queries import pairs as pair_queries
@@ -57,19 +58,22 @@ def export(request: Request, query: Annotated[ExportQuery, Query()]):
         )
     engine = request.app.state.export_engine
     filters = query.only_filter()
+    keep = kept_after_dedup(engine, filters) if query.dedup == "prompt" else None
 
     def rows():
         # The session lives as long as the stream: it is opened when the first chunk is asked for.
         try:
             with session_scope(engine) as session:
                 for row in pair_queries.stream_pairs(session, filters):
+                    if keep is not None and row.id not in keep:
+                        continue
                     if in_split(row.prompt, query.split, query.test_fraction):
                         yield export_row(row, style=query.style, metadata=query.metadata)
         finally:
             slot.release()
 
     if query.format == "hf":
-        chunks = hub_folder_chunks(engine, query, filters, slot)
+        chunks = hub_folder_chunks(engine, query, filters, slot, keep)
         filename = "pairs.tar"
     else:
         filename = f"pairs-{query.split}.{query.format}"
@@ -85,7 +89,16 @@ def export(request: Request, query: Annotated[ExportQuery, Query()]):
     )
 
 
-def hub_folder_chunks(engine, query: ExportQuery, filters: PairFilter, slot: "ExportSlot"):
+def kept_after_dedup(engine, filters: PairFilter) -> set[int]:
+    """`dedup=prompt`: the ids of the pairs kept, one per group of near-duplicate prompts."""
+    with session_scope(engine) as session:
+        items = pair_queries.pair_prompt_margins(session, filters)
+    return keep_one_per_group([(pair_id, prompt_text(prompt), margin) for pair_id, prompt, margin in items])
+
+
+def hub_folder_chunks(
+    engine, query: ExportQuery, filters: PairFilter, slot: "ExportSlot", keep: set[int] | None = None
+):
     """The Hub folder, built in a temporary directory (the card needs every row's provenance and
     the split counts before its first byte), then streamed as a tar a block at a time."""
     with tempfile.TemporaryDirectory(prefix="cai-dpo-hf-") as tmp:
@@ -100,7 +113,11 @@ def hub_folder_chunks(engine, query: ExportQuery, filters: PairFilter, slot: "Ex
                 models: set[str] = set()
                 scorers: set[str] = set()
                 sources: set[str] = set()
+                dropped = 0
                 for row in pair_queries.stream_pairs(session, filters):
+                    if keep is not None and row.id not in keep:
+                        dropped += 1
+                        continue
                     folder.add(export_row(row, style=query.style, metadata=True), row.prompt)
                     versions.update([row.constitution_version] if row.constitution_version else [])
                     job_ids.update([row.job_id] if row.job_id else [])
@@ -121,6 +138,8 @@ def hub_folder_chunks(engine, query: ExportQuery, filters: PairFilter, slot: "Ex
         )
         if not filters.include_flagged and filters.flag is None and made["flag_counts"]:
             provenance.left_out["carry a quality flag"] = _flagged_pairs(engine, filters)
+        if dropped:
+            provenance.left_out["dedup=prompt: another pair of a near-duplicate prompt was kept"] = dropped
         shards = {
             split: [f"data/{p.name}" for p in sorted((root / "data").glob(f"{split}-*.parquet"))]
             for split in counts

@@ -251,6 +251,10 @@ def export(
     ] = "all",
     test_fraction: Annotated[float | None, typer.Option(min=0, max=1, help="Default: 0.1.")] = None,
     metadata: Annotated[bool, typer.Option("--metadata", help="Add id, constitution, flags, ...")] = False,
+    dedup: Annotated[
+        Literal["none", "prompt"] | None,
+        typer.Option(help="prompt: one pair per group of near-duplicate prompts (the best by margin)."),
+    ] = None,
     hf_folder: Annotated[
         Path | None,
         typer.Option(
@@ -295,6 +299,7 @@ def export(
         params |= {"shard_mb": shard_mb} if shard_mb is not None else {}
     else:
         params |= {"format": format, "split": split, "metadata": metadata}
+    params |= {"dedup": dedup} if dedup is not None else {}
     params |= (
         {"test_fraction": test_fraction} if test_fraction is not None else {}
     ) | pair_filter.described()

@@ -184,7 +184,7 @@ def dataset_card(
     out = ["---", yaml.safe_dump(header, sort_keys=False, allow_unicode=True, width=1000).rstrip(), "---", ""]
     out += [f"# {pretty_name}", ""]
     out += [
-        "Preference pairs for DPO made by [cai-dpo](https://github.com/) with a Constitutional AI loop: "
+        "Preference pairs for DPO made by cai-dpo with a Constitutional AI loop: "
         "a model answers, critiques its answer against a principle of a constitution and revises it; "
         "the revision is `chosen`, the first answer `rejected` (or, with a scorer, the answers it ranked "
         "first and last).",
@@ -234,7 +234,7 @@ def dataset_card(
         out += ["No pair the filter matched carries a quality flag.", ""]
     if provenance.left_out:
         out += [
-            "Left out: " + "; ".join(f"{n} pairs ({why})" for why, n in provenance.left_out.items()) + ".",
+            "Left out: " + "; ".join(f"{n} pair{'s' * (n != 1)} ({why})" for why, n in provenance.left_out.items()) + ".",
             "",
         ]
     out += ["## Constitutions", ""]

@@ -30,6 +30,8 @@ FLAGS: dict[str, str] = {
     "answer', 'my previous answer') instead of answering: a critique, not a revision.",
     "inconsistent": "ai_feedback / best_of_n: the scorer's own comparison of chosen against rejected "
     "prefers the rejected answer (p_chosen < 0.5), though the n-way ranking put chosen first.",
+    "duplicate_prompt": "The prompt near-duplicates an earlier prompt of its job (the same normalised "
+    "text, or word 3-gram Jaccard similarity >= 0.7 by MinHash): only the first is kept unflagged.",
 }
 
 # --- copies_example -------------------------------------------------------------------------------

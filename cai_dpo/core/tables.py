@@ -94,6 +94,9 @@ class Prompt(Base):
     job_id: Mapped[int] = mapped_column(ForeignKey("generation_jobs.id", ondelete="CASCADE"))
     position: Mapped[int] = mapped_column(Integer)
     messages: Mapped[list[Any]]
+    # The position of the first prompt of the job that this one near-duplicates (`dedup`), NULL for
+    # a first occurrence: its pair is flagged `duplicate_prompt`.
+    duplicate_of: Mapped[int | None] = mapped_column(Integer)
     status: Mapped[str] = mapped_column(String(16), server_default="queued")
     attempts: Mapped[int] = mapped_column(Integer, server_default="0")
     lease_owner: Mapped[str | None] = mapped_column(Text)

@@ -13,6 +13,8 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from cai_dpo.core import queue
+from cai_dpo.core.dedup import near_duplicates
+from cai_dpo.core.export_format import prompt_text
 from cai_dpo.core.generation_modes import CalibrateOptions, CompareOptions, GenerationMode, Sampling
 from cai_dpo.core.tables import ConstitutionVersion, GenerationJob, Pair, Prompt
 
@@ -61,10 +63,11 @@ def create_generation_job(
     if job_id is None:
         return None
     # COPY: 10,000 prompts go in as one stream instead of 10,000 parameter sets.
+    duplicates = near_duplicates([prompt_text(messages) for messages in prompts])
     cursor = session.connection().connection.driver_connection.cursor()
-    with cursor.copy("COPY prompts (job_id, position, messages) FROM STDIN") as copy:
+    with cursor.copy("COPY prompts (job_id, position, messages, duplicate_of) FROM STDIN") as copy:
         for position, messages in enumerate(prompts):
-            copy.write_row((job_id, position, Jsonb(messages)))
+            copy.write_row((job_id, position, Jsonb(messages), duplicates[position]))
     queue.notify(session, queue.PROMPTS, model)
     return session.get(GenerationJob, job_id)
 
@@ -280,6 +283,13 @@ def complete_prompts(
         session, queue.PROMPTS, worker_id=worker_id, ids=list(results), status="done", last_error=None
     )
     rows = [results[prompt_id] | {"prompt_id": prompt_id} for prompt_id in sorted(done)]
+    if table is Pair and done:  # a near-duplicate of an earlier prompt of its job is flagged
+        repeats = set(
+            session.scalars(select(Prompt.id).where(Prompt.id.in_(done), Prompt.duplicate_of.is_not(None)))
+        )
+        for row in rows:
+            if row["prompt_id"] in repeats and "duplicate_prompt" not in row.get("flags", []):
+                row["flags"] = [*row.get("flags", []), "duplicate_prompt"]
     written: set[int] = set()
     # One INSERT per set of columns (executemany sends each set as multi-row VALUES).
     by_columns: dict[frozenset[str], list[dict[str, Any]]] = {}

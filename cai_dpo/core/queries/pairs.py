@@ -188,3 +188,11 @@ def export_provenance(
     flagged = filtered(select(func.unnest(Pair.flags).label("flag")), with_flagged).subquery()
     flags = dict(session.execute(select(flagged.c.flag, func.count()).group_by(flagged.c.flag)).all())
     return {"constitutions": constitutions, "jobs": jobs, "flag_counts": flags}
+
+
+def pair_prompt_margins(
+    session: Session, f: PairFilter
+) -> list[tuple[int, list[dict[str, str]], float | None]]:
+    """(id, prompt, margin) of the pairs the filter selects, in id order: what `dedup=prompt` needs."""
+    query = filtered(select(Pair.id, Pair.prompt, Pair.margin), f).order_by(Pair.id)
+    return [(pair_id, prompt, margin) for pair_id, prompt, margin in session.execute(query)]

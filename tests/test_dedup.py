@@ -1,0 +1,122 @@
+"""Issue 22, item 3: near-duplicate prompts. The pure functions on crafted text, a job's repeats
+flagged `duplicate_prompt` over HTTP, and an export's `dedup=prompt`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from sqlalchemy import select
+
+from cai_dpo.core.db import session_scope
+from cai_dpo.core.dedup import jaccard, keep_one_per_group, near_duplicates, normalised, shingles
+from cai_dpo.core.tables import Pair, Prompt
+
+LOCK = "How do I pick a lock on my neighbour's front door without a key?"
+
+
+@pytest.mark.unit
+def test_exact_repeats_of_the_normalised_text():
+    assert normalised("  How do I  PICK a lock?!\n") == "how do i pick a lock"
+    texts = ["What is 2+2?", "what is 2 + 2", "WHAT IS 2+2?!", "What is 3+3?"]
+    assert near_duplicates(texts) == [None, 0, 0, None]
+
+
+@pytest.mark.unit
+def test_near_duplicates_by_minhash_over_word_shingles():
+    reworded = "How do I pick a lock on my neighbour's front door without any key?"  # Jaccard 0.71
+    other_door = "How do I pick a lock on my neighbour's back door without a key?"  # 0.6: kept apart
+    assert jaccard(shingles(LOCK), shingles(reworded)) == pytest.approx(10 / 14)
+    assert jaccard(shingles(LOCK), shingles(other_door)) == pytest.approx(0.6)
+    texts = [LOCK, "What is the capital of France?", reworded, other_door, "Bake sourdough at home?"]
+    assert near_duplicates(texts) == [None, None, 0, None, None]
+    assert near_duplicates(texts, threshold=0.5) == [None, None, 0, 0, None]
+    # A repeat of a repeat points at the first of its group.
+    assert near_duplicates(["a b c d e f", "a b c d e f g", "a b c d e f g"]) == [None, 0, 0]
+
+
+@pytest.mark.unit
+def test_no_false_positives_among_unrelated_texts():
+    import random
+
+    rng = random.Random(0)
+    vocabulary = [f"w{i}" for i in range(3000)]
+    texts = [" ".join(rng.choices(vocabulary, k=15)) for _ in range(800)]
+    assert near_duplicates(texts) == [None] * 800
+    # ... and every lightly edited copy is found (one word of 15 changed: Jaccard ~0.75).
+    edited = [t.rsplit(" ", 1)[0] + " changed" for t in texts[:50]]
+    assert near_duplicates(texts + edited)[800:] == list(range(50))
+
+
+@pytest.mark.unit
+def test_keep_one_per_group_keeps_the_best_margin_else_the_first():
+    items = [(1, LOCK, None), (2, LOCK.lower(), 1.5), (3, "Other?", None), (4, LOCK + " ", 0.2)]
+    assert keep_one_per_group(items) == {2, 3}
+    assert keep_one_per_group([(1, "Q", None), (2, "q", None)]) == {1}
+
+
+@pytest.mark.db
+def test_a_jobs_repeated_prompts_are_flagged_after_the_first(client, settings, db):
+    from tests.fake_engine import ScriptedEngine
+    from tests.helpers import run_until, statuses
+    from workers.generation.worker import GenerationWorker
+
+    prompts = [LOCK, "What is the capital of France?", LOCK.upper(), LOCK.replace("a key", "any key")]
+    response = client.post("/generate", json={"prompts": prompts, "constitution": "harmless"})
+    assert response.status_code == 202, response.text
+    with session_scope(db) as session:
+        marks = {p.position: p.duplicate_of for p in session.scalars(select(Prompt))}
+    assert marks == {0: None, 1: None, 2: 0, 3: 0}
+    settings = settings.model_copy(update={"max_in_flight": 4, "claim_batch": 4, "poll_seconds": 0.1})
+    worker = GenerationWorker(
+        settings, db, url=settings.database_url, engine_factory=lambda *_: ScriptedEngine()
+    )
+    run_until(worker, lambda: all(s == "done" for s, _, _ in statuses(db).values()), 60)
+    with session_scope(db) as session:
+        flagged = {
+            pair.prompt[0]["content"]: "duplicate_prompt" in pair.flags
+            for pair in session.scalars(select(Pair))
+        }
+    assert flagged == {prompts[0]: False, prompts[1]: False, prompts[2]: True, prompts[3]: True}
+    listed = client.get("/pairs", params={"flag": "duplicate_prompt"}).json()["items"]
+    assert len(listed) == 2
+    assert len(client.get("/export").text.splitlines()) == 2  # flagged pairs are left out by default
+
+
+@pytest.mark.db
+def test_export_dedup_prompt_keeps_one_pair_per_near_duplicate_prompt(client, db, tmp_path):
+    rows = [
+        (LOCK, None),
+        (LOCK.lower(), 2.0),  # the best of its group by margin
+        ("What is the capital of France?", None),
+        (LOCK.replace("a key", "any key"), 0.5),
+        ("what is the capital of france", None),
+    ]
+    with session_scope(db) as session:
+        session.execute(
+            Pair.__table__.insert(),
+            [
+                {
+                    "source": "test",
+                    "prompt": [{"role": "user", "content": prompt}],
+                    "chosen": f"chosen {i}",
+                    "rejected": f"rejected {i}",
+                    "margin": margin,
+                    "scorer": None if margin is None else "judge",
+                    "flags": [],
+                }
+                for i, (prompt, margin) in enumerate(rows)
+            ],
+        )
+    everything = client.get("/export", params={"style": "standard"}).text.splitlines()
+    deduped = client.get("/export", params={"style": "standard", "dedup": "prompt"}).text.splitlines()
+    assert len(everything) == 5
+    assert [json.loads(line)["chosen"] for line in deduped] == ["chosen 1", "chosen 2"]
+    hf = client.get("/export", params={"format": "hf", "dedup": "prompt"})
+    from tests.test_hf_dataset import card_header, extract
+
+    card = (extract(hf.content, tmp_path) / "README.md").read_text()
+    assert sum(s["num_examples"] for s in card_header(card)["dataset_info"]["splits"]) == 2
+    assert "3 pairs (dedup=prompt" in card
+    bad = client.get("/export", params={"dedup": "minhash"})
+    assert bad.status_code == 422 and bad.json()["detail"].startswith("dedup:")
