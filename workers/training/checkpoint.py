@@ -13,13 +13,26 @@ The leader decides whether to resume and tells the others; only a group of the s
 checkpoint resumes from it (another size starts over: same data, same result). The leader writes
 `state.json` and the reference log-probs, and the model folder (FSDP: gathered to its host memory).
 Folders are written beside their place and moved in, so a crash leaves the old one or the new one.
+
+One process writes in the background, so a checkpoint does not stall training: `save` copies the
+state to host memory (pinned, on a side CUDA stream, into buffers kept from one save to the next),
+and a thread writes the copy. One write is in flight at a time: the next `save` waits for the one
+before (rather than skipping it, so checkpoints keep their interval and one set of host buffers
+serves), and `wait` (the run's end, a stop) waits for it and reports it (`on_written`, on the
+training thread). A write that fails is raised by the next `save` or `wait`; the folder it was
+writing is the staging one, so the previous checkpoint stays the one to resume from. `fence` is
+called before each optimizer step: that step waits for the copy of the weights it updates in place.
+A torchrun group writes synchronously (torch.distributed.checkpoint's save is collective).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import shutil
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,12 +82,123 @@ def checkpoint_path(output_dir: Path) -> Path | None:
 
 
 class Checkpoints:
-    """The checkpoint of the run in `output_dir`, for a run of `identity` (its parameters and data)."""
+    """The checkpoint of the run in `output_dir`, for a run of `identity` (its parameters and data).
 
-    def __init__(self, output_dir: Path, identity: dict[str, Any], ranks: Ranks):
+    `on_written(step, path)` is called on the training thread once a checkpoint is in place: by
+    `save` (synchronous, or the write before) or `wait`. `background`: write in a thread (default:
+    one process alone; a torchrun group writes synchronously)."""
+
+    def __init__(
+        self,
+        output_dir: Path,
+        identity: dict[str, Any],
+        ranks: Ranks,
+        *,
+        on_written: Callable[[int, Path], None] = lambda step, path: None,
+        background: bool | None = None,
+    ):
         self.output_dir, self.identity, self.ranks = output_dir, identity, ranks
+        self.on_written = on_written
+        self.background = ranks.alone if background is None else background
+        self._buffers: dict[tuple[Any, ...], Tensor] = {}  # host copies, reused from one save to the next
+        self._copied: torch.cuda.Event | None = None  # the side stream's copy, for `fence`
+        self._writer: threading.Thread | None = None
+        self._outcome: tuple[int, Path] | BaseException | None = None
 
-    def save(self, setup: Setup, optimizer: Optimizer, run: RunState) -> Path:
+    def save(self, setup: Setup, optimizer: Optimizer, run: RunState) -> None:
+        """Checkpoint the run at `run.step`: written before this returns (a torchrun group), or copied
+        to host memory and written in the background (one process)."""
+        if not self.background:
+            self.on_written(run.step, self._save_now(setup, optimizer, run))
+            return
+        self.wait()  # one write in flight; its host buffers are the ones this copy fills
+        snapshot, ready = self._snapshot(setup.model, optimizer, run)
+        self._writer = threading.Thread(
+            target=self._write, args=(snapshot, ready), name="checkpoint-writer", daemon=False
+        )
+        self._writer.start()
+
+    def fence(self) -> None:
+        """Before an optimizer step: the step waits (on the device) for the copy of what it updates."""
+        if self._copied is not None:
+            torch.cuda.current_stream().wait_event(self._copied)
+            self._copied = None
+
+    def wait(self) -> None:
+        """Wait for the write in flight, report it, or raise what it failed with."""
+        if self._writer is None:
+            return
+        self._writer.join()
+        self._writer, outcome, self._outcome = None, self._outcome, None
+        if isinstance(outcome, BaseException):
+            raise RuntimeError("writing the checkpoint failed; the previous one stays") from outcome
+        if outcome is not None:
+            self.on_written(*outcome)
+
+    def _snapshot(
+        self, model: nn.Module, optimizer: Optimizer, run: RunState
+    ) -> tuple[dict[str, Any], torch.cuda.Event | None]:
+        """The checkpoint's content in host memory, taken on the training thread."""
+        live = {
+            "trainable": _trainable_live(model, optimizer),
+            "optimizer": optimizer.state_dict(),
+            "ref": run.ref,
+        }
+        ready = None
+        if any(t.is_cuda for t in _tensors(live)):
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                host = self._to_host(live, (), pin=True)
+            ready = torch.cuda.Event()
+            ready.record(stream)
+            self._copied = ready
+        else:
+            host = self._to_host(live, (), pin=False)
+        cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+        host["rng"] = {"torch": torch.get_rng_state(), "cuda": cuda_rng}
+        state = {"step": run.step, "history": copy.deepcopy(run.history), "eval_before": run.eval_before}
+        host["state"] = state | self.identity | {"world_size": self.ranks.world_size}
+        return host, ready
+
+    def _to_host(self, value: Any, path: tuple[Any, ...], *, pin: bool) -> Any:
+        """`value` with each tensor copied into a host buffer of its own (kept for the next save)."""
+        if isinstance(value, Tensor):
+            buffer = self._buffers.get(path)
+            if buffer is None or buffer.shape != value.shape or buffer.dtype != value.dtype:
+                buffer = torch.empty(value.shape, dtype=value.dtype, pin_memory=pin and value.is_cuda)
+                self._buffers[path] = buffer
+            buffer.copy_(value.detach(), non_blocking=value.is_cuda)
+            return buffer
+        if isinstance(value, dict):
+            return {key: self._to_host(item, (*path, key), pin=pin) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            items = [self._to_host(item, (*path, i), pin=pin) for i, item in enumerate(value)]
+            return items if isinstance(value, list) else tuple(items)
+        return copy.deepcopy(value)
+
+    def _write(self, snapshot: dict[str, Any], ready: torch.cuda.Event | None) -> None:
+        """The writer thread: the snapshot into the staging folder, then the folder into place."""
+        try:
+            if ready is not None:
+                ready.synchronize()
+            staging, target = self.output_dir / f".{CHECKPOINT_DIR}-tmp", self.output_dir / CHECKPOINT_DIR
+            if staging.exists():
+                shutil.rmtree(staging)
+            staging.mkdir(parents=True)
+            trainable = {name: t.contiguous() for name, t in snapshot["trainable"].items()}
+            save_file(trainable, staging / "trainable.safetensors")
+            torch_save(snapshot["optimizer"], staging / "optimizer.pt")
+            torch_save(snapshot["rng"], staging / "rng.pt")
+            torch_save(snapshot["ref"], staging / "reference_logps.pt")
+            (staging / "state.json").write_text(json.dumps(snapshot["state"], indent=1))
+            replace_dir(staging, target)
+            self._outcome = (snapshot["state"]["step"], target)
+        except BaseException as exc:  # noqa: BLE001 - raised on the training thread by `wait`
+            log.exception("writing the checkpoint at step %d failed", snapshot["state"]["step"])
+            self._outcome = exc
+
+    def _save_now(self, setup: Setup, optimizer: Optimizer, run: RunState) -> Path:
         ranks = self.ranks
         staging, target = self.output_dir / f".{CHECKPOINT_DIR}-tmp", self.output_dir / CHECKPOINT_DIR
         if ranks.leader:
@@ -88,7 +212,7 @@ class Checkpoints:
             _save_shards(staging, setup, optimizer, ranks)
         ranks.barrier()
         if ranks.leader:
-            torch.save(run.ref, staging / "reference_logps.pt")
+            torch_save(run.ref, staging / "reference_logps.pt")
             state = {"step": run.step, "history": run.history, "eval_before": run.eval_before}
             state |= self.identity | {"world_size": ranks.world_size}
             (staging / "state.json").write_text(json.dumps(state, indent=1))
@@ -114,6 +238,7 @@ class Checkpoints:
 
     def discard(self) -> None:
         """Remove the checkpoint, once the model it led to is saved."""
+        self.wait()
         self.ranks.barrier()
         if self.ranks.leader:
             shutil.rmtree(self.output_dir / CHECKPOINT_DIR, ignore_errors=True)
@@ -143,22 +268,38 @@ class Checkpoints:
 # --- one process: a file of each --------------------------------------------------------------------
 
 
-def trainable_state(model: nn.Module, optimizer: Optimizer) -> dict[str, Tensor]:
-    """The trainable weights by name; fp32 masters where the optimizer keeps them."""
+def torch_save(value: Any, path: Path) -> None:
+    """torch.save, the one place a checkpoint's .pt files are written (a test makes it fail)."""
+    torch.save(value, path)
+
+
+def _tensors(value: Any) -> list[Tensor]:
+    if isinstance(value, Tensor):
+        return [value]
+    if isinstance(value, dict):
+        return [t for item in value.values() for t in _tensors(item)]
+    if isinstance(value, (list, tuple)):
+        return [t for item in value for t in _tensors(item)]
+    return []
+
+
+def _trainable_live(model: nn.Module, optimizer: Optimizer) -> dict[str, Tensor]:
+    """The trainable weights by name, where they live; fp32 masters where the optimizer keeps them."""
     masters = optimizer.masters()
     # named_parameters lists tied weights (embedding = LM head) once, which safetensors requires.
-    return {
-        name: masters.get(id(p), p).detach().cpu().contiguous()
-        for name, p in model.named_parameters()
-        if p.requires_grad
-    }
+    return {name: masters.get(id(p), p).detach() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def trainable_state(model: nn.Module, optimizer: Optimizer) -> dict[str, Tensor]:
+    """The trainable weights by name in host memory; fp32 masters where the optimizer keeps them."""
+    return {name: t.cpu().contiguous() for name, t in _trainable_live(model, optimizer).items()}
 
 
 def _save_files(staging: Path, model: nn.Module, optimizer: Optimizer) -> None:
     save_file(trainable_state(model, optimizer), staging / "trainable.safetensors")
-    torch.save(optimizer.state_dict(), staging / "optimizer.pt")
+    torch_save(optimizer.state_dict(), staging / "optimizer.pt")
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
-    torch.save({"torch": torch.get_rng_state(), "cuda": cuda_rng}, staging / "rng.pt")
+    torch_save({"torch": torch.get_rng_state(), "cuda": cuda_rng}, staging / "rng.pt")
 
 
 def _load_files(path: Path, model: nn.Module, optimizer: Optimizer, device: torch.device) -> None:

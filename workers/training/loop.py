@@ -244,7 +244,7 @@ def run_training(
 
     setup = distribute(model, runtime, params, ranks)
     optimizer = make_optimizer(setup.trainable, params.learning_rate, params.weight_decay)
-    checkpoints = Checkpoints(output_dir, identity, ranks)
+    checkpoints = Checkpoints(output_dir, identity, ranks, on_written=hooks.on_checkpoint)
     data |= {"world_size": ranks.world_size, "parallel": setup.layout}
     clock.lap("load_s")
 
@@ -279,6 +279,7 @@ def run_training(
         index = to_device({"index": torch.tensor(indices)}, dev)["index"]
         step_refs = ref_chosen_all[index], ref_rejected_all[index]
         step_metrics = forward_backward(setup, step_pairs, *step_refs, params, pad_id, ranks)
+        checkpoints.fence()  # the update waits for a checkpoint's copy of the weights it changes
         grad_norm = optimizer.clip_and_step(params.max_grad_norm)
         optimizer.zero_grad()
         run.step += 1
@@ -290,8 +291,9 @@ def run_training(
         )  # fmt: skip
         if run.step % every == 0 and run.step < total_steps:
             step_log.flush()
-            hooks.on_checkpoint(run.step, checkpoints.save(setup, optimizer, run))
+            checkpoints.save(setup, optimizer, run)  # written in the background (one process)
     step_log.flush()
+    checkpoints.wait()  # the write in flight, at the end or at a stop
     clock.lap("train_s")
     data["attention"] = "flex" if runtime.flex else ("sdpa" if dev.type == "cuda" else "cpu")
     if runtime.flex_failed:
