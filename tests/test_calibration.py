@@ -2,6 +2,7 @@
 position bias and length bias, from the pure summary and through the service with a scripted judge
 whose preferences are known."""
 
+import json
 import math
 import re
 
@@ -158,3 +159,40 @@ def test_calibrate_refuses_what_it_cannot_measure(client, settings, db):
     response = client.post("/judges/calibrate", json={"judge": {"kind": "reward_model", "model": "/x"}})
     assert response.status_code == 422
     assert client.get("/judges/calibrations/987654").status_code == 404
+
+
+# --- the CLI ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.unit
+def test_the_cli_queues_a_calibration_waits_and_prints_its_numbers(monkeypatch):
+    from tests.test_cli import InTurn, api, cli
+
+    fake = api.__wrapped__(monkeypatch)
+    summary = calibration_summary(
+        [Judged(0.8, 0.7, 30, 10) if i % 5 else Judged(0.3, 0.2, 10, 30) for i in range(30)]
+    )
+    state = {"id": 9, "judge": "judge-x", "pairs": 30, "failed": 0} | summary
+    fake.routes[("POST", "/judges/calibrate")] = state | {"status": "running", "n": 0}
+    fake.routes[("GET", "/judges/calibrations/9")] = InTurn(
+        [state | {"status": "running", "n": 10}, state | {"status": "done"}]
+    )
+    result = cli("calibrate", "--judge", "judge-x", "--source", "hh", "--max-pairs", "30", "--wait")
+    assert result.exit_code == 0, result.output
+    body = json.loads(fake.requests[0].content)
+    assert body == {
+        "judge": {"kind": "judge", "model": "judge-x", "k": 2},
+        "pairs": {"source": "hh"},
+        "max_pairs": 30,
+    }
+    assert "calibration 9 of judge judge-x: 30 pairs" in result.stdout
+    assert "agreement with human labels 0.800 (95% interval" in result.stdout
+    assert "over 30 pairs: 24 agree, 6 disagree, 0 ties, 0 failed" in result.stdout
+    assert "position bias: the answer shown first wins 0.500 of 60 verdicts" in result.stdout
+    assert (
+        "length bias +0.200: the judge prefers the longer answer in 1.000 of 30 pairs, people in 0.800"
+        in result.stdout
+    )
+    panel = cli("calibrate", "--judge", "a", "--judge", "b", "--k", "1")
+    assert panel.exit_code == 0, panel.output
+    assert [j["model"] for j in json.loads(fake.requests[-1].content)["judge"]] == ["a", "b"]

@@ -8,6 +8,7 @@ from typing import Annotated, Literal
 import typer
 
 from cai_dpo.cli import client
+from cai_dpo.cli.calibrate import calibrate
 from cai_dpo.cli.supervisor import (
     LayoutError,
     parse_devices,
@@ -35,7 +36,7 @@ db_app = typer.Typer(help="The database: migrations, and the embedded server.", 
 model_app = typer.Typer(help="Models.", no_args_is_help=True)
 app.add_typer(db_app, name="db", rich_help_panel="Manage it")
 app.add_typer(model_app, name="model", rich_help_panel="Manage it")
-for command in (client.generate, client.export, client.jobs, client.train, client.evaluate):
+for command in (client.generate, client.export, client.jobs, client.train, client.evaluate, calibrate):
     app.command(rich_help_panel="Talk to a running service")(command)
 
 Host = Annotated[str | None, typer.Option(help="Bind address. Default: CAI_HOST.")]
