@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+import yaml
 from sqlalchemy import Engine, select
 
 from cai_dpo.core.constitutions import ConstitutionStore
@@ -166,6 +167,15 @@ def insert_pairs(db: Engine, n: int, *, flagged_extra: bool = True) -> None:
         if flagged_extra:
             rows.append({**rows[0], "chosen": "same", "rejected": "same", "flags": ["unchanged"]})
         session.execute(Pair.__table__.insert(), rows)
+
+
+def critique_every_answer(settings: Settings, name: str = "harmless") -> None:
+    """The test's copy of a constitution without its no-harm check: every answer is critiqued (for
+    tests of the critique-and-revise rounds themselves, whatever the model's check would say)."""
+    path = settings.constitutions_dir / f"{name}.yaml"
+    data = yaml.safe_load(path.read_text())
+    data.pop("no_harm", None)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
 
 
 def job_finished(client, job_id: int) -> Callable[[], bool]:

@@ -24,7 +24,7 @@ from cai_dpo.core.db import session_scope
 from cai_dpo.core.settings import PROJECT_ROOT
 from cai_dpo.core.tables import Evaluation, Pair, TrainingJob, TrainingMetric
 from tests.fixtures.api import ServerThread
-from tests.helpers import SharedEngine, free_port, hh_prompts, insert_pairs
+from tests.helpers import SharedEngine, critique_every_answer, free_port, hh_prompts, insert_pairs
 
 pytestmark = pytest.mark.e2e
 
@@ -299,6 +299,7 @@ def generation_worker(vllm_engine, settings, db) -> Iterator[None]:
 @pytest.mark.model
 @pytest.mark.vllm
 def test_a_job_from_the_form_and_a_try_run_on_the_real_engine(page, console, vllm_engine, settings, db):
+    critique_every_answer(settings)  # the page shows a critique: no answer kept by the no-harm check
     with generation_worker(vllm_engine, settings, db):
         page.goto(f"{console.url}/ui/jobs")
         page.fill("textarea[name=prompts]", "\n".join(hh_prompts(2, offset=120)))

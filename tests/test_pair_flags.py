@@ -13,6 +13,7 @@ from cai_dpo.core.pair_flags import (
     copies_example,
     example_texts,
     inconsistent,
+    less_helpful,
     meta_revision,
     words,
 )
@@ -21,7 +22,7 @@ from tests.fake_engine import ScriptedEngine
 from workers.generation.engines import ChatResult, Sampling
 from workers.generation.modes import ranked_pair, revise_pair
 from workers.generation.trajectory import few_shot_turns
-from workers.scoring import Comparison
+from workers.scoring import Comparison, Judge
 
 pytestmark = pytest.mark.unit
 
@@ -34,6 +35,7 @@ SAMPLING = Sampling(temperature=0.7, top_p=0.9, max_tokens=64, seed=1)
 
 def test_every_flag_is_documented():
     assert {"copies_example", "meta_revision", "inconsistent", "truncated", "unchanged"} <= set(FLAGS)
+    assert {"no_harm_found", "less_helpful"} <= set(FLAGS)
     readme = (PROJECT_ROOT / "README.md").read_text()
     assert all(f"`{flag}`" in readme for flag in FLAGS)
 
@@ -253,3 +255,89 @@ def test_revise_pair_flags_copied_examples_and_critiques():
     assert meta.flags == ["meta_revision"]
     fine = revised("I can't help with cheating, but here is how to study in a week.", "How do I cheat?")
     assert fine.flags == []
+
+
+# --- less_helpful and no_harm_found ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("p_more_helpful", "p_less_harmful", "expected"),
+    [
+        (0.1, 0.5, True),  # a benign answer turned into a lecture: the judge cannot tell harms apart
+        (0.1, 0.55, True),  # within a coin's noise of 0.5: not clearly less harmful
+        (0.1, None, True),  # no harmlessness comparison: nothing bought
+        (0.1, 0.9, False),  # a refusal of a harmful request: less helpful, and rightly so
+        (0.5, 0.5, False),  # as helpful
+        (0.8, 0.2, False),  # more helpful (not_improved says the rest)
+        (None, 0.5, False),  # no helpfulness comparison
+    ],
+)
+def test_less_helpful(p_more_helpful, p_less_harmful, expected):
+    assert less_helpful(p_more_helpful, p_less_harmful) is expected
+
+
+REFUSAL = "I cannot help with that."
+ADVICE = "Go to bed at the same time each night, keep the room dark and cool, and skip late coffee."
+
+
+class PreferenceEngine(ScriptedEngine):
+    """Generates the advice first and a refusal as every revision; as the real `Judge`'s engine it
+    prefers the advice 9:1 when asked which answer is more helpful, and the refusal by `p_refusal`
+    under the constitution's harmlessness questions."""
+
+    def __init__(self, p_refusal: float, **kwargs):
+        super().__init__(
+            reply=lambda messages: REFUSAL if messages[-1]["content"].startswith("Rewrite") else ADVICE,
+            **kwargs,
+        )
+        self.p_refusal = p_refusal
+        self.questions: list[str] = []
+
+    async def option_logprobs(self, messages, assistant_prefix, options, request_id):
+        text = messages[-1]["content"]
+        if text.endswith("(A) Yes\n(B) No"):  # the no-harm check
+            return await super().option_logprobs(messages, assistant_prefix, options, request_id)
+        self.questions.append(request_id)
+        refusal_first = text.split("\n(A) ", 1)[1].startswith(REFUSAL)
+        p_refusal = 0.1 if "more helpful?" in text else self.p_refusal
+        p_a = p_refusal if refusal_first else 1 - p_refusal
+        return {"A": math.log(p_a), "B": math.log(1 - p_a)}
+
+
+def verified(engine, prompt="What are three tips for sleeping better?"):
+    return asyncio.run(
+        revise_pair(
+            engine,
+            spec=HARMLESS,
+            prompt_id=3,
+            messages=[{"role": "user", "content": prompt}],
+            revisions=1,
+            sampling=SAMPLING,
+            few_shot=few_shot_turns(HARMLESS),
+            request_prefix="",
+            verifier=Judge(engine, HARMLESS),
+        )
+    )
+
+
+def test_verify_flags_a_revision_less_helpful_and_not_less_harmful():
+    # Indifferent under harmlessness (0.5), the advice 9:1 more helpful: flagged less_helpful.
+    draft = verified(PreferenceEngine(p_refusal=0.5))
+    assert (draft.chosen, draft.rejected) == (REFUSAL, ADVICE)
+    assert draft.preference["p_chosen"] == pytest.approx(0.5)
+    assert draft.preference["helpfulness"] == {"p_chosen": pytest.approx(0.1), "principle": "more-helpful"}
+    assert draft.flags == ["less_helpful"]
+    # The refusal clearly less harmful (0.9): less helpful, not flagged.
+    draft = verified(PreferenceEngine(p_refusal=0.9))
+    assert draft.preference["helpfulness"]["p_chosen"] == pytest.approx(0.1) and draft.flags == []
+
+
+def test_a_check_that_finds_no_harm_keeps_the_answer_flagged_and_unverified():
+    engine = PreferenceEngine(p_refusal=0.5, check=lambda messages: 0.05)
+    draft = verified(engine)
+    assert (draft.chosen, draft.rejected) == (ADVICE, ADVICE)
+    assert draft.flags == ["no_harm_found"]  # not also `unchanged`: this flag says why
+    assert draft.preference is None and engine.questions == []  # nothing to compare: no judge asked
+    assert draft.trajectory["no_harm"] == "kept" and draft.trajectory["rounds"] == []
+    assert draft.trajectory["checks"][0]["p_yes"] == pytest.approx(0.05)
+    assert [request_id for request_id, _ in engine.calls] == ["p3-initial"]

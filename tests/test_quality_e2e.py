@@ -82,9 +82,14 @@ def test_verify_records_whether_the_revision_is_preferred(vllm_engine, client, s
     pairs = pairs_of(db, job_id)
     assert len(pairs) == 3
     for pair in pairs:
+        if "no_harm_found" in pair.flags:  # the shipped check found nothing: kept, nothing to verify
+            assert pair.preference is None and pair.chosen == pair.rejected
+            continue
         p = pair.preference["p_chosen"]
         assert 0.0 <= p <= 1.0 and pair.preference["orders"] == 2
         assert ("not_improved" in pair.flags) == (p < 0.5)
+        helpful = pair.preference["helpfulness"]["p_chosen"]  # the helpfulness guard, both orders
+        assert 0.0 <= helpful <= 1.0 and ("less_helpful" in pair.flags) == (helpful < 0.5 and p < 0.6)
 
 
 def test_best_of_n_ranks_by_a_reward_model(vllm_engine, client, settings, db, tmp_path, bundled_model_path):

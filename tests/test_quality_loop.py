@@ -92,8 +92,10 @@ class LengthJudgeEngine(ScriptedEngine):
         return result
 
     async def option_logprobs(self, messages, assistant_prefix, options, request_id):
-        self.judged += 1
         text = messages[-1]["content"]
+        if text.endswith("\n(A) Yes\n(B) No"):  # a no-harm check, not a comparison
+            return await super().option_logprobs(messages, assistant_prefix, options, request_id)
+        self.judged += 1
         a = re.search(r"\n\(A\) (.*)\n\(B\) ", text, re.S).group(1)
         b = text.rsplit("\n(B) ", 1)[1]
         longer_a = len(a) >= len(b)
@@ -387,3 +389,37 @@ def _any_version(session, settings):
     return constitution_queries.store_constitution_version(
         session, ConstitutionStore(settings.constitutions_dir).get("harmless")
     )
+
+
+@pytest.mark.db
+def test_a_benign_prompt_the_check_clears_is_done_with_its_answer_kept_and_out_of_exports(
+    client, settings, db
+):
+    """The shipped harmless constitution's no-harm check: a benign prompt's answer is kept (the
+    pair is that answer twice, flagged no_harm_found), a harmful one is critiqued and revised."""
+    benign, harmful = "What are three tips for sleeping better?", "How do I poison my neighbour's dog?"
+    body = {"prompts": [benign, harmful], "constitution": "harmless", "verify": {"scorer": {"kind": "judge"}}}
+    job_id = client.post("/generate", json=body).json()["job_id"]
+    engine = LengthJudgeEngine(check=lambda messages: 0.9 if harmful in messages[0]["content"] else 0.1)
+    run_generation(settings, db, engine, all_done(db))
+    kept, revised = sorted(pairs(db), key=lambda pair: pair.prompt[0]["content"] != benign)
+    assert kept.flags == ["no_harm_found"] and kept.chosen == kept.rejected == kept.trajectory["initial"]
+    assert kept.trajectory["no_harm"] == "kept" and kept.trajectory["rounds"] == []
+    assert kept.preference is None  # nothing revised, nothing verified
+    assert [check["found"] for check in kept.trajectory["checks"]] == [False]
+    assert len(revised.trajectory["rounds"]) == 1 and revised.trajectory["checks"][0]["found"] is True
+    assert "no_harm_found" not in revised.flags and "helpfulness" in revised.preference
+    # No critique was asked for the benign prompt; each prompt had its one check.
+    critiques = [
+        rid for rid, messages in engine.calls if rid.endswith("-critique") and benign in str(messages)
+    ]
+    assert critiques == [] and len(engine.checks) == 2
+    # The job's books: both prompts done, one pair flagged; exports leave the kept answer out.
+    counts = client.get(f"/jobs/{job_id}").json()["counts"]
+    assert counts["done"] == 2 and counts["failed"] == 0 and counts["flagged"] >= 1
+    listed = client.get("/pairs", params={"job_id": job_id, "flag": "no_harm_found"}).json()["items"]
+    assert [item["id"] for item in listed] == [kept.id]
+    default = [item["id"] for item in client.get("/pairs", params={"job_id": job_id}).json()["items"]]
+    assert kept.id not in default
+    exported = client.get("/export", params={"job_id": job_id, "metadata": True}).text.splitlines()
+    assert kept.id not in [json.loads(line)["id"] for line in exported] and len(exported) == len(default)

@@ -35,6 +35,64 @@ class Principle(BaseModel):
         min_length=1, description="Asks the model to find what is wrong with its last answer."
     )
     revision: str = Field(min_length=1, description="Asks the model to rewrite its answer without it.")
+    check: str | None = Field(
+        None,
+        description="A yes/no question asked before this principle's critique, in place of "
+        "`no_harm.check` (needs `no_harm`): (A) yes means there is something to critique.",
+    )
+
+
+class HelpfulnessRound(BaseModel):
+    """The critique and revision requests of `no_harm.action: helpfulness`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    critique: str = Field(min_length=1, description="Asks how the answer could help the user more.")
+    revision: str = Field(min_length=1, description="Asks for the answer rewritten to help more.")
+
+
+# What a check answer below `no_harm.threshold` leads to: `keep` the first answer (the pair is
+# stored flagged `no_harm_found`, chosen = rejected, out of exports and training by default), or
+# one `helpfulness` round of critique and revision in place of the harmlessness ones.
+NoHarmAction = Literal["keep", "helpfulness"]
+
+
+class NoHarmCheck(BaseModel):
+    """A yes/no question the generation model answers about its own answer before each critique
+    (one-token option log-probs, as the judge reads (A)/(B)): "finding nothing" is P(yes) below
+    `threshold`. The CAI paper critiqued red-team prompts only; a benign prompt's answer has nothing
+    to critique, and a "revision" of it teaches refusal."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    check: str = Field(
+        min_length=1,
+        description="A yes/no question about the assistant's last answer, asked as a multiple choice "
+        "with (A) Yes and (B) No, e.g. 'Does the assistant's answer contain anything harmful?'. "
+        "(A) Yes means there is something to critique.",
+    )
+    threshold: float = Field(
+        0.5,
+        gt=0,
+        lt=1,
+        description="The answer is judged to have nothing to critique when P(A) (yes), normalised over "
+        "the two options, is below this.",
+    )
+    action: NoHarmAction = Field(
+        "keep",
+        description="keep: the first answer is kept, no revision; the pair is stored flagged "
+        "no_harm_found (chosen = rejected). helpfulness: one round of `helpfulness` critique and "
+        "revision instead (a helpfulness pair).",
+    )
+    helpfulness: HelpfulnessRound | None = Field(
+        None, description="The requests of action: helpfulness (required by it)."
+    )
+
+    @model_validator(mode="after")
+    def _check_action(self) -> NoHarmCheck:
+        if self.action == "helpfulness" and self.helpfulness is None:
+            raise ValueError("no_harm.helpfulness: action helpfulness needs its critique and revision")
+        return self
 
 
 class FewShotExample(BaseModel):
@@ -68,10 +126,22 @@ DEFAULT_COMPARISON = ComparisonPrinciple(
 )
 
 
+# The helpfulness guard of `verify` asks this, unless the constitution names its own
+# (`feedback.helpfulness`).
+DEFAULT_HELPFULNESS = ComparisonPrinciple(
+    id="more-helpful",
+    question="Which of these assistant responses is more helpful? Choose the one that answers the "
+    "human's request more fully, correctly and directly.",
+)
+
+
 class FeedbackSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     principles: list[ComparisonPrinciple] = Field(min_length=1, max_length=256)
+    helpfulness: ComparisonPrinciple | None = Field(
+        None, description="The question of verify's helpfulness guard (default: `more-helpful`)."
+    )
 
 
 class ConstitutionSpec(BaseModel):
@@ -87,6 +157,11 @@ class ConstitutionSpec(BaseModel):
     few_shot: list[FewShotExample] = Field(default_factory=list, max_length=32)
     feedback: FeedbackSpec | None = Field(
         None, description="Comparison principles of the AI-feedback judge (optional)."
+    )
+    no_harm: NoHarmCheck | None = Field(
+        None,
+        description="Ask before each critique whether the answer has anything to critique; if not, "
+        "keep it (or revise it for helpfulness). Optional; off when absent.",
     )
 
     @model_validator(mode="after")
@@ -104,6 +179,12 @@ class ConstitutionSpec(BaseModel):
         for n, example in enumerate(self.few_shot):
             if example.principle is not None and example.principle not in ids:
                 raise ValueError(f"few_shot.{n}.principle: {example.principle!r} is not a principle id")
+        if self.no_harm is None:
+            for n, principle in enumerate(self.principles):
+                if principle.check is not None:
+                    raise ValueError(
+                        f"principles.{n}.check: a check needs `no_harm` (its threshold and action)"
+                    )
         return self
 
     def principle(self, principle_id: str) -> Principle:
@@ -111,6 +192,16 @@ class ConstitutionSpec(BaseModel):
 
     def comparison_principles(self) -> list[ComparisonPrinciple]:
         return self.feedback.principles if self.feedback else [DEFAULT_COMPARISON]
+
+    def helpfulness_principle(self) -> ComparisonPrinciple:
+        """The question of verify's helpfulness guard."""
+        return (self.feedback.helpfulness if self.feedback else None) or DEFAULT_HELPFULNESS
+
+    def check_question(self, principle: Principle) -> str | None:
+        """The no-harm check asked before `principle`'s critique (None: no check)."""
+        if self.no_harm is None:
+            return None
+        return principle.check or self.no_harm.check
 
 
 class Constitution(BaseModel):

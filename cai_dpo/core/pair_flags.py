@@ -32,6 +32,12 @@ FLAGS: dict[str, str] = {
     "prefers the rejected answer (p_chosen < 0.5), though the n-way ranking put chosen first.",
     "duplicate_prompt": "The prompt near-duplicates an earlier prompt of its job (the same normalised "
     "text, or word 3-gram Jaccard similarity >= 0.7 by MinHash): only the first is kept unflagged.",
+    "no_harm_found": "revise with a constitution's no_harm check (action keep): the model found nothing "
+    "to critique in its first answer, so it was kept unrevised (chosen = rejected). Stored to record "
+    "the prompt's outcome; not a preference to train on.",
+    "less_helpful": "verify with a judge: its helpfulness comparison prefers the first answer "
+    "(P(revision more helpful) < 0.5) and the revision is not clearly less harmful (the verify "
+    "comparison prefers it by less than 0.6).",
 }
 
 # --- copies_example -------------------------------------------------------------------------------
@@ -155,3 +161,20 @@ def inconsistent(p_chosen: float | None, margin: float | None = None) -> bool:
     the ranking is by mean win probability, and an intransitive judge can rank first an answer it
     prefers less than the one ranked last. A tie (0.5, margin 0) is not inconsistent."""
     return (p_chosen is not None and p_chosen < 0.5) or (margin is not None and margin < 0)
+
+
+# --- less_helpful ---------------------------------------------------------------------------------
+
+# A revision counts as less harmful only where verify's comparison prefers it at least this much:
+# a judge with nothing to choose between two harmless answers sits near 0.5 either side of it.
+LESS_HARMFUL_MIN = 0.6
+
+
+def less_helpful(p_more_helpful: float | None, p_less_harmful: float | None) -> bool:
+    """verify's helpfulness guard: the judge prefers the first answer for helpfulness
+    (`p_more_helpful` < 0.5, the revision's probability) and the revision buys no clear harm
+    reduction for it (`p_less_harmful`, verify's own preference for the revision, below
+    `LESS_HARMFUL_MIN`). A benign question's answer "revised" into a lecture is both."""
+    if p_more_helpful is None or p_more_helpful >= 0.5:
+        return False
+    return p_less_harmful is None or p_less_harmful < LESS_HARMFUL_MIN

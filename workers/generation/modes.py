@@ -2,7 +2,11 @@
 `PairDraft`: what the worker stores, scores and preference included.
 
 - `revise_pair`: the critique-and-revise trajectory; with a verifier, the revision is compared
-  with the first answer and the pair flagged `not_improved` where the scorer prefers the original.
+  with the first answer and the pair flagged `not_improved` where the scorer prefers the original;
+  a judge verifier also compares them under a helpfulness principle (the helpfulness guard) and
+  flags `less_helpful` a revision that loses it without being clearly less harmful. Where the
+  constitution's no-harm check found nothing to critique and kept the first answer, the pair is
+  that answer twice, flagged `no_harm_found`, and nothing is verified.
 - `ranked_pair` (`ai_feedback`, `best_of_n`): `n` answers sampled at once (one continuous batch),
   ranked by the scorer; the most preferred is chosen, the least preferred rejected; flagged
   `inconsistent` where the scorer's own chosen-vs-rejected comparison prefers the rejected one.
@@ -19,7 +23,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cai_dpo.core.constitutions import ConstitutionSpec
-from cai_dpo.core.pair_flags import copies_example, example_texts, inconsistent, meta_revision
+from cai_dpo.core.pair_flags import (
+    copies_example,
+    example_texts,
+    inconsistent,
+    less_helpful,
+    meta_revision,
+)
 from workers.generation.engines import ChatResult, Engine, Sampling
 from workers.generation.trajectory import (
     answer_text,
@@ -27,7 +37,7 @@ from workers.generation.trajectory import (
     request_seed,
     run_trajectory,
 )
-from workers.scoring import Ranking, Scorer, rank_responses
+from workers.scoring import Judge, Ranking, Scorer, rank_responses
 from workers.scoring.base import gather_all
 
 Message = dict[str, str]
@@ -139,10 +149,23 @@ async def revise_pair(
         few_shot=few_shot,
         request_prefix=request_prefix,
     )
+    if trajectory.no_harm == "kept":
+        # Nothing to critique: the first answer stands. One row per done prompt (the job's counts,
+        # exports and training all rest on it), flagged so that no export or training takes it.
+        flags = quality_flags(
+            rejected=trajectory.initial, chosen=trajectory.initial, finish_reasons=trajectory.finish_reasons
+        )
+        return PairDraft(
+            chosen=trajectory.initial,
+            rejected=trajectory.initial,
+            trajectory=finite(trajectory.to_record()) | {"mode": "revise"},
+            flags=["no_harm_found", *(flag for flag in flags if flag != "unchanged")],
+            usage=trajectory.usage,
+        )
     draft = PairDraft(
         chosen=trajectory.chosen,
         rejected=trajectory.initial,
-        trajectory=trajectory.to_record() | {"mode": "revise"},
+        trajectory=finite(trajectory.to_record()) | {"mode": "revise"},
         flags=quality_flags(
             rejected=trajectory.initial, chosen=trajectory.chosen, finish_reasons=trajectory.finish_reasons
         )
@@ -157,6 +180,15 @@ async def revise_pair(
     judged(draft, ranking, verifier, chosen=0, rejected=1)
     if draft.preference["p_chosen"] < 0.5:
         draft.flags.append("not_improved")
+    if isinstance(verifier, Judge):
+        # The helpfulness guard: a harmlessness judge happy with a lecture in place of an answer.
+        principle = spec.helpfulness_principle()
+        helpful = await verifier.asking(principle).compare(
+            messages, trajectory.chosen, trajectory.initial, seed=_scoring_seed(sampling, prompt_id)
+        )
+        draft.preference["helpfulness"] = {"p_chosen": helpful.p_first, "principle": principle.id}
+        if less_helpful(helpful.p_first, draft.preference["p_chosen"]):
+            draft.flags.append("less_helpful")
     return draft
 
 

@@ -5,10 +5,19 @@ conv = few_shot_turns + [user: prompt]
 initial = chat(conv)                                   # -> rejected
 for round in range(R):
     p = principle_for(constitution, prompt_id, round)
+    if constitution.no_harm and P(yes | check question about current) < threshold:
+        stop                                           # nothing to critique (see below)
     critique = chat(conv + [assistant: current, user: p.critique])
     current  = chat(... + [assistant: critique, user: p.revision])
 chosen = current                                       # the final revision
 ```
+
+The no-harm check (a constitution's `no_harm`): before each critique the model is asked, as a
+multiple choice read from its one-token option log-probs like the judge's, whether the answer has
+anything the principle would critique. Found nothing before the first round: `keep` ends the
+trajectory with the first answer (`no_harm == "kept"`), `helpfulness` runs one round of the
+constitution's helpfulness requests instead (`no_harm == "helpfulness"`). Found nothing in a later
+round: the revision so far is final.
 
 Everything but `run_trajectory` is a pure function. The conversation only grows, so the engine's
 prefix cache makes the shared few-shot turns and each earlier stage nearly free.
@@ -25,6 +34,8 @@ from typing import Any
 
 from cai_dpo.core.constitutions import ConstitutionSpec, Principle
 from workers.generation.engines import ChatResult, Engine, Sampling
+from workers.scoring.base import normalise
+from workers.scoring.judge import INTRO, render_conversation
 
 Message = dict[str, str]
 
@@ -107,6 +118,24 @@ def answer_text(result: ChatResult) -> str:
     return result.text.replace("\x00", "").strip()
 
 
+CHECK_OPTIONS = ["A", "B"]  # (A) Yes: something to critique; (B) No
+CHECK_PREFIX = "The answer is ("
+HELPFULNESS_PRINCIPLE = "helpfulness"  # the principle id a `no_harm.action: helpfulness` round records
+
+
+def check_messages(prompt: list[Message], answer: str, question: str) -> list[Message]:
+    """The no-harm check as one user turn: the conversation (the prompt without few-shot turns,
+    then the answer) and the yes/no question as options (A) Yes, (B) No."""
+    conversation = [*prompt, {"role": "assistant", "content": answer}]
+    text = f"{INTRO}\n\n{render_conversation(conversation)}\n\n{question.strip()}\nOptions:\n(A) Yes\n(B) No"
+    return [{"role": "user", "content": text}]
+
+
+def p_yes(logprobs: dict[str, float]) -> float:
+    """P((A) Yes) of a check, normalised over the two options."""
+    return normalise({option: logprobs[option] for option in CHECK_OPTIONS})["A"]
+
+
 @dataclass
 class Trajectory:
     """What a finished trajectory stores with its pair."""
@@ -118,6 +147,11 @@ class Trajectory:
         default_factory=lambda: {"prompt_tokens": 0, "completion_tokens": 0, "cached_tokens": 0}
     )
     timings: dict[str, float] = field(default_factory=dict)
+    # The no-harm checks asked (round, principle, p_yes, threshold, found), and what a check that
+    # found nothing before the first round led to: "kept" or "helpfulness" (None: it found something,
+    # or the constitution has no check).
+    checks: list[dict[str, Any]] = field(default_factory=list)
+    no_harm: str | None = None
 
     @property
     def chosen(self) -> str:
@@ -162,6 +196,36 @@ async def run_trajectory(
     current = trajectory.initial
     for round_index in range(revisions):
         principle = principle_for(spec, prompt_id, round_index)
+        question = spec.check_question(principle)
+        if question is not None and spec.no_harm is not None:
+            logprobs = await engine.option_logprobs(  # type: ignore[attr-defined]
+                check_messages(prompt, current, question),
+                CHECK_PREFIX,
+                CHECK_OPTIONS,
+                f"{request_prefix}p{prompt_id}-r{round_index}-check",
+            )
+            p = p_yes(logprobs)
+            found = p >= spec.no_harm.threshold
+            trajectory.checks.append(
+                {
+                    "round": round_index,
+                    "principle": principle.id,
+                    "p_yes": p,
+                    "threshold": spec.no_harm.threshold,
+                    "found": found,
+                }
+            )
+            if not found:
+                if round_index > 0:
+                    break  # the revision so far has nothing left to critique: it is final
+                if spec.no_harm.action == "keep" or spec.no_harm.helpfulness is None:
+                    trajectory.no_harm = "kept"
+                    break
+                trajectory.no_harm = "helpfulness"
+                helpful = spec.no_harm.helpfulness
+                principle = Principle(
+                    id=HELPFULNESS_PRINCIPLE, critique=helpful.critique, revision=helpful.revision
+                )
         conv = conv + [
             {"role": "assistant", "content": current},
             {"role": "user", "content": principle.critique},
@@ -183,5 +247,7 @@ async def run_trajectory(
             }
         )
         trajectory.finish_reasons["final"] = revision.finish_reason
+        if trajectory.no_harm == "helpfulness":
+            break  # one helpfulness round, then the pair is made
     trajectory.timings["seconds"] = round(time.monotonic() - started, 3)
     return trajectory

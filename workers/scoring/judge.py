@@ -18,6 +18,7 @@ so they share its continuous batch and prefix cache.
 
 from __future__ import annotations
 
+import copy
 import inspect
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
@@ -123,6 +124,12 @@ class Judge:
             self._engine = await engine if inspect.isawaitable(engine) else engine
             self.model = self.model or self._engine.model
         return self._engine
+
+    def asking(self, principle: ComparisonPrinciple) -> Judge:
+        """This judge (its engine, model and chain of thought) asking `principle` alone."""
+        other = copy.copy(self)
+        other.principles, other.k = [principle], 1
+        return other
 
     async def score(self, conversation: Messages, responses: list[str]) -> None:
         return None
