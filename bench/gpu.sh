@@ -15,6 +15,7 @@
 #   3. 135M: this trainer against TRL
 #   4. 1B: this trainer with torch.compile'd decoder layers
 # A step that would start after DEADLINE seconds is skipped; the table of what ran prints last.
+# Neither trainer checkpoints in the timed runs; $OUT/results.json holds one object per run (--json).
 # A dry run on a CPU: WHEELS=none SIZE_BIG=tiny SIZE_SMALL=tiny PAIRS_BIG=16 PAIRS_SMALL=16.
 set -u
 START=$(date +%s)
@@ -70,7 +71,8 @@ bench() {  # bench LABEL ARGS...: one configuration, results appended to $RESULT
     if [ "$budget" -lt 60 ]; then stamp "skip $label $* (deadline)"; return; fi
     stamp "start $label $*"
     timeout "$budget" "$PY" bench/training.py --model "$TOKENIZER" --batch-size 8 --max-length 512 \
-        --timeout "$(( budget < LIMIT ? budget : LIMIT ))" --out "$RESULTS" --label "$label" "$@" 2>&1 \
+        --timeout "$(( budget < LIMIT ? budget : LIMIT ))" --out "$RESULTS" --json "$OUT/results.json" \
+        --label "$label" "$@" 2>&1 \
         | grep -v "Writing model shards" | tee -a "$LOG"
     stamp "end $label"
 }

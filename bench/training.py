@@ -21,6 +21,12 @@ import code, repeated to --pairs. Counting:
   process, so the timed run does not include most of the one-off compilation (FlexAttention,
   torch.compile); its cost is reported as `warmup_s`. `steady_pairs_per_s` is the median step's
   rate after the first two steps; `slowest_steps` gives the five slowest steps' seconds.
+- Checkpoints: none in the timed region on either side (TRL runs with save_strategy="no"; ours with
+  checkpoint_steps beyond the run) unless `--checkpoint-steps N` asks ours for one every N steps.
+- `--json PATH`: the results as one JSON list, one object per configuration and trainer (appended
+  to the list already in PATH): device, model, trainer (`cai-dpo` or `trl`), pairs_per_step,
+  pairs_per_s (whole timed run), median_step_s, max_step_s, mfu (whole run), peak_allocated_gib
+  (CUDA's max allocated; null on a CPU), mean_loss, and the rest of the result line under `detail`.
 """
 
 from __future__ import annotations
@@ -76,6 +82,13 @@ def _args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--label", default="", help="a name for this configuration in the output")
     parser.add_argument("--out", help="append each result line (JSON) to this file")
+    parser.add_argument("--json", metavar="PATH", help="add one object per trainer to the JSON list in PATH")
+    parser.add_argument(
+        "--checkpoint-steps",
+        type=int,
+        default=None,
+        help="our checkpoint every N steps in the timed run (default: none, as TRL's side)",
+    )
     parser.add_argument("--timeout", type=float, default=None, help="seconds per trainer process")
     parser.add_argument("--table", metavar="FILE", help="print a Markdown table of a results file and exit")
     parser.add_argument(
@@ -178,6 +191,9 @@ def _parameter_count(model_dir: Path) -> int:
     return total
 
 
+NO_CHECKPOINT = 10**9  # checkpoint_steps beyond any run: no checkpoint in the timed region
+
+
 def run_ours(args: argparse.Namespace, model_dir: Path) -> dict:
     import torch
 
@@ -196,7 +212,7 @@ def run_ours(args: argparse.Namespace, model_dir: Path) -> dict:
             warm = load_pairs(Path(args.data), warmup_pairs)
             run_training(
                 _params(args, max_steps=6), model_path=model_dir, train_pairs=warm, eval_pairs=[],
-                output_dir=Path(out),
+                output_dir=Path(out), checkpoint_steps=NO_CHECKPOINT,
             )  # fmt: skip
             warmup = {"warmup_s": round(time.perf_counter() - started, 2)}
         gc.collect()
@@ -206,8 +222,9 @@ def run_ours(args: argparse.Namespace, model_dir: Path) -> dict:
     with tempfile.TemporaryDirectory() as out:
         started = time.perf_counter()
         result = run_training(
-            params, model_path=model_dir, train_pairs=pairs, eval_pairs=[], output_dir=Path(out)
-        )
+            params, model_path=model_dir, train_pairs=pairs, eval_pairs=[], output_dir=Path(out),
+            checkpoint_steps=args.checkpoint_steps or NO_CHECKPOINT,
+        )  # fmt: skip
         wall = time.perf_counter() - started
         history = [json.loads(line) for line in (Path(out) / "model/metrics.jsonl").read_text().splitlines()]
     # What TRL's train() covers: its reference forwards are in its steps.
@@ -230,6 +247,9 @@ def run_ours(args: argparse.Namespace, model_dir: Path) -> dict:
         "model_flops": 8 * _parameter_count(model_dir) * packed,
         "steady_pairs_per_s": round(statistics.median(steady), 3),
         "median_step_s": round(statistics.median(step_seconds), 4),
+        "max_step_s": round(max(step_seconds), 4),
+        "pairs_per_step": params.pairs_per_step,
+        "checkpoint_steps": args.checkpoint_steps,
         "slowest_steps": {str(i + 1): round(step_seconds[i], 3) for i in slowest},
         "final_loss": history[-1]["loss"],
         "mean_loss": sum(row["loss"] for row in history) / len(history),
@@ -305,11 +325,15 @@ def run_trl(args: argparse.Namespace, model_dir: Path) -> dict:
         processing_class=tokenizer,
         peft_config=peft_config,
     )
+    step_ends: list[float] = []
+    trainer.add_callback(_StepClock(step_ends))
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - started
+    # Each step's seconds, end to end (its loss is logged every step, so each end waits for the GPU).
+    step_seconds = [b - a for a, b in zip([started, *step_ends], step_ends, strict=False)]
     steps = [row for row in trainer.state.log_history if "loss" in row]
     tokens = steps[-1]["num_tokens"]
     return {
@@ -321,7 +345,42 @@ def run_trl(args: argparse.Namespace, model_dir: Path) -> dict:
         "model_flops": 8 * _parameter_count(model_dir) * tokens,
         "final_loss": steps[-1]["loss"],
         "mean_loss": sum(row["loss"] for row in steps) / len(steps),
+        "pairs_per_step": args.batch_size,
+        "median_step_s": round(statistics.median(step_seconds), 4) if step_seconds else None,
+        "max_step_s": round(max(step_seconds), 4) if step_seconds else None,
     }
+
+
+def _StepClock(ends: list[float]):  # noqa: N802 - a class made where transformers is imported
+    """A TrainerCallback appending the time of each step's end to `ends`."""
+    from transformers import TrainerCallback
+
+    class StepClock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            ends.append(time.perf_counter())
+
+    return StepClock()
+
+
+def json_record(line: dict) -> dict:
+    """The --json object of a result line: the fields every configuration has, the rest as detail."""
+    keys = ("device", "model", "pairs_per_step", "pairs_per_s", "median_step_s", "max_step_s", "mfu")
+    record = {"trainer": "cai-dpo" if line["trainer"] == "ours" else "trl"}
+    record |= {key: line.get(key) for key in keys}
+    cuda = line.get("peak_memory_kind") == "cuda_max_allocated"
+    record["peak_allocated_gib"] = line["peak_memory_gib"] if cuda else None
+    record["mean_loss"] = line["mean_loss"]
+    record["label"] = line.get("label", "")
+    record["detail"] = line
+    return record
+
+
+def append_json(path: Path, records: list[dict]) -> None:
+    """Add `records` to the JSON list in `path` (a new list where there is none), replaced whole."""
+    existing = json.loads(path.read_text()) if path.exists() and path.read_text().strip() else []
+    staging = path.with_name(path.name + ".tmp")
+    staging.write_text(json.dumps(existing + records, indent=1) + "\n")
+    staging.replace(path)
 
 
 def _child(args: argparse.Namespace) -> None:
@@ -515,6 +574,8 @@ def main(argv: list[str] | None = None) -> None:
             if out:
                 with out.open("a") as handle:
                     handle.write(json.dumps(results[trainer]) + "\n")
+    if args.json and results:
+        append_json(Path(args.json), [json_record(line) for line in results.values()])
     if {"ours", "trl"} <= results.keys():
         summary = _summary(results["ours"], results["trl"])
         print(json.dumps(summary), flush=True)
