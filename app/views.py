@@ -21,6 +21,7 @@ from app.schemas import (
     WorkerOut,
 )
 from cai_dpo.core.progress import eta_seconds, job_progress
+from cai_dpo.core.queries import calibrations as calibration_queries
 from cai_dpo.core.queries import constitutions as constitution_queries
 from cai_dpo.core.queries import evaluations as evaluation_queries
 from cai_dpo.core.queries import jobs as job_queries
@@ -149,6 +150,15 @@ def evaluation_out(session: Session, job: TrainingJob) -> EvaluationOut | None:
         reward_accuracy=accuracy if any(accuracy.values()) else None,
         error=evaluation.last_error,
     )
+
+
+def judge_calibrations(session: Session, run: TrainJobOut) -> dict[str, dict[str, Any] | None]:
+    """Each judge of the run's evaluation with its latest calibration against human labels (None:
+    never calibrated), for the console to show beside the evaluation."""
+    win = run.evaluation.win_rate if run.evaluation is not None else None
+    judges = [judge["model"] for judge in (win or {}).get("judges") or []]
+    found = calibration_queries.latest_calibrations(session, judges)
+    return {judge: found.get(judge) for judge in judges}
 
 
 def train_out(session: Session, job: TrainingJob) -> TrainJobOut:

@@ -149,6 +149,40 @@ def test_calibrate_over_http_with_a_judge_that_agrees_with_80_percent(client, se
     assert client.get(f"/jobs/{calibration['id']}").json()["options"]["mode"] == "calibrate"
 
 
+def run_calibration(client, settings, db, body) -> dict:
+    """Queue a calibration over HTTP, let a worker serving the judge's model (a `LabelledJudge`)
+    judge it, and return it."""
+    response = client.post("/judges/calibrate", json=body)
+    assert response.status_code == 202, response.text
+    worker_settings = settings.model_copy(update={"model": BASE, "max_in_flight": 8, "poll_seconds": 0.1})
+    worker = GenerationWorker(
+        worker_settings,
+        db,
+        url=settings.database_url,
+        engine_factory=lambda s, model, path: LabelledJudge(model),
+    )
+    run_until(worker, lambda: all(s in ("done", "failed") for s, _, _ in statuses(db).values()), timeout=60)
+    return client.get(f"/judges/calibrations/{response.json()['id']}").json()
+
+
+@pytest.mark.db
+def test_the_run_page_shows_each_judges_latest_calibration(client, settings, db, tmp_path):
+    from tests.test_judges import evaluate
+
+    train_id, _, evaluation = evaluate(client, settings, db, tmp_path, {"prompts": ["q1", "q2"]})
+    assert [j["model"] for j in evaluation["win_rate"]["judges"]] == [BASE]
+    page = client.get(f"/ui/train/{train_id}").text
+    assert f"{BASE} against human labels: not calibrated" in page
+    insert_human_pairs(db, 10)
+    calibration = run_calibration(client, settings, db, {"pairs": {"source": "hh"}})
+    assert calibration["agreement"]["rate"] == pytest.approx(0.8)
+    page = client.get(f"/ui/train/{train_id}").text
+    assert f"{BASE} against human labels: agreement <strong>0.8</strong> (95% CI" in page
+    assert (
+        "n 10) · shown-first wins 0.5 · length bias" in page and f"calibration #{calibration['id']}" in page
+    )
+
+
 @pytest.mark.db
 def test_calibrate_refuses_what_it_cannot_measure(client, settings, db):
     response = client.post("/judges/calibrate", json={"pairs": {"source": "hh"}})

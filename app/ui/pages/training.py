@@ -15,7 +15,7 @@ from app.deps import CallerDep, SessionDep, SettingsDep, StoreDep
 from app.ui.forms import ACTION_ERRORS, ConsoleError, FormDep, act, errors_fragment, given, text_field
 from app.ui.pages.pairs import FILTER_FIELDS
 from app.ui.render import PAGE_SIZE, go, list_page, page
-from app.views import train_out
+from app.views import judge_calibrations, train_out
 from cai_dpo.core import services
 from cai_dpo.core.pair_filter import DbId
 from cai_dpo.core.queries import training as training_queries
@@ -111,6 +111,7 @@ def training_run_page(request: Request, train_id: DbId, session: SessionDep):
         live=run.status in OPEN_TRAIN_STATES,
         charts=CHARTS,
         eval_keys=evals,
+        calibrations=judge_calibrations(session, run),
     )
 
 
