@@ -31,7 +31,9 @@ from workers.training.step import accumulate_step, score_pairs
 
 pytestmark = pytest.mark.model  # SmolLM2's tokenizer and chat template, real torch steps
 
-LOSS_CASES = [("sigmoid", 0.0), ("ipo", 0.0), ("hinge", 0.0), ("robust", 0.2)]
+# The rest of the family (and simpo, orpo) against TRL's own loss code: test_loss_family_vs_trl.
+# The list (DPO + the sft term) also checks the step's per-token mean of the sft term.
+LOSS_CASES = [("sigmoid", 0.0), ("ipo", 0.0), ("hinge", 0.0), ("robust", 0.2), (["sigmoid", "sft"], 0.0)]
 TIMING_KEYS = {"tokens_per_s", "pairs_per_s", "mfu"}
 
 
@@ -57,7 +59,7 @@ def _trl_trainer(
         per_device_train_batch_size=len(pairs),
         max_length=max_length,
         beta=0.1,
-        loss_type=[loss_type],
+        loss_type=loss_type if isinstance(loss_type, list) else [loss_type],
         label_smoothing=label_smoothing,
         bf16=False,  # DPOConfig defaults to bf16 autocast, even on a CPU
         use_cpu=True,
@@ -156,7 +158,7 @@ def test_max_prompt_length_keeps_the_end_of_the_prompt(smollm_tokenizer, hh_pair
 # --- log-probs, losses and gradients against TRL ---------------------------------------------------
 
 
-@pytest.mark.parametrize(("loss_type", "label_smoothing"), LOSS_CASES)
+@pytest.mark.parametrize(("loss_type", "label_smoothing"), LOSS_CASES, ids=str)
 def test_logps_loss_and_gradients_match_trl(smollm_tokenizer, hh_pairs, tmp_path, loss_type, label_smoothing):
     tok, pairs, max_length = smollm_tokenizer, hh_pairs[:4], 72  # sums below 512: 1e-4 is 3 float32 ulps
     policy, ref = tiny_llama(tok, seed=0), tiny_llama(tok, seed=1)  # different, so the log-ratios are not 0
