@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from cai_dpo.core.generation_modes import CalibrateOptions, CompareOptions, GenerationMode, Sampling
 from cai_dpo.core.pair_filter import PairFilter
 from cai_dpo.core.pair_flags import FLAGS
+from cai_dpo.core.strict_json import StrictJson
 
 # A `next_cursor`: the last id of the previous page.
 Cursor = Annotated[str, Field(pattern=r"^\d{1,18}$", description="`next_cursor` of the previous page.")]
@@ -84,6 +85,11 @@ class PromptOut(BaseModel):
     attempts: int
     last_error: str | None
     pair_id: int | None
+    flags: list[str] = Field(
+        default_factory=list,
+        description="Its pair's quality flags: why a done prompt's pair is left out of exports "
+        "(e.g. no_harm_found: the no-harm check found nothing to critique, the answer was kept).",
+    )
     messages: list[dict[str, Any]]
     started_at: datetime | None
     finished_at: datetime | None
@@ -206,6 +212,41 @@ class ExportQuery(PairFilter):
         if style == "openai" and info.data.get("format", "jsonl") != "jsonl":
             raise ValueError("style=openai is a JSON Lines format: use format=jsonl")
         return style
+
+
+class DecontaminateIn(StrictJson):
+    """`POST /datasets/decontaminate`: mark the pairs whose prompts overlap a benchmark's."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    benchmark: PairFilter = Field(
+        description="The evaluation set, as stored pairs (imported with /datasets/import): a filter "
+        "that names `import_id` or `source`. Its own pairs are never marked."
+    )
+    pairs: PairFilter = Field(
+        default_factory=lambda: PairFilter(include_flagged=True),
+        description="The pairs to check (default: every pair, flagged ones included).",
+    )
+    n: int = Field(8, ge=3, le=50, description="Words in a run: a shared run of n words is an overlap.")
+
+    @field_validator("benchmark")
+    @classmethod
+    def _names_a_set(cls, benchmark: PairFilter) -> PairFilter:
+        if benchmark.import_id is None and benchmark.source is None:
+            raise ValueError("name the evaluation set: import_id or source")
+        return benchmark
+
+
+class DecontaminateOut(BaseModel):
+    benchmark_prompts: int = Field(description="Distinct prompts of the evaluation set.")
+    checked: int = Field(description="Pairs checked (the benchmark's own left out).")
+    contaminated: int = Field(
+        description="Pairs whose prompt overlaps the benchmark (flagged now or before)."
+    )
+    newly_flagged: int = Field(description="Of those, pairs that did not carry `contaminated` yet.")
+    examples: list[dict[str, Any]] = Field(
+        description="Up to 20: pair_id and the run of words it shares with the benchmark."
+    )
 
 
 class PairPage(BaseModel):

@@ -434,6 +434,7 @@ VALID_BODIES = {
     ("POST", "/train/{train_id}/evaluate"): {"max_prompts": 1},
     ("POST", "/pairs/{pair_id}/review"): {"status": "approved", "chosen": "better"},
     ("POST", "/judges/calibrate"): {"max_pairs": 1},
+    ("POST", "/datasets/decontaminate"): {"benchmark": {"source": "test"}},
 }
 # Bodies no route can read, each sent as every text type a route may take: broken JSON, bytes that
 # are not UTF-8 (text in no format); then multipart bodies cut short or with no boundary.

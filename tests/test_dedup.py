@@ -120,3 +120,86 @@ def test_export_dedup_prompt_keeps_one_pair_per_near_duplicate_prompt(client, db
     assert "3 pairs (dedup=prompt" in card
     bad = client.get("/export", params={"dedup": "minhash"})
     assert bad.status_code == 422 and bad.json()["detail"].startswith("dedup:")
+
+
+# --- decontamination against an imported evaluation set ------------------------------------------
+
+BENCH = [
+    "Explain in detail how the immune system recognises a virus it has never seen before.",
+    "What is 2+2?",  # shorter than n: its words in a row are the overlap
+]
+
+
+@pytest.mark.unit
+def test_ngram_index_finds_runs_shared_with_a_benchmark():
+    from cai_dpo.core.dedup import NgramIndex
+
+    index = NgramIndex(BENCH, n=8)
+    copied = "Please, explain in detail how the IMMUNE system recognises a virus! Thanks."
+    assert index.overlap(copied) == "explain in detail how the immune system recognises"
+    assert index.overlap("Quick one: what is 2 + 2? I forgot.") == "what is 2 2"  # punctuation ignored
+    assert index.overlap("Quick one: what is 3+3? I forgot.") is None
+    assert index.overlap("How does the immune system recognise viruses?") is None  # 4 shared words
+    assert index.overlap("What is 2?") is None
+    assert NgramIndex([], n=8).overlap("anything at all") is None
+
+
+@pytest.mark.db
+def test_decontaminate_flags_pairs_that_overlap_an_imported_benchmark(client, db):
+    import json as _json
+
+    def upload(rows, source):
+        body = "".join(_json.dumps({"prompt": p, "chosen": "c", "rejected": "r"}) + "\n" for p in rows)
+        response = client.post(
+            "/datasets/import",
+            content=body,
+            headers={"content-type": "application/x-ndjson"},
+            params={"source": source},
+        )
+        assert response.status_code == 201, response.text
+
+    upload(BENCH, "eval-set")
+    upload(
+        [
+            "Could you explain in detail how the immune system recognises a virus it meets?",
+            "what is 2+2? and why",
+            "Write a poem about the sea.",
+        ],
+        "train-set",
+    )
+    body = {"benchmark": {"source": "eval-set"}}
+    response = client.post("/datasets/decontaminate", json=body)
+    assert response.status_code == 200, response.text
+    result = response.json()
+    assert result | {"examples": None} == {
+        "benchmark_prompts": 2,
+        "checked": 3,
+        "contaminated": 2,
+        "newly_flagged": 2,
+        "examples": None,
+    }
+    assert [e["overlap"] for e in result["examples"]] == [
+        "explain in detail how the immune system recognises",
+        "what is 2 2",
+    ]
+    flagged = client.get("/pairs", params={"flag": "contaminated"}).json()["items"]
+    assert sorted(p["source"] for p in flagged) == ["train-set", "train-set"]
+    exported = client.get("/export", params={"source": "train-set", "style": "standard"}).text.splitlines()
+    assert [_json.loads(line)["prompt"] for line in exported] == ["Write a poem about the sea."]
+    again = client.post("/datasets/decontaminate", json=body).json()  # idempotent
+    assert again["contaminated"] == 2 and again["newly_flagged"] == 0
+
+
+@pytest.mark.db
+@pytest.mark.parametrize(
+    ("body", "status", "field"),
+    [
+        ({"benchmark": {}}, 422, "benchmark"),
+        ({"benchmark": {"source": "eval-set"}, "n": 2}, 422, "n"),
+        ({"benchmark": {"source": "nothing-imported"}}, 404, "benchmark"),
+        ({"benchmark": {"source": "x"}, "extra": 1}, 422, "extra"),
+    ],
+)
+def test_bad_decontaminate_requests_name_the_field(client, body, status, field):
+    response = client.post("/datasets/decontaminate", json=body)
+    assert response.status_code == status and response.json()["detail"].startswith(f"{field}:"), response.text

@@ -17,11 +17,14 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.access import MULTIPART, NDJSON, access
-from app.deps import CallerDep, SettingsDep
+from app.deps import CallerDep, SessionDep, SettingsDep
 from app.openapi import IMPORT_BODY, errors
+from app.schemas import DecontaminateIn, DecontaminateOut
 from cai_dpo.core.api_keys import scoped_idempotency_key
 from cai_dpo.core.db import session_scope
+from cai_dpo.core.dedup import NgramIndex
 from cai_dpo.core.errors import FieldError
+from cai_dpo.core.export_format import prompt_text
 from cai_dpo.core.pair_import import TooManyRows, parse_pairs
 from cai_dpo.core.queries import pairs as pair_queries
 from cai_dpo.core.settings import Settings
@@ -169,3 +172,36 @@ def _import_out(record) -> dict:
         "source": record.source,
         "formats": record.format.split(","),
     }
+
+
+@router.post("/decontaminate", response_model=DecontaminateOut, responses=errors(404))
+@access("admin")
+def decontaminate(request: Request, session: SessionDep, body: DecontaminateIn):
+    """Flag `contaminated` every pair whose prompt shares a run of `n` words (case and punctuation
+    ignored; all the words of a shorter benchmark prompt) with a prompt of the evaluation set, as
+    the common decontamination scripts do, so a team's held-out benchmark stays held out of
+    training: flagged pairs are left out of /export and /train unless asked for."""
+    benchmark = pair_queries.pair_prompts(
+        session, body.benchmark.model_copy(update={"include_flagged": True})
+    )
+    if not benchmark:
+        raise FieldError("benchmark", "selects no pair: import the evaluation set first", 404)
+    own = {pair_id for pair_id, _ in benchmark}
+    texts = sorted({prompt_text(prompt) for _, prompt in benchmark})
+    index = NgramIndex(texts, n=body.n)
+    checked, hits = 0, []
+    for pair_id, prompt in pair_queries.pair_prompts(session, body.pairs):
+        if pair_id in own:
+            continue
+        checked += 1
+        if (run := index.overlap(prompt_text(prompt))) is not None:
+            hits.append((pair_id, run))
+    newly = pair_queries.flag_pairs(session, [pair_id for pair_id, _ in hits], "contaminated")
+    request.state.audit_ids = {"contaminated": str(len(hits))}
+    return DecontaminateOut(
+        benchmark_prompts=len(texts),
+        checked=checked,
+        contaminated=len(hits),
+        newly_flagged=newly,
+        examples=[{"pair_id": pair_id, "overlap": run} for pair_id, run in hits[:20]],
+    )

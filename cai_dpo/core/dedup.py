@@ -105,3 +105,38 @@ def keep_one_per_group(
 
 def _rank(margin: float | None) -> float:
     return float("-inf") if margin is None else margin
+
+
+# --- decontamination ------------------------------------------------------------------------------
+
+CONTAMINATION_N = 8  # words: as `copies_example`; GPT-3's 13 suits long documents, not prompts
+
+
+class NgramIndex:
+    """A benchmark's prompts as word n-grams (case and punctuation ignored), to find training
+    prompts that overlap them. A benchmark prompt shorter than n words is kept whole: a training
+    prompt that contains its words in a row overlaps it."""
+
+    def __init__(self, texts: Sequence[str], n: int = CONTAMINATION_N):
+        self.n = n
+        self.grams: set[tuple[str, ...]] = set()
+        self.short: set[tuple[str, ...]] = set()
+        for text in texts:
+            w = words(text)
+            if len(w) >= n:
+                self.grams.update(tuple(w[i : i + n]) for i in range(len(w) - n + 1))
+            elif w:
+                self.short.add(tuple(w))
+        self.short_lengths = sorted({len(s) for s in self.short})
+
+    def overlap(self, text: str) -> str | None:
+        """The first run of words `text` shares with the benchmark (joined by spaces), or None."""
+        w = words(text)
+        for i in range(len(w)):
+            gram = tuple(w[i : i + self.n])
+            if len(gram) == self.n and gram in self.grams:
+                return " ".join(gram)
+            for length in self.short_lengths:
+                if i + length <= len(w) and (run := tuple(w[i : i + length])) in self.short:
+                    return " ".join(run)
+        return None

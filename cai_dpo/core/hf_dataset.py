@@ -234,7 +234,7 @@ def dataset_card(
         out += ["No pair the filter matched carries a quality flag.", ""]
     if provenance.left_out:
         out += [
-            "Left out: " + "; ".join(f"{n} pair{'s' * (n != 1)} ({why})" for why, n in provenance.left_out.items()) + ".",
+            "Left out: " + "; ".join(_pairs(n) + f" ({why})" for why, n in provenance.left_out.items()) + ".",
             "",
         ]
     out += ["## Constitutions", ""]
@@ -263,6 +263,10 @@ def dataset_card(
         "",
     ]
     return "\n".join(out)
+
+
+def _pairs(n: int) -> str:
+    return f"{n} pair" if n == 1 else f"{n} pairs"
 
 
 def tar_chunks(root: Path, *, block: int = 2**20) -> Iterator[bytes]:

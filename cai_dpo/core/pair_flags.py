@@ -32,6 +32,8 @@ FLAGS: dict[str, str] = {
     "prefers the rejected answer (p_chosen < 0.5), though the n-way ranking put chosen first.",
     "duplicate_prompt": "The prompt near-duplicates an earlier prompt of its job (the same normalised "
     "text, or word 3-gram Jaccard similarity >= 0.7 by MinHash): only the first is kept unflagged.",
+    "contaminated": "POST /datasets/decontaminate: the prompt shares a run of 8 words (or all of a "
+    "shorter prompt) with a prompt of the benchmark named, so training on it would leak the benchmark.",
     "no_harm_found": "revise with a constitution's no_harm check (action keep): the model found nothing "
     "to critique in its first answer, so it was kept unrevised (chosen = rejected). Stored to record "
     "the prompt's outcome; not a preference to train on.",

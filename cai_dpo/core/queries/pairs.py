@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
-from sqlalchemy import Select, func, select
+from sqlalchemy import Select, func, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
@@ -196,3 +196,15 @@ def pair_prompt_margins(
     """(id, prompt, margin) of the pairs the filter selects, in id order: what `dedup=prompt` needs."""
     query = filtered(select(Pair.id, Pair.prompt, Pair.margin), f).order_by(Pair.id)
     return [(pair_id, prompt, margin) for pair_id, prompt, margin in session.execute(query)]
+
+
+def flag_pairs(session: Session, ids: Sequence[int], flag: str) -> int:
+    """Add `flag` to the pairs that do not carry it yet; how many did not."""
+    if not ids:
+        return 0
+    result = session.execute(
+        update(Pair)
+        .where(Pair.id.in_(list(ids)), ~Pair.flags.any(flag))
+        .values(flags=func.array_append(Pair.flags, flag))
+    )
+    return result.rowcount
