@@ -89,8 +89,8 @@ def jobs_out(session: Session, jobs: list[GenerationJob]) -> list[JobOut]:
     return [job_out(job, stats[job.id], versions[job.constitution_version_id].content_hash) for job in jobs]
 
 
-def prompt_out(prompt: Prompt, pair_id: int | None) -> PromptOut:
-    return shaped(PromptOut, prompt, pair_id=pair_id)
+def prompt_out(prompt: Prompt, pair_id: int | None, flags: list[str] | None = None) -> PromptOut:
+    return shaped(PromptOut, prompt, pair_id=pair_id, flags=flags or [])
 
 
 # --- pairs ----------------------------------------------------------------------------------------

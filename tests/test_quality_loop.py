@@ -417,6 +417,11 @@ def test_a_benign_prompt_the_check_clears_is_done_with_its_answer_kept_and_out_o
     # The job's books: both prompts done, one pair flagged; exports leave the kept answer out.
     counts = client.get(f"/jobs/{job_id}").json()["counts"]
     assert counts["done"] == 2 and counts["failed"] == 0 and counts["flagged"] >= 1
+    listing = client.get(f"/jobs/{job_id}/prompts").json()["items"]
+    assert {(item["pair_id"], tuple(item["flags"])) for item in listing} == {
+        (kept.id, ("no_harm_found",)),
+        (revised.id, tuple(revised.flags)),
+    }
     listed = client.get("/pairs", params={"job_id": job_id, "flag": "no_harm_found"}).json()["items"]
     assert [item["id"] for item in listed] == [kept.id]
     default = [item["id"] for item in client.get("/pairs", params={"job_id": job_id}).json()["items"]]

@@ -83,13 +83,15 @@ def list_job_prompts(
     cursor: Cursor | None = None,
     limit: Annotated[int, Query(ge=1)] = 50,
 ):
-    """The job's prompts with their state: `status=failed` shows what failed and why."""
+    """The job's prompts with their state: `status=failed` shows what failed and why; a done
+    prompt's `flags` are its pair's (`no_harm_found`: nothing to critique, its answer kept)."""
     or_404(job_queries.get_job(session, job_id), f"job_id: no job {job_id}")
     limit = min(limit, settings.page_size_max)
     rows = job_queries.list_job_prompts(
         session, job_id, status=status, after_id=int(cursor) if cursor else None, limit=limit
     )
-    items = [prompt_out(prompt, pair_id) for prompt, pair_id in rows]
+    flags = job_queries.pair_flags(session, [pair_id for _, pair_id in rows if pair_id is not None])
+    items = [prompt_out(prompt, pair_id, flags.get(pair_id)) for prompt, pair_id in rows]
     return PromptPage(items=items, next_cursor=str(items[-1].id) if len(items) == limit else None)
 
 

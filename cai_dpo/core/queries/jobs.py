@@ -155,6 +155,14 @@ def list_job_prompts(
     return [tuple(row) for row in session.execute(stmt)]
 
 
+def pair_flags(session: Session, pair_ids: list[int]) -> dict[int, list[str]]:
+    """The quality flags of these pairs (a prompt's listing says why its pair is left out, e.g.
+    `no_harm_found`: nothing to critique, the first answer kept)."""
+    if not pair_ids:
+        return {}
+    return dict(session.execute(select(Pair.id, Pair.flags).where(Pair.id.in_(pair_ids))).tuples().all())
+
+
 def retry_failed_prompts(session: Session, job_id: int) -> int:
     """Queue a job's failed prompts again with fresh attempts; their last error stays for reference."""
     result = session.execute(
