@@ -333,3 +333,17 @@ def test_openai_style_export_and_its_import_round_trip(client, db):
 def test_openai_style_is_jsonl_only(client, fmt):
     response = client.get("/export", params={"style": "openai", "format": fmt})
     assert response.status_code == 422 and response.json()["detail"].startswith("style:")
+
+
+@pytest.mark.db
+def test_console_pairs_page_links_the_hub_folder_of_its_filters(client, db, tmp_path):
+    import html
+    import re
+
+    insert_pairs(db, 4)
+    page = client.get("/ui/pairs", params={"constitution": "harmless"}).text
+    (link,) = re.findall(r'href="(/export\?[^"]*format=hf)"', page)
+    response = client.get(html.unescape(link))
+    assert response.status_code == 200 and response.headers["content-type"] == "application/x-tar"
+    card = (extract(response.content, tmp_path) / "README.md").read_text()
+    assert '"constitution": "harmless"' in card
