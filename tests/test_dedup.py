@@ -203,3 +203,27 @@ def test_decontaminate_flags_pairs_that_overlap_an_imported_benchmark(client, db
 def test_bad_decontaminate_requests_name_the_field(client, body, status, field):
     response = client.post("/datasets/decontaminate", json=body)
     assert response.status_code == status and response.json()["detail"].startswith(f"{field}:"), response.text
+
+
+@pytest.mark.unit
+def test_cli_decontaminate_names_the_set_and_prints_the_overlaps(monkeypatch):
+    from tests.test_cli import cli
+    from tests.test_hf_dataset import _fake_api
+
+    fake = _fake_api(monkeypatch)
+    fake.routes[("POST", "/datasets/decontaminate")] = {
+        "benchmark_prompts": 2,
+        "checked": 3,
+        "contaminated": 1,
+        "newly_flagged": 1,
+        "examples": [{"pair_id": 4, "overlap": "what is 2 2"}],
+    }
+    result = cli("decontaminate", "--source", "eval-set", "--n", "6")
+    assert result.exit_code == 0, result.output
+    assert json.loads(fake.requests[0].content) == {"benchmark": {"source": "eval-set"}, "n": 6}
+    assert (
+        "1 of 3 pairs overlap the 2 benchmark prompts" in result.stdout
+        and "pair 4: 'what is 2 2'" in result.stdout
+    )
+    refused = cli("decontaminate")
+    assert refused.exit_code != 0 and "--source TAG or --import-id ID" in refused.output

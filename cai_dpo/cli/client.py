@@ -364,6 +364,31 @@ def upload_folder(folder: Path, repo_id: str) -> str:
     return f"https://huggingface.co/datasets/{repo_id}"
 
 
+def decontaminate(
+    source: Annotated[
+        str | None, typer.Option(help="The evaluation set: the source tag of its import.")
+    ] = None,
+    import_id: Annotated[int | None, typer.Option(min=1, help="The evaluation set: its import id.")] = None,
+    n: Annotated[int, typer.Option(min=3, max=50, help="Words in a run: a shared run is an overlap.")] = 8,
+    url: Url = None,
+    api_key: ApiKey = None,
+) -> None:
+    """Flag `contaminated` the pairs whose prompts overlap an imported evaluation set's (a shared run
+    of n words), so the benchmark stays held out of exports and training."""
+    if (source is None) == (import_id is None):
+        raise SystemExit("name the evaluation set: --source TAG or --import-id ID (one of them)")
+    benchmark = {"source": source} if source is not None else {"import_id": import_id}
+    result = Client(url, api_key).call(
+        "POST", "/datasets/decontaminate", json={"benchmark": benchmark, "n": n}
+    )
+    print(
+        f"{result['contaminated']} of {result['checked']} pairs overlap the {result['benchmark_prompts']} "
+        f"benchmark prompts ({result['newly_flagged']} newly flagged contaminated)"
+    )
+    for example in result["examples"]:
+        print(f"  pair {example['pair_id']}: {example['overlap']!r}")
+
+
 def jobs(
     job_id: Annotated[int | None, typer.Argument(help="One job (JSON). None: the latest (a table).")] = None,
     failed: Annotated[bool, typer.Option("--failed", help="The job's failed prompts and errors.")] = False,

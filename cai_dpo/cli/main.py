@@ -36,7 +36,15 @@ db_app = typer.Typer(help="The database: migrations, and the embedded server.", 
 model_app = typer.Typer(help="Models.", no_args_is_help=True)
 app.add_typer(db_app, name="db", rich_help_panel="Manage it")
 app.add_typer(model_app, name="model", rich_help_panel="Manage it")
-for command in (client.generate, client.export, client.jobs, client.train, client.evaluate, calibrate):
+for command in (
+    client.generate,
+    client.export,
+    client.jobs,
+    client.train,
+    client.evaluate,
+    calibrate,
+    client.decontaminate,
+):
     app.command(rich_help_panel="Talk to a running service")(command)
 
 Host = Annotated[str | None, typer.Option(help="Bind address. Default: CAI_HOST.")]
