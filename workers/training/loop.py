@@ -253,8 +253,11 @@ def run_training(
     if run is None:  # reference log-probs once, from the model before any update
         batch = 2 * params.batch_size
         with reference_context(setup.model):
-            ref_train = score_with(setup, train, batch, pad_id, ranks)
-            ref_eval = score_with(setup, evals, batch, pad_id, ranks)
+            if params.reference_free:  # simpo, orpo: no loss reads reference log-probs
+                ref_train = torch.zeros(len(train)), torch.zeros(len(train))
+            else:
+                ref_train = score_with(setup, train, batch, pad_id, ranks)
+            ref_eval = score_with(setup, evals, batch, pad_id, ranks)  # also the policy before
         ref = {"train_chosen": ref_train[0], "train_rejected": ref_train[1]}
         ref |= {"eval_chosen": ref_eval[0], "eval_rejected": ref_eval[1]}
         # Before any update the policy is the reference: its eval needs no second pass.

@@ -1,0 +1,100 @@
+"""The loss family end to end: a /train job over the in-process API, trained by the real worker on
+the bundled model (two tiny LoRA steps), with a weighted list of losses (DPO + the SFT term, i.e. RPO)
+and with the reference-free SimPO, which runs no reference pass over the training pairs."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import threading
+
+import pytest
+
+from tests.fixtures.model import TEST_MODELS_DIR
+from tests.helpers import hh_lines, wait_for
+from workers.training import loop
+from workers.training.worker import TrainingWorker
+
+pytestmark = pytest.mark.model  # real torch training on the bundled model
+
+TINY_RUN = {
+    "dataset": {"source": "hh"},
+    "max_steps": 2,
+    "batch_size": 2,
+    "max_length": 128,
+    "learning_rate": 1e-4,
+    "eval_fraction": 0.25,
+    "lora": {"r": 4},
+    "evaluate": False,  # no judged win rate here: the held-out pairs' metrics are enough
+}
+
+
+@pytest.mark.parametrize(
+    "objective",
+    [
+        {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 0.5]},
+        {"loss_type": "simpo", "beta": 2.0, "simpo_gamma": 0.5},
+    ],
+    ids=["sigmoid+sft", "simpo"],
+)
+def test_a_loss_list_and_simpo_train_over_the_api(
+    bundled_model_path, client, settings, db, monkeypatch, objective
+):
+    settings = settings.model_copy(update={"models_dir_override": TEST_MODELS_DIR})
+    response = client.post(
+        "/datasets/import",
+        content="".join(hh_lines(12)),
+        params={"source": "hh", "constitution": "harmless"},
+        headers={"content-type": "application/x-ndjson"},
+    )
+    assert response.status_code == 201, response.text
+    scored: list[int] = []  # pairs per scoring pass: the reference pass is one over the train pairs
+    real_score_with = loop.score_with
+
+    def counting_score_with(setup, pairs, *args):
+        scored.append(len(pairs))
+        return real_score_with(setup, pairs, *args)
+
+    monkeypatch.setattr(loop, "score_with", counting_score_with)
+    response = client.post("/train", json={**TINY_RUN, **objective})
+    assert response.status_code == 202, response.text
+    train_id = response.json()["train_id"]
+
+    worker = TrainingWorker(settings, db, url=settings.database_url)
+    failure: list[BaseException] = []
+
+    def run_worker() -> None:
+        try:
+            asyncio.run(worker.run())
+        except BaseException as exc:  # noqa: BLE001 - reported by the test thread
+            failure.append(exc)
+
+    thread = threading.Thread(target=run_worker)
+    thread.start()
+    try:
+        wait_for(
+            lambda: failure or client.get(f"/train/{train_id}").json()["status"] in ("succeeded", "failed"),
+            600,
+            "the training job",
+            interval=0.5,
+        )
+    finally:
+        worker.stop()
+        thread.join(timeout=120)
+    assert not failure, failure
+    state = client.get(f"/train/{train_id}").json()
+    assert state["status"] == "succeeded", state["error"]
+    assert state["params"]["loss_type"] == objective["loss_type"]
+    assert state["step"] == state["total_steps"] == 2
+    metrics = client.get(f"/train/{train_id}/metrics").json()
+    assert [m["step"] for m in metrics] == [1, 2]
+    assert all(math.isfinite(m["loss"]) and m["loss"] > 0 for m in metrics), metrics
+    for when in ("eval_before", "eval_after"):
+        assert math.isfinite(state[when]["loss"]) and "rewards/accuracies" in state[when]
+    assert state["n_eval_pairs"] > 0
+    # Scoring passes, in pairs (those that fit max_length): the reference pass over the training
+    # pairs, then the held-out pairs before and after. SimPO has no reference pass.
+    if objective["loss_type"] == "simpo":
+        assert len(scored) == 2 and scored[0] == scored[1] > 0, scored
+    else:
+        assert len(scored) == 3 and scored[0] > scored[1] == scored[2] > 0, scored
