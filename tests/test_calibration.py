@@ -11,6 +11,7 @@ from sqlalchemy import select
 
 from cai_dpo.core.calibration import CalibrationRequest, Judged, calibration_summary
 from cai_dpo.core.db import session_scope
+from cai_dpo.core.generation_modes import ScorerSpec
 from cai_dpo.core.tables import Comparison, Pair
 from tests.fake_engine import ScriptedEngine
 from tests.helpers import run_until, statuses
@@ -60,9 +61,12 @@ def test_position_and_length_bias():
 
 @pytest.mark.unit
 def test_the_request_takes_a_judge_or_a_panel_of_judges():
-    assert CalibrationRequest().judge_fields()[0][1].k == 2
+    assert CalibrationRequest().judge_fields() == [("judge.model", ScorerSpec(kind="judge", k=2))]
+    one = CalibrationRequest(judge={"kind": "judge", "model": "a"})
+    assert one.judge == [ScorerSpec(kind="judge", model="a")] and one.judge_fields()[0][0] == "judge.model"
     panel = CalibrationRequest(judge=[{"kind": "judge", "model": "a"}, {"kind": "judge"}])
     assert [field for field, _ in panel.judge_fields()] == ["judge.0.model", "judge.1.model"]
+    assert CalibrationRequest.model_validate(panel.model_dump(mode="json")) == panel
     with pytest.raises(ValueError, match=r"judge\.1\.kind"):
         CalibrationRequest(judge=[{"kind": "judge"}, {"kind": "reward_model", "model": "/x"}])
     with pytest.raises(ValueError, match="judge"):
@@ -186,10 +190,13 @@ def test_the_run_page_shows_each_judges_latest_calibration(client, settings, db,
 @pytest.mark.db
 def test_calibrate_refuses_what_it_cannot_measure(client, settings, db):
     response = client.post("/judges/calibrate", json={"pairs": {"source": "hh"}})
-    assert response.status_code == 422 and response.json()["detail"].startswith("pairs: no pairs match")
+    assert response.status_code == 409 and response.json()["detail"].startswith("pairs: no pairs match")
     insert_human_pairs(db, 2)
-    response = client.post("/judges/calibrate", json={"judge": [{"kind": "judge", "model": "train:987654"}]})
-    assert response.status_code == 404 and response.json()["detail"].startswith("judge.0.model: ")
+    response = client.post("/judges/calibrate", json={"judge": {"kind": "judge", "model": "train:987654"}})
+    assert response.status_code == 404 and response.json()["detail"].startswith("judge.model: ")
+    panel = [{"kind": "judge"}, {"kind": "judge", "model": "train:987654"}]
+    response = client.post("/judges/calibrate", json={"judge": panel})
+    assert response.status_code == 404 and response.json()["detail"].startswith("judge.1.model: ")
     response = client.post("/judges/calibrate", json={"judge": {"kind": "reward_model", "model": "/x"}})
     assert response.status_code == 422
     assert client.get("/judges/calibrations/987654").status_code == 404

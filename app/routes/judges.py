@@ -74,7 +74,7 @@ class CalibrationOut(BaseModel):
     length_bias: LengthBias
 
 
-@router.post("/calibrate", status_code=202, response_model=CalibrationOut, responses=errors(404))
+@router.post("/calibrate", status_code=202, response_model=CalibrationOut, responses=errors(404, 409))
 @access("generate")
 def calibrate(
     body: CalibrationRequest,

@@ -24,9 +24,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import BeforeValidator, ConfigDict, Field, model_validator
 
 from cai_dpo.core.constitutions import NAME_PATTERN
 from cai_dpo.core.evaluation import TIE_BAND, wilson_interval
@@ -38,13 +38,49 @@ from cai_dpo.core.strict_json import StrictJson
 CHOSEN, REJECTED = "human:chosen", "human:rejected"
 
 
+def _as_panel(value: Any) -> Any:
+    """One judge is a panel of one."""
+    return [value] if isinstance(value, dict | ScorerSpec) else value
+
+
+def _one_or_a_panel(schema: dict[str, Any]) -> None:
+    """`judge` as the document states it: one judge object, or a list of them (kept as a list)."""
+    items = schema.pop("items")
+    array = {
+        "type": "array",
+        "items": items,
+        "minItems": schema.pop("minItems"),
+        "maxItems": schema.pop("maxItems"),
+    }
+    schema.pop("type", None)
+    schema["anyOf"] = [items, array]
+
+
 class CalibrationRequest(StrictJson):
     """`POST /judges/calibrate`."""
 
-    model_config = ConfigDict(extra="forbid")
+    # `_judges_are_judges`, stated in the OpenAPI document.
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra=lambda schema: schema.setdefault("allOf", []).append(
+            {
+                "properties": {
+                    "judge": {
+                        "anyOf": [
+                            {"type": "object", "properties": {"kind": {"const": "judge"}}},
+                            {"type": "array", "items": {"properties": {"kind": {"const": "judge"}}}},
+                        ]
+                    }
+                }
+            }
+        ),
+    )
 
-    judge: ScorerSpec | list[ScorerSpec] = Field(
-        default_factory=lambda: ScorerSpec(kind="judge", k=2),
+    judge: Annotated[list[ScorerSpec], BeforeValidator(_as_panel)] = Field(
+        default_factory=lambda: [ScorerSpec(kind="judge", k=2)],
+        min_length=1,
+        max_length=8,
+        json_schema_extra=_one_or_a_panel,
         description="The judge to measure (`{kind: judge, model, k}`; its model by default "
         "`CAI_JUDGE_MODEL`, else the server's model), or a list of judges: a panel, whose P(chosen "
         "preferred) is the mean of theirs.",
@@ -66,15 +102,13 @@ class CalibrationRequest(StrictJson):
         for field, spec in self.judge_fields():
             if spec.kind != "judge":
                 raise ValueError(f"{field.removesuffix('.model')}.kind: a calibration measures a judge")
-        if isinstance(self.judge, list) and not 1 <= len(self.judge) <= 8:
-            raise ValueError("judge: a panel has 1 to 8 judges")
         return self
 
     def judge_fields(self) -> list[tuple[str, ScorerSpec]]:
         """Each judge with the field that names its model (for errors)."""
-        if isinstance(self.judge, list):
-            return [(f"judge.{i}.model", spec) for i, spec in enumerate(self.judge)]
-        return [("judge.model", self.judge)]
+        if len(self.judge) == 1:
+            return [("judge.model", self.judge[0])]
+        return [(f"judge.{i}.model", spec) for i, spec in enumerate(self.judge)]
 
 
 @dataclass(frozen=True)

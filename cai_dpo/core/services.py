@@ -281,7 +281,7 @@ def submit_calibration(
     """Queue a judge's calibration on stored human-labelled pairs (`core/calibration.py`): a
     generation job of mode `calibrate`. A judge naming no model is `CAI_JUDGE_MODEL`, else the
     server's model, fixed here; a named one must exist (404 naming its field); no pair matching
-    `pairs` is a 422."""
+    `pairs` is a 409 (as `/train`'s dataset)."""
     judges = []
     for field, spec in body.judge_fields():
         if spec.model is not None:
@@ -289,7 +289,7 @@ def submit_calibration(
         judges.append(spec.model_copy(update={"model": spec.model or settings.judge_model or settings.model}))
     pairs = calibration_queries.selected_pairs(session, body.pairs, body.max_pairs)
     if not pairs:
-        raise FieldError("pairs", f"no pairs match {body.pairs.described()}")
+        raise FieldError("pairs", f"no pairs match {body.pairs.described()}", 409)
     try:
         constitution = store.get(body.constitution or "harmless")
     except ConstitutionError as exc:
