@@ -90,7 +90,7 @@ class LabelledJudge(ScriptedEngine):
         a = re.search(r"\n\(A\) (.*)\n\(B\) ", text, re.S).group(1)
         i = int(re.search(r"\d+", a).group())
         a_is_chosen = a.startswith("chosen")
-        prefers_chosen = i % 5 != 0
+        prefers_chosen = i % 5 != 0 or "perfect" in self.model  # a judge named *perfect* always agrees
         p_a = 0.8 if a_is_chosen == prefers_chosen else 0.3
         return {"A": math.log(p_a), "B": math.log(1 - p_a)}
 
@@ -167,6 +167,30 @@ def run_calibration(client, settings, db, body) -> dict:
     )
     run_until(worker, lambda: all(s in ("done", "failed") for s, _, _ in statuses(db).values()), timeout=60)
     return client.get(f"/judges/calibrations/{response.json()['id']}").json()
+
+
+@pytest.mark.db
+def test_a_panel_averages_its_judges_each_on_its_own_engine(client, settings, db, tmp_path):
+    perfect = settings.models_dir / f"judge-perfect-{tmp_path.name}"  # a model folder the server offers
+    perfect.mkdir(parents=True)
+    (perfect / "config.json").write_text("{}")
+    insert_human_pairs(db, 10)
+    panel = [{"kind": "judge", "k": 1}, {"kind": "judge", "k": 1, "model": str(perfect)}]
+    calibration = run_calibration(client, settings, db, {"judge": panel})
+    assert calibration["judge"] == f"{BASE} + {perfect}" and len(calibration["judges"]) == 2
+    # 8 pairs both judges agree on; 2 where one agrees and the other does not: ties (P = 0.5).
+    agreement = calibration["agreement"]
+    assert (agreement["agree"], agreement["disagree"], agreement["ties"]) == (8, 0, 2)
+    assert agreement["rate"] == pytest.approx(0.9)
+    with session_scope(db) as session:
+        rows = list(session.scalars(select(Comparison)))
+    assert all(row.preference["judge"] == [BASE, str(perfect)] for row in rows)
+    for row in rows:
+        by_judge = {j["model"]: j["p_a"] for j in row.judges}
+        assert by_judge[str(perfect)] == pytest.approx(0.75)
+        assert row.p_a == pytest.approx((by_judge[BASE] + by_judge[str(perfect)]) / 2)
+    # Listed under its first judge's model; the console's figure for a judge takes single-judge ones only.
+    assert client.get("/judges/calibrations", params={"judge": BASE}).json()[0]["id"] == calibration["id"]
 
 
 @pytest.mark.db
