@@ -99,6 +99,10 @@ def judge_logprobs(question: str) -> tuple[float, float]:
     `...Options:\\n(A) first\\n(B) second`), from the two options' `quality`."""
     _, _, options = question.rpartition("\nOptions:\n(A) ")
     a, _, b = options.partition("\n(B) ")
+    if (a, b) == ("Yes", "No"):
+        # A constitution's no-harm check (trajectory.py): always something to critique, so that
+        # every prompt runs the whole loop the ceiling is measured on.
+        return math.log(0.9), math.log(0.1)
     p = 1 / (1 + math.exp(-6 * (quality(a) - quality(b))))
     p = min(max(p, 1e-4), 1 - 1e-4)
     return math.log(p), math.log(1 - p)

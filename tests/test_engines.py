@@ -361,6 +361,45 @@ def test_openai_engine_asks_tokenize_near_the_context_end_and_clamps_max_tokens(
 
 
 @pytest.mark.unit
+def test_openai_engine_asks_tokenize_once_per_conversation():
+    """The requests that continue an answered conversation (a critique after the answer, a
+    revision after the critique) are bounded by the server's own count of it, not asked again."""
+    paths: list[str] = []
+
+    def server(request: httpx.Request) -> httpx.Response:
+        paths.append(request.url.path)
+        if request.url.path == "/v1/models":
+            entry = {"id": MODEL_NAME, "object": "model", "max_model_len": 2048}
+            return httpx.Response(200, json={"object": "list", "data": [entry]})
+        if request.url.path == "/tokenize":
+            return httpx.Response(200, json={"count": 400})
+        answer = completion("Paris.")
+        answer["usage"] = {"prompt_tokens": 400, "completion_tokens": 3, "total_tokens": 403}
+        return httpx.Response(200, json=answer)
+
+    engine = OpenAIEngine("http://llm.test/v1", MODEL_NAME, transport=httpx.MockTransport(server))
+    long = [{"role": "user", "content": "word " * 380}]  # over the byte bound's room for 256 tokens
+    sampling = Sampling(temperature=0.0, top_p=1.0, max_tokens=256)
+    critique = [*long, {"role": "assistant", "content": "Paris."}, {"role": "user", "content": "Why?"}]
+    other = [*long, {"role": "assistant", "content": "Lyon."}, {"role": "user", "content": "Why?"}]
+
+    async def work():
+        await engine.chat(long, sampling, "answer")
+        await engine.chat(critique, sampling, "critique")  # continues the answer: no /tokenize
+        await engine.chat(other, sampling, "another")  # an answer never given: asked
+
+    asyncio.run(started(engine, work))
+    assert paths == [
+        "/v1/models",
+        "/tokenize",
+        "/v1/chat/completions",
+        "/v1/chat/completions",
+        "/tokenize",
+        "/v1/chat/completions",
+    ]
+
+
+@pytest.mark.unit
 def test_openai_engine_prompt_too_long_from_tokenize_sends_no_chat():
     engine, paths, chats = sized_engine(lambda body: 2048)
     with pytest.raises(PromptTooLong, match="no room for an answer"):

@@ -4,6 +4,7 @@ httpx, with bounded concurrency and retries."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 import logging
 import random
@@ -98,6 +99,10 @@ class OpenAIEngine:
         self._metrics_read_at: float | None = None  # monotonic time of the last /metrics attempt
         self._metrics_served = True  # False once the server answered that it has no /metrics
         self._occupancy: tuple[int | None, int | None, float | None] = (None, None, None)
+        # Token counts of answered conversations by `conversation_key`, oldest first (dicts keep
+        # insertion order): enough for every trajectory in flight to find its last answer.
+        self._known_tokens: dict[bytes, int] = {}
+        self._known_tokens_max = 8 * concurrency
 
     async def start(self) -> None:
         if self._client is not None:
@@ -148,6 +153,14 @@ class OpenAIEngine:
         bound = prompt_token_bound(messages)
         if bound + max_tokens <= self.max_model_len:
             return self.max_model_len - bound
+        # A conversation that continues one this engine saw answered (the critique request after
+        # the answer, the revision request after the critique): the server's count of that one,
+        # plus the bound of what is new, so a trajectory asks /tokenize once at most.
+        known = self._known_tokens.get(conversation_key(messages[:-1])) if len(messages) > 1 else None
+        if known is not None:
+            bound = min(bound, known + prompt_token_bound(messages[-1:]))
+            if bound + max_tokens <= self.max_model_len:
+                return self.max_model_len - bound
         root = self.base_url.removesuffix("/v1")
         body: dict[str, Any] = {"model": self.model, "messages": messages, "add_generation_prompt": True}
         if continue_final:
@@ -248,7 +261,22 @@ class OpenAIEngine:
             call = next(self._ids)
             result = await self._post_with_retries(body, f"{request_id}#{call}")
             self._counters.record(result)
+            if not extra:
+                self._remember_tokens(messages, result)
         return result
+
+    def _remember_tokens(self, messages: Messages, result: ChatResult) -> None:
+        """Keep the server's count of the conversation with its answer (the prompt and completion
+        tokens, and slack for the answer's re-tokenization and end of turn), for the requests that
+        continue it; the oldest entries go first."""
+        if not result.prompt_tokens:
+            return
+        answered = [*messages, {"role": "assistant", "content": result.text}]
+        self._known_tokens[conversation_key(answered)] = (
+            result.prompt_tokens + result.completion_tokens + _RETOKENIZE_SLACK
+        )
+        while len(self._known_tokens) > self._known_tokens_max:
+            self._known_tokens.pop(next(iter(self._known_tokens)))
 
     async def _post_with_retries(
         self,
@@ -376,6 +404,23 @@ _TEMPLATE_TOKENS_PER_MESSAGE = 16
 # A template that adds much more (tool schemas, long fixed instructions) would need more here.
 # tests/test_engines.py checks the bound against SmolLM2's tokenizer on random text.
 _TEMPLATE_TOKENS_FIXED = 128
+
+
+# Tokens a re-rendered answer may take beyond the server's completion count: an end-of-turn marker
+# the completion did not count, and a few tokens where the answer text tokenizes differently as
+# part of the prompt than it did as it was generated.
+_RETOKENIZE_SLACK = 16
+
+
+def conversation_key(messages: Messages) -> bytes:
+    """A digest of the conversation's roles and contents, in order."""
+    digest = hashlib.blake2b(digest_size=16)
+    for message in messages:
+        digest.update(str(message.get("role")).encode())
+        digest.update(b"\x00")
+        digest.update(str(message.get("content") or "").encode())
+        digest.update(b"\x01")
+    return digest.digest()
 
 
 def prompt_token_bound(messages: Messages) -> int:
