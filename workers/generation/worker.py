@@ -182,7 +182,7 @@ class GenerationWorker(WorkerRuntime):
                 n=n,
                 lease_seconds=self.settings.lease_seconds,
                 max_attempts=self.settings.max_attempts,
-                settle=False,  # the heartbeat settles (`settle_rows`)
+                settle=False,  # the heartbeat settles (`queue.expire` in `WorkerRuntime.heartbeat_loop`)
             )
         except SQLAlchemyError as exc:  # the database restarting: keep the trajectories, retry
             log.warning("claim failed (%s); retrying after the poll interval", exc.__class__.__name__)
