@@ -174,8 +174,3 @@ def calibration_summary(rows: Sequence[Judged], *, tie_band: float = TIE_BAND) -
         "consistent": consistent / n if n else None,
         "length_bias": length,
     }
-
-
-def judged_from_comparison(preference: dict[str, Any], length_a: int, length_b: int) -> Judged:
-    """A stored calibration row (`comparisons`: a = chosen) read back."""
-    return Judged(preference["p_chosen_first"], preference["p_chosen_second"], length_a, length_b)

@@ -8,7 +8,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from cai_dpo.core.calibration import CHOSEN, calibration_summary, judged_from_comparison
+from cai_dpo.core.calibration import CHOSEN, Judged, calibration_summary
 from cai_dpo.core.generation_modes import CalibrateOptions, Sampling, ScorerSpec
 from cai_dpo.core.pair_filter import PairFilter, filtered
 from cai_dpo.core.queries.jobs import create_generation_job
@@ -70,10 +70,14 @@ def calibration_out(session: Session, job: GenerationJob) -> dict[str, Any]:
     """A calibration as `GET /judges/calibrations/{id}` shows it: its judges, its progress and
     the numbers so far (`calibration_summary`)."""
     options = CalibrateOptions.model_validate(job.options)
+    # The per-order probabilities only, not each judge's details (read on every poll).
     rows = session.execute(
-        select(Comparison.preference, Comparison.length_a, Comparison.length_b).where(
-            Comparison.job_id == job.id, Comparison.model_a == CHOSEN
-        )
+        select(
+            Comparison.preference["p_chosen_first"].as_float(),
+            Comparison.preference["p_chosen_second"].as_float(),
+            Comparison.length_a,
+            Comparison.length_b,
+        ).where(Comparison.job_id == job.id, Comparison.model_a == CHOSEN)
     ).all()
     by_status = dict(
         session.execute(
@@ -81,7 +85,7 @@ def calibration_out(session: Session, job: GenerationJob) -> dict[str, Any]:
         ).all()
     )
     open_prompts = sum(by_status.get(status, 0) for status in OPEN_PROMPT_STATES)
-    summary = calibration_summary([judged_from_comparison(*row) for row in rows])
+    summary = calibration_summary([Judged(*row) for row in rows])
     return {
         "id": job.id,
         "status": "running" if open_prompts else "done",
