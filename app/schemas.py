@@ -221,7 +221,14 @@ class DecontaminateIn(StrictJson):
 
     benchmark: PairFilter = Field(
         description="The evaluation set, as stored pairs (imported with /datasets/import): a filter "
-        "that names `import_id` or `source`. Its own pairs are never marked."
+        "that names `import_id` or `source`. Its own pairs are never marked.",
+        # Stated in the document too: a filter naming neither is refused.
+        json_schema_extra={
+            "anyOf": [
+                {"required": ["import_id"], "properties": {"import_id": {"type": "integer"}}},
+                {"required": ["source"], "properties": {"source": {"type": "string"}}},
+            ]
+        },
     )
     pairs: PairFilter = Field(
         default_factory=lambda: PairFilter(include_flagged=True),
