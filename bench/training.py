@@ -253,6 +253,8 @@ def run_ours(args: argparse.Namespace, model_dir: Path) -> dict:
         "slowest_steps": {str(i + 1): round(step_seconds[i], 3) for i in slowest},
         "final_loss": history[-1]["loss"],
         "mean_loss": sum(row["loss"] for row in history) / len(history),
+        # Graphs torch.compile made during the timed steps (recompilations; 0 on an uncompiled path).
+        "compiled_graphs": sum(row.get("compiled_graphs", 0) for row in history),
         "timings": {key: round(value, 2) for key, value in result.timings.items()},
         "wall_with_load_and_save_s": round(wall, 2),
         "attention_used": result.data.get("attention"),

@@ -23,6 +23,8 @@ a step.
 from __future__ import annotations
 
 import json
+import logging
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -48,6 +50,8 @@ from workers.training.schedule import (
 )
 from workers.training.step import eval_metrics, forward_backward, score_with
 
+log = logging.getLogger(__name__)
+
 # Settings of speed and memory only (same updates): they may change between a stop and a resume.
 SPEED_SETTINGS = {
     "checkpoint_steps",
@@ -60,6 +64,13 @@ SPEED_SETTINGS = {
 
 def _never() -> bool:
     return False
+
+
+def _graphs_compiled() -> int:
+    """Graphs torch.compile (FlexAttention, compiled layers) has made in this process so far: the
+    counter torch._dynamo keeps, 0 where it was never imported."""
+    utils = sys.modules.get("torch._dynamo.utils")
+    return int(utils.counters["stats"]["unique_graphs"]) if utils is not None else 0
 
 
 @dataclass
@@ -105,6 +116,7 @@ class _PendingStep:
 
     def __init__(self, step: int, lr: float, tokens: int, pairs: int, values: Tensor) -> None:
         self.step, self.lr, self.tokens, self.pairs = step, lr, tokens, pairs
+        self.compiled = 0  # graphs compiled while the step ran (a recompilation, past the warm-up)
         if values.is_cuda:
             self.host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
             self.host.copy_(values, non_blocking=True)
@@ -144,11 +156,16 @@ class _StepLog:
         self.flops_per_token, self.peak = flops_per_token, peak
         self.pending: _PendingStep | None = None
         self.last_report = time.perf_counter()
+        self.graphs = _graphs_compiled()
         if ranks.leader:
             path.write_text("".join(json.dumps(row) + "\n" for row in run.history))
 
     def finished(self, done: _PendingStep) -> None:
         """A step is done: report the one before it (lagged) or this one."""
+        graphs = _graphs_compiled()
+        done.compiled, self.graphs = graphs - self.graphs, graphs
+        if done.compiled:
+            log.info("step %d compiled %d graph(s) (%d in this process)", done.step, done.compiled, graphs)
         self.flush()
         if self.lagged:
             self.pending = done
@@ -171,6 +188,7 @@ class _StepLog:
             "tokens_per_s": done.tokens / seconds,
             "pairs_per_s": done.pairs / seconds,
             "epoch": done.step / self.per_epoch,
+            "compiled_graphs": done.compiled,
         }
         if self.peak:
             metrics["mfu"] = (
