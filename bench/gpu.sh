@@ -14,6 +14,7 @@
 #   2. correctness of the packed FlexAttention path (log-probs and gradients) on the GPU
 #   3. 135M: this trainer against TRL
 #   4. 1B: this trainer with torch.compile'd decoder layers
+#   5. 1B: this trainer checkpointing every 16 steps (the write in the background)
 # A step that would start after DEADLINE seconds is skipped; the table of what ran prints last.
 # Neither trainer checkpoints in the timed runs; $OUT/results.json holds one object per run (--json).
 # A dry run on a CPU: WHEELS=none SIZE_BIG=tiny SIZE_SMALL=tiny PAIRS_BIG=16 PAIRS_SMALL=16.
@@ -92,6 +93,8 @@ bench flex --random-init "$SIZE_BIG" --pairs "$PAIRS_BIG"
 check
 bench flex --random-init "$SIZE_SMALL" --pairs "$PAIRS_SMALL"
 bench flex+compile --random-init "$SIZE_BIG" --pairs "$PAIRS_BIG" --trainers ours --compile
+# What a background checkpoint costs the steps around it (max_step_s against run 1's).
+bench flex+checkpoints --random-init "$SIZE_BIG" --pairs "$PAIRS_BIG" --trainers ours --checkpoint-steps 16
 
 echo
 "$PY" bench/training.py --table "$RESULTS" | tee "$OUT/table.md"
