@@ -102,6 +102,7 @@ class Checkpoints:
         self.background = ranks.alone if background is None else background
         self._buffers: dict[tuple[Any, ...], Tensor] = {}  # host copies, reused from one save to the next
         self._copied: torch.cuda.Event | None = None  # the side stream's copy, for `fence`
+        self._held: Any = None  # what the side stream copies from, kept alive until the write is done
         self._writer: threading.Thread | None = None
         self._outcome: tuple[int, Path] | BaseException | None = None
 
@@ -129,7 +130,7 @@ class Checkpoints:
         if self._writer is None:
             return
         self._writer.join()
-        self._writer, outcome, self._outcome = None, self._outcome, None
+        self._writer, outcome, self._outcome, self._held = None, self._outcome, None, None
         if isinstance(outcome, BaseException):
             raise RuntimeError("writing the checkpoint failed; the previous one stays") from outcome
         if outcome is not None:
@@ -152,7 +153,9 @@ class Checkpoints:
                 host = self._to_host(live, (), pin=True)
             ready = torch.cuda.Event()
             ready.record(stream)
-            self._copied = ready
+            # Tensors made for the state_dict (a step count's copy) must not return to the caching
+            # allocator, to be reused on the training stream, before the side stream has read them.
+            self._copied, self._held = ready, live
         else:
             host = self._to_host(live, (), pin=False)
         cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
