@@ -25,6 +25,9 @@ JSON = ("application/json",)
 YAML = ("application/yaml", "application/x-yaml", "text/yaml")
 NDJSON = ("application/x-ndjson", "application/jsonl", "application/json-lines")
 MULTIPART = ("multipart/form-data",)
+PARQUET = "application/vnd.apache.parquet"
+# /datasets/import's binary uploads: a Parquet file, or a Hub dataset folder as a tar.
+BINARY = (PARQUET, "application/x-tar")
 FORM = ("application/x-www-form-urlencoded",)
 # The console's forms: plain posts and uploads (the CSRF token stands in for a custom header).
 CONSOLE_FORMS = FORM + MULTIPART

@@ -131,6 +131,22 @@ IMPORT_BODY = {
         "required": True,
         "content": {
             **{media: {"schema": ROWS} for media in NDJSON},
+            "application/vnd.apache.parquet": {
+                "schema": {
+                    "type": "string",
+                    "format": "binary",
+                    "description": "A Parquet file with the columns of the JSONL rows (prompt, chosen, "
+                    "rejected; or input, preferred_output, non_preferred_output); other columns ignored.",
+                }
+            },
+            "application/x-tar": {
+                "schema": {
+                    "type": "string",
+                    "format": "binary",
+                    "description": "A Hugging Face dataset folder as a tar (GET /export?format=hf): the rows "
+                    "of every data/*.parquet file.",
+                }
+            },
             "multipart/form-data": {
                 "schema": {
                     "type": "object",

@@ -347,3 +347,41 @@ def test_console_pairs_page_links_the_hub_folder_of_its_filters(client, db, tmp_
     assert response.status_code == 200 and response.headers["content-type"] == "application/x-tar"
     card = (extract(response.content, tmp_path) / "README.md").read_text()
     assert '"constitution": "harmless"' in card
+
+
+# --- /datasets/import reads Parquet and a Hub dataset folder (item 5) ---------------------------------
+
+
+@pytest.mark.db
+@pytest.mark.parametrize(
+    ("params", "media", "formats"),
+    [
+        ({"format": "hf"}, "application/x-tar", ["conversational"]),
+        (
+            {"format": "parquet", "style": "standard", "metadata": True},
+            "application/vnd.apache.parquet",
+            ["standard"],
+        ),
+    ],
+)
+def test_import_reads_a_parquet_file_and_a_hub_folder(client, db, params, media, formats):
+    insert_pairs(db, 12)
+    exported = client.get("/export", params=params)
+    response = client.post(
+        "/datasets/import",
+        content=exported.content,
+        headers={"content-type": media},
+        params={"source": "back"},
+    )
+    assert response.status_code == 201, response.text
+    assert response.json()["n_pairs"] == 12 and response.json()["formats"] == formats
+    original = client.get("/export", params={"source": "test", "style": "standard"}).text.splitlines()
+    again = client.get("/export", params={"source": "back", "style": "standard"}).text.splitlines()
+    assert sorted(again) == sorted(original)
+
+
+@pytest.mark.db
+@pytest.mark.parametrize("media", ["application/x-tar", "application/vnd.apache.parquet"])
+def test_import_refuses_an_unreadable_binary_upload_naming_the_body(client, media):
+    response = client.post("/datasets/import", content=b"not a file at all", headers={"content-type": media})
+    assert response.status_code == 400 and response.json()["detail"].startswith("body: not a readable")

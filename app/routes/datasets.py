@@ -1,5 +1,7 @@
 """`POST /datasets/import`: preference pairs from JSONL (TRL standard/conversational, HH-RLHF, or
-OpenAI preference fine-tuning lines).
+OpenAI preference fine-tuning lines), a Parquet file with those columns, or a Hugging Face dataset
+folder as a tar (its data/*.parquet); `POST /datasets/decontaminate`: flag pairs whose prompts
+overlap an imported evaluation set.
 
 The upload is read as a stream and parsed line by line; it is all or nothing (a file with a bad
 row imports no row). With an `Idempotency-Key`, a retried upload returns the first import instead
@@ -16,7 +18,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.access import MULTIPART, NDJSON, access
+from app.access import BINARY, MULTIPART, NDJSON, PARQUET, access
 from app.deps import CallerDep, SessionDep, SettingsDep
 from app.openapi import IMPORT_BODY, errors
 from app.schemas import DecontaminateIn, DecontaminateOut
@@ -25,7 +27,13 @@ from cai_dpo.core.db import session_scope
 from cai_dpo.core.dedup import NgramIndex
 from cai_dpo.core.errors import FieldError
 from cai_dpo.core.export_format import prompt_text
-from cai_dpo.core.pair_import import TooManyRows, parse_pairs
+from cai_dpo.core.pair_import import (
+    TooManyRows,
+    UnreadableFile,
+    hub_folder_lines,
+    parquet_lines,
+    parse_pairs,
+)
 from cai_dpo.core.queries import pairs as pair_queries
 from cai_dpo.core.settings import Settings
 from cai_dpo.core.storable import StorableText
@@ -71,7 +79,7 @@ async def read_lines(chunks: AsyncIterator[bytes], digest) -> list[str]:
 
 
 @router.post("/import", status_code=201, responses=errors(409), openapi_extra=IMPORT_BODY)
-@access("admin", accepts=NDJSON + MULTIPART, cap="import")
+@access("admin", accepts=NDJSON + MULTIPART + BINARY, cap="import")
 async def import_pairs(
     request: Request,
     settings: SettingsDep,
@@ -86,7 +94,20 @@ async def import_pairs(
 ):
     name, chunks = await upload_chunks(request)
     digest = hashlib.sha256(f"{source}\0{constitution}\0".encode())
-    lines = await read_lines(chunks, digest)
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media in BINARY:  # a Parquet file or a Hub dataset folder's tar: read whole, then its rows
+        parts = []
+        async for chunk in chunks:
+            digest.update(chunk)
+            parts.append(chunk)
+        data = b"".join(parts)
+        read = parquet_lines if media == PARQUET else hub_folder_lines
+        try:
+            lines = await run_in_threadpool(read, data)
+        except UnreadableFile as exc:
+            raise FieldError("body", str(exc), 400) from None
+    else:
+        lines = await read_lines(chunks, digest)
     # Parsing and the database are blocking work: off the event loop.
     return await run_in_threadpool(
         store_import,

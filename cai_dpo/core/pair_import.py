@@ -7,8 +7,10 @@ number; the route stores the rows only when there is no error at all.
 
 from __future__ import annotations
 
+import io
 import json
 import re
+import tarfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -184,3 +186,40 @@ def _check_sizes(pair: ImportedPair, max_chars: int) -> None:
     for field, size in sizes.items():
         if size > max_chars:
             raise RowError(f"{field}: {size} characters; at most {max_chars}")
+
+
+class UnreadableFile(ValueError):
+    pass
+
+
+def parquet_lines(data: bytes) -> list[str]:
+    """A Parquet file's rows as JSON lines, for `parse_pairs` (row n is line n): the columns named
+    as in the JSONL formats (`prompt`/`chosen`/`rejected`, or OpenAI's), any others ignored."""
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(io.BytesIO(data))
+    except Exception as exc:  # pyarrow's ArrowInvalid, OSError: not a Parquet file
+        raise UnreadableFile(f"not a readable Parquet file: {exc}") from None
+    return [json.dumps(row, ensure_ascii=False, default=str) for row in table.to_pylist()]
+
+
+def hub_folder_lines(data: bytes) -> list[str]:
+    """A Hugging Face dataset folder as a tar (what `GET /export?format=hf` writes): the rows of its
+    Parquet files under `data/` (every split, by path), as JSON lines."""
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+            members = sorted(
+                (
+                    m
+                    for m in tar.getmembers()
+                    if m.isfile() and m.name.endswith(".parquet") and "/data/" in f"/{m.name}"
+                ),
+                key=lambda m: m.name,
+            )
+            files = [tar.extractfile(m).read() for m in members]  # type: ignore[union-attr]
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise UnreadableFile(f"not a readable tar: {exc}") from None
+    if not files:
+        raise UnreadableFile("the tar holds no data/*.parquet file (a Hub dataset folder)")
+    return [line for file in files for line in parquet_lines(file)]
