@@ -41,6 +41,9 @@ UNSTATED = [
         # POST /train, PUT /train/policies: hyperparameters that must agree
         r"max_prompt_length must be smaller than max_length",
         r"label_smoothing has no meaning for loss_type",
+        r"loss_weights has \d+ weights for \d+ loss_type entries",
+        r"is reference-free: it combines only with 'sft'",
+        r"loss_type exo_pair needs label_smoothing > 0",
         # PUT /constitutions/{name}: ids unique, references to them
         r"duplicate id\(s\)",
         r"is not a principle id",

@@ -63,7 +63,14 @@ class NoHarmCheck(BaseModel):
     `threshold`. The CAI paper critiqued red-team prompts only; a benign prompt's answer has nothing
     to critique, and a "revision" of it teaches refusal."""
 
-    model_config = ConfigDict(extra="forbid")
+    # The rule of the validator below, stated in the OpenAPI document.
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "if": {"properties": {"action": {"const": "helpfulness"}}, "required": ["action"]},
+            "then": {"required": ["helpfulness"], "properties": {"helpfulness": {"type": "object"}}},
+        },
+    )
 
     check: str = Field(
         min_length=1,
@@ -145,7 +152,15 @@ class FeedbackSpec(BaseModel):
 
 
 class ConstitutionSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # A principle's own check needs `no_harm` (its threshold and action): the validator's rule,
+    # stated in the OpenAPI document.
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "if": {"not": {"required": ["no_harm"], "properties": {"no_harm": {"type": "object"}}}},
+            "then": {"properties": {"principles": {"items": {"properties": {"check": {"type": "null"}}}}}},
+        },
+    )
 
     description: str = ""
     revisions: int = Field(1, ge=1, le=16, description="Default critique-and-revise rounds.")

@@ -6,7 +6,7 @@ Defaults follow TRL 1.16's `DPOConfig` where the two overlap (beta, loss names, 
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import ConfigDict, Field, model_validator
 
@@ -65,9 +65,28 @@ class LoraParams(StrictJson):
 class TrainParams(StrictJson):
     """Hyperparameters of one DPO run."""
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    # What JSON Schema can state of the validator below: cpo_alpha only beside simpo. The rest
+    # (weights as many as losses, reference-free losses combined with sft alone, exo_pair's label
+    # smoothing) is in the fields' descriptions.
+    model_config = ConfigDict(
+        extra="forbid",
+        allow_inf_nan=False,
+        json_schema_extra={
+            "if": {
+                "not": {
+                    "required": ["loss_type"],
+                    "properties": {
+                        "loss_type": {
+                            "anyOf": [{"const": "simpo"}, {"type": "array", "contains": {"const": "simpo"}}]
+                        }
+                    },
+                }
+            },
+            "then": {"properties": {"cpo_alpha": {"maximum": 0}}},
+        },
+    )
 
-    loss_type: LossType | list[LossType] = Field(
+    loss_type: LossType | Annotated[list[LossType], Field(min_length=1)] = Field(
         "sigmoid",
         description="A loss name or a list of them (summed, weighted by loss_weights), TRL 1.16's names. "
         "With a reference model: sigmoid (DPO), hinge (SLiC), ipo (per-token-averaged log-ratios), "
@@ -103,7 +122,8 @@ class TrainParams(StrictJson):
         ge=0,
         lt=0.5,
         description="Assumed probability that a preference label is flipped. robust: TRL's rDPO. "
-        "sigmoid: conservative DPO (cDPO), -(1-e)·logσ(βΔ) - e·logσ(-βΔ). Must be 0 for ipo and hinge.",
+        "sigmoid: conservative DPO (cDPO), -(1-e)·logσ(βΔ) - e·logσ(-βΔ). Must be 0 for losses that do "
+        "not smooth (ipo, hinge, ...), and above 0 with exo_pair.",
     )
     learning_rate: float = Field(5e-6, gt=0, description="Peak learning rate of AdamW.")
     lr_schedule: Literal["linear", "cosine"] = Field(
