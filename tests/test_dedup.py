@@ -49,6 +49,24 @@ def test_no_false_positives_among_unrelated_texts():
 
 
 @pytest.mark.unit
+def test_templated_prompts_stay_apart_and_a_flood_of_near_copies_finds_its_original():
+    # Thousands of prompts from one template share their common words' buckets (which fill past
+    # MAX_BUCKET): none of them is a near-duplicate of another (Jaccard 0.43-0.54) ...
+    template = [
+        f"Prompt number {i}: how would you answer a question about topic {i % 97}?" for i in range(3000)
+    ]
+    assert near_duplicates(template) == [None] * 3000
+    # ... while 500 one-word edits of one prompt, past every bucket's limit, all find the original
+    # wherever their Jaccard to it reaches the threshold (a full bucket still offers its first member).
+    words = (LOCK + " tonight please").split()
+    copies = [" ".join(words[:k] + [f"x{i}"] + words[k + 1 :]) for i in range(500) for k in [i % len(words)]]
+    found = near_duplicates([LOCK + " tonight please", *copies])[1:]
+    reaching = [jaccard(shingles(words_), shingles(LOCK + " tonight please")) >= 0.7 for words_ in copies]
+    assert sum(reaching) > 100
+    assert [f == 0 for f in found] == reaching
+
+
+@pytest.mark.unit
 def test_keep_one_per_group_keeps_the_best_margin_else_the_first():
     items = [(1, LOCK, None), (2, LOCK.lower(), 1.5), (3, "Other?", None), (4, LOCK + " ", 0.2)]
     assert keep_one_per_group(items) == {2, 3}
