@@ -56,6 +56,24 @@ class JobCounts(BaseModel):
     flagged: int = 0
 
 
+class JobUsage(BaseModel):
+    """What a job's pairs have cost so far, and its budget."""
+
+    generated_tokens: int = Field(
+        description="Tokens its pairs generated (every answer, critique and revision)."
+    )
+    prompt_tokens: int = Field(description="Prompt tokens the engine processed for its pairs.")
+    engine_seconds: float = Field(
+        description="Its pairs' shares of the engines' time: while n prompts are in flight on a "
+        "worker each accrues 1/n of every second, so this adds up to the time engines spent on it."
+    )
+    cost: float | None = Field(
+        description="engine_seconds / 3600 x CAI_GPU_HOUR_COST; null where that is not set."
+    )
+    max_generated_tokens: int | None = Field(description="The job's budget (POST /generate), if any.")
+    budget_reached: bool = Field(description="Whether generated_tokens reached max_generated_tokens.")
+
+
 class JobOut(BaseModel):
     id: int
     status: str
@@ -76,6 +94,11 @@ class JobOut(BaseModel):
     eta_s: float | None
     created_at: datetime
     cancelled_at: datetime | None
+    stop_reason: str | None = Field(
+        description="Why the service stopped the job, e.g. `budget: max_generated_tokens N reached` "
+        "(its unclaimed prompts were cancelled); null for a job that ran out or that was cancelled."
+    )
+    usage: JobUsage
 
 
 class PromptOut(BaseModel):
@@ -352,6 +375,20 @@ class EvaluationOut(BaseModel):
     finished_at: datetime | None
 
 
+class ServeOut(BaseModel):
+    """How to serve a finished run's model to tools outside the service (an OpenAI-compatible API)."""
+
+    command: str = Field(
+        description="Run on a host with vLLM and access to the artifact: `vllm serve` on the model "
+        "(merged weights, or the base model with the LoRA adapter). `--port`, `--host` and `--print` "
+        "(the vLLM command line instead) are options."
+    )
+    base_url: str = Field(
+        description="The OpenAI base URL the server answers on (`/v1/models`, `/v1/chat/completions`)."
+    )
+    model: str = Field(description="The model name to call it by (`train-<id>`).")
+
+
 class TrainJobOut(BaseModel):
     id: int
     status: str
@@ -369,6 +406,9 @@ class TrainJobOut(BaseModel):
     eval_after: dict[str, Any] | None
     artifact: str | None
     model: str | None = Field(description="Use as `model` in POST /generate once succeeded.")
+    serve: ServeOut | None = Field(
+        None, description="Once succeeded: how to serve the model over an OpenAI-compatible API; else null."
+    )
     evaluation: EvaluationOut | None = Field(
         None, description="The latest evaluation: win rate against the base model, reward accuracy."
     )

@@ -15,8 +15,10 @@ from app.schemas import (
     EvaluationOut,
     JobCounts,
     JobOut,
+    JobUsage,
     PairOut,
     PromptOut,
+    ServeOut,
     TrainJobOut,
     WorkerOut,
 )
@@ -29,6 +31,7 @@ from cai_dpo.core.queries import pairs as pair_queries
 from cai_dpo.core.queries import policies as policy_queries
 from cai_dpo.core.queries import reviews as review_queries
 from cai_dpo.core.queries import training as training_queries
+from cai_dpo.core.serving import serve_hint
 from cai_dpo.core.tables import GenerationJob, Pair, PairReview, Prompt, TrainingJob, TrainPolicy, Worker
 
 M = TypeVar("M", bound=BaseModel)
@@ -55,7 +58,21 @@ def shaped(model: type[M], row: object, /, **given: Any) -> M:
 # --- generation -----------------------------------------------------------------------------------
 
 
-def job_out(job: GenerationJob, stats: job_queries.JobStats, version: str | None) -> JobOut:
+def job_usage(job: GenerationJob, *, gpu_hour_cost: float | None) -> JobUsage:
+    budget = job.max_generated_tokens
+    return JobUsage(
+        generated_tokens=job.generated_tokens,
+        prompt_tokens=job.prompt_tokens,
+        engine_seconds=round(job.engine_seconds, 3),
+        cost=None if gpu_hour_cost is None else job.engine_seconds / 3600 * gpu_hour_cost,
+        max_generated_tokens=budget,
+        budget_reached=budget is not None and job.generated_tokens >= budget,
+    )
+
+
+def job_out(
+    job: GenerationJob, stats: job_queries.JobStats, version: str | None, *, gpu_hour_cost: float | None
+) -> JobOut:
     progress = job_progress(
         stats.counts,
         cancelled=job.cancelled_at is not None,
@@ -74,11 +91,13 @@ def job_out(job: GenerationJob, stats: job_queries.JobStats, version: str | None
         counts=JobCounts(**stats.counts, flagged=stats.flagged),
         pairs_per_s=progress.rate_per_s,
         eta_s=progress.eta_s,
+        usage=job_usage(job, gpu_hour_cost=gpu_hour_cost),
     )
 
 
-def jobs_out(session: Session, jobs: list[GenerationJob]) -> list[JobOut]:
-    """`job_out` of each, with the counts and constitution versions read for all at once."""
+def jobs_out(session: Session, jobs: list[GenerationJob], *, gpu_hour_cost: float | None) -> list[JobOut]:
+    """`job_out` of each, with the counts and constitution versions read for all at once; the
+    cost where `gpu_hour_cost` (`CAI_GPU_HOUR_COST`) is set."""
     stats = job_queries.job_stats(session, [job.id for job in jobs])
     versions = {
         job.constitution_version_id: constitution_queries.get_constitution_version(
@@ -86,7 +105,15 @@ def jobs_out(session: Session, jobs: list[GenerationJob]) -> list[JobOut]:
         )
         for job in jobs
     }
-    return [job_out(job, stats[job.id], versions[job.constitution_version_id].content_hash) for job in jobs]
+    return [
+        job_out(
+            job,
+            stats[job.id],
+            versions[job.constitution_version_id].content_hash,
+            gpu_hour_cost=gpu_hour_cost,
+        )
+        for job in jobs
+    ]
 
 
 def prompt_out(prompt: Prompt, pair_id: int | None, flags: list[str] | None = None) -> PromptOut:
@@ -174,6 +201,7 @@ def train_out(session: Session, job: TrainingJob) -> TrainJobOut:
         latest_metrics=latest.values if latest else None,
         artifact=job.artifact_path,
         model=f"train:{job.id}" if job.status == "succeeded" else None,
+        serve=ServeOut(**serve_hint(job.id)) if job.status == "succeeded" and job.artifact_path else None,
         evaluation=evaluation_out(session, job),
         error=job.last_error,
     )

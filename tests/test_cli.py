@@ -126,7 +126,15 @@ def cli(*args: str) -> Result:
 def job_state(done: int, failed: int = 0, status: str = "running", rate=None, eta=None) -> dict:
     counts = {"queued": 2 - done - failed, "running": 0, "done": done, "failed": failed, "flagged": 1}
     state = {"id": 7, "status": status, "n_prompts": 2, "counts": counts, "pairs_per_s": rate, "eta_s": eta}
-    return state | {"created_at": "2026-01-01T00:00:00Z"}
+    usage = {
+        "generated_tokens": 40 * done,
+        "prompt_tokens": 90 * done,
+        "engine_seconds": 1.25 * done,
+        "cost": None,
+        "max_generated_tokens": None,
+        "budget_reached": False,
+    }
+    return state | {"created_at": "2026-01-01T00:00:00Z", "usage": usage, "stop_reason": None}
 
 
 @pytest.mark.unit
@@ -140,9 +148,11 @@ def test_generate_waits_with_counts_rate_and_eta(api, tmp_path):
     result = cli("generate", str(prompts), "--constitution", "harmless", "--seed", "3", "--wait")
     assert result.exit_code == 0, result.output
     assert "job 7: 2 prompts, constitution harmless @ f9920b20f992" in result.stdout
-    assert "job 7: done, 2 pairs (1 flagged), 0 failed" in result.stdout
+    assert "job 7: done, 2 pairs (1 flagged), 0 failed, 80 tokens generated" in result.stdout
     # The progress (stderr): done of the total, the API's rate, the ETA.
-    assert re.search(r"job 7 .*2/2 prompts 0\.50 pairs/s +ETA 0:00:00 +0 failed, 1 flagged", result.stderr)
+    assert re.search(
+        r"job 7 .*2/2 prompts 0\.50 pairs/s +ETA 0:00:00 +0 failed, 1 flagged, 80 tokens", result.stderr
+    )
     submitted = json.loads(api.requests[0].content)
     assert submitted == {"prompts": ["one", "two"], "constitution": "harmless", "sampling": {"seed": 3}}
     assert api.requests[0].headers["Idempotency-Key"].startswith("cli-")
@@ -218,17 +228,36 @@ def test_export_refuses_an_invalid_filter_before_asking(api, tmp_path):
 
 @pytest.mark.unit
 def test_jobs_as_a_table_and_one_job_as_json(api):
-    api.routes[("GET", "/jobs")] = [job_state(2, status="done", rate=0.5) | {"constitution": "harmless"}]
+    budgeted = job_state(2, status="cancelled", rate=0.5) | {"constitution": "harmless", "id": 8}
+    budgeted["usage"] |= {"cost": 0.0125, "max_generated_tokens": 60, "budget_reached": True}
+    api.routes[("GET", "/jobs")] = [
+        budgeted,
+        job_state(2, status="done", rate=0.5) | {"constitution": "harmless"},
+    ]
     api.routes[("GET", "/jobs/7")] = job_state(2, status="done")
     table = cli("jobs")
     assert table.exit_code == 0
-    header, row = table.stdout.splitlines()[:2]
+    header, *rows = table.stdout.splitlines()[:3]
     assert header.split() == ["job", "status", "constitution", "prompts", "done", "failed", "flagged"] + [
         "pairs/s",
+        "tokens",
+        "budget",
+        "engine",
+        "s",
+        "cost",
         "created",
     ]
-    assert row.split()[:8] == ["7", "done", "harmless", "2", "2", "0", "1", "0.5"]
-    assert json.loads(cli("jobs", "7").stdout)["counts"]["done"] == 2
+    # Tokens, the budget (! once reached), engine seconds and the cost where the service prices it.
+    assert rows[0].split()[:12] == ["8", "cancelled", "harmless", "2", "2", "0", "1", "0.5"] + [
+        "80",
+        "60!",
+        "2.5",
+        "0.0125",
+    ]
+    assert rows[1].split()[:11] == ["7", "done", "harmless", "2", "2", "0", "1", "0.5", "80", "2.5"] + [
+        "2026-01-01T00:00:00"
+    ]
+    assert json.loads(cli("jobs", "7").stdout)["usage"]["generated_tokens"] == 80
 
 
 @pytest.mark.unit

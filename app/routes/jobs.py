@@ -55,22 +55,29 @@ def generate(
 @access("read")
 def list_jobs(
     session: SessionDep,
+    settings: SettingsDep,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     before: Annotated[DbId | None, Query(description="Only jobs with a smaller id (paging).")] = None,
 ):
-    return jobs_out(session, job_queries.list_jobs(session, limit=limit, before_id=before))
+    return jobs_out(
+        session,
+        job_queries.list_jobs(session, limit=limit, before_id=before),
+        gpu_hour_cost=settings.gpu_hour_cost,
+    )
 
 
 @router.get("/jobs/{job_id}", response_model=JobOut, responses=errors(404))
 @access("read")
-def get_job(job_id: DbId, session: SessionDep):
-    return jobs_out(session, [or_404(job_queries.get_job(session, job_id), f"job_id: no job {job_id}")])[0]
+def get_job(job_id: DbId, session: SessionDep, settings: SettingsDep):
+    job = or_404(job_queries.get_job(session, job_id), f"job_id: no job {job_id}")
+    return jobs_out(session, [job], gpu_hour_cost=settings.gpu_hour_cost)[0]
 
 
 @router.post("/jobs/{job_id}/cancel", response_model=JobOut, responses=errors(404))
 @access("generate")
-def cancel_job(job_id: DbId, session: SessionDep, caller: CallerDep):
-    return jobs_out(session, [services.cancel_generation_job(session, job_id, caller)])[0]
+def cancel_job(job_id: DbId, session: SessionDep, settings: SettingsDep, caller: CallerDep):
+    job = services.cancel_generation_job(session, job_id, caller)
+    return jobs_out(session, [job], gpu_hour_cost=settings.gpu_hour_cost)[0]
 
 
 @router.get("/jobs/{job_id}/prompts", response_model=PromptPage, responses=errors(404))
@@ -97,6 +104,7 @@ def list_job_prompts(
 
 @router.post("/jobs/{job_id}/retry", response_model=JobOut, responses=errors(404, 409))
 @access("generate")
-def retry_job(job_id: DbId, session: SessionDep, caller: CallerDep):
+def retry_job(job_id: DbId, session: SessionDep, settings: SettingsDep, caller: CallerDep):
     """Queue the job's failed prompts again (e.g. after a model or settings fix)."""
-    return jobs_out(session, [services.retry_generation_job(session, job_id, caller)])[0]
+    job = services.retry_generation_job(session, job_id, caller)
+    return jobs_out(session, [job], gpu_hour_cost=settings.gpu_hour_cost)[0]

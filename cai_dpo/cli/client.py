@@ -28,7 +28,21 @@ from cai_dpo.core.pair_filter import PairFilter
 from cai_dpo.core.settings import get_settings
 
 POLL_SECONDS = 1.0
-JOB_TABLE = ("job", "status", "constitution", "prompts", "done", "failed", "flagged", "pairs/s", "created")
+JOB_TABLE = (
+    "job",
+    "status",
+    "constitution",
+    "prompts",
+    "done",
+    "failed",
+    "flagged",
+    "pairs/s",
+    "tokens",
+    "budget",
+    "engine s",
+    "cost",
+    "created",
+)
 
 Url = Annotated[str | None, typer.Option(envvar="CAI_URL", help="Default: http://$CAI_HOST:$CAI_PORT.")]
 ApiKey = Annotated[str | None, typer.Option(envvar="CAI_API_KEY", help="Default: the first of CAI_API_KEYS.")]
@@ -118,9 +132,21 @@ def job_view(state: dict) -> dict:
         rate=state["pairs_per_s"],
         unit="pairs",
         eta=state["eta_s"],
-        note=f"{counts['failed']} failed, {counts['flagged']} flagged",
+        note=f"{counts['failed']} failed, {counts['flagged']} flagged, "
+        f"{state['usage']['generated_tokens']} tokens",
         over=state["status"] in ("done", "failed", "cancelled"),
     )
+
+
+def usage_cells(usage: dict) -> list[Any]:
+    """A job's tokens, budget (`!` once reached), engine seconds and cost, as table cells."""
+    budget = usage["max_generated_tokens"]
+    return [
+        usage["generated_tokens"],
+        None if budget is None else f"{budget}{'!' if usage['budget_reached'] else ''}",
+        f"{usage['engine_seconds']:.1f}",
+        None if usage["cost"] is None else f"{usage['cost']:.4f}",
+    ]
 
 
 def training_view(state: dict) -> dict:
@@ -165,6 +191,10 @@ def generate(
     revisions: Annotated[int | None, typer.Option(help="Default: the constitution's.")] = None,
     model: Annotated[str | None, typer.Option(help="Default: CAI_MODEL; or train:<id>.")] = None,
     seed: Annotated[int | None, typer.Option(help="Sampling seed.")] = None,
+    max_generated_tokens: Annotated[
+        int | None,
+        typer.Option(min=1, help="Each job's budget: past it, its unclaimed prompts are cancelled."),
+    ] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Prompts per request (one job each).")] = 10_000,
     wait: Annotated[bool, typer.Option("--wait", help="Show progress until the jobs are done.")] = False,
     url: Url = None,
@@ -179,8 +209,10 @@ def generate(
         body: dict[str, Any] = {"prompts": prompts[start : start + batch_size], "constitution": constitution}
         body |= ({"revisions": revisions} if revisions else {}) | ({"model": model} if model else {})
         body |= {"sampling": {"seed": seed}} if seed is not None else {}
+        body |= {"max_generated_tokens": max_generated_tokens} if max_generated_tokens else {}
         # Re-running the same command for the same file and batch returns the same job.
         key = f"cli-{file_hash}-{constitution}-{start}-{revisions}-{model}-{seed}"
+        key += f"-{max_generated_tokens}" if max_generated_tokens else ""
         job = client.call("POST", "/generate", json=body, headers={"Idempotency-Key": key})
         jobs.append(job["job_id"])
         print(
@@ -194,7 +226,9 @@ def generate(
         counts = state["counts"]
         print(
             f"job {state['id']}: {state['status']}, {counts['done']} pairs "
-            f"({counts['flagged']} flagged), {counts['failed']} failed"
+            f"({counts['flagged']} flagged), {counts['failed']} failed, "
+            f"{state['usage']['generated_tokens']} tokens generated"
+            + (f"; stopped: {state['stop_reason']}" if state["stop_reason"] else "")
         )
     if any(state["counts"]["failed"] for state in states):
         raise typer.Exit(1)
@@ -423,6 +457,7 @@ def jobs(
                 job["n_prompts"],
                 *counts,
                 job["pairs_per_s"],
+                *usage_cells(job["usage"]),
             ]
             table.add_row(*("" if cell is None else str(cell) for cell in cells), job["created_at"][:19])
         return console().print(table)

@@ -48,6 +48,9 @@ class WorkKind:
     # Whether a holder loses its lease when its row is cancelled (a training run stops at once;
     # a prompt already running is cheap to finish).
     stop_when_cancelled: bool
+    # Why a cancelled row was cancelled, where the service stopped its work (a job's budget): its
+    # `last_error`; None keeps the row's own.
+    cancel_reason: Callable[[], ColumnElement[Any]] | None = None
 
 
 PROMPTS = WorkKind(
@@ -58,6 +61,11 @@ PROMPTS = WorkKind(
         select(GenerationJob.id).where(GenerationJob.cancelled_at.is_not(None)).scalar_subquery()
     ),
     stop_when_cancelled=False,
+    # A prompt released back to the queue after its job reached its budget says so, as the
+    # queued ones the budget cancelled do (`jobs.complete_prompts`).
+    cancel_reason=lambda: (
+        select(GenerationJob.stop_reason).where(GenerationJob.id == Prompt.job_id).scalar_subquery()
+    ),
 )
 TRAINING = WorkKind(
     name="training",
@@ -103,10 +111,15 @@ def expire(session: Session, kind: WorkKind, *, max_attempts: int) -> None:
     out on its last attempt ends `failed` instead of being retried for ever."""
     t = kind.table
     unheld = or_(t.status == "queued", _lease_ran_out(t))
+    reason = (
+        {}
+        if kind.cancel_reason is None
+        else {"last_error": func.coalesce(kind.cancel_reason(), t.last_error)}
+    )
     session.execute(
         _update(t)
         .where(unheld, kind.cancelled())
-        .values(status="cancelled", finished_at=func.now(), lease_owner=None, lease_expires_at=None)
+        .values(status="cancelled", finished_at=func.now(), lease_owner=None, lease_expires_at=None, **reason)
     )
     session.execute(
         _update(t)

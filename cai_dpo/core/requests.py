@@ -60,6 +60,14 @@ class GenerateRequest(GenerationMode):
     sampling: SamplingRequest | None = None
     model: ModelRef | None = Field(None, description="Default model, or `train:<id>` for a trained one.")
     metadata: StorableJson = Field(default_factory=dict)
+    max_generated_tokens: int | None = Field(
+        None,
+        ge=1,
+        le=2**62,
+        description="The job's budget: once its pairs have generated this many tokens, its "
+        "unclaimed prompts are cancelled (`budget: max_generated_tokens N reached`); prompts "
+        "already running finish, so the job may end a little past it.",
+    )
 
     def generation_mode(self) -> GenerationMode:
         return GenerationMode.model_validate(self.model_dump(include=set(GenerationMode.model_fields)))

@@ -135,6 +135,7 @@ def submit_generation_job(
         idempotency_key=key,
         request_hash=digest,
         created_by=caller.name,
+        max_generated_tokens=body.max_generated_tokens,
     )
     if job is None:  # a concurrent request with the same key won the insert; nothing was written
         return _replayed(session, job_queries.find_job_by_idempotency_key(session, key), digest)

@@ -181,6 +181,12 @@ class Settings(BaseSettings):
         description="Most finished prompts a generation worker commits in one transaction. Results "
         "that finish while a write is in flight join the next one (group commit).",
     )
+    gpu_hour_cost: float | None = Field(
+        None,
+        gt=0,
+        description="What an hour of one generation engine costs (any currency): /jobs shows each "
+        "job's cost, its engine seconds / 3600 x this. Unset: no cost is shown.",
+    )
     temperature: float = Field(0.7, ge=0, description="Default sampling temperature.")
     top_p: float = Field(0.95, gt=0, le=1, description="Default nucleus sampling.")
     max_tokens: int = Field(256, ge=1, description="Default new tokens per generated message.")

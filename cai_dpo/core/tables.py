@@ -72,6 +72,17 @@ class GenerationJob(Base):
     # The name of the API key that submitted it: a `generate` key may cancel and retry its own jobs.
     created_by: Mapped[str | None] = mapped_column(Text)
     cancelled_at: Mapped[datetime | None]
+    # Why the job stopped before its prompts ran out, where the service stopped it (its budget);
+    # NULL for a job that ran out or that a caller cancelled.
+    stop_reason: Mapped[str | None] = mapped_column(Text)
+    # The budget: once the job's pairs have generated this many tokens its unclaimed prompts are
+    # cancelled (`complete_prompts`).
+    max_generated_tokens: Mapped[int | None] = mapped_column(BigInteger)
+    # Its pairs' usage summed as they are written (`complete_prompts`, one statement per batch):
+    # the budget is checked against them, and /jobs reads them without summing every pair.
+    generated_tokens: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    prompt_tokens: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    engine_seconds: Mapped[float] = mapped_column(Float, server_default="0")
     created_at: Mapped[datetime] = _now()
 
 

@@ -12,6 +12,8 @@ fastest for vLLM on this project's CPU machines).
 from __future__ import annotations
 
 import math
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from workers.generation.engines import EngineStats
@@ -74,3 +76,48 @@ class InFlightTarget:
         if self.steered:
             self.value = next_in_flight_target(self.value, stats=stats, in_flight=in_flight)
         return self.value
+
+
+class SharedEngineTime:
+    """Each trajectory's share of its worker's engine time: while n trajectories are in flight,
+    each accrues 1/n of every second (processor sharing).
+
+    Under continuous batching a trajectory's own wall time overlaps with hundreds of others', so
+    summing those would count the engine's seconds hundreds of times over; the shares of all the
+    trajectories add up to the time the engine had work, which is what a GPU hour costs. A
+    trajectory stops accruing when its result is made, not while it waits for its commit.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.in_flight = 0
+        self.elapsed = 0.0  # seconds one trajectory in flight all along would have accrued
+        self.at = clock()
+
+    def _advance(self) -> None:
+        now = self.clock()
+        if self.in_flight:
+            self.elapsed += (now - self.at) / self.in_flight
+        self.at = now
+
+    def start(self) -> EngineShare:
+        self._advance()
+        self.in_flight += 1
+        return EngineShare(self, self.elapsed)
+
+
+@dataclass
+class EngineShare:
+    """One trajectory's running share of the engine's seconds (`SharedEngineTime`)."""
+
+    shared: SharedEngineTime
+    started: float
+    seconds: float | None = None
+
+    def stop(self) -> float:
+        """Stop accruing (again: no change) and return the seconds accrued."""
+        if self.seconds is None:
+            self.shared._advance()
+            self.shared.in_flight -= 1
+            self.seconds = self.shared.elapsed - self.started
+        return self.seconds

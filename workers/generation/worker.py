@@ -47,7 +47,7 @@ from workers.generation.engines import (
     PromptTooLong,
     make_engine,
 )
-from workers.generation.in_flight import InFlightTarget
+from workers.generation.in_flight import EngineShare, InFlightTarget, SharedEngineTime
 from workers.generation.modes import PairDraft, compare_models, ranked_pair, revise_pair
 from workers.generation.trajectory import few_shot_turns
 from workers.generation.writer import Finished, ResultWriter
@@ -84,6 +84,8 @@ class GenerationWorker(WorkerRuntime):
         self.writer = ResultWriter(self.write_results, max_batch=settings.write_batch)
         self.room_freed = asyncio.Event()
         self.target = InFlightTarget(fixed=settings.max_in_flight)
+        # Each pair's `usage.engine_seconds`: its share of this worker's engine time.
+        self.engine_time = SharedEngineTime()
 
     # --- the loop ---------------------------------------------------------------------------
 
@@ -190,17 +192,19 @@ class GenerationWorker(WorkerRuntime):
 
     async def process(self, prompt: job_queries.ClaimedPrompt) -> None:
         """Make the prompt's pair in its job's mode and write it, or record why it failed."""
+        share = self.engine_time.start()
         try:
-            await self.make_and_write(prompt)
+            await self.make_and_write(prompt, share)
         except DatabaseUnavailable as exc:  # the pair or its failure cannot be recorded: not its fault
             self.give_up(exc)
         finally:
+            share.stop()
             # After a lost lease this worker may already have claimed the prompt again.
             self.leases.drop(prompt.id, asyncio.current_task())
             if self.in_flight_target() - len(self.in_flight) >= self.refill_size():
                 self.room_freed.set()
 
-    async def make_and_write(self, prompt: job_queries.ClaimedPrompt) -> None:
+    async def make_and_write(self, prompt: job_queries.ClaimedPrompt, share: EngineShare) -> None:
         try:
             if isinstance(prompt.options, CompareOptions):
                 await self.write_comparison(prompt, prompt.options)
@@ -215,6 +219,7 @@ class GenerationWorker(WorkerRuntime):
                 "constitution_name": prompt.constitution_name,
                 "constitution_version_id": prompt.constitution_version_id,
                 "prompt": prompt.messages,
+                "usage": draft.usage | {"engine_seconds": round(share.stop(), 6)},
                 "trajectory": draft.trajectory | {"worker": self.id, "attempt": prompt.attempts},
                 "model": prompt.model,
                 "sampling": prompt.sampling.model_dump(mode="json"),

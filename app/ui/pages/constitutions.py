@@ -227,7 +227,7 @@ def try_result(request: Request, name: str, job_id: DbId, session: SessionDep):
     job = job_queries.get_job(session, job_id)
     if job is None or (job.job_metadata or {}).get("console_try") != name:
         raise ConsoleError(404, "job_id", f"no try of {name!r} with job {job_id}")
-    state = jobs_out(session, [job])[0]
+    state = jobs_out(session, [job], gpu_hour_cost=request.app.state.settings.gpu_hour_cost)[0]
     prompts = job_queries.list_job_prompts(session, job_id, status=None, after_id=None, limit=1)
     prompt, pair_id = prompts[0] if prompts else (None, None)
     pair = pair_queries.get_pair(session, pair_id)[0] if pair_id else None

@@ -23,6 +23,7 @@ from cai_dpo.core import services
 from cai_dpo.core.pair_filter import DbId
 from cai_dpo.core.queries import jobs as job_queries
 from cai_dpo.core.requests import GenerateRequest
+from cai_dpo.core.settings import Settings
 
 OPEN_JOB_STATES = {"queued", "running", "cancelling"}
 
@@ -38,7 +39,11 @@ def jobs_page(
     store: StoreDep,
     before: DbId | None = None,
 ):
-    jobs = jobs_out(session, job_queries.list_jobs(session, limit=PAGE_SIZE, before_id=before))
+    jobs = jobs_out(
+        session,
+        job_queries.list_jobs(session, limit=PAGE_SIZE, before_id=before),
+        gpu_hour_cost=settings.gpu_hour_cost,
+    )
     return list_page(
         request,
         "jobs.html",
@@ -141,7 +146,7 @@ def submit_job(request: Request, form: FormDep, session: SessionDep):
 def job_page(
     request: Request, job_id: DbId, session: SessionDep, settings: SettingsDep, cursor: int | None = None
 ):
-    job = _job_or_404(session, job_id)
+    job = _job_or_404(session, job_id, settings)
     failed = job_queries.list_job_prompts(session, job_id, status="failed", after_id=cursor, limit=PAGE_SIZE)
     return page(
         request,
@@ -153,11 +158,11 @@ def job_page(
     )
 
 
-def _job_or_404(session: Session, job_id: int) -> JobOut:
+def _job_or_404(session: Session, job_id: int, settings: Settings) -> JobOut:
     job = job_queries.get_job(session, job_id)
     if job is None:
         raise ConsoleError(404, "job_id", f"no job {job_id}")
-    return jobs_out(session, [job])[0]
+    return jobs_out(session, [job], gpu_hour_cost=settings.gpu_hour_cost)[0]
 
 
 @router.post("/jobs/{job_id}/retry")

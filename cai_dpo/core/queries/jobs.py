@@ -8,7 +8,7 @@ from datetime import datetime
 from typing import Any, Literal, get_args
 
 from psycopg.types.json import Jsonb
-from sqlalchemy import func, select, update
+from sqlalchemy import case, func, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
@@ -39,6 +39,7 @@ def create_generation_job(
     idempotency_key: str | None,
     request_hash: str | None,
     created_by: str | None = None,
+    max_generated_tokens: int | None = None,
 ) -> GenerationJob | None:
     """Insert a job and its prompt rows; None if another request took the idempotency key first."""
     job_id = session.execute(
@@ -56,6 +57,7 @@ def create_generation_job(
             idempotency_key=idempotency_key,
             request_hash=request_hash,
             created_by=created_by,
+            max_generated_tokens=max_generated_tokens,
         )
         .on_conflict_do_nothing(index_elements=["idempotency_key"])
         .returning(GenerationJob.id)
@@ -309,7 +311,59 @@ def complete_prompts(
             same_columns,
         )
         written.update(inserted.scalars())
+    _add_usage(session, [row for row in rows if row["prompt_id"] in written])
     return written
+
+
+def _add_usage(session: Session, rows: list[dict[str, Any]]) -> None:
+    """Add the written results' usage to their jobs' totals, one statement per job of the batch
+    (a batch is nearly always one job's), and stop a job whose generated tokens just reached its
+    budget: its queued prompts end `cancelled`, saying why; the ones running finish.
+
+    Jobs are updated in id order: two workers' batches of the same jobs queue behind each other
+    instead of deadlocking."""
+    totals: dict[int, list[float]] = {}
+    for row in rows:
+        usage = row.get("usage")
+        if not usage or row.get("job_id") is None:
+            continue
+        total = totals.setdefault(row["job_id"], [0, 0, 0.0])
+        total[0] += int(usage.get("completion_tokens") or 0)
+        total[1] += int(usage.get("prompt_tokens") or 0)
+        total[2] += float(usage.get("engine_seconds") or 0.0)
+    for job_id in sorted(totals):
+        generated, prompt_tokens, seconds = totals[job_id]
+        job = GenerationJob.__table__.c
+        # Counters only grow, so "before < budget <= after" holds in exactly one batch.
+        crossed = (job.generated_tokens < job.max_generated_tokens) & (
+            job.generated_tokens + generated >= job.max_generated_tokens
+        )
+        stopping = crossed & job.cancelled_at.is_(None)
+        reason = func.concat("budget: max_generated_tokens ", job.max_generated_tokens, " reached")
+        stopped = session.execute(
+            update(GenerationJob.__table__)
+            .where(job.id == job_id)
+            .values(
+                generated_tokens=job.generated_tokens + generated,
+                prompt_tokens=job.prompt_tokens + prompt_tokens,
+                engine_seconds=job.engine_seconds + seconds,
+                cancelled_at=case((stopping, func.now()), else_=job.cancelled_at),
+                stop_reason=case((stopping, reason), else_=job.stop_reason),
+            )
+            .returning(
+                (job.generated_tokens - generated < job.max_generated_tokens)
+                & (job.generated_tokens >= job.max_generated_tokens),
+                job.stop_reason,
+            )
+        ).one_or_none()
+        # Crossed now, and not already cancelled by its caller (whose stop says no budget).
+        if stopped is not None and stopped[0] and stopped[1] is not None:
+            session.execute(
+                update(Prompt)
+                .where(Prompt.job_id == job_id, Prompt.status == "queued")
+                .values(status="cancelled", finished_at=func.now(), last_error=stopped[1])
+                .execution_options(synchronize_session=False)
+            )
 
 
 def queue_depth(session: Session) -> dict[str, int]:
