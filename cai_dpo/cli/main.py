@@ -9,6 +9,7 @@ import typer
 
 from cai_dpo.cli import client
 from cai_dpo.cli.calibrate import calibrate
+from cai_dpo.cli.model_serve import serve as serve_model
 from cai_dpo.cli.supervisor import (
     LayoutError,
     parse_devices,
@@ -190,6 +191,9 @@ def stop() -> None:
 def prepare() -> None:
     """Download, check and convert the bundled model once; print its folder."""
     print(prepare_bundled_model(get_settings().models_dir))
+
+
+model_app.command("serve")(serve_model)
 
 
 @app.command(rich_help_panel="Manage it")

@@ -146,14 +146,20 @@ def local_model_folder(spec: str) -> Path:
 
 
 def resolve_model(
-    spec: str, settings: Settings, *, trained_path: str | None = None, prepare: bool = True
+    spec: str,
+    settings: Settings,
+    *,
+    trained_path: str | None = None,
+    prepare: bool = True,
+    adapter_ok: bool = False,
 ) -> Path:
     """Map a model name used in the API to a local Hugging Face folder.
 
     `smollm2-135m-instruct` is the bundled model (prepared on first use), `train:<id>` the result
     of a finished training job (its folder from `trained_model_path`, or its URL in the artifact
     store, downloaded into `$CAI_MODELS_DIR/store` on first use), anything else a path to a local
-    model folder.
+    model folder. `adapter_ok`: a trained LoRA adapter's folder (peft's adapter_config.json) is
+    taken too, for a server that loads it beside its base (`core/serving.py`); engines need a model.
     """
     if spec == BUNDLED_MODEL:
         target = bundled_model_dir(settings.models_dir)
@@ -175,6 +181,8 @@ def resolve_model(
             except ArtifactMissing as exc:
                 raise ModelNotFound(f"model {spec!r}: {exc}") from exc
         path = Path(trained_path)
+        if adapter_ok and (path / "adapter_config.json").exists():
+            return path
     else:
         path = Path(spec).expanduser()
     if not (path / "config.json").exists():
