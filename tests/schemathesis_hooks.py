@@ -44,6 +44,7 @@ UNSTATED = [
         r"loss_weights has \d+ weights for \d+ loss_type entries",
         r"is reference-free: it combines only with 'sft'",
         r"loss_type exo_pair needs label_smoothing > 0",
+        r"is TRL's name for \w+: given both, with different values",
         # PUT /constitutions/{name}: ids unique, references to them
         r"duplicate id\(s\)",
         r"is not a principle id",

@@ -19,7 +19,7 @@ import torch
 from pydantic import ValidationError
 
 from cai_dpo.core.training_params import TrainParams
-from workers.training.dpo import DPO_LOSS_TYPES, dpo_loss, needs_reference
+from workers.training.dpo import DPO_LOSS_TYPES, dpo_loss, length_desensitised_weights, needs_reference
 
 pytestmark = pytest.mark.unit
 
@@ -41,7 +41,7 @@ def _batch(seed: int = 0):
     return per_token, completion_mask, ref
 
 
-def _trl_dpo(per_token, completion_mask, ref, loss_types, loss_weights=None, **args):
+def _trl_dpo(per_token, completion_mask, ref, loss_types, loss_weights=None, ld_alpha=None, **args):
     """TRL 1.16's DPOTrainer._compute_loss on these log-probs (the model stand-in returns them)."""
     from trl import DPOTrainer
 
@@ -65,7 +65,7 @@ def _trl_dpo(per_token, completion_mask, ref, loss_types, loss_weights=None, **a
         model=Model(),
         accelerator=SimpleNamespace(device=torch.device("cpu"), gather_for_metrics=same, gather=same),
         aux_loss_enabled=False,
-        ld_alpha=None,
+        ld_alpha=ld_alpha,
         precompute_ref_logps=True,
         f_divergence_type="reverse_kl",
         loss_types=loss_types,
@@ -266,3 +266,46 @@ def test_params_take_a_name_or_a_weighted_list_and_name_the_field_when_wrong():
     ]:
         with pytest.raises(ValidationError, match=field):
             TrainParams(**bad)
+
+
+@pytest.mark.parametrize("ld_alpha", [0.0, 0.35, 1.0])
+@pytest.mark.parametrize(
+    "loss_types", [["sigmoid"], ["ipo"], ["sigmoid_norm"], ["aot"], ["apo_zero", "hinge"]]
+)
+def test_length_desensitised_log_probs_equal_trls(loss_types, ld_alpha):
+    """TRL's ld_alpha (LD-DPO) on the policy's log-probs: ours weight the same tokens, so loss and
+    gradient are TRL's (the reference's are weighted alike: tests/test_ld_dpo.py)."""
+    per_token, completion_mask, ref = _batch(seed=5)
+    answers = completion_mask[:, 1:].bool()
+    chosen_len, rejected_len = answers.sum(1).chunk(2)
+    assert (chosen_len != rejected_len).all()  # every pair has a tail to weight
+    trl_loss, trl_metrics = _trl_dpo(per_token, completion_mask, ref, loss_types, ld_alpha=ld_alpha)
+    (trl_grad,) = torch.autograd.grad(trl_loss, per_token)
+    # Our layout: each answer's tokens consecutive, in order, answer i = segment i.
+    segment = torch.arange(2 * PAIRS).repeat_interleave(answers.sum(1))
+    flat = per_token[answers] * length_desensitised_weights(segment, 2 * PAIRS, ld_alpha)
+    logps = torch.zeros(2 * PAIRS, dtype=flat.dtype).index_add(0, segment, flat)
+    (chosen, rejected), (ref_chosen, ref_rejected) = logps.chunk(2), ref.chunk(2)
+    losses, chosen_rewards, _ = dpo_loss(
+        chosen, rejected, ref_chosen, ref_rejected, 0.1, loss_types,
+        chosen_lengths=chosen_len, rejected_lengths=rejected_len,
+    )  # fmt: skip
+    (grad,) = torch.autograd.grad(losses.mean(), per_token)
+    assert losses.mean().item() == pytest.approx(trl_loss.item(), rel=1e-6, abs=1e-12)
+    assert torch.allclose(grad[answers], trl_grad[answers], rtol=1e-6, atol=1e-12)
+    assert chosen_rewards.mean().item() == pytest.approx(trl_metrics["rewards/chosen"][-1])
+    assert logps[:PAIRS].mean().item() == pytest.approx(trl_metrics["logps/chosen"][-1])
+    plain = per_token.sum(1)
+    if ld_alpha == 1.0:
+        assert torch.allclose(logps, plain)
+    else:  # the longer answer of each pair loses (1 - ld_alpha) of its tail, the shorter nothing
+        longer = torch.cat([chosen_len > rejected_len, rejected_len > chosen_len])
+        assert torch.allclose(logps[~longer], plain[~longer], rtol=0, atol=1e-12)
+        assert not torch.allclose(logps[longer], plain[longer])
+
+
+def test_length_desensitised_weights_by_hand():
+    # pair 0: chosen 3 tokens, rejected 1; pair 1: chosen 2, rejected 4. Laid out c0 r0 c1 r1.
+    segment = torch.tensor([0, 0, 0, 2, 1, 1, 3, 3, 3, 3])
+    weights = length_desensitised_weights(segment, 4, 0.25)
+    assert weights.tolist() == [1, 0.25, 0.25, 1, 1, 1, 1, 1, 0.25, 0.25]

@@ -64,6 +64,9 @@ def test_post_train_records_a_queued_job(client, db):
         ({"dataset": {"colour": "red"}}, "dataset.colour"),
         ({"evaluate": 0}, "evaluate"),  # JSON's 0 is no false: request models are strict about types
         ({"dataset": {"min_margin": False}}, "dataset.min_margin"),
+        ({"batch_size": 2, "per_device_train_batch_size": 4}, "per_device_train_batch_size is TRL's name"),
+        ({"lora_r": 8}, "lora_r: TRL's LoRA names need use_peft: true"),
+        ({"ld_alpha": 0.5, "loss_type": ["sigmoid", "sft"]}, "ld_alpha"),
     ],
 )
 def test_invalid_training_requests_name_the_field(client, db, body, field):

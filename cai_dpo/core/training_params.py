@@ -1,11 +1,14 @@
 """Training parameters: the body of `POST /train`, validated here without importing torch.
 
 Defaults follow TRL 1.16's `DPOConfig` where the two overlap (beta, loss names, label smoothing,
-`keep_start` truncation), so a run here and a run with TRL mean the same thing.
+`keep_start` truncation), so a run here and a run with TRL mean the same thing. The body also takes
+TRL's names for the settings named otherwise here (`TRL_ALIASES`, and `trl.ModelConfig`'s
+`use_peft`/`lora_*` for `lora`), and `trl_config` writes a run's settings back under TRL's names.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Annotated, Any, Literal
 
 from pydantic import ConfigDict, Field, model_validator
@@ -38,6 +41,27 @@ LossType = Literal[
 REFERENCE_FREE = ("simpo", "orpo")
 # Losses that read label_smoothing (sigmoid: cDPO; robust: rDPO's flip rate; exo_pair: its epsilon).
 SMOOTHED = ("sigmoid", "robust", "exo_pair", "aot", "aot_unpaired", "simpo")
+# Losses that read a plain sum of the chosen tokens' log-probs (the NLL), or no reference: TRL's
+# ld_alpha weights only the DPO losses' log-probs (DPOConfig; CPO and ORPO have none).
+NOT_LENGTH_DESENSITISED = ("sft", "simpo", "orpo")
+
+# TRL's names (DPOConfig, i.e. transformers' TrainingArguments) of the settings named otherwise here.
+TRL_ALIASES = {
+    "per_device_train_batch_size": "batch_size",
+    "gradient_accumulation_steps": "gradient_accumulation",
+    "num_train_epochs": "epochs",
+    "lr_scheduler_type": "lr_schedule",
+    "save_steps": "checkpoint_steps",
+    "torch_compile": "compile",
+}
+# trl.ModelConfig's LoRA names (TRL's scripts read them beside DPOConfig) -> LoraParams' fields.
+TRL_LORA = {
+    "lora_r": "r",
+    "lora_alpha": "alpha",
+    "lora_dropout": "dropout",
+    "lora_target_modules": "target_modules",
+}
+TRL_PEFT = ("use_peft", *TRL_LORA)
 
 
 class LoraParams(StrictJson):
@@ -62,29 +86,77 @@ class LoraParams(StrictJson):
     )
 
 
+def _same_json(a: Any, b: Any) -> bool:
+    """Equal as JSON values: 4 is 4.0, but true is not 1."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
+    return a == b
+
+
+def _names_loss(name: str) -> dict[str, Any]:
+    """JSON Schema: a loss_type value that is, or lists, `name`."""
+    return {"anyOf": [{"const": name}, {"type": "array", "contains": {"const": name}}]}
+
+
+def _train_params_schema(schema: dict[str, Any]) -> None:
+    """What JSON Schema can state of TrainParams' validators, and TRL's names as properties.
+
+    Stated: cpo_alpha only beside simpo; ld_alpha not beside sft, simpo, orpo or rpo_alpha;
+    `lora_*` only with `use_peft: true`, and TRL's peft names not beside `lora`. Not stateable
+    (in the descriptions, and tests/schemathesis_hooks.py's UNSTATED): weights as many as losses,
+    reference-free losses combined with sft alone, exo_pair's label smoothing, a TRL name and ours
+    given with different values.
+    """
+    properties = schema["properties"]
+    for trl_name, ours in TRL_ALIASES.items():
+        alias = copy.deepcopy(properties[ours])
+        alias.pop("default", None)
+        alias["title"] = trl_name.replace("_", " ").title()
+        alias["description"] = f"TRL's name for `{ours}` (the same value, or leave one out)."
+        properties[trl_name] = alias
+    properties["use_peft"] = {
+        "type": "boolean",
+        "title": "Use Peft",
+        "description": "trl.ModelConfig's switch for LoRA: true trains a `lora` adapter set by the lora_* "
+        "names (LoraParams' defaults for those left out); false trains every weight. Not beside `lora`.",
+    }
+    lora = LoraParams.model_json_schema()["properties"]
+    for trl_name, ours in TRL_LORA.items():
+        alias = copy.deepcopy(lora[ours])
+        alias.pop("default", None)
+        alias["title"] = trl_name.replace("_", " ").title()
+        alias["description"] = f"trl.ModelConfig's name for `lora.{ours}`; needs use_peft: true."
+        properties[trl_name] = alias
+    ld_beside = [_names_loss(name) for name in NOT_LENGTH_DESENSITISED]
+    schema["allOf"] = [
+        {
+            "if": {"not": {"required": ["loss_type"], "properties": {"loss_type": _names_loss("simpo")}}},
+            "then": {"properties": {"cpo_alpha": {"maximum": 0}}},
+        },
+        {
+            "if": {"required": ["ld_alpha"], "properties": {"ld_alpha": {"type": "number"}}},
+            "then": {
+                "properties": {
+                    "loss_type": {"not": {"anyOf": ld_beside}},
+                    "rpo_alpha": {"anyOf": [{"type": "null"}, {"maximum": 0}]},
+                }
+            },
+        },
+        {
+            "if": {"anyOf": [{"required": [name]} for name in TRL_LORA]},
+            "then": {"required": ["use_peft"], "properties": {"use_peft": {"const": True}}},
+        },
+        {
+            "if": {"anyOf": [{"required": [name]} for name in TRL_PEFT]},
+            "then": {"not": {"required": ["lora"]}},
+        },
+    ]
+
+
 class TrainParams(StrictJson):
     """Hyperparameters of one DPO run."""
 
-    # What JSON Schema can state of the validator below: cpo_alpha only beside simpo. The rest
-    # (weights as many as losses, reference-free losses combined with sft alone, exo_pair's label
-    # smoothing) is in the fields' descriptions.
-    model_config = ConfigDict(
-        extra="forbid",
-        allow_inf_nan=False,
-        json_schema_extra={
-            "if": {
-                "not": {
-                    "required": ["loss_type"],
-                    "properties": {
-                        "loss_type": {
-                            "anyOf": [{"const": "simpo"}, {"type": "array", "contains": {"const": "simpo"}}]
-                        }
-                    },
-                }
-            },
-            "then": {"properties": {"cpo_alpha": {"maximum": 0}}},
-        },
-    )
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, json_schema_extra=_train_params_schema)
 
     loss_type: LossType | Annotated[list[LossType], Field(min_length=1)] = Field(
         "sigmoid",
@@ -117,6 +189,15 @@ class TrainParams(StrictJson):
         0.05, gt=0, description="DiscoPOP's temperature of the logistic/exponential mix (TRL's default)."
     )
     beta: float = Field(0.1, gt=0, description="KL strength; for IPO it is the regulariser tau.")
+    ld_alpha: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="LD-DPO (TRL's ld_alpha): an answer's log-prob sums its tokens up to the length of "
+        "the pair's shorter answer, plus ld_alpha × the rest of the longer one, for policy and reference "
+        "alike, so the longer answer's extra tokens count less. 1: plain DPO; 0: only the shared length "
+        "counts; None: off. Not with sft, simpo, orpo or rpo_alpha (their NLL reads plain sums).",
+    )
     label_smoothing: float = Field(
         0.0,
         ge=0,
@@ -208,6 +289,33 @@ class TrainParams(StrictJson):
         None, description="How to evaluate (see POST /train/{id}/evaluate); None: the defaults."
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _trl_names(cls, data: Any) -> Any:
+        """TRL's names to ours: a setting given under both names must have one value."""
+        if not isinstance(data, dict) or not (set(data) & (set(TRL_ALIASES) | set(TRL_PEFT))):
+            return data
+        data = dict(data)
+        for trl_name, ours in TRL_ALIASES.items():
+            if trl_name not in data:
+                continue
+            value = data.pop(trl_name)
+            if ours in data and not _same_json(data[ours], value):
+                raise ValueError(f"{trl_name} is TRL's name for {ours}: given both, with different values")
+            data[ours] = value
+        peft = {name: data.pop(name) for name in TRL_PEFT if name in data}
+        if peft:
+            if "lora" in data:
+                raise ValueError("lora: give lora or TRL's use_peft and lora_* names, not both")
+            use_peft = peft.pop("use_peft", None)
+            if peft and use_peft is not True:
+                raise ValueError(f"{', '.join(peft)}: TRL's LoRA names need use_peft: true")
+            if use_peft is True:
+                data["lora"] = {TRL_LORA[name]: value for name, value in peft.items()}
+            elif use_peft is not False:
+                raise ValueError("use_peft: a boolean")
+        return data
+
     @model_validator(mode="after")
     def _check_consistency(self) -> TrainParams:
         if self.max_prompt_length is not None and self.max_prompt_length >= self.max_length:
@@ -230,6 +338,12 @@ class TrainParams(StrictJson):
             raise ValueError("loss_type exo_pair needs label_smoothing > 0 (EXO recommends 1e-3)")
         if self.cpo_alpha > 0 and "simpo" not in names:
             raise ValueError("cpo_alpha is the NLL weight beside loss_type simpo; use rpo_alpha otherwise")
+        if self.ld_alpha is not None:
+            plain = [name for name in names if name in NOT_LENGTH_DESENSITISED] + ["rpo_alpha"] * bool(
+                self.rpo_alpha
+            )
+            if plain:
+                raise ValueError(f"ld_alpha weights the DPO losses' log-probs; not beside {plain}")
         return self
 
     @property
@@ -253,6 +367,69 @@ class TrainParams(StrictJson):
     @property
     def pairs_per_step(self) -> int:
         return self.batch_size * self.gradient_accumulation
+
+
+# The keys of `trl_config` that trl.DPOConfig does not take: trl.ModelConfig's (TRL's scripts read
+# both from one file).
+TRL_MODEL_CONFIG_KEYS = TRL_PEFT
+# The keys of a run's training_config.json beside TRL's: the service's own record of the run.
+RUN_RECORD_KEYS = (
+    "params", "base_model", "data", "steps", "eval_before", "eval_after", "last_metrics", "resumed_from_step"
+)  # fmt: skip
+
+
+def trl_config(params: TrainParams, total_steps: int, *, bf16: bool) -> dict[str, Any]:
+    """The run's settings under TRL 1.16's names: `trl.DPOConfig(**config)` builds once the keys in
+    TRL_MODEL_CONFIG_KEYS (trl.ModelConfig's LoRA settings) are taken out. A run's
+    training_config.json holds these and RUN_RECORD_KEYS.
+
+    rpo_alpha (and cpo_alpha) is TRL 1.x's spelling of RPO: an "sft" loss_type entry with that weight. With
+    transformers 5 a warmup ratio is `warmup_steps` below 1 (a whole run of warmup: the step count).
+    `bf16`: whether the run computed in bfloat16 (on a GPU; fp32 master weights, as TRL's bf16).
+    Settings TRL has no name for (max_prompt_length, cpo_alpha, simpo_gamma, eval_fraction,
+    save_dtype, ...) are not here; simpo and orpo are CPOTrainer's and ORPOTrainer's losses, not
+    DPOTrainer's.
+    """
+    names, weights = params.loss_terms()
+    warmup = params.warmup_ratio if params.warmup_ratio < 1 else total_steps
+    config: dict[str, Any] = {
+        "beta": params.beta,
+        "loss_type": names,
+        "loss_weights": weights,
+        "label_smoothing": params.label_smoothing,
+        "ld_alpha": params.ld_alpha,
+        "discopop_tau": params.discopop_tau,
+        "learning_rate": params.learning_rate,
+        "lr_scheduler_type": params.lr_schedule,
+        "warmup_steps": warmup,
+        "weight_decay": params.weight_decay,
+        "max_grad_norm": params.max_grad_norm if params.max_grad_norm is not None else 0.0,
+        "num_train_epochs": params.epochs,
+        "per_device_train_batch_size": params.batch_size,
+        "gradient_accumulation_steps": params.gradient_accumulation,
+        "max_length": params.max_length,
+        "truncation_mode": "keep_start",
+        "seed": params.seed,
+        "gradient_checkpointing": params.gradient_checkpointing,
+        # compile None: the worker's choice, compiled on a GPU (the runs that compute in bf16)
+        "torch_compile": params.compile if params.compile is not None else bf16,
+        "bf16": bf16,
+        "disable_dropout": True,
+    }
+    if params.max_steps is not None:  # else TRL's default, -1: epochs decide
+        config["max_steps"] = params.max_steps
+    if params.checkpoint_steps is not None:
+        config |= {"save_strategy": "steps", "save_steps": params.checkpoint_steps}
+    config["use_peft"] = params.lora is not None
+    if params.lora is not None:
+        lora = params.lora
+        config |= {
+            "lora_r": lora.r,
+            "lora_alpha": lora.alpha,
+            "lora_dropout": lora.dropout,
+            "lora_target_modules": lora.target_modules or "all-linear",
+        }
+    return config
 
 
 class TrainPolicyIn(StrictJson):

@@ -189,6 +189,33 @@ def _token_logps(lm: nn.Module, hidden: Tensor, targets: Tensor) -> Tensor:
     return logits.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
 
 
+def length_desensitised_weights(segment: Tensor, n_responses: int, ld_alpha: float) -> Tensor:
+    """LD-DPO's weight of each response token (TRL 1.16's `ld_alpha`): 1 up to the length of the
+    pair's shorter answer, `ld_alpha` beyond it (only the longer answer has tokens there).
+
+    `segment` gives each token's response, chosen b = b and rejected b = n + b, each response's
+    tokens consecutive and in order (every collate here lays them out so). No host sync.
+    """
+    device = segment.device
+    index = torch.arange(segment.shape[0], device=device)
+    first = torch.full((n_responses,), segment.shape[0], dtype=index.dtype, device=device)
+    first = first.scatter_reduce(0, segment, index, reduce="amin")
+    position = index - first[segment]
+    lengths = torch.bincount(segment, minlength=n_responses)
+    chosen, rejected = lengths.chunk(2)
+    shared = torch.minimum(chosen, rejected).repeat(2)
+    one = torch.ones((), device=device)
+    return torch.where(position < shared[segment], one, one * ld_alpha)
+
+
+def _response_sums(per_token: Tensor, segment: Tensor, n_responses: int, ld_alpha: float | None) -> Tensor:
+    """Each response's log-prob: the sum of its tokens', LD-DPO-weighted when `ld_alpha` is set."""
+    if ld_alpha is not None:
+        per_token = per_token * length_desensitised_weights(segment, n_responses, ld_alpha)
+    sums = torch.zeros(n_responses, dtype=per_token.dtype, device=per_token.device)
+    return sums.index_add(0, segment, per_token)
+
+
 # --- attention masks -------------------------------------------------------------------------------
 
 # Windows per layer type: {layer type: sliding window or None}, or {None: window} when one mask
@@ -280,14 +307,21 @@ def flex_block_masks(flat: dict[str, Tensor], windows: Windows) -> Any:
 
 
 def sequence_logps(
-    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor, *, unpad: bool = False
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    loss_mask: Tensor,
+    *,
+    unpad: bool = False,
+    ld_alpha: float | None = None,
 ) -> Tensor:
     """Sum of log p(token | previous tokens) over the tokens where `loss_mask` is 1, per row.
 
     Runs the transformer body with the model's own masks (exact for any architecture), then the LM
     head only at the positions that predict a response token (labels shifted by one). Rows must be
     right-padded. With `unpad`, each row runs alone at its own length: no compute on padding,
-    which is faster on CPUs where batching gains little.
+    which is faster on CPUs where batching gains little. `ld_alpha`: LD-DPO's sums, rows [0, n)
+    being the chosen answers of the pairs whose rejected ones are rows [n, 2n) (as `collate`).
     """
     lm = causal_lm(model)
     body = lm.base_model
@@ -308,9 +342,7 @@ def sequence_logps(
     rows = torch.arange(input_ids.shape[0], device=input_ids.device).repeat_interleave(
         targets_mask.sum(dim=1)
     )
-    return torch.zeros(input_ids.shape[0], dtype=per_token.dtype, device=per_token.device).index_add(
-        0, rows, per_token
-    )
+    return _response_sums(per_token, rows, input_ids.shape[0], ld_alpha)
 
 
 def supports_shared_prompt(model: nn.Module) -> bool:
@@ -320,13 +352,18 @@ def supports_shared_prompt(model: nn.Module) -> bool:
 
 
 def pair_logps(
-    model: nn.Module, packed: dict[str, Tensor], *, unpad: bool = False, windows: Windows | None = None
+    model: nn.Module,
+    packed: dict[str, Tensor],
+    *,
+    unpad: bool = False,
+    windows: Windows | None = None,
+    ld_alpha: float | None = None,
 ) -> Tensor:
     """Chosen then rejected log-probs of pairs packed by `collate_shared_prompt`: a tensor [2 × pairs].
 
     Same values as `sequence_logps` on the two sequences of each pair, with each prompt run once.
     Sliding-window layers get their window applied by position (`windows`, default: the config's).
-    With `unpad`, each row runs alone at its own length (see `sequence_logps`).
+    With `unpad`, each row runs alone at its own length (see `sequence_logps`). `ld_alpha`: LD-DPO's.
     """
     lm = causal_lm(model)
     body = lm.base_model
@@ -358,15 +395,16 @@ def pair_logps(
         hidden = out.last_hidden_state.flatten(0, 1)
         flat = packed["source_row"] * input_ids.shape[1] + packed["source_pos"]
     per_token = _token_logps(lm, hidden[flat], packed["targets"])
-    logps = torch.zeros(packed["response_lengths"].shape[0], dtype=per_token.dtype, device=per_token.device)
-    return logps.index_add(0, packed["segment"], per_token)
+    return _response_sums(per_token, packed["segment"], packed["response_lengths"].shape[0], ld_alpha)
 
 
-def packed_logps(model: nn.Module, flat: dict[str, Tensor], windows: Windows) -> Tensor:
+def packed_logps(
+    model: nn.Module, flat: dict[str, Tensor], windows: Windows, *, ld_alpha: float | None = None
+) -> Tensor:
     """Chosen then rejected log-probs of pairs packed by `collate_packed`: one row, no padding
     between pairs, FlexAttention block masks. The model must use attn_implementation="flex_attention".
 
-    Every index is precomputed on the host, so the call makes no host sync.
+    Every index is precomputed on the host, so the call makes no host sync. `ld_alpha`: LD-DPO's.
     """
     lm = causal_lm(model)
     out = lm.base_model(
@@ -377,8 +415,7 @@ def packed_logps(model: nn.Module, flat: dict[str, Tensor], windows: Windows) ->
     )
     hidden = out.last_hidden_state[0].index_select(0, flat["source"])
     per_token = _token_logps(lm, hidden, flat["targets"])
-    logps = torch.zeros(flat["response_lengths"].shape[0], dtype=per_token.dtype, device=per_token.device)
-    return logps.index_add(0, flat["segment"], per_token)
+    return _response_sums(per_token, flat["segment"], flat["response_lengths"].shape[0], ld_alpha)
 
 
 # --- proving the log-probs on a small copy of the architecture ------------------------------------

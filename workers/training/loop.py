@@ -34,11 +34,18 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from cai_dpo.core.training_params import TrainParams
+from cai_dpo.core.training_params import TrainParams, trl_config
 from workers.training.checkpoint import MODEL_DIR, Checkpoints, RunState, save_model
 from workers.training.data import PairExample, prepare_pairs
 from workers.training.dpo import METRIC_NAMES
-from workers.training.model import distribute, load_model, peak_flops, reference_context, to_device
+from workers.training.model import (
+    distribute,
+    load_model,
+    low_precision,
+    peak_flops,
+    reference_context,
+    to_device,
+)
 from workers.training.optim import make_optimizer
 from workers.training.ranks import Ranks
 from workers.training.schedule import (
@@ -332,7 +339,9 @@ def run_training(
         hooks.on_eval("after", eval_after)
     clock.lap("eval_s")
 
-    record = {"base_model": str(model_path), "data": data, "steps": run.step, "eval_before": run.eval_before}
+    # TRL's names beside ours, so trl.DPOConfig can repeat the run (trl_config says which keys it lacks)
+    record = trl_config(params, total_steps, bf16=low_precision(dev))
+    record |= {"base_model": str(model_path), "data": data, "steps": run.step, "eval_before": run.eval_before}
     record |= {"resumed_from_step": resumed_from_step}
     record |= {"eval_after": eval_after, "last_metrics": last_metrics, "history": list(run.history)}
     model_dir = save_model(

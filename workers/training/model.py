@@ -106,6 +106,7 @@ class Runtime:
     score_tokens: int = SCORE_TOKENS  # token budget per no-grad forward pass (flex only)
     lagged: bool = False  # metrics read one step late (the host never waits for the device)
     flex_failed: str | None = None
+    ld_alpha: float | None = None  # LD-DPO's weighting of the log-probs (the run's params.ld_alpha)
 
 
 def _plan(model: nn.Module) -> LogpPlan:
@@ -163,8 +164,9 @@ def load_model(model_path: Path, params: TrainParams, ranks: Ranks) -> tuple[nn.
         log.info("%s: %s", plan.model_type, note)
     # FSDP's layers run once per forward: one padded batch rather than a row at a time.
     runtime = Runtime(
-        device, plan, unpad=not cuda and layout != "fsdp", max_tokens=params.max_tokens_per_batch, lagged=low
-    )
+        device, plan, unpad=not cuda and layout != "fsdp", max_tokens=params.max_tokens_per_batch, lagged=low,
+        ld_alpha=params.ld_alpha,
+    )  # fmt: skip
     if cuda and params.attention != "sdpa" and plan.windows is not None and _flex_supported(model):
         model.set_attn_implementation("flex_attention")
         runtime.flex = True
@@ -261,10 +263,16 @@ class Setup:
     layout: Layout
 
     @classmethod
-    def alone(cls, model: nn.Module, device: torch.device, max_tokens: int | None = None) -> Setup:
+    def alone(
+        cls,
+        model: nn.Module,
+        device: torch.device,
+        max_tokens: int | None = None,
+        ld_alpha: float | None = None,
+    ) -> Setup:
         """A model handed in from outside a run (evaluation, tests), in this process."""
         runtime = default_runtime(model, device)
-        runtime.max_tokens = max_tokens
+        runtime.max_tokens, runtime.ld_alpha = max_tokens, ld_alpha
         return cls(model, PairForward(model), runtime, "single")
 
     @property
@@ -333,15 +341,18 @@ def forward_pairs(
     model: nn.Module, pairs: list[TokenizedPair], pad_token_id: int, runtime: Runtime
 ) -> tuple[Tensor, Tensor]:
     """Log-probs of the pairs' answers (chosen then rejected, [2n], fp32) and their lengths in tokens."""
-    device = runtime.device
+    device, ld_alpha = runtime.device, runtime.ld_alpha
     if runtime.plan.packs(max(p.longest_sequence for p in pairs)):
         if runtime.flex:
             flat = to_device(collate_packed(pairs, pad_token_id), device)
-            return packed_logps(model, flat, runtime.plan.windows).float(), flat["response_lengths"]
+            logps = packed_logps(model, flat, runtime.plan.windows, ld_alpha=ld_alpha)
+            return logps.float(), flat["response_lengths"]
         packed = to_device(collate_shared_prompt(pairs, pad_token_id), device)
-        logps = pair_logps(model, packed, unpad=runtime.unpad, windows=runtime.plan.windows)
+        logps = pair_logps(
+            model, packed, unpad=runtime.unpad, windows=runtime.plan.windows, ld_alpha=ld_alpha
+        )
         return logps.float(), packed["response_lengths"]
     # Exact for any architecture: each sequence on its own, with the model's own masks.
     batch = to_device(collate(pairs, pad_token_id), device)
-    logps = sequence_logps(model, **batch, unpad=runtime.unpad)
+    logps = sequence_logps(model, **batch, unpad=runtime.unpad, ld_alpha=ld_alpha)
     return logps.float(), batch["loss_mask"].sum(dim=1)

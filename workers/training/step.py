@@ -101,10 +101,17 @@ def score_with(
 
 
 def score_pairs(
-    model: nn.Module, pairs: list[TokenizedPair], batch_size: int, pad_token_id: int, device: torch.device
+    model: nn.Module,
+    pairs: list[TokenizedPair],
+    batch_size: int,
+    pad_token_id: int,
+    device: torch.device,
+    ld_alpha: float | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """`score_with` for a model handed in from outside a run (evaluation, tests), in this process."""
-    return score_with(Setup.alone(model, device), pairs, batch_size, pad_token_id, Ranks.single(device))
+    """`score_with` for a model handed in from outside a run (evaluation, tests), in this process;
+    `ld_alpha`: LD-DPO's log-probs."""
+    setup = Setup.alone(model, device, ld_alpha=ld_alpha)
+    return score_with(setup, pairs, batch_size, pad_token_id, Ranks.single(device))
 
 
 def forward_backward(
@@ -162,7 +169,7 @@ def accumulate_step(
     device: torch.device,
 ) -> dict[str, float]:
     """`forward_backward` for a model handed in from outside a run, in this process: its metrics."""
-    setup = Setup.alone(model, device, max_tokens=params.max_tokens_per_batch)
+    setup = Setup.alone(model, device, max_tokens=params.max_tokens_per_batch, ld_alpha=params.ld_alpha)
     ranks = Ranks.single(device)
     metrics = forward_backward(setup, pairs, ref_chosen, ref_rejected, params, pad_token_id, ranks)
     return dict(zip(METRIC_NAMES, metrics.tolist(), strict=True))
