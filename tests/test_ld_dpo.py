@@ -1,6 +1,7 @@
-"""LD-DPO (TRL 1.16's `ld_alpha`) on a real model: every log-prob path of ours gives the log-probs
-TRL's DPOTrainer computes with ld_alpha set, policy and reference alike, and the trainer's step
-gives TRL's loss. (The loss math alone, with its gradient: tests/test_loss_family_vs_trl.py.)"""
+"""LD-DPO (TRL 1.16's `ld_alpha`) on a real model: every log-prob path of ours (per sequence,
+shared prompt, FlexAttention packed, the trainer's) gives the log-probs TRL's DPOTrainer computes
+with ld_alpha set, policy and reference alike, and the trainer's step gives TRL's loss. (The loss
+math alone, with its gradient: tests/test_loss_family_vs_trl.py.)"""
 
 from __future__ import annotations
 
@@ -9,8 +10,14 @@ import torch
 
 from cai_dpo.core.training_params import TrainParams
 from tests.fixtures.training import tiny_model
-from workers.training.data import collate, collate_shared_prompt, tokenize_pair, tokenize_pairs
-from workers.training.dpo import pair_logps, sequence_logps
+from workers.training.data import (
+    collate,
+    collate_packed,
+    collate_shared_prompt,
+    tokenize_pair,
+    tokenize_pairs,
+)
+from workers.training.dpo import mask_windows, packed_logps, pair_logps, sequence_logps
 from workers.training.step import accumulate_step, score_pairs
 
 CPU = torch.device("cpu")
@@ -18,7 +25,7 @@ LD_ALPHA = 0.3
 
 
 @pytest.mark.model
-def test_length_desensitised_log_probs_and_loss_equal_trls(smollm_tokenizer, hh_pairs, tmp_path):
+def test_length_desensitised_log_probs_and_loss_equal_trls(smollm_tokenizer, hh_pairs, tmp_path, monkeypatch):
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
@@ -69,6 +76,20 @@ def test_length_desensitised_log_probs_and_loss_equal_trls(smollm_tokenizer, hh_
             "trainer": torch.cat(score_pairs(ref, pairs, 4, tok.pad_token_id, CPU, ld_alpha=LD_ALPHA)),
         }
         plain = sequence_logps(ref, **collate(pairs, tok.pad_token_id))
+    from torch.nn.attention.flex_attention import flex_attention
+    from transformers.integrations import flex_attention as transformers_flex
+
+    # The GPU's packed path, FlexAttention uncompiled (the CPU compiles it in ~30 s).
+    monkeypatch.setattr(
+        transformers_flex,
+        "compile_friendly_flex_attention",
+        lambda query, key, value, training=False, **kwargs: flex_attention(query, key, value, **kwargs),
+    )
+    ref.set_attn_implementation("flex_attention")
+    with torch.no_grad():
+        flat = collate_packed(pairs, tok.pad_token_id)
+        ours["packed"] = packed_logps(ref, flat, mask_windows(ref.config), ld_alpha=LD_ALPHA)
+    ref.set_attn_implementation("sdpa")
     for path, logps in ours.items():
         assert torch.allclose(logps, trl_ref, rtol=0, atol=1e-4), path
     assert not torch.allclose(plain, trl_ref, rtol=0, atol=1e-2)  # the weighting bit
