@@ -78,3 +78,29 @@ def test_0002_marks_the_pairs_of_watermark_era_automatic_jobs(empty_database):
     downgrade_database(empty_database, "0001")
     with psycopg.connect(libpq_url(empty_database)) as conn:
         assert conn.execute("SELECT last_pair_id FROM train_policies").fetchall() == [(3,)]
+
+
+def test_0011_sums_the_usage_of_each_jobs_pairs(empty_database):
+    upgrade_database(empty_database, "0010")
+    with psycopg.connect(libpq_url(empty_database), autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO constitution_versions (id, name, content_hash, body, spec)"
+            " VALUES (1, 'harmless', 'h', '', '{}')"
+        )
+        for job_id in (1, 2):
+            conn.execute(
+                "INSERT INTO generation_jobs (id, constitution_version_id, constitution_name, model,"
+                " revisions, sampling, n_prompts) VALUES (%s, 1, 'harmless', 'm', 1, '{}', 2)",
+                (job_id,),
+            )
+        pair = "INSERT INTO pairs (job_id, prompt, chosen, rejected, usage) VALUES (%s, '[]', 'c', 'r', %s)"
+        conn.execute(pair, (1, '{"completion_tokens": 30, "prompt_tokens": 100, "cached_tokens": 0}'))
+        conn.execute(pair, (1, '{"completion_tokens": 12, "prompt_tokens": 50, "engine_seconds": 1.5}'))
+        conn.execute(pair, (1, None))
+    upgrade_database(empty_database)
+    with psycopg.connect(libpq_url(empty_database)) as conn:
+        usage = conn.execute(
+            "SELECT id, generated_tokens, prompt_tokens, engine_seconds, max_generated_tokens, stop_reason"
+            " FROM generation_jobs ORDER BY id"
+        ).fetchall()
+    assert usage == [(1, 42, 150, 1.5, None, None), (2, 0, 0, 0.0, None, None)]
