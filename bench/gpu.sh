@@ -10,14 +10,22 @@
 # weights: the models are random-initialised Llama shapes), and tests/data (git-ignored as data/,
 # so it travels only when carried): carry [".whl", ".gpu", "tests/data"]. The runs, most important first, so
 # that a timeout still leaves the 1B comparison under $OUT:
+#   0. the GEMM probe: the 1B shape's matmuls at batch 8's and the token budget's rows against the
+#      card's peak (what MFU can reach at those sizes, whatever the trainer), seconds
 #   1. 1B: this trainer against TRL's DPOTrainer (bf16, batch 8, max_length 512, HH pairs)
-#   2. correctness of the packed FlexAttention path (log-probs and gradients) on the GPU
-#   3. 135M: this trainer against TRL
-#   4. 1B: this trainer with torch.compile'd decoder layers
-#   5. 1B: this trainer checkpointing every 16 steps (the write in the background)
+#   2. 1B at a token budget: 64 pairs a step, ours in micro-batches of <= 8,192 tokens, TRL at 8
+#      pairs a micro-batch (as many padded tokens) times 8 accumulation steps: memory at equal batch
+#   3. 1B: this trainer checkpointing every 16 steps (the write in the background)
+#   4. 1B: a profile of three steady steps of this trainer (GPU-busy fraction, kernel launches per
+#      step, top kernels), a short run of its own since the profiler slows the steps it watches
+#   5. correctness of the packed FlexAttention path (log-probs and gradients) on the GPU
+#   6. 135M: this trainer against TRL
+#   7. 1B: this trainer without torch.compile'd decoder layers (compiled is the GPU default): what
+#      compiling gives, and what its warm-up (timings.compile_s, outside the timed region) costs
 # A step that would start after DEADLINE seconds is skipped; the table of what ran prints last.
 # Neither trainer checkpoints in the timed runs; $OUT/results.json holds one object per run (--json).
-# A dry run on a CPU: WHEELS=none SIZE_BIG=tiny SIZE_SMALL=tiny PAIRS_BIG=16 PAIRS_SMALL=16.
+# A dry run on a CPU: WHEELS=none SIZE_BIG=tiny SIZE_SMALL=tiny PAIRS_BIG=16 PAIRS_SMALL=16 PAIRS_PROFILE=64
+# PAIRS_PROFILE_WARMUP=0 DEADLINE=1200 (add TOKENIZER=data/models/smollm2-135m-instruct PYTHON=.venv/bin/python).
 set -u
 START=$(date +%s)
 cd "$(dirname "$0")/.."
@@ -89,12 +97,20 @@ check() {
     stamp "end check"
 }
 
+stamp "start gemm probe"
+timeout 60 "$PY" bench/training.py --model "$TOKENIZER" --random-init "$SIZE_BIG" --gemm-probe \
+    --gemm-rows 1024,8192 --out "$RESULTS" 2>&1 | tail -1 | tee -a "$LOG"
 bench flex --random-init "$SIZE_BIG" --pairs "$PAIRS_BIG"
-check
-bench flex --random-init "$SIZE_SMALL" --pairs "$PAIRS_SMALL"
-bench flex+compile --random-init "$SIZE_BIG" --pairs "$PAIRS_BIG" --trainers ours --compile
+# The token budget: MFU is a figure of tokens per step (issue 20: >= 35% at 1B here).
+bench budget --random-init "$SIZE_BIG" --pairs "$((PAIRS_BIG * 2))" --batch-size 64 --max-tokens-per-batch 8192 \
+    --trl-micro-batch 8
 # What a background checkpoint costs the steps around it (max_step_s against run 1's).
 bench flex+checkpoints --random-init "$SIZE_BIG" --pairs "$PAIRS_BIG" --trainers ours --checkpoint-steps 16
+bench profile --random-init "$SIZE_BIG" --pairs "${PAIRS_PROFILE:-96}" --trainers ours --profile-steps 3 \
+    --warmup-pairs "${PAIRS_PROFILE_WARMUP:-48}"
+check
+bench flex --random-init "$SIZE_SMALL" --pairs "$PAIRS_SMALL"
+bench flex-no-compile --random-init "$SIZE_BIG" --pairs "$PAIRS_BIG" --trainers ours --no-compile
 
 echo
 "$PY" bench/training.py --table "$RESULTS" | tee "$OUT/table.md"

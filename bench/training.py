@@ -74,7 +74,12 @@ def _args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--trainers", default="ours,trl", help="comma-separated: ours, trl")
     parser.add_argument("--max-tokens-per-batch", type=int, help="our trainer's token budget per forward")
     parser.add_argument("--attention", default="auto", choices=["auto", "flex", "sdpa"])
-    parser.add_argument("--compile", action="store_true", help="torch.compile our decoder layers")
+    parser.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="torch.compile our decoder layers (default: the trainer's own, on a GPU yes)",
+    )
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--lora", type=int, metavar="RANK", help="LoRA of this rank (both trainers)")
     parser.add_argument(
@@ -96,6 +101,31 @@ def _args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="check the packed FlexAttention log-probs (and, on a GPU, their gradients) against the "
         "model's own forward and the padded SDPA path on --pairs pairs, print one JSON line, exit",
+    )
+    parser.add_argument(
+        "--trl-micro-batch",
+        type=int,
+        help="TRL's per-device batch, the rest of --batch-size by gradient accumulation (the token-budget "
+        "configuration: ours packs --batch-size pairs into micro-batches of --max-tokens-per-batch)",
+    )
+    parser.add_argument(
+        "--profile-steps",
+        type=int,
+        default=0,
+        help="profile this many steady steps of our timed run (torch.profiler, after 3 steps and 1 of "
+        "warm-up): GPU-busy fraction, kernel launches per step, the top kernels; slows those steps",
+    )
+    parser.add_argument(
+        "--gemm-probe",
+        action="store_true",
+        help="time the model shape's GEMMs at the run's rows per micro-batch against the card's peak, "
+        "print one JSON line, exit",
+    )
+    parser.add_argument(
+        "--gemm-rows",
+        default="1024,8192",
+        help="--gemm-probe's rows (tokens of a micro-batch): batch 8 of HH pairs packs ~1,000, the "
+        "token budget 8,192",
     )
     parser.add_argument("--run", choices=["ours", "trl"], help=argparse.SUPPRESS)  # a child process
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -194,10 +224,121 @@ def _parameter_count(model_dir: Path) -> int:
 NO_CHECKPOINT = 10**9  # checkpoint_steps beyond any run: no checkpoint in the timed region
 
 
+class StepProfile:
+    """torch.profiler over `steps` steady optimizer steps, driven by the trainer's on_step hook (called
+    once per step, with the step before's metrics: the window is still `steps` whole steps).
+
+    What it answers: is a step host-bound (the GPU idle between kernels while Python dispatches) or
+    arithmetic-bound, and which kernels take the time."""
+
+    WAIT, WARMUP = 3, 1
+
+    def __init__(self, steps: int):
+        import torch
+        from torch.profiler import ProfilerActivity, profile, schedule
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+        self.steps, self.marks = steps, []
+        self.profiler = profile(
+            activities=activities,
+            schedule=schedule(wait=self.WAIT, warmup=self.WARMUP, active=steps, repeat=1),
+        )
+        self.profiler.start()
+
+    def on_step(self, step: int, total: int, metrics: dict) -> None:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # the window's edges are the GPU's, not only the host's
+        self.marks.append(time.perf_counter())
+        if len(self.marks) <= self.WAIT + self.WARMUP + self.steps:
+            self.profiler.step()
+        if len(self.marks) == self.WAIT + self.WARMUP + self.steps + 1:
+            self.profiler.stop()
+
+    def summary(self) -> dict:
+        from torch.autograd import DeviceType
+
+        first = self.WAIT + self.WARMUP
+        if len(self.marks) <= first + self.steps:
+            return {
+                "error": f"the run had {len(self.marks)} steps, the profile needs {first + self.steps + 1}"
+            }
+        window = self.marks[first + self.steps] - self.marks[first]
+        events = self.profiler.events()
+        kernels = [e for e in events if e.device_type == DeviceType.CUDA]
+        launches = sum(
+            1 for e in events if e.name in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC")
+        )
+        by_name: dict[str, float] = {}
+        for event in kernels:
+            by_name[event.name] = by_name.get(event.name, 0.0) + event.time_range.elapsed_us()
+        if not kernels:  # a CPU run: the operators that take the host's time instead
+            for row in self.profiler.key_averages():
+                by_name[row.key] = row.self_cpu_time_total
+        top = sorted(by_name.items(), key=lambda item: -item[1])[:8]
+        busy_us = sum(e.time_range.elapsed_us() for e in kernels)
+        return {
+            "steps": self.steps,
+            "step_s": round(window / self.steps, 4),
+            # Kernel time over the window's wall time (streams rarely overlap in this trainer).
+            "gpu_busy_fraction": round(busy_us / 1e6 / window, 3) if kernels else None,
+            "kernel_launches_per_step": round(launches / self.steps) if kernels else None,
+            "top_ms_per_step": {name[:80]: round(us / 1e3 / self.steps, 3) for name, us in top},
+        }
+
+
+def gemm_probe(args: argparse.Namespace) -> dict:
+    """The achieved FLOP/s of the model shape's GEMMs (attention projections, MLP, LM head) at the rows
+    a micro-batch has (`--gemm-rows`), against the card's peak: the ceiling MFU can reach at that
+    size, whatever the trainer."""
+    import torch
+
+    from workers.training.model import peak_flops
+
+    cuda = torch.cuda.is_available()
+    device, dtype = torch.device("cuda" if cuda else "cpu"), torch.bfloat16 if cuda else torch.float32
+    hidden, inter, _, heads, kv = SIZES[args.random_init or "tiny"]
+    from transformers import AutoTokenizer
+
+    vocab = len(AutoTokenizer.from_pretrained(args.model))  # the random models' vocabulary (_prepare_model)
+    kv_width = hidden // heads * kv
+    rows_options = [int(rows) for rows in args.gemm_rows.split(",")]
+    shapes = {"qkv": (hidden, hidden + 2 * kv_width), "o": (hidden, hidden), "gate_up": (hidden, 2 * inter)}
+    shapes |= {"down": (inter, hidden), "lm_head": (hidden, vocab)}
+    peak = peak_flops(device)
+    out: dict = {
+        "gemm_probe": True,
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "peak_tflops": peak and peak / 1e12,
+    }
+    repeats = 20 if cuda else 2
+    for rows in rows_options:
+        for name, (k, n) in shapes.items():
+            a = torch.randn(rows, k, device=device, dtype=dtype)
+            b = torch.randn(k, n, device=device, dtype=dtype)
+            for _ in range(2):
+                a @ b
+            if cuda:
+                torch.cuda.synchronize()
+            started = time.perf_counter()
+            for _ in range(repeats):
+                a @ b
+            if cuda:
+                torch.cuda.synchronize()
+            seconds = (time.perf_counter() - started) / repeats
+            tflops = 2 * rows * k * n / seconds / 1e12
+            out[f"{rows}x{name}"] = {
+                "tflops": round(tflops, 2),
+                "of_peak": round(tflops * 1e12 / peak, 3) if peak else None,
+            }
+    return out
+
+
 def run_ours(args: argparse.Namespace, model_dir: Path) -> dict:
     import torch
 
-    from workers.training.loop import run_training
+    from workers.training.loop import TrainHooks, run_training
     from workers.training.schedule import pairs_for_step
 
     cuda = torch.cuda.is_available()
@@ -219,11 +360,13 @@ def run_ours(args: argparse.Namespace, model_dir: Path) -> dict:
         if cuda:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
+    profile = StepProfile(args.profile_steps) if args.profile_steps else None
     with tempfile.TemporaryDirectory() as out:
         started = time.perf_counter()
         result = run_training(
             params, model_path=model_dir, train_pairs=pairs, eval_pairs=[], output_dir=Path(out),
             checkpoint_steps=args.checkpoint_steps or NO_CHECKPOINT,
+            hooks=TrainHooks(on_step=profile.on_step) if profile else None,
         )  # fmt: skip
         wall = time.perf_counter() - started
         history = [json.loads(line) for line in (Path(out) / "model/metrics.jsonl").read_text().splitlines()]
@@ -262,6 +405,8 @@ def run_ours(args: argparse.Namespace, model_dir: Path) -> dict:
     }
     if result.data.get("flex_failed"):
         numbers["flex_failed"] = result.data["flex_failed"]
+    if profile:
+        numbers["profile"] = profile.summary()
     if "mfu" in history[-1]:
         numbers["step_mfu_median"] = round(statistics.median(row["mfu"] for row in history[2:] or history), 4)
     return numbers
@@ -278,6 +423,8 @@ def run_trl(args: argparse.Namespace, model_dir: Path) -> dict:
     from workers.training.schedule import pairs_for_step
 
     pairs, params = load_pairs(Path(args.data), args.pairs), _params(args)
+    if args.trl_micro_batch and args.batch_size % args.trl_micro_batch:
+        raise SystemExit("--batch-size must be a multiple of --trl-micro-batch")
     order = [
         i
         for step in range(-(-len(pairs) // args.batch_size))
@@ -303,8 +450,8 @@ def run_trl(args: argparse.Namespace, model_dir: Path) -> dict:
         )
     config = DPOConfig(
         output_dir=tempfile.mkdtemp(prefix="trl-bench-"),
-        per_device_train_batch_size=args.batch_size,
-        gradient_accumulation_steps=1,
+        per_device_train_batch_size=args.trl_micro_batch or args.batch_size,
+        gradient_accumulation_steps=args.batch_size // (args.trl_micro_batch or args.batch_size),
         num_train_epochs=1,
         learning_rate=args.learning_rate,
         beta=args.beta,
@@ -455,6 +602,10 @@ def table(path: Path) -> str:
             f"{row['peak_memory_gib']:.2f} | {row['mean_loss']:.6f} | {row['final_loss']:.6f} |"
         )
     for row in rows:
+        if row.get("gemm_probe"):
+            lines.append(f"\nGEMM probe: {json.dumps(row)}")
+        if row.get("profile"):
+            lines.append(f"\nprofile of {row['model']} {row.get('label', '')}: {json.dumps(row['profile'])}")
         if row.get("check"):
             lines.append(f"\ncheck: {json.dumps(row)}")
         if row.get("summary"):
@@ -543,6 +694,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.check:
         with tempfile.TemporaryDirectory() as scratch:
             line = check(args, _prepare_model(args, Path(scratch) / "model"))
+        print(json.dumps(line), flush=True)
+        if args.out:
+            with Path(args.out).open("a") as handle:
+                handle.write(json.dumps(line) + "\n")
+        return
+    if args.gemm_probe:
+        line = gemm_probe(args)
         print(json.dumps(line), flush=True)
         if args.out:
             with Path(args.out).open("a") as handle:

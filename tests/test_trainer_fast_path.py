@@ -164,3 +164,53 @@ def test_packed_rows_take_few_widths_with_bounded_padding():
     assert all(
         bucket_width(t) >= t and bucket_width(t) - t <= bucket_width(t) / 3 for t in range(257, 20_000)
     )
+
+
+@pytest.mark.unit
+def test_compiled_shapes_are_warmed_before_the_first_step_with_no_change_to_the_model():
+    """Issue 20, item 2: every input shape the run's steps meet is run once before step 0 (where
+    torch.compile makes its graphs on a GPU), read from the step order alone, and the warm-up
+    leaves no gradient and no change behind."""
+    from cai_dpo.core.training_params import TrainParams
+    from tests.fixtures.training import tiny_model
+    from workers.training.model import collate_for, compiles_layers
+    from workers.training.schedule import pairs_for_step
+    from workers.training.step import forward_backward, warm_compiled_shapes
+
+    cpu = torch.device("cpu")
+    model = tiny_model("llama", 96).train()
+    generator = torch.Generator().manual_seed(0)
+
+    def ids(n: int) -> list[int]:
+        return torch.randint(3, 96, (n,), generator=generator).tolist()
+
+    train = [TokenizedPair(ids(2 + i % 7), ids(1 + i % 5), ids(3 + i % 4)) for i in range(24)]
+    params = TrainParams(batch_size=2, gradient_accumulation=2, max_length=64)
+    setup = Setup.alone(model, cpu)
+    met: list[tuple] = []
+    forward = setup.engine.forward
+
+    def recording(pairs, pad_token_id, runtime):
+        kind, batch = collate_for(pairs, pad_token_id, runtime)
+        met.append((kind, *(tuple(value.shape) for value in batch.values())))
+        return forward(pairs, pad_token_id, runtime)
+
+    setup.engine.forward = recording
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    steps = range(0, -(-len(train) // params.pairs_per_step))
+    shapes = warm_compiled_shapes(setup, train, params, 0, steps)
+    warmed = set(met)
+    assert shapes == len(warmed) == len(met) > 1  # each shape once, and the steps have several
+    assert all(p.grad is None or not p.grad.any() for p in model.parameters())
+    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
+
+    met.clear()
+    ref = torch.zeros(len(train))
+    for step in steps:
+        chosen = [train[i] for i in pairs_for_step(step, len(train), params.pairs_per_step, params.seed)]
+        forward_backward(setup, chosen, ref[: len(chosen)], ref[: len(chosen)], params, 0, Ranks.single(cpu))
+    assert set(met) <= warmed  # no step met a shape the warm-up had not
+
+    # On by default on a GPU, never on the CPU; a run can say no.
+    assert compiles_layers(params, torch.device("cuda")) and not compiles_layers(params, cpu)
+    assert not compiles_layers(params.model_copy(update={"compile": False}), torch.device("cuda"))

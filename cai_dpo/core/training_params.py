@@ -270,9 +270,11 @@ class TrainParams(StrictJson):
         description="Recompute each decoder layer's activations in the backward pass: less memory, "
         "about a third more compute.",
     )
-    compile: bool = Field(
-        False,
-        description="torch.compile the decoder layers (GPU only: the first steps pay the compilation).",
+    compile: bool | None = Field(
+        None,
+        description="torch.compile the decoder layers. None: on a GPU yes, on the CPU no (the CPU never "
+        "compiles). Before the first step a single-process run compiles for every input shape its "
+        "steps will meet (timings.compile_s), so no step pays a compilation.",
     )
     attention: Literal["auto", "flex", "sdpa"] = Field(
         "auto",

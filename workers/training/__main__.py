@@ -16,6 +16,11 @@ from workers.training.worker import main
 if __name__ == "__main__":
     ranks = None
     settings = get_settings()
+    # One compile cache for every training process of this data folder, ranks and later runs
+    # included: a shape compiled once (inductor's and Triton's kernels) is not compiled again. The
+    # operator's own setting wins.
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(settings.data_dir / "cache" / "torchinductor"))
+    os.environ.setdefault("TRITON_CACHE_DIR", str(settings.data_dir / "cache" / "triton"))
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by torchrun, with other ranks
         from workers.training.distributed import follow
         from workers.training.ranks import init_from_env

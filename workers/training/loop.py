@@ -55,7 +55,7 @@ from workers.training.schedule import (
     total_steps_for,
     warmup_steps_for,
 )
-from workers.training.step import eval_metrics, forward_backward, score_with
+from workers.training.step import eval_metrics, forward_backward, score_with, warm_compiled_shapes
 
 log = logging.getLogger(__name__)
 
@@ -299,6 +299,11 @@ def run_training(
 
     ref_chosen_all, ref_rejected_all = run.ref["train_chosen"].to(dev), run.ref["train_rejected"].to(dev)
     setup.engine.train()
+    if setup.runtime.compiled and ranks.alone:
+        shapes = warm_compiled_shapes(setup, train, params, pad_id, range(run.step, total_steps))
+        optimizer.zero_grad()
+        data["compiled_shapes"] = shapes
+        clock.lap("compile_s")
     while run.step < total_steps and not ranks.broadcast(hooks.should_stop() if leader else None):
         lr = learning_rate_at(run.step, total_steps, params.learning_rate, warmup_steps, params.lr_schedule)
         optimizer.set_lr(lr)

@@ -107,6 +107,7 @@ class Runtime:
     lagged: bool = False  # metrics read one step late (the host never waits for the device)
     flex_failed: str | None = None
     ld_alpha: float | None = None  # LD-DPO's weighting of the log-probs (the run's params.ld_alpha)
+    compiled: bool = False  # decoder layers torch.compile'd (CUDA; `compiles_layers`)
 
 
 def _plan(model: nn.Module) -> LogpPlan:
@@ -195,7 +196,7 @@ def load_model(model_path: Path, params: TrainParams, ranks: Ranks) -> tuple[nn.
         model = get_peft_model(model, config, autocast_adapter_dtype=not low or layout == "ddp")
     # After the adapters exist, so theirs too (the FlexAttention path scores in train mode).
     disable_dropout(model)
-    if cuda and (runtime.flex or params.compile):
+    if runtime.flex or compiles_layers(params, device):
         # Pair counts and lengths vary by batch: let dynamo mark them dynamic rather than give up.
         dynamo = torch._dynamo.config
         limit = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"
@@ -284,6 +285,13 @@ class Setup:
         return self.engine.no_sync() if self.layout == "ddp" and not last else contextlib.nullcontext()
 
 
+def compiles_layers(params: TrainParams, device: torch.device) -> bool:
+    """Decoder layers compiled: on a GPU unless the run says no (a step there is dispatch-bound,
+    ~1,850 small kernels launched from Python); never on the CPU, where inductor's compile costs
+    more than a short run saves."""
+    return device.type == "cuda" and params.compile is not False
+
+
 def distribute(model: nn.Module, runtime: Runtime, params: TrainParams, ranks: Ranks) -> Setup:
     """The loaded model ready to train: attention agreed, layers compiled, wrapped for the layout.
     Collectives from here on."""
@@ -302,9 +310,10 @@ def distribute(model: nn.Module, runtime: Runtime, params: TrainParams, ranks: R
         )
         for layer in layers:
             fully_shard(layer, mesh=mesh, mp_policy=policy)
-    if device.type == "cuda" and params.compile:
+    if compiles_layers(params, device):
         for layer in layers:
             layer.compile()
+        runtime.compiled = True
     engine: nn.Module = PairForward(model)
     if layout == "fsdp":
         # The root holds the embeddings, final norm and LM head (tied or not: one group).
@@ -341,18 +350,27 @@ def forward_pairs(
     model: nn.Module, pairs: list[TokenizedPair], pad_token_id: int, runtime: Runtime
 ) -> tuple[Tensor, Tensor]:
     """Log-probs of the pairs' answers (chosen then rejected, [2n], fp32) and their lengths in tokens."""
-    device, ld_alpha = runtime.device, runtime.ld_alpha
-    if runtime.plan.packs(max(p.longest_sequence for p in pairs)):
-        if runtime.flex:
-            flat = to_device(collate_packed(pairs, pad_token_id), device)
-            logps = packed_logps(model, flat, runtime.plan.windows, ld_alpha=ld_alpha)
-            return logps.float(), flat["response_lengths"]
-        packed = to_device(collate_shared_prompt(pairs, pad_token_id), device)
-        logps = pair_logps(
-            model, packed, unpad=runtime.unpad, windows=runtime.plan.windows, ld_alpha=ld_alpha
-        )
-        return logps.float(), packed["response_lengths"]
-    # Exact for any architecture: each sequence on its own, with the model's own masks.
-    batch = to_device(collate(pairs, pad_token_id), device)
+    kind, host = collate_for(pairs, pad_token_id, runtime)
+    batch = to_device(host, runtime.device)
+    ld_alpha = runtime.ld_alpha
+    if kind == "flex":
+        logps = packed_logps(model, batch, runtime.plan.windows, ld_alpha=ld_alpha)
+        return logps.float(), batch["response_lengths"]
+    if kind == "shared_prompt":
+        logps = pair_logps(model, batch, unpad=runtime.unpad, windows=runtime.plan.windows, ld_alpha=ld_alpha)
+        return logps.float(), batch["response_lengths"]
     logps = sequence_logps(model, **batch, unpad=runtime.unpad, ld_alpha=ld_alpha)
     return logps.float(), batch["loss_mask"].sum(dim=1)
+
+
+def collate_for(
+    pairs: list[TokenizedPair], pad_token_id: int, runtime: Runtime
+) -> tuple[Literal["flex", "shared_prompt", "exact"], dict[str, Tensor]]:
+    """The host batch a forward of these pairs runs on, and which path reads it: one packed row
+    (FlexAttention), a shared prompt per pair, or (exact for any architecture) each sequence on its
+    own with the model's own masks. Its shapes are the shapes compiled kernels meet."""
+    if runtime.plan.packs(max(p.longest_sequence for p in pairs)):
+        if runtime.flex:
+            return "flex", collate_packed(pairs, pad_token_id)
+        return "shared_prompt", collate_shared_prompt(pairs, pad_token_id)
+    return "exact", collate(pairs, pad_token_id)

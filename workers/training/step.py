@@ -20,9 +20,9 @@ from torch import Tensor, nn
 from cai_dpo.core.training_params import TrainParams
 from workers.training.data import TokenizedPair, token_batches
 from workers.training.dpo import METRIC_NAMES, batch_metric_sums, batch_metrics, dpo_loss
-from workers.training.model import Setup, to_device
+from workers.training.model import Setup, collate_for, to_device
 from workers.training.ranks import Ranks
-from workers.training.schedule import shard_pairs
+from workers.training.schedule import pairs_for_step, shard_pairs
 
 
 def micro_batches(pairs: list[TokenizedPair], batch_size: int, max_tokens: int | None) -> list[slice]:
@@ -157,6 +157,33 @@ def forward_backward(
             (losses.sum() * world / len(step_pairs)).backward()
         sums += batch_metric_sums(losses, chosen_rewards, rejected_rewards, *logps.detach().chunk(2))
     return ranks.all_reduce_sum(sums) / len(step_pairs)
+
+
+WIDTH_STEPS = 256  # steps whose micro-batches are read ahead for their shapes (an epoch of most runs)
+
+
+def warm_compiled_shapes(
+    setup: Setup, train: list[TokenizedPair], params: TrainParams, pad_token_id: int, steps: range
+) -> int:
+    """Forward and backward once at each input shape the given steps' micro-batches will have
+    (`collate_for`'s, read on the host from the step order, which is known before step 0), with a
+    zero loss, so torch.compile makes its graphs for them here and not inside timed steps. The
+    gradients it leaves are zeros: the caller zeroes them. Returns the number of shapes.
+
+    One process only: under torchrun each rank's shares have their own shapes, and a rank with
+    fewer would leave the others waiting in a collective."""
+    runtime, seen = setup.runtime, set()
+    for step in steps[:WIDTH_STEPS]:
+        pairs = [train[i] for i in pairs_for_step(step, len(train), params.pairs_per_step, params.seed)]
+        for part in micro_batches(pairs, params.batch_size, runtime.max_tokens):
+            kind, batch = collate_for(pairs[part], pad_token_id, runtime)
+            shape = (kind, *(tuple(value.shape) for value in batch.values()))
+            if shape in seen:
+                continue
+            seen.add(shape)
+            logps, _ = setup.engine(pairs[part], pad_token_id, runtime)
+            (logps.sum() * 0.0).backward()
+    return len(seen)
 
 
 def accumulate_step(
