@@ -15,7 +15,8 @@
 #   1. 1B: this trainer against TRL's DPOTrainer (bf16, batch 8, max_length 512, HH pairs)
 #   2. 1B at a token budget: 64 pairs a step, ours in micro-batches of <= 8,192 tokens, TRL at 8
 #      pairs a micro-batch (as many padded tokens) times 8 accumulation steps: memory at equal batch
-#   3. 1B: this trainer checkpointing every 16 steps (the write in the background)
+#   3. 1B: this trainer checkpointing every 16 steps (the write in the background): each write's
+#      time on the training thread and until in place (`checkpoints`), and max_step_s against run 1's
 #   4. 1B: a profile of three steady steps of this trainer (GPU-busy fraction, kernel launches per
 #      step, top kernels), a short run of its own since the profiler slows the steps it watches
 #   5. correctness of the packed FlexAttention path (log-probs and gradients) on the GPU

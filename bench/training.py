@@ -407,6 +407,8 @@ def run_ours(args: argparse.Namespace, model_dir: Path) -> dict:
         numbers["flex_failed"] = result.data["flex_failed"]
     if profile:
         numbers["profile"] = profile.summary()
+    if result.data.get("checkpoints"):  # per checkpoint: the training thread's share, and until in place
+        numbers["checkpoints"] = result.data["checkpoints"]
     if "mfu" in history[-1]:
         numbers["step_mfu_median"] = round(statistics.median(row["mfu"] for row in history[2:] or history), 4)
     return numbers

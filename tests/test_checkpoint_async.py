@@ -53,6 +53,10 @@ def test_a_checkpoint_write_that_fails_midway_leaves_the_previous_one_to_resume_
     assert (resumed.status, resumed.step) == ("completed", 6)
     record = json.loads((resumed.model_dir / "training_config.json").read_text())
     assert record["resumed_from_step"] == 2
+    # What each checkpoint cost (the benchmark reads it): the resumed run wrote one, at step 4, and
+    # the training thread's share of it is at most the time until it was in place.
+    (timed,) = resumed.data["checkpoints"]
+    assert timed["step"] == 4 and 0 < timed["training_thread_s"] <= timed["written_s"]
     assert not (tmp_path / "checkpoint").exists()  # discarded once the model is saved
     want = load_file(whole.model_dir / "model.safetensors")
     got = load_file(resumed.model_dir / "model.safetensors")

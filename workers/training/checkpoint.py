@@ -32,6 +32,7 @@ import json
 import logging
 import shutil
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,19 +106,36 @@ class Checkpoints:
         self._held: Any = None  # what the side stream copies from, kept alive until the write is done
         self._writer: threading.Thread | None = None
         self._outcome: tuple[int, Path] | BaseException | None = None
+        # Per checkpoint: the training thread's share (the snapshot, or the whole synchronous save)
+        # and the time until the checkpoint was in place; what a checkpoint costs, read by the
+        # benchmark and logged.
+        self.timings: list[dict[str, float]] = []
 
     def save(self, setup: Setup, optimizer: Optimizer, run: RunState) -> None:
         """Checkpoint the run at `run.step`: written before this returns (a torchrun group), or copied
         to host memory and written in the background (one process)."""
+        started = time.perf_counter()
         if not self.background:
-            self.on_written(run.step, self._save_now(setup, optimizer, run))
+            path = self._save_now(setup, optimizer, run)
+            seconds = time.perf_counter() - started
+            self._timed(run.step, training_thread_s=seconds, written_s=seconds)
+            self.on_written(run.step, path)
             return
         self.wait()  # one write in flight; its host buffers are the ones this copy fills
+        started = time.perf_counter()
         snapshot, ready = self._snapshot(setup.model, optimizer, run)
+        snapshot_s = time.perf_counter() - started
         self._writer = threading.Thread(
-            target=self._write, args=(snapshot, ready), name="checkpoint-writer", daemon=False
+            target=self._write,
+            args=(snapshot, ready, started, snapshot_s),
+            name="checkpoint-writer",
+            daemon=False,
         )
         self._writer.start()
+
+    def _timed(self, step: int, **seconds: float) -> None:
+        self.timings.append({"step": step, **seconds})
+        log.info("checkpoint at step %d: %s", step, ", ".join(f"{k} {v:.3f}" for k, v in seconds.items()))
 
     def fence(self) -> None:
         """Before an optimizer step: the step waits (on the device) for the copy of what it updates."""
@@ -180,7 +198,9 @@ class Checkpoints:
             return items if isinstance(value, list) else tuple(items)
         return copy.deepcopy(value)
 
-    def _write(self, snapshot: dict[str, Any], ready: torch.cuda.Event | None) -> None:
+    def _write(
+        self, snapshot: dict[str, Any], ready: torch.cuda.Event | None, started: float, snapshot_s: float
+    ) -> None:
         """The writer thread: the snapshot into the staging folder, then the folder into place."""
         try:
             if ready is not None:
@@ -197,6 +217,8 @@ class Checkpoints:
             (staging / "state.json").write_text(json.dumps(snapshot["state"], indent=1))
             replace_dir(staging, target)
             self._outcome = (snapshot["state"]["step"], target)
+            written_s = time.perf_counter() - started
+            self._timed(snapshot["state"]["step"], training_thread_s=snapshot_s, written_s=written_s)
         except BaseException as exc:  # noqa: BLE001 - raised on the training thread by `wait`
             log.exception("writing the checkpoint at step %d failed", snapshot["state"]["step"])
             self._outcome = exc

@@ -327,6 +327,8 @@ def run_training(
             checkpoints.save(setup, optimizer, run)  # written in the background (one process)
     step_log.flush()
     checkpoints.wait()  # the write in flight, at the end or at a stop
+    if checkpoints.timings:
+        data["checkpoints"] = checkpoints.timings
     clock.lap("train_s")
     data["attention"] = "flex" if runtime.flex else ("sdpa" if dev.type == "cuda" else "cpu")
     if runtime.flex_failed:
