@@ -67,6 +67,15 @@ def test_post_train_records_a_queued_job(client, db):
         ({"batch_size": 2, "per_device_train_batch_size": 4}, "per_device_train_batch_size is TRL's name"),
         ({"lora_r": 8}, "lora_r: TRL's LoRA names need use_peft: true"),
         ({"ld_alpha": 0.5, "loss_type": ["sigmoid", "sft"]}, "ld_alpha"),
+        ({"objective": "reward_model"}, "objective"),
+        ({"objective": "sft", "beta": 0.2}, "beta is a DPO setting: not with objective sft"),
+        ({"objective": "sft", "loss_type": "ipo"}, "loss_type is a DPO setting"),
+        ({"objective": "sft", "label_smoothing": 0.1}, "label_smoothing is a DPO setting"),
+        ({"objective": "sft", "rpo_alpha": 1.0}, "rpo_alpha is a DPO setting"),
+        ({"stages": ["sft", "reward_model"]}, "stages.1"),
+        ({"stages": []}, "stages"),
+        ({"stages": ["sft", "sft"]}, "stages: each objective at most once"),
+        ({"stages": ["sft", "dpo"], "objective": "sft"}, "objective: give stages or objective"),
     ],
 )
 def test_invalid_training_requests_name_the_field(client, db, body, field):
@@ -106,7 +115,8 @@ def test_metrics_as_json_and_csv(client, db):
 
 
 def test_policy_queues_exactly_one_job_under_concurrency(client, db):
-    response = client.put("/train/policies/harmless", json={"min_new_pairs": 10, "params": {"max_steps": 2}})
+    policy = {"min_new_pairs": 10, "params": {"max_steps": 2, "stages": ["sft", "dpo"]}}
+    response = client.put("/train/policies/harmless", json=policy)
     assert response.status_code == 200, response.text
     insert_pairs(db, 9, flagged_extra=True)  # 9 unflagged: not yet
     with session_scope(db) as session:
@@ -135,6 +145,7 @@ def test_policy_queues_exactly_one_job_under_concurrency(client, db):
     assert len(created) == 1
     (job,) = jobs(db)
     assert job.policy == "harmless" and job.params["max_steps"] == 2
+    assert job.params["stages"] == ["sft", "dpo"]  # a policy's jobs run its stages
     assert job.dataset == {"constitution": "harmless", "policy_train_id": job.id}
     with session_scope(db) as session:
         taken = pair_queries.pair_ids(session, PairFilter(), taken_by_policy_job=job.id)
@@ -195,6 +206,8 @@ def test_bad_policies(client):
         .startswith("params.beta")
     )
     assert client.put("/train/policies/Bad..Name", json={"min_new_pairs": 5}).status_code == 422
+    staged = {"min_new_pairs": 5, "params": {"objective": "sft", "stages": ["sft", "dpo"]}}
+    assert "give stages or objective" in client.put("/train/policies/harmless", json=staged).json()["detail"]
 
 
 def test_worker_applies_policies_from_settings_once(settings, db):

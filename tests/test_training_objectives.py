@@ -29,6 +29,37 @@ TINY_RUN = {
 }
 
 
+def _train(client, settings, db, body) -> int:
+    """POST /train, then the real worker until the job ends: its id."""
+    response = client.post("/train", json=body)
+    assert response.status_code == 202, response.text
+    train_id = response.json()["train_id"]
+
+    worker = TrainingWorker(settings, db, url=settings.database_url)
+    failure: list[BaseException] = []
+
+    def run_worker() -> None:
+        try:
+            asyncio.run(worker.run())
+        except BaseException as exc:  # noqa: BLE001 - reported by the test thread
+            failure.append(exc)
+
+    thread = threading.Thread(target=run_worker)
+    thread.start()
+    try:
+        wait_for(
+            lambda: failure or client.get(f"/train/{train_id}").json()["status"] in ("succeeded", "failed"),
+            600,
+            "the training job",
+            interval=0.5,
+        )
+    finally:
+        worker.stop()
+        thread.join(timeout=120)
+    assert not failure, failure
+    return train_id
+
+
 @pytest.mark.parametrize(
     "objective",
     [
@@ -56,32 +87,7 @@ def test_a_loss_list_and_simpo_train_over_the_api(
         return real_score_with(setup, pairs, *args)
 
     monkeypatch.setattr(loop, "score_with", counting_score_with)
-    response = client.post("/train", json={**TINY_RUN, **objective})
-    assert response.status_code == 202, response.text
-    train_id = response.json()["train_id"]
-
-    worker = TrainingWorker(settings, db, url=settings.database_url)
-    failure: list[BaseException] = []
-
-    def run_worker() -> None:
-        try:
-            asyncio.run(worker.run())
-        except BaseException as exc:  # noqa: BLE001 - reported by the test thread
-            failure.append(exc)
-
-    thread = threading.Thread(target=run_worker)
-    thread.start()
-    try:
-        wait_for(
-            lambda: failure or client.get(f"/train/{train_id}").json()["status"] in ("succeeded", "failed"),
-            600,
-            "the training job",
-            interval=0.5,
-        )
-    finally:
-        worker.stop()
-        thread.join(timeout=120)
-    assert not failure, failure
+    train_id = _train(client, settings, db, {**TINY_RUN, **objective})
     state = client.get(f"/train/{train_id}").json()
     assert state["status"] == "succeeded", state["error"]
     assert state["params"]["loss_type"] == objective["loss_type"]
@@ -98,3 +104,28 @@ def test_a_loss_list_and_simpo_train_over_the_api(
         assert len(scored) == 2 and scored[0] == scored[1] > 0, scored
     else:
         assert len(scored) == 3 and scored[0] > scored[1] == scored[2] > 0, scored
+
+
+def test_an_sft_run_over_the_api_lowers_the_nll_of_the_chosen_answers(
+    bundled_model_path, client, settings, db
+):
+    settings = settings.model_copy(update={"models_dir_override": TEST_MODELS_DIR})
+    response = client.post(
+        "/datasets/import",
+        content="".join(hh_lines(12)),
+        params={"source": "hh", "constitution": "harmless"},
+        headers={"content-type": "application/x-ndjson"},
+    )
+    assert response.status_code == 201, response.text
+    train_id = _train(client, settings, db, {**TINY_RUN, "objective": "sft", "learning_rate": 1e-3})
+    state = client.get(f"/train/{train_id}").json()
+    assert state["status"] == "succeeded", state["error"]
+    assert state["params"]["objective"] == "sft" and state["model"] is not None
+    metrics = client.get(f"/train/{train_id}/metrics").json()
+    assert [m["step"] for m in metrics] == [1, 2] and "rewards/accuracies" not in metrics[0]
+    assert metrics[1]["num_tokens"] > metrics[0]["num_tokens"] > 0
+    # eval_*.loss: the held-out chosen answers' NLL per token (TRL SFTTrainer's eval_loss)
+    assert state["eval_after"]["loss"] < state["eval_before"]["loss"], (
+        state["eval_before"],
+        state["eval_after"],
+    )

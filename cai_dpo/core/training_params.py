@@ -44,6 +44,20 @@ SMOOTHED = ("sigmoid", "robust", "exo_pair", "aot", "aot_unpaired", "simpo")
 # Losses that read a plain sum of the chosen tokens' log-probs (the NLL), or no reference: TRL's
 # ld_alpha weights only the DPO losses' log-probs (DPOConfig; CPO and ORPO have none).
 NOT_LENGTH_DESENSITISED = ("sft", "simpo", "orpo")
+# What a run trains: "dpo" on pairs (loss_type's family), "sft" on the chosen answers alone (SL-CAI).
+Objective = Literal["dpo", "sft"]
+# DPO's settings, and their defaults: with objective "sft" each must keep its default (a 422 names it).
+DPO_ONLY = {
+    "loss_type": "sigmoid",
+    "loss_weights": None,
+    "rpo_alpha": None,
+    "cpo_alpha": 0.0,
+    "simpo_gamma": 0.5,
+    "discopop_tau": 0.05,
+    "beta": 0.1,
+    "ld_alpha": None,
+    "label_smoothing": 0.0,
+}
 
 # TRL's names (DPOConfig, i.e. transformers' TrainingArguments) of the settings named otherwise here.
 TRL_ALIASES = {
@@ -101,7 +115,8 @@ def _names_loss(name: str) -> dict[str, Any]:
 def _train_params_schema(schema: dict[str, Any]) -> None:
     """What JSON Schema can state of TrainParams' validators, and TRL's names as properties.
 
-    Stated: cpo_alpha only beside simpo; ld_alpha not beside sft, simpo, orpo or rpo_alpha;
+    Stated: DPO's settings (DPO_ONLY) at their defaults with objective sft, no objective beside
+    stages; cpo_alpha only beside simpo; ld_alpha not beside sft, simpo, orpo or rpo_alpha;
     `lora_*` only with `use_peft: true`, and TRL's peft names not beside `lora`. Not stateable
     (in the descriptions, and tests/schemathesis_hooks.py's UNSTATED): weights as many as losses,
     reference-free losses combined with sft alone, exo_pair's label smoothing, a TRL name and ours
@@ -143,6 +158,14 @@ def _train_params_schema(schema: dict[str, Any]) -> None:
             },
         },
         {
+            "if": {"required": ["objective"], "properties": {"objective": {"const": "sft"}}},
+            "then": {"properties": {name: {"const": value} for name, value in DPO_ONLY.items()}},
+        },
+        {
+            "if": {"required": ["stages"], "properties": {"stages": {"type": "array"}}},
+            "then": {"properties": {"objective": {"const": "dpo"}}},
+        },
+        {
             "if": {"anyOf": [{"required": [name]} for name in TRL_LORA]},
             "then": {"required": ["use_peft"], "properties": {"use_peft": {"const": True}}},
         },
@@ -158,6 +181,23 @@ class TrainParams(StrictJson):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, json_schema_extra=_train_params_schema)
 
+    objective: Objective = Field(
+        "dpo",
+        description="dpo: preference optimisation on the pairs (loss_type; a reference model unless the "
+        "loss is reference-free). sft (SL-CAI): supervised fine-tuning on each pair's prompt + chosen "
+        "answer, the loss the mean NLL of the chosen answers' tokens (prompt tokens masked; TRL's "
+        "SFTTrainer with completion-only loss), no reference model; DPO's settings (loss_type, "
+        "loss_weights, rpo_alpha, cpo_alpha, simpo_gamma, discopop_tau, beta, ld_alpha, "
+        "label_smoothing) must then keep their defaults.",
+    )
+    stages: Annotated[list[Objective], Field(min_length=1)] | None = Field(
+        None,
+        json_schema_extra={"uniqueItems": True},
+        description="Objectives run one after the other in one job, each starting from the model the "
+        'one before saved (e.g. ["sft", "dpo"]: the H4 recipe, DPO\'s reference model being the SFT '
+        "model); the job's model is the last stage's. Every stage takes this body's other settings "
+        "(the sft stage leaving DPO's aside). Not beside objective.",
+    )
     loss_type: LossType | Annotated[list[LossType], Field(min_length=1)] = Field(
         "sigmoid",
         description="A loss name or a list of them (summed, weighted by loss_weights), TRL 1.16's names. "
@@ -322,6 +362,15 @@ class TrainParams(StrictJson):
     def _check_consistency(self) -> TrainParams:
         if self.max_prompt_length is not None and self.max_prompt_length >= self.max_length:
             raise ValueError("max_prompt_length must be smaller than max_length")
+        if self.stages is not None:
+            if len(set(self.stages)) < len(self.stages):
+                raise ValueError(f"stages: each objective at most once, not {self.stages}")
+            if self.objective != "dpo":
+                raise ValueError("objective: give stages or objective, not both")
+        if self.objective == "sft":
+            for name in DPO_ONLY:
+                if not _same_json(getattr(self, name), DPO_ONLY[name]):
+                    raise ValueError(f"{name} is a DPO setting: not with objective sft")
         names = self.loss_types
         if not names:
             raise ValueError("loss_type: an empty list names no loss")
@@ -353,7 +402,10 @@ class TrainParams(StrictJson):
         return [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
 
     def loss_terms(self) -> tuple[list[str], list[float]]:
-        """The losses and their weights, rpo_alpha and cpo_alpha added as sft terms."""
+        """The losses and their weights, rpo_alpha and cpo_alpha added as sft terms; objective sft:
+        the sft term alone."""
+        if self.objective == "sft":
+            return ["sft"], [1.0]
         names = self.loss_types
         weights = list(self.loss_weights) if self.loss_weights is not None else [1.0] * len(names)
         for extra in (self.rpo_alpha, self.cpo_alpha):
@@ -363,8 +415,23 @@ class TrainParams(StrictJson):
 
     @property
     def reference_free(self) -> bool:
-        """simpo and orpo read no reference log-probs: no reference pass is run."""
-        return any(name in REFERENCE_FREE for name in self.loss_types)
+        """simpo, orpo and objective sft read no reference log-probs: no reference pass is run."""
+        return self.objective == "sft" or any(name in REFERENCE_FREE for name in self.loss_types)
+
+    def stage_params(self) -> list[TrainParams]:
+        """Each stage's settings, in order (one: this run's own). A stage before the last saves in
+        float32, so the next starts from its weights unrounded; an sft stage leaves DPO's settings."""
+        if self.stages is None:
+            return [self]
+        stages = []
+        for index, objective in enumerate(self.stages):
+            update: dict[str, Any] = {"objective": objective, "stages": None}
+            if objective == "sft":
+                update |= DPO_ONLY
+            if index < len(self.stages) - 1:
+                update["save_dtype"] = "float32"
+            stages.append(self.model_copy(update=update))
+        return stages
 
     @property
     def pairs_per_step(self) -> int:
@@ -381,7 +448,8 @@ RUN_RECORD_KEYS = (
 
 
 def trl_config(params: TrainParams, total_steps: int, *, bf16: bool) -> dict[str, Any]:
-    """The run's settings under TRL 1.16's names: `trl.DPOConfig(**config)` builds once the keys in
+    """The run's settings under TRL 1.16's names: `trl.DPOConfig(**config)` (objective sft:
+    `trl.SFTConfig`) builds once the keys in
     TRL_MODEL_CONFIG_KEYS (trl.ModelConfig's LoRA settings) are taken out. A run's
     training_config.json holds these and RUN_RECORD_KEYS.
 
@@ -418,6 +486,11 @@ def trl_config(params: TrainParams, total_steps: int, *, bf16: bool) -> dict[str
         "bf16": bf16,
         "disable_dropout": True,
     }
+    if params.objective == "sft":  # trl.SFTConfig's names: the loss on the completion (the answer) only
+        for name in ("beta", "loss_type", "loss_weights", "label_smoothing", "ld_alpha", "discopop_tau"):
+            del config[name]
+        del config["disable_dropout"]  # SFTConfig has no switch; the trainer turns dropout off
+        config["completion_only_loss"] = True
     if params.max_steps is not None:  # else TRL's default, -1: epochs decide
         config["max_steps"] = params.max_steps
     if params.checkpoint_steps is not None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -147,10 +147,17 @@ def prepare_pairs(
     eval_pairs: list[PairExample],
     max_length: int,
     max_prompt_length: int | None = None,
+    *,
+    chosen_only: bool = False,
 ) -> tuple[list[TokenizedPair], list[TokenizedPair], dict[str, Any]]:
-    """A run's training and held-out pairs tokenized, and the summary its record keeps."""
+    """A run's training and held-out pairs tokenized, and the summary its record keeps.
+
+    `chosen_only` (SFT): the rejected answers are left out (no tokens), so no forward pass computes
+    them; the pairs kept are the same as with both answers (truncation drops by prompt length)."""
     train, train_dropped = tokenize_pairs(tokenizer, train_pairs, max_length, max_prompt_length)
     evals, eval_dropped = tokenize_pairs(tokenizer, eval_pairs, max_length, max_prompt_length)
+    if chosen_only:
+        train, evals = ([replace(p, rejected_ids=[]) for p in pairs] for pairs in (train, evals))
     if not train:
         raise ValueError("no training pair has a response token left within max_length")
     summary = {
@@ -211,7 +218,7 @@ def collate_shared_prompt(batch: list[TokenizedPair], pad_token_id: int) -> dict
         # Token k of an answer is predicted by the hidden state before it; for both answers that is
         # the prompt's last position for k = 0.
         source_row += [row] * (c + r)
-        source_pos += [p - 1 + k for k in range(c)] + [p - 1] + [p + c + k - 1 for k in range(1, r)]
+        source_pos += [p - 1 + k for k in range(c)] + [p - 1] * (r > 0) + [p + c + k - 1 for k in range(1, r)]
         targets += pair.chosen_ids + pair.rejected_ids
         segment += [row] * c + [n + row] * r
     response_lengths = [len(p.chosen_ids) for p in batch] + [len(p.rejected_ids) for p in batch]
@@ -279,7 +286,7 @@ def collate_packed(
         kind += [KIND_PROMPT] * p + [KIND_CHOSEN] * c + [KIND_REJECTED] * r
         # Answer token k is predicted by the hidden state before it; for k = 0 of both answers that
         # is the prompt's last token.
-        source += [*range(start + p - 1, start + p + c - 1), start + p - 1]
+        source += [*range(start + p - 1, start + p + c - 1), *[start + p - 1] * (r > 0)]
         source += range(start + p + c, start + p + c + r - 1)
         targets += pair.chosen_ids + pair.rejected_ids
         segment += [b] * c + [n + b] * r

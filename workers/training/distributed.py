@@ -6,7 +6,7 @@ the service sees: it claims jobs and evaluations, holds the leases, writes metri
 the database rows. The other ranks never touch the database: they wait for the leader's commands
 on a control group (gloo, on the host, with a long timeout, so an idle worker's followers may wait
 for days), resolve the job's model on their own host, and train their share of every step with the
-leader (the one loop, `loop.run_training`, with their `Ranks`).
+leader (the one loop, `loop.run_training`, once per stage: `loop.run_stages`, with their `Ranks`).
 
 Failures. A run that cannot start (no pair left after truncation, a model refused, a checkpoint of
 other parameters) fails on every rank at the same point: the ranks agree on it (`Ranks.check`)
@@ -27,7 +27,7 @@ from cai_dpo.core.model_sources import resolve_model
 from cai_dpo.core.settings import Settings
 from cai_dpo.core.training_params import TrainParams
 from workers.training.data import PairExample
-from workers.training.loop import TrainHooks, TrainResult, run_training
+from workers.training.loop import TrainHooks, TrainResult, run_stages
 from workers.training.ranks import Ranks, SetupFailed
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ def run_command(
     model_path = ranks.local_first(
         lambda: resolve_model(command.base_model, settings, trained_path=command.trained_path)
     )
-    return run_training(
+    return run_stages(
         TrainParams.model_validate(command.params),
         model_path=Path(model_path),
         train_pairs=command.train_pairs,

@@ -763,6 +763,20 @@ METRIC_NAMES = (
 )
 
 
+# Objective sft reports TRL SFTTrainer's loss (the mean NLL per answer token) and the chosen
+# answers' log-probs: the rewards and the rejected answers (absent) mean nothing there.
+SFT_METRIC_NAMES = ("loss", "logps/chosen")
+
+
+def objective_metrics(objective: str, metrics: dict[str, float]) -> dict[str, float]:
+    """The metrics (METRIC_NAMES and others) that mean something for `objective`."""
+    if objective != "sft":
+        return metrics
+    return {
+        name: value for name, value in metrics.items() if name not in METRIC_NAMES or name in SFT_METRIC_NAMES
+    }
+
+
 def batch_metric_sums(
     losses: Tensor,
     chosen_rewards: Tensor,

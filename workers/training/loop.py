@@ -1,4 +1,6 @@
-"""The DPO training loop: one function from pairs and a model folder to a merged Hugging Face model.
+"""The training loop: one function from pairs and a model folder to a merged Hugging Face model.
+DPO and SFT (`objective`) run the same loop; SFT is its reference-free path with the sft loss alone
+and no rejected answers. `run_stages` calls it once per stage (`stages`: SFT, then DPO from its model).
 
 `run_training` reads top to bottom: tokenize, load, reference log-probs once, then per optimizer
 step: the step's pairs, forward and backward (`step.forward_backward`), clip and step, log,
@@ -22,6 +24,7 @@ a step.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sys
@@ -37,7 +40,7 @@ from torch import Tensor
 from cai_dpo.core.training_params import TrainParams, trl_config
 from workers.training.checkpoint import MODEL_DIR, Checkpoints, RunState, save_model
 from workers.training.data import PairExample, prepare_pairs
-from workers.training.dpo import METRIC_NAMES
+from workers.training.dpo import METRIC_NAMES, objective_metrics
 from workers.training.model import (
     distribute,
     load_model,
@@ -47,7 +50,7 @@ from workers.training.model import (
     to_device,
 )
 from workers.training.optim import make_optimizer
-from workers.training.ranks import Ranks
+from workers.training.ranks import Ranks, SetupFailed
 from workers.training.schedule import (
     learning_rate_at,
     pairs_for_step,
@@ -157,7 +160,9 @@ class _StepLog:
         peak: float | None,
         ranks: Ranks,
         lagged: bool,
+        objective: str,
     ) -> None:
+        self.objective = objective
         self.run, self.path, self.hooks, self.ranks, self.lagged = run, path, hooks, ranks, lagged
         self.total_steps, self.per_epoch = total_steps, per_epoch
         self.flops_per_token, self.peak = flops_per_token, peak
@@ -188,8 +193,13 @@ class _StepLog:
         values = done.read()
         now = time.perf_counter()
         seconds, self.last_report = now - self.last_report, now
-        metrics = dict(zip((*METRIC_NAMES, "grad_norm"), values, strict=True))
+        metrics = objective_metrics(
+            self.objective, dict(zip((*METRIC_NAMES, "grad_norm"), values, strict=True))
+        )
         metrics |= {
+            # TRL's: the tokens trained on so far (each once), this run's resumed history included.
+            "num_tokens": (self.run.history[-1].get("num_tokens", 0) if self.run.history else 0)
+            + done.tokens,
             "learning_rate": done.lr,
             # Of the whole group. Each token once: a pair's prompt is processed once for both answers.
             "tokens_per_s": done.tokens / seconds,
@@ -252,7 +262,10 @@ def run_training(
         tokenizer = AutoTokenizer.from_pretrained(model_path)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         lengths = params.max_length, params.max_prompt_length
-        train, evals, data = prepare_pairs(tokenizer, train_pairs, eval_pairs, *lengths)
+        chosen_only = params.objective == "sft"  # SFT has no use for the rejected answers
+        train, evals, data = prepare_pairs(
+            tokenizer, train_pairs, eval_pairs, *lengths, chosen_only=chosen_only
+        )
         total_steps = total_steps_for(params, len(train))
         warmup_steps = warmup_steps_for(params, total_steps)
         identity = {
@@ -278,7 +291,7 @@ def run_training(
     if run is None:  # reference log-probs once, from the model before any update
         batch = 2 * params.batch_size
         with reference_context(setup.model):
-            if params.reference_free:  # simpo, orpo: no loss reads reference log-probs
+            if params.reference_free:  # sft, simpo, orpo: no loss reads reference log-probs
                 ref_train = torch.zeros(len(train)), torch.zeros(len(train))
             else:
                 ref_train = score_with(setup, train, batch, pad_id, ranks)
@@ -293,7 +306,7 @@ def run_training(
     step_log = _StepLog(
         run, output_dir / "metrics.jsonl", hooks, total_steps=total_steps,
         per_epoch=steps_per_epoch(len(train), params.pairs_per_step), flops_per_token=flops_per_token,
-        peak=peak_flops(dev), ranks=ranks, lagged=runtime.lagged,
+        peak=peak_flops(dev), ranks=ranks, lagged=runtime.lagged, objective=params.objective,
     )  # fmt: skip
     clock.lap("reference_s")
 
@@ -361,3 +374,59 @@ def run_training(
         "completed", run.step, total_steps, model_dir, run.eval_before, eval_after, last_metrics, data,
         clock.laps,
     )  # fmt: skip
+
+
+class StageFailed(RuntimeError):
+    """A stage of a staged run failed: the message names the stage."""
+
+
+def run_stages(
+    params: TrainParams, *, model_path: Path, output_dir: Path, hooks: TrainHooks | None = None, **run: Any
+) -> TrainResult:
+    """`run_training` once per stage (`params.stages`; one without), each from the model the one
+    before saved: its reference model, for DPO. The last stage writes `output_dir/model`, the job's
+    model; the ones before it write under `output_dir/stage-<i>-<objective>`.
+
+    Resuming needs nothing more: a finished stage's folder returns its record at once, and the
+    stage in progress resumes from its own checkpoint. Every stage trains as many steps (the same
+    pairs and settings), so stage i's steps are reported as i × its total + its own step, each
+    with `stage` (its index), and the evaluations before and after as one dict whose names each
+    stage's objective prefixes (`sft/loss`, `dpo/rewards/accuracies`, ...), flat as a run's.
+    """
+    stages = params.stage_params()
+    if len(stages) == 1:
+        return run_training(params, model_path=model_path, output_dir=output_dir, hooks=hooks, **run)
+    hooks = hooks or TrainHooks()
+    evals: dict[str, dict[str, float]] = {"before": {}, "after": {}}
+    result: TrainResult
+    for index, stage in enumerate(stages):
+        last = index == len(stages) - 1
+
+        def on_step(step: int, total: int, metrics: dict[str, float], index: int = index) -> None:
+            hooks.on_step(index * total + step, len(stages) * total, {**metrics, "stage": index})
+
+        def on_eval(when: str, metrics: dict[str, float], objective: str = stage.objective) -> None:
+            evals[when] |= {f"{objective}/{name}": value for name, value in metrics.items()}
+            hooks.on_eval(when, dict(evals[when]))
+
+        stage_hooks = dataclasses.replace(hooks, on_step=on_step, on_eval=on_eval)
+        stage_dir = output_dir if last else output_dir / f"stage-{index}-{stage.objective}"
+        try:
+            result = run_training(
+                stage, model_path=model_path, output_dir=stage_dir, hooks=stage_hooks, **run
+            )
+        except Exception as exc:
+            # A failed start stays one (every rank agreed on it: the torchrun group stays in step).
+            failed = SetupFailed if isinstance(exc, SetupFailed) else StageFailed
+            raise failed(f"stage {index} ({stage.objective}): {type(exc).__name__}: {exc}") from exc
+        for when, metrics in (("before", result.eval_before), ("after", result.eval_after)):
+            if metrics is not None and f"{stage.objective}/loss" not in evals[when]:  # a finished stage's
+                on_eval(when, metrics)
+        result.step += index * result.total_steps
+        result.total_steps *= len(stages)
+        if result.status != "completed":
+            break
+        model_path = result.model_dir
+    result.eval_before = evals["before"] or None
+    result.eval_after = evals["after"] or None
+    return result

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from cai_dpo.core.training_params import TrainParams
 from workers.training.data import TokenizedPair, token_batches
-from workers.training.dpo import METRIC_NAMES, batch_metric_sums, batch_metrics, dpo_loss
+from workers.training.dpo import METRIC_NAMES, batch_metric_sums, batch_metrics, dpo_loss, objective_metrics
 from workers.training.model import Setup, collate_for, to_device
 from workers.training.ranks import Ranks
 from workers.training.schedule import pairs_for_step, shard_pairs
@@ -205,8 +205,11 @@ def accumulate_step(
 def eval_metrics(
     pairs: list[TokenizedPair], policy: tuple[Tensor, Tensor], ref: tuple[Tensor, Tensor], params: TrainParams
 ) -> dict[str, float]:
-    """TRL's metrics of the held-out pairs from their policy and reference log-probs."""
+    """TRL's metrics of the held-out pairs from their policy and reference log-probs (objective sft:
+    `loss` is the held-out NLL per answer token, TRL SFTTrainer's eval_loss)."""
     logps = torch.cat(policy)
     lengths = torch.tensor([len(p.chosen_ids) for p in pairs] + [len(p.rejected_ids) for p in pairs])
     losses, chosen_rewards, rejected_rewards = pair_losses(logps, *ref, lengths, params)
-    return batch_metrics(losses, chosen_rewards, rejected_rewards, *policy)
+    return objective_metrics(
+        params.objective, batch_metrics(losses, chosen_rewards, rejected_rewards, *policy)
+    )

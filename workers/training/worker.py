@@ -132,7 +132,7 @@ class TrainingWorker(WorkerRuntime):
             log.info("training worker %s stopped", self.id)
 
     async def train(self, job: TrainingJob) -> None:
-        from workers.training.loop import TrainHooks, run_training
+        from workers.training.loop import TrainHooks, run_stages
 
         params = TrainParams.model_validate(job.params)
         log.info("training job %d: claimed (attempt %d)", job.id, job.attempts)
@@ -181,7 +181,7 @@ class TrainingWorker(WorkerRuntime):
         output_dir = training_output_dir(self.settings.artifacts_dir, job.id, job.created_at)
         if self.ranks is None:
             trainer = functools.partial(
-                run_training,
+                run_stages,
                 params,
                 model_path=model_path,
                 train_pairs=train_pairs,
