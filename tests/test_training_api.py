@@ -67,6 +67,8 @@ def test_post_train_records_a_queued_job(client, db):
         ({"batch_size": 2, "per_device_train_batch_size": 4}, "per_device_train_batch_size is TRL's name"),
         ({"lora_r": 8}, "lora_r: TRL's LoRA names need use_peft: true"),
         ({"ld_alpha": 0.5, "loss_type": ["sigmoid", "sft"]}, "ld_alpha"),
+        ({"report_to": ["tensorboard", "mlflow"]}, "report_to"),
+        ({"report_to": "all"}, "report_to"),  # which are installed is the worker's, not the request's
         ({"objective": "reward_model"}, "objective"),
         ({"objective": "sft", "beta": 0.2}, "beta is a DPO setting: not with objective sft"),
         ({"objective": "sft", "loss_type": "ipo"}, "loss_type is a DPO setting"),

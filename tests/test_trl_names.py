@@ -103,7 +103,7 @@ def _dpo_config(config: dict, tmp_path):
     from trl import DPOConfig
 
     known = {k: v for k, v in config.items() if k not in TRL_MODEL_CONFIG_KEYS + RUN_RECORD_KEYS}
-    return DPOConfig(output_dir=str(tmp_path / "trl"), report_to=[], **known)
+    return DPOConfig(output_dir=str(tmp_path / "trl"), **known)
 
 
 def _assert_same_run(config: dict, params: TrainParams, total_steps: int, tmp_path) -> None:
@@ -135,6 +135,7 @@ def _assert_same_run(config: dict, params: TrainParams, total_steps: int, tmp_pa
         bool(params.compile),
     )  # None: on a CPU, no
     assert trl.discopop_tau == params.discopop_tau and trl.disable_dropout
+    assert trl.report_to == params.report_to
     model = ModelConfig(**{k: config[k] for k in TRL_MODEL_CONFIG_KEYS if k in config})
     assert model.use_peft == (params.lora is not None)
     if params.lora is not None:
@@ -169,6 +170,7 @@ def _assert_same_run(config: dict, params: TrainParams, total_steps: int, tmp_pa
         {"loss_type": "ipo", "beta": 0.3, "max_steps": 7, "max_grad_norm": None, "warmup_ratio": 1.0},
         {"loss_type": ["sigmoid", "bco_pair"], "loss_weights": [0.8, 0.2], "rpo_alpha": 0.5, "seed": 9},
         {"ld_alpha": 0.25, "lr_schedule": "cosine", "gradient_checkpointing": True, "checkpoint_steps": 5},
+        {"report_to": "tensorboard", "seed": 4},
         {
             "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj"]},
             "batch_size": 2,

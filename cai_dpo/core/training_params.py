@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 from typing import Annotated, Any, Literal
 
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from cai_dpo.core.evaluation import EvaluationRequest
 from cai_dpo.core.model_refs import ModelRef
@@ -44,6 +44,8 @@ SMOOTHED = ("sigmoid", "robust", "exo_pair", "aot", "aot_unpaired", "simpo")
 # Losses that read a plain sum of the chosen tokens' log-probs (the NLL), or no reference: TRL's
 # ld_alpha weights only the DPO losses' log-probs (DPOConfig; CPO and ORPO have none).
 NOT_LENGTH_DESENSITISED = ("sft", "simpo", "orpo")
+# TRL's report_to integrations the worker writes to (workers/training/reporting.py).
+ReportTo = Literal["tensorboard", "wandb"]
 # What a run trains: "dpo" on pairs (loss_type's family), "sft" on the chosen answers alone (SL-CAI).
 Objective = Literal["dpo", "sft"]
 # DPO's settings, and their defaults: with objective "sft" each must keep its default (a 422 names it).
@@ -330,6 +332,15 @@ class TrainParams(StrictJson):
     evaluation: EvaluationRequest | None = Field(
         None, description="How to evaluate (see POST /train/{id}/evaluate); None: the defaults."
     )
+    report_to: list[ReportTo] | Literal["none", "tensorboard", "wandb"] = Field(
+        default_factory=list,
+        description="Where each step's metrics (metrics.jsonl's, under TRL's names) and the evaluations "
+        "before and after are also sent, TRL's report_to: tensorboard: event files in the run's folder "
+        "and the model folder's runs/ (the worker needs the tensorboard package); wandb: a Weights & "
+        "Biases run set by the worker's WANDB_* environment (the worker needs wandb). A name alone, or "
+        "none, as TRL takes them. Default []: nowhere else, as transformers 5's none. A worker without "
+        "the package fails the run, naming report_to.",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -396,6 +407,14 @@ class TrainParams(StrictJson):
             if plain:
                 raise ValueError(f"ld_alpha weights the DPO losses' log-probs; not beside {plain}")
         return self
+
+    @field_validator("report_to", mode="after")
+    @classmethod
+    def _report_to_list(cls, value: list[str] | str) -> list[str]:
+        """TRL's single-name spellings as the list they mean."""
+        if isinstance(value, str):
+            return [] if value == "none" else [value]
+        return value
 
     @property
     def loss_types(self) -> list[str]:
@@ -480,6 +499,7 @@ def trl_config(params: TrainParams, total_steps: int, *, bf16: bool) -> dict[str
         "max_length": params.max_length,
         "truncation_mode": "keep_start",
         "seed": params.seed,
+        "report_to": list(params.report_to),
         "gradient_checkpointing": params.gradient_checkpointing,
         # compile None: the worker's choice, compiled on a GPU (the runs that compute in bf16)
         "torch_compile": params.compile if params.compile is not None else bf16,

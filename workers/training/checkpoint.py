@@ -455,6 +455,8 @@ def write_model_folder(
         json.dumps({"params": params.model_dump(), **record}, indent=1)
     )
     (staging / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in history))
+    if (output_dir / "runs").is_dir():  # TensorBoard's event files (report_to) travel with the model
+        shutil.copytree(output_dir / "runs", staging / "runs")
     target = output_dir / MODEL_DIR
     replace_dir(staging, target)
     return target

@@ -51,6 +51,7 @@ from workers.training.model import (
 )
 from workers.training.optim import make_optimizer
 from workers.training.ranks import Ranks, SetupFailed
+from workers.training.reporting import Reporter
 from workers.training.schedule import (
     learning_rate_at,
     pairs_for_step,
@@ -69,6 +70,7 @@ SPEED_SETTINGS = {
     "gradient_checkpointing",
     "compile",
     "attention",
+    "report_to",  # where the metrics are also sent, not what they are
 }
 
 
@@ -268,6 +270,11 @@ def run_training(
         )
         total_steps = total_steps_for(params, len(train))
         warmup_steps = warmup_steps_for(params, total_steps)
+        reporter = Reporter.open(  # TensorBoard, wandb: the leader's, beside metrics.jsonl
+            params.report_to if leader else [], output_dir, config=params.model_dump(mode="json"),
+            total_steps=total_steps,
+        )  # fmt: skip
+        hooks = reporter.wrap(hooks)
         identity = {
             "params": params.model_dump(exclude=SPEED_SETTINGS),
             "data_fingerprint": data["fingerprint"],
@@ -348,6 +355,7 @@ def run_training(
         data["flex_failed"] = runtime.flex_failed
     last_metrics = run.history[-1] if run.history else None
     if run.step < total_steps:
+        reporter.close()
         return TrainResult(
             "stopped", run.step, total_steps, None, run.eval_before, None, last_metrics, data, clock.laps
         )
@@ -358,6 +366,7 @@ def run_training(
         eval_after = eval_metrics(evals, policy, (run.ref["eval_chosen"], run.ref["eval_rejected"]), params)
         hooks.on_eval("after", eval_after)
     clock.lap("eval_s")
+    reporter.close()  # its event files are whole before the model folder takes a copy
 
     # TRL's names beside ours, so trl.DPOConfig can repeat the run (trl_config says which keys it lacks)
     record = trl_config(params, total_steps, bf16=low_precision(dev))
