@@ -208,3 +208,13 @@ def test_wandb_offline_run_holds_metrics_jsonls_values(tiny_model_path, hh_pairs
         )
     assert before["eval/loss"] == pytest.approx(result.eval_before["loss"])
     assert (after["train/global_step"], after["eval/loss"]) == (6, pytest.approx(result.eval_after["loss"]))
+
+
+@pytest.mark.model
+def test_a_run_naming_a_sink_its_worker_lacks_fails_before_training(
+    tiny_model_path, hh_pairs, tmp_path, monkeypatch
+):
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    with pytest.raises(ReportingUnavailable, match="report_to: wandb is not installed on this worker"):
+        _run(tmp_path, tiny_model_path, hh_pairs, report_to=["tensorboard", "wandb"])
+    assert not (tmp_path / "metrics.jsonl").exists() and not (tmp_path / "runs").exists()
