@@ -75,12 +75,14 @@ def test_verify_records_whether_the_revision_is_preferred(vllm_engine, client, s
         "prompts": hh_prompts(3, offset=140),
         "constitution": "harmless",
         "verify": {"scorer": {"kind": "judge"}},
-        "sampling": {"max_tokens": 32},
+        "sampling": {"max_tokens": 32, "seed": 3},
     }
     job_id = client.post("/generate", json=body).json()["job_id"]
     run_on_shared_engine(vllm_engine, settings, db, job_finished(client, job_id))
     pairs = pairs_of(db, job_id)
     assert len(pairs) == 3
+    # The shipped no-harm check lets an unsure model critique (threshold 0.25): something is verified.
+    assert any("no_harm_found" not in pair.flags for pair in pairs)
     for pair in pairs:
         if "no_harm_found" in pair.flags:  # the shipped check found nothing: kept, nothing to verify
             assert pair.preference is None and pair.chosen == pair.rejected
