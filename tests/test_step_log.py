@@ -19,7 +19,7 @@ def test_each_step_counts_the_graphs_compiled_while_it_ran(tmp_path, monkeypatch
     run = RunState(0, [], None, {})
     step_log = loop._StepLog(
         run, tmp_path / "metrics.jsonl", loop.TrainHooks(), total_steps=3, per_epoch=3,
-        flops_per_token=1.0, peak=None, ranks=loop.Ranks.single(), lagged=False,
+        flops_per_token=1.0, peak=None, ranks=loop.Ranks.single(), lagged=False, objective="dpo",
     )  # fmt: skip
     for step in (1, 2, 3):
         values = torch.zeros(len(METRIC_NAMES) + 1)
