@@ -415,6 +415,7 @@ def test_submit_form_creates_a_job_and_names_bad_fields(client, db):
             "mode": "revise",
             "temperature": "0.5",
             "max_tokens": "40",
+            "max_generated_tokens": "5000",
             "idempotency_key": "form-1",
         },
         files={"file": ("prompts.jsonl", upload.encode(), "application/x-ndjson")},
@@ -424,6 +425,7 @@ def test_submit_form_creates_a_job_and_names_bad_fields(client, db):
     job = client.get(f"/jobs/{job_id}").json()
     assert job["n_prompts"] == 4 and job["revisions"] == 2
     assert job["sampling"]["temperature"] == 0.5 and job["sampling"]["max_tokens"] == 40
+    assert job["usage"]["max_generated_tokens"] == 5000  # the form's budget field
     bad = client.post(
         "/ui/generate",
         data={"csrf_token": token, "prompts": "x", "constitution": "harmless", "temperature": "9"},

@@ -93,7 +93,10 @@ def read_prompt_file(upload: UploadFile, data: bytes) -> list[Any]:
 
 def generate_body(form: FormData, prompts: list[Any]) -> dict[str, Any]:
     """The `POST /generate` body the submit form stands for."""
-    body: dict[str, Any] = {"prompts": prompts, **given(form, "constitution", "revisions", "model")}
+    body: dict[str, Any] = {
+        "prompts": prompts,
+        **given(form, "constitution", "revisions", "model", "max_generated_tokens"),
+    }
     mode = text_field(form, "mode") or "revise"
     body["mode"] = mode
     scorer = {"kind": text_field(form, "scorer_kind") or "judge", **given(form, "scorer_model")}
