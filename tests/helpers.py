@@ -178,6 +178,52 @@ def critique_every_answer(settings: Settings, name: str = "harmless") -> None:
     path.write_text(yaml.safe_dump(data, sort_keys=False))
 
 
+def import_hh(client, n: int) -> None:
+    """The first n HH pairs of the test excerpt imported over HTTP (source `hh`, constitution harmless)."""
+    response = client.post(
+        "/datasets/import",
+        content="".join(hh_lines(n)),
+        params={"source": "hh", "constitution": "harmless"},
+        headers={"content-type": "application/x-ndjson"},
+    )
+    assert response.status_code == 201, response.text
+
+
+def train_to_the_end(client, settings: Settings, db: Engine, body: dict, timeout: float = 600) -> int:
+    """POST /train with `body`, then the real training worker in a thread of this process until the
+    job has succeeded or failed: its id. A worker that raised fails the test."""
+    import threading
+
+    from workers.training.worker import TrainingWorker
+
+    response = client.post("/train", json=body)
+    assert response.status_code == 202, response.text
+    train_id = response.json()["train_id"]
+    worker = TrainingWorker(settings, db, url=settings.database_url)
+    failure: list[BaseException] = []
+
+    def run_worker() -> None:
+        try:
+            asyncio.run(worker.run())
+        except BaseException as exc:  # noqa: BLE001 - reported by the test thread
+            failure.append(exc)
+
+    thread = threading.Thread(target=run_worker)
+    thread.start()
+    try:
+        wait_for(
+            lambda: failure or client.get(f"/train/{train_id}").json()["status"] in ("succeeded", "failed"),
+            timeout,
+            "the training job",
+            interval=0.5,
+        )
+    finally:
+        worker.stop()
+        thread.join(timeout=120)
+    assert not failure, failure
+    return train_id
+
+
 def job_finished(client, job_id: int) -> Callable[[], bool]:
     """`GET /jobs/<id>` says the job is over (done or failed)."""
     return lambda: client.get(f"/jobs/{job_id}").json()["status"] in ("done", "failed")

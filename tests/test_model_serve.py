@@ -4,13 +4,11 @@ run on the bundled model served by vLLM and answering an OpenAI chat completion.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import shlex
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import httpx
@@ -32,7 +30,7 @@ from cai_dpo.core.serving import (
 from cai_dpo.core.settings import Settings
 from cai_dpo.core.tables import TrainingJob
 from tests.fixtures.model import TEST_MODELS_DIR
-from tests.helpers import free_port, hh_lines, insert_pairs, stop_worker, wait_for
+from tests.helpers import free_port, import_hh, insert_pairs, stop_worker, train_to_the_end, wait_for
 
 URL = "http://cai.test"
 
@@ -230,41 +228,9 @@ def test_get_train_says_how_to_serve_a_finished_run_only(client, db, tmp_path, m
 def train_one_step(client, settings, db) -> int:
     """A finished LoRA run of the bundled model (1 step of 2 pairs, merged into its artifact), by
     the real training worker: what `train:<id>` is after any run."""
-    from workers.training.worker import TrainingWorker
-
-    response = client.post(
-        "/datasets/import",
-        content="".join(hh_lines(4)),
-        params={"source": "hh", "constitution": "harmless"},
-        headers={"content-type": "application/x-ndjson"},
-    )
-    assert response.status_code == 201, response.text
+    import_hh(client, 4)
     body = {"dataset": {"source": "hh"}, "max_steps": 1, "batch_size": 2, "max_length": 128}
-    response = client.post("/train", json=body | {"eval_fraction": 0, "lora": {"r": 8}})
-    assert response.status_code == 202, response.text
-    train_id = response.json()["train_id"]
-    worker = TrainingWorker(settings, db, url=settings.database_url)
-    failure: list[BaseException] = []
-
-    def run_worker() -> None:
-        try:
-            asyncio.run(worker.run())
-        except BaseException as exc:  # noqa: BLE001 - reported by the test thread
-            failure.append(exc)
-
-    thread = threading.Thread(target=run_worker)
-    thread.start()
-    try:
-        wait_for(
-            lambda: failure or client.get(f"/train/{train_id}").json()["status"] in ("succeeded", "failed"),
-            300,
-            "the training run",
-            interval=0.5,
-        )
-    finally:
-        worker.stop()
-        thread.join(timeout=120)
-    assert not failure, failure
+    train_id = train_to_the_end(client, settings, db, body | {"eval_fraction": 0, "lora": {"r": 8}}, 300)
     state = client.get(f"/train/{train_id}").json()
     assert state["status"] == "succeeded", state["error"]
     return train_id

@@ -4,16 +4,13 @@ and with the reference-free SimPO, which runs no reference pass over the trainin
 
 from __future__ import annotations
 
-import asyncio
 import math
-import threading
 
 import pytest
 
 from tests.fixtures.model import TEST_MODELS_DIR
-from tests.helpers import hh_lines, wait_for
+from tests.helpers import import_hh, train_to_the_end
 from workers.training import loop
-from workers.training.worker import TrainingWorker
 
 pytestmark = pytest.mark.model  # real torch training on the bundled model
 
@@ -29,37 +26,6 @@ TINY_RUN = {
 }
 
 
-def _train(client, settings, db, body) -> int:
-    """POST /train, then the real worker until the job ends: its id."""
-    response = client.post("/train", json=body)
-    assert response.status_code == 202, response.text
-    train_id = response.json()["train_id"]
-
-    worker = TrainingWorker(settings, db, url=settings.database_url)
-    failure: list[BaseException] = []
-
-    def run_worker() -> None:
-        try:
-            asyncio.run(worker.run())
-        except BaseException as exc:  # noqa: BLE001 - reported by the test thread
-            failure.append(exc)
-
-    thread = threading.Thread(target=run_worker)
-    thread.start()
-    try:
-        wait_for(
-            lambda: failure or client.get(f"/train/{train_id}").json()["status"] in ("succeeded", "failed"),
-            600,
-            "the training job",
-            interval=0.5,
-        )
-    finally:
-        worker.stop()
-        thread.join(timeout=120)
-    assert not failure, failure
-    return train_id
-
-
 @pytest.mark.parametrize(
     "objective",
     [
@@ -72,13 +38,7 @@ def test_a_loss_list_and_simpo_train_over_the_api(
     bundled_model_path, client, settings, db, monkeypatch, objective
 ):
     settings = settings.model_copy(update={"models_dir_override": TEST_MODELS_DIR})
-    response = client.post(
-        "/datasets/import",
-        content="".join(hh_lines(12)),
-        params={"source": "hh", "constitution": "harmless"},
-        headers={"content-type": "application/x-ndjson"},
-    )
-    assert response.status_code == 201, response.text
+    import_hh(client, 12)
     scored: list[int] = []  # pairs per scoring pass: the reference pass is one over the train pairs
     real_score_with = loop.score_with
 
@@ -87,7 +47,7 @@ def test_a_loss_list_and_simpo_train_over_the_api(
         return real_score_with(setup, pairs, *args)
 
     monkeypatch.setattr(loop, "score_with", counting_score_with)
-    train_id = _train(client, settings, db, {**TINY_RUN, **objective})
+    train_id = train_to_the_end(client, settings, db, {**TINY_RUN, **objective})
     state = client.get(f"/train/{train_id}").json()
     assert state["status"] == "succeeded", state["error"]
     assert state["params"]["loss_type"] == objective["loss_type"]
@@ -110,14 +70,8 @@ def test_an_sft_run_over_the_api_lowers_the_nll_of_the_chosen_answers(
     bundled_model_path, client, settings, db
 ):
     settings = settings.model_copy(update={"models_dir_override": TEST_MODELS_DIR})
-    response = client.post(
-        "/datasets/import",
-        content="".join(hh_lines(12)),
-        params={"source": "hh", "constitution": "harmless"},
-        headers={"content-type": "application/x-ndjson"},
-    )
-    assert response.status_code == 201, response.text
-    train_id = _train(client, settings, db, {**TINY_RUN, "objective": "sft", "learning_rate": 1e-3})
+    import_hh(client, 12)
+    train_id = train_to_the_end(client, settings, db, {**TINY_RUN, "objective": "sft", "learning_rate": 1e-3})
     state = client.get(f"/train/{train_id}").json()
     assert state["status"] == "succeeded", state["error"]
     assert state["params"]["objective"] == "sft" and state["model"] is not None
