@@ -114,6 +114,16 @@ def _names_loss(name: str) -> dict[str, Any]:
     return {"anyOf": [{"const": name}, {"type": "array", "contains": {"const": name}}]}
 
 
+def _alias_schema(field: dict[str, Any], trl_name: str, description: str) -> dict[str, Any]:
+    """A TRL name's property in the document: the field's own type and bounds, no default of its own
+    (the default is the field's, stated once)."""
+    alias = copy.deepcopy(field)
+    alias.pop("default", None)
+    alias["title"] = trl_name.replace("_", " ").title()
+    alias["description"] = description
+    return alias
+
+
 def _train_params_schema(schema: dict[str, Any]) -> None:
     """What JSON Schema can state of TrainParams' validators, and TRL's names as properties.
 
@@ -126,11 +136,8 @@ def _train_params_schema(schema: dict[str, Any]) -> None:
     """
     properties = schema["properties"]
     for trl_name, ours in TRL_ALIASES.items():
-        alias = copy.deepcopy(properties[ours])
-        alias.pop("default", None)
-        alias["title"] = trl_name.replace("_", " ").title()
-        alias["description"] = f"TRL's name for `{ours}` (the same value, or leave one out)."
-        properties[trl_name] = alias
+        description = f"TRL's name for `{ours}` (the same value, or leave one out)."
+        properties[trl_name] = _alias_schema(properties[ours], trl_name, description)
     properties["use_peft"] = {
         "type": "boolean",
         "title": "Use Peft",
@@ -139,11 +146,8 @@ def _train_params_schema(schema: dict[str, Any]) -> None:
     }
     lora = LoraParams.model_json_schema()["properties"]
     for trl_name, ours in TRL_LORA.items():
-        alias = copy.deepcopy(lora[ours])
-        alias.pop("default", None)
-        alias["title"] = trl_name.replace("_", " ").title()
-        alias["description"] = f"trl.ModelConfig's name for `lora.{ours}`; needs use_peft: true."
-        properties[trl_name] = alias
+        description = f"trl.ModelConfig's name for `lora.{ours}`; needs use_peft: true."
+        properties[trl_name] = _alias_schema(lora[ours], trl_name, description)
     ld_beside = [_names_loss(name) for name in NOT_LENGTH_DESENSITISED]
     schema["allOf"] = [
         {
