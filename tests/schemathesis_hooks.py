@@ -45,6 +45,9 @@ UNSTATED = [
         r"is reference-free: it combines only with 'sft'",
         r"loss_type exo_pair needs label_smoothing > 0",
         r"is TRL's name for \w+: given both, with different values",
+        r"is a reward_model setting: not with objective",
+        r"evaluation: a reward model generates no answers",
+        r"promote: a reward model generates nothing",
         # PUT /constitutions/{name}: ids unique, references to them
         r"duplicate id\(s\)",
         r"is not a principle id",

@@ -69,7 +69,14 @@ def test_post_train_records_a_queued_job(client, db):
         ({"ld_alpha": 0.5, "loss_type": ["sigmoid", "sft"]}, "ld_alpha"),
         ({"report_to": ["tensorboard", "mlflow"]}, "report_to"),
         ({"report_to": "all"}, "report_to"),  # which are installed is the worker's, not the request's
-        ({"objective": "reward_model"}, "objective"),
+        ({"objective": "policy"}, "objective"),
+        (
+            {"objective": "reward_model", "beta": 0.2},
+            "beta is a DPO setting: not with objective reward_model",
+        ),
+        ({"center_rewards_coefficient": 0.01}, "center_rewards_coefficient is a reward_model setting"),
+        ({"objective": "sft", "use_margin": True}, "use_margin is a reward_model setting"),
+        ({"objective": "reward_model", "evaluation": {}}, "evaluation: a reward model generates no answers"),
         ({"objective": "sft", "beta": 0.2}, "beta is a DPO setting: not with objective sft"),
         ({"objective": "sft", "loss_type": "ipo"}, "loss_type is a DPO setting"),
         ({"objective": "sft", "label_smoothing": 0.1}, "label_smoothing is a DPO setting"),

@@ -46,9 +46,13 @@ SMOOTHED = ("sigmoid", "robust", "exo_pair", "aot", "aot_unpaired", "simpo")
 NOT_LENGTH_DESENSITISED = ("sft", "simpo", "orpo")
 # TRL's report_to integrations the worker writes to (workers/training/reporting.py).
 ReportTo = Literal["tensorboard", "wandb"]
-# What a run trains: "dpo" on pairs (loss_type's family), "sft" on the chosen answers alone (SL-CAI).
-Objective = Literal["dpo", "sft"]
-# DPO's settings, and their defaults: with objective "sft" each must keep its default (a 422 names it).
+# What a run trains: "dpo" on pairs (loss_type's family), "sft" on the chosen answers alone (SL-CAI),
+# "reward_model" a scalar head on the pairs (Bradley-Terry, TRL's RewardTrainer): a scorer, not a policy.
+Objective = Literal["dpo", "sft", "reward_model"]
+# The objectives a staged run chains (each stage's model the next one's start and reference).
+StageObjective = Literal["dpo", "sft"]
+# DPO's settings, and their defaults: with objective "sft" or "reward_model" each must keep its
+# default (a 422 names it).
 DPO_ONLY = {
     "loss_type": "sigmoid",
     "loss_weights": None,
@@ -60,6 +64,9 @@ DPO_ONLY = {
     "ld_alpha": None,
     "label_smoothing": 0.0,
 }
+# The reward model's settings (TRL's RewardConfig and its dataset's margin), and their defaults:
+# with another objective each must keep its default.
+REWARD_MODEL_ONLY = {"center_rewards_coefficient": None, "use_margin": False}
 
 # TRL's names (DPOConfig, i.e. transformers' TrainingArguments) of the settings named otherwise here.
 TRL_ALIASES = {
@@ -127,10 +134,11 @@ def _alias_schema(field: dict[str, Any], trl_name: str, description: str) -> dic
 def _train_params_schema(schema: dict[str, Any]) -> None:
     """What JSON Schema can state of TrainParams' validators, and TRL's names as properties.
 
-    Stated: DPO's settings (DPO_ONLY) at their defaults and no stages with objective sft (the
-    other objective); cpo_alpha only beside simpo; ld_alpha not beside sft, simpo, orpo or rpo_alpha;
+    Stated: DPO's settings (DPO_ONLY) at their defaults and no stages with objective sft or
+    reward_model; cpo_alpha only beside simpo; ld_alpha not beside sft, simpo, orpo or rpo_alpha;
     `lora_*` only with `use_peft: true`, and TRL's peft names not beside `lora`. Not stateable
-    (in the descriptions, and tests/schemathesis_hooks.py's UNSTATED): weights as many as losses,
+    (in the descriptions, and tests/schemathesis_hooks.py's UNSTATED): the reward model's settings
+    (REWARD_MODEL_ONLY) with another objective, weights as many as losses,
     reference-free losses combined with sft alone, exo_pair's label smoothing, a TRL name and ours
     given with different values.
     """
@@ -164,7 +172,7 @@ def _train_params_schema(schema: dict[str, Any]) -> None:
             },
         },
         {  # one rule for both: Schemathesis gives up on a body with one if/then more
-            "if": {"required": ["objective"], "properties": {"objective": {"const": "sft"}}},
+            "if": {"required": ["objective"], "properties": {"objective": {"enum": ["sft", "reward_model"]}}},
             "then": {
                 "properties": {
                     "stages": {"type": "null"},
@@ -193,11 +201,15 @@ class TrainParams(StrictJson):
         description="dpo: preference optimisation on the pairs (loss_type; a reference model unless the "
         "loss is reference-free). sft (SL-CAI): supervised fine-tuning on each pair's prompt + chosen "
         "answer, the loss the mean NLL of the chosen answers' tokens (prompt tokens masked; TRL's "
-        "SFTTrainer with completion-only loss), no reference model; DPO's settings (loss_type, "
-        "loss_weights, rpo_alpha, cpo_alpha, simpo_gamma, discopop_tau, beta, ld_alpha, "
-        "label_smoothing) must then keep their defaults.",
+        "SFTTrainer with completion-only loss), no reference model. reward_model: a reward model, "
+        "the base model with a one-logit sequence-classification head (AutoModelForSequenceClassification) "
+        "trained with the Bradley-Terry loss on the pairs (TRL's RewardTrainer; center_rewards_coefficient, "
+        "use_margin), no reference model; the held-out pairs' reward accuracy is its evaluation, and "
+        'its model scores answers: a best_of_n job\'s `"scorer": {"kind": "reward_model", "model": '
+        '"train:<id>"}`. With sft and reward_model, DPO\'s settings (loss_type, loss_weights, rpo_alpha, '
+        "cpo_alpha, simpo_gamma, discopop_tau, beta, ld_alpha, label_smoothing) must keep their defaults.",
     )
-    stages: Annotated[list[Objective], Field(min_length=1)] | None = Field(
+    stages: Annotated[list[StageObjective], Field(min_length=1)] | None = Field(
         None,
         json_schema_extra={"uniqueItems": True},
         description="Objectives run one after the other in one job, each starting from the model the "
@@ -236,6 +248,20 @@ class TrainParams(StrictJson):
         0.05, gt=0, description="DiscoPOP's temperature of the logistic/exponential mix (TRL's default)."
     )
     beta: float = Field(0.1, gt=0, description="KL strength; for IPO it is the regulariser tau.")
+    center_rewards_coefficient: float | None = Field(
+        None,
+        ge=0,
+        description="reward_model: adds this × the mean of (r_chosen + r_rejected)² to the loss, so the "
+        "rewards centre on zero (TRL's RewardConfig.center_rewards_coefficient; 0.01 in its docs). "
+        "None: off. Only with objective reward_model.",
+    )
+    use_margin: bool = Field(
+        False,
+        description="reward_model: the Bradley-Terry loss asks for each pair's recorded margin as the "
+        "least gap, -log σ(r_chosen - r_rejected - margin), as TRL's RewardTrainer does when its dataset "
+        "has a margin column. A pair's margin is its scorer's (best_of_n's reward gap, a judge's log-odds) "
+        "or an import's; pairs without one take 0. Only with objective reward_model.",
+    )
     ld_alpha: float | None = Field(
         None,
         ge=0,
@@ -277,7 +303,9 @@ class TrainParams(StrictJson):
     max_length: int = Field(
         1024,
         ge=2,
-        description="Most tokens of prompt + response; longer sequences keep their start (as TRL).",
+        description="Most tokens of prompt + response; longer sequences keep their start (as TRL). "
+        "reward_model: a pair with a longer sequence is left out, as TRL's RewardTrainer does (a reward "
+        "read from a cut answer would score the part it saw).",
     )
     max_prompt_length: int | None = Field(
         None,
@@ -332,7 +360,9 @@ class TrainParams(StrictJson):
     evaluate: bool = Field(
         True,
         description="Evaluate the trained model when the job succeeds: win rate against the base model "
-        "on the held-out prompts (judged), reward accuracy on `evaluation.external`.",
+        "on the held-out prompts (judged), reward accuracy on `evaluation.external`. A reward model "
+        "(objective reward_model) is not judged: its evaluation is eval_before and eval_after, the "
+        "held-out pairs' reward accuracy.",
     )
     evaluation: EvaluationRequest | None = Field(
         None, description="How to evaluate (see POST /train/{id}/evaluate); None: the defaults."
@@ -383,10 +413,19 @@ class TrainParams(StrictJson):
                 raise ValueError(f"stages: each objective at most once, not {self.stages}")
             if self.objective != "dpo":
                 raise ValueError("objective: give stages or objective, not both")
-        if self.objective == "sft":
+        if self.objective != "dpo":
             for name in DPO_ONLY:
                 if not _same_json(getattr(self, name), DPO_ONLY[name]):
-                    raise ValueError(f"{name} is a DPO setting: not with objective sft")
+                    raise ValueError(f"{name} is a DPO setting: not with objective {self.objective}")
+        if self.objective == "reward_model" and self.evaluation is not None:
+            raise ValueError(
+                "evaluation: a reward model generates no answers to judge; its evaluation is the held-out "
+                "pairs' reward accuracy (eval_after)"
+            )
+        if self.objective != "reward_model":
+            for name in REWARD_MODEL_ONLY:
+                if not _same_json(getattr(self, name), REWARD_MODEL_ONLY[name]):
+                    raise ValueError(f"{name} is a reward_model setting: not with objective {self.objective}")
         names = self.loss_types
         if not names:
             raise ValueError("loss_type: an empty list names no loss")
@@ -439,8 +478,9 @@ class TrainParams(StrictJson):
 
     @property
     def reference_free(self) -> bool:
-        """simpo, orpo and objective sft read no reference log-probs: no reference pass is run."""
-        return self.objective == "sft" or any(name in REFERENCE_FREE for name in self.loss_types)
+        """simpo, orpo and objectives sft and reward_model read no reference log-probs: no
+        reference pass is run."""
+        return self.objective != "dpo" or any(name in REFERENCE_FREE for name in self.loss_types)
 
     def stage_params(self) -> list[TrainParams]:
         """Each stage's settings, in order (one: this run's own). A stage before the last saves in
@@ -473,7 +513,7 @@ RUN_RECORD_KEYS = (
 
 def trl_config(params: TrainParams, total_steps: int, *, bf16: bool) -> dict[str, Any]:
     """The run's settings under TRL 1.16's names: `trl.DPOConfig(**config)` (objective sft:
-    `trl.SFTConfig`) builds once the keys in
+    `trl.SFTConfig`; reward_model: `trl.RewardConfig`) builds once the keys in
     TRL_MODEL_CONFIG_KEYS (trl.ModelConfig's LoRA settings) are taken out. A run's
     training_config.json holds these and RUN_RECORD_KEYS.
 
@@ -516,6 +556,11 @@ def trl_config(params: TrainParams, total_steps: int, *, bf16: bool) -> dict[str
             del config[name]
         del config["disable_dropout"]  # SFTConfig has no switch; the trainer turns dropout off
         config["completion_only_loss"] = True
+    if params.objective == "reward_model":  # trl.RewardConfig's names (the margin is a dataset column)
+        for name in ("beta", "loss_type", "loss_weights", "label_smoothing", "ld_alpha", "discopop_tau"):
+            del config[name]
+        del config["truncation_mode"]  # RewardConfig drops a pair over max_length, as the run does
+        config["center_rewards_coefficient"] = params.center_rewards_coefficient
     if params.max_steps is not None:  # else TRL's default, -1: epochs decide
         config["max_steps"] = params.max_steps
     if params.checkpoint_steps is not None:
@@ -546,6 +591,14 @@ class TrainPolicyIn(StrictJson):
         "jobs when the win rate's lower 95% bound is above 0.5 (reversible: DELETE .../promotion).",
     )
     params: TrainParams = Field(default_factory=TrainParams)
+
+    @model_validator(mode="after")
+    def _promote_a_policy(self) -> TrainPolicyIn:
+        if self.promote and self.params.objective == "reward_model":
+            raise ValueError(
+                "promote: a reward model generates nothing, so it cannot be a constitution's model"
+            )
+        return self
 
     def db_values(self) -> dict[str, Any]:
         return {

@@ -43,7 +43,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from cai_dpo.core.training_params import TrainParams
-from workers.training.model import Setup
+from workers.training.model import Setup, load_pretrained
 from workers.training.optim import Optimizer
 from workers.training.ranks import Ranks
 
@@ -403,14 +403,14 @@ def save_model(
     model = setup.model
     if setup.layout == "fsdp":
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-        from transformers import AutoModelForCausalLM
 
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         full = get_model_state_dict(setup.engine, options=options)  # the leader's; {} elsewhere
         if not ranks.leader:
             return None
         weights = {name.removeprefix("model."): value for name, value in full.items()}
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+        model = load_pretrained(model_path, params, torch.float32)
+        model.config.pad_token_id = setup.model.config.pad_token_id
         model.load_state_dict(weights, strict=False)
         missing = {name for name, _ in model.named_parameters()} - set(weights)
         if missing:

@@ -28,20 +28,24 @@ Message = dict[str, str]
 
 @dataclass(frozen=True)
 class PairExample:
-    """A prompt (chat messages, or a string: one user message) and two answers, the preferred first."""
+    """A prompt (chat messages, or a string: one user message) and two answers, the preferred first;
+    `margin`: how much better chosen is, as its scorer or import recorded it (None: not recorded)."""
 
     prompt: list[Message] | str
     chosen: str
     rejected: str
+    margin: float | None = None
 
 
 @dataclass(frozen=True)
 class TokenizedPair:
-    """Token ids of one pair after truncation; its sequences are prompt + chosen and prompt + rejected."""
+    """Token ids of one pair after truncation; its sequences are prompt + chosen and prompt + rejected.
+    `margin`: the least reward gap a reward model's loss asks of it (0: none)."""
 
     prompt_ids: list[int]
     chosen_ids: list[int]
     rejected_ids: list[int]
+    margin: float = 0.0
 
     @property
     def num_tokens(self) -> int:
@@ -124,7 +128,7 @@ def tokenize_pair(
     room = max_length - len(prompt_ids)
     if room <= 0:
         return None
-    return TokenizedPair(prompt_ids, chosen_ids[:room], rejected_ids[:room])
+    return TokenizedPair(prompt_ids, chosen_ids[:room], rejected_ids[:room], example.margin or 0.0)
 
 
 def tokenize_pairs(
@@ -149,16 +153,29 @@ def prepare_pairs(
     max_prompt_length: int | None = None,
     *,
     chosen_only: bool = False,
+    whole: bool = False,
+    margins: bool = False,
 ) -> tuple[list[TokenizedPair], list[TokenizedPair], dict[str, Any]]:
     """A run's training and held-out pairs tokenized, and the summary its record keeps.
 
     `chosen_only` (SFT): the rejected answers are left out (no tokens), so no forward pass computes
-    them; the pairs kept are the same as with both answers (truncation drops by prompt length)."""
-    train, train_dropped = tokenize_pairs(tokenizer, train_pairs, max_length, max_prompt_length)
-    evals, eval_dropped = tokenize_pairs(tokenizer, eval_pairs, max_length, max_prompt_length)
+    them; the pairs kept are the same as with both answers (truncation drops by prompt length).
+    `whole` (a reward model): a pair with a sequence over `max_length` is dropped, not cut, as TRL's
+    RewardTrainer does. `margins`: each pair keeps its example's margin (None: 0); else every margin is 0."""
+    cut_at = 2**62 if whole else max_length
+    train, train_dropped = tokenize_pairs(tokenizer, train_pairs, cut_at, max_prompt_length)
+    evals, eval_dropped = tokenize_pairs(tokenizer, eval_pairs, cut_at, max_prompt_length)
+    if whole:
+        train_dropped += [p for p in train if p.longest_sequence > max_length]
+        eval_dropped += [p for p in evals if p.longest_sequence > max_length]
+        train, evals = ([p for p in pairs if p.longest_sequence <= max_length] for pairs in (train, evals))
     if chosen_only:
         train, evals = ([replace(p, rejected_ids=[]) for p in pairs] for pairs in (train, evals))
+    if not margins:
+        train, evals = ([replace(p, margin=0.0) for p in pairs] for pairs in (train, evals))
     if not train:
+        if whole:
+            raise ValueError("no training pair's sequences fit within max_length (longer pairs are left out)")
         raise ValueError("no training pair has a response token left within max_length")
     summary = {
         "train_pairs": len(train),
@@ -330,5 +347,7 @@ def fingerprint(pairs: list[TokenizedPair]) -> str:
     """Hash of the tokenized data, so a resumed run can tell it was given the same pairs."""
     digest = hashlib.sha256()
     for pair in pairs:
-        digest.update(json.dumps([pair.prompt_ids, pair.chosen_ids, pair.rejected_ids]).encode())
+        # A margin only where there is one: runs without margins keep their fingerprints.
+        margin = [pair.margin] if pair.margin else []
+        digest.update(json.dumps([pair.prompt_ids, pair.chosen_ids, pair.rejected_ids, *margin]).encode())
     return digest.hexdigest()

@@ -769,12 +769,23 @@ SFT_METRIC_NAMES = ("loss", "logps/chosen")
 
 
 def objective_metrics(objective: str, metrics: dict[str, float]) -> dict[str, float]:
-    """The metrics (METRIC_NAMES and others) that mean something for `objective`."""
-    if objective != "sft":
+    """The metrics (METRIC_NAMES and others) that mean something for `objective`. A reward model's
+    rewards are its head's outputs: TRL RewardTrainer's accuracy, margin and mean_reward, and the
+    mean rewards of chosen and rejected; it has no log-probs."""
+    if objective == "dpo":
         return metrics
+    others = {name: value for name, value in metrics.items() if name not in METRIC_NAMES}
+    if objective == "sft":
+        return {name: metrics[name] for name in SFT_METRIC_NAMES} | others
+    chosen, rejected = metrics["rewards/chosen"], metrics["rewards/rejected"]
     return {
-        name: value for name, value in metrics.items() if name not in METRIC_NAMES or name in SFT_METRIC_NAMES
-    }
+        "loss": metrics["loss"],
+        "accuracy": metrics["rewards/accuracies"],
+        "margin": metrics["rewards/margins"],
+        "mean_reward": (chosen + rejected) / 2,
+        "rewards/chosen": chosen,
+        "rewards/rejected": rejected,
+    } | others
 
 
 def batch_metric_sums(

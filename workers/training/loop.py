@@ -1,6 +1,8 @@
 """The training loop: one function from pairs and a model folder to a merged Hugging Face model.
-DPO and SFT (`objective`) run the same loop; SFT is its reference-free path with the sft loss alone
-and no rejected answers. `run_stages` calls it once per stage (`stages`: SFT, then DPO from its model).
+DPO, SFT and reward models (`objective`) run the same loop: SFT is its reference-free path with the
+sft loss alone and no rejected answers; a reward model's forward gives each sequence's reward (the
+model's runtime says so) and its loss is Bradley-Terry on them, with no reference either.
+`run_stages` calls it once per stage (`stages`: SFT, then DPO from its model).
 
 `run_training` reads top to bottom: tokenize, load, reference log-probs once, then per optimizer
 step: the step's pairs, forward and backward (`step.forward_backward`), clip and step, log,
@@ -264,10 +266,12 @@ def run_training(
         tokenizer = AutoTokenizer.from_pretrained(model_path)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         lengths = params.max_length, params.max_prompt_length
-        chosen_only = params.objective == "sft"  # SFT has no use for the rejected answers
         train, evals, data = prepare_pairs(
-            tokenizer, train_pairs, eval_pairs, *lengths, chosen_only=chosen_only
-        )
+            tokenizer, train_pairs, eval_pairs, *lengths,
+            chosen_only=params.objective == "sft",  # SFT has no use for the rejected answers
+            whole=params.objective == "reward_model",  # a reward read from a cut answer: left out
+            margins=params.use_margin,
+        )  # fmt: skip
         total_steps = total_steps_for(params, len(train))
         warmup_steps = warmup_steps_for(params, total_steps)
         reporter = Reporter.open(  # TensorBoard, wandb: the leader's, beside metrics.jsonl
@@ -281,7 +285,7 @@ def run_training(
         }
         clock.lap("tokenize_s")
         torch.manual_seed(params.seed)
-        model, runtime = load_model(model_path, params, ranks)
+        model, runtime = load_model(model_path, params, ranks, pad_token_id=pad_id)
         flops_per_token = 6 * sum(p.numel() for p in model.parameters())  # forward + backward, 6N
     except Exception as exc:  # noqa: BLE001 - agreed on by every rank
         error = exc
@@ -298,7 +302,7 @@ def run_training(
     if run is None:  # reference log-probs once, from the model before any update
         batch = 2 * params.batch_size
         with reference_context(setup.model):
-            if params.reference_free:  # sft, simpo, orpo: no loss reads reference log-probs
+            if params.reference_free:  # sft, simpo, orpo, a reward model: no reference read
                 ref_train = torch.zeros(len(train)), torch.zeros(len(train))
             else:
                 ref_train = score_with(setup, train, batch, pad_id, ranks)

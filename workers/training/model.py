@@ -16,7 +16,7 @@ wants. The layouts (`layout_for`) are the only difference between one process an
   a GPU: the fp32 shards are the master weights).
 
 Every forward goes through `PairForward`, one module whose forward is the trainer's log-probs of a
-list of pairs, so FSDP gathers and DDP reduces what it uses.
+list of pairs (a reward model's: their rewards), so FSDP gathers and DDP reduces what it uses.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from cai_dpo.core.training_params import TrainParams
 from workers.training.data import TokenizedPair, collate, collate_packed, collate_shared_prompt
 from workers.training.dpo import (
+    LogitTransform,
     LogpPlan,
     causal_lm,
     check_model,
@@ -46,6 +47,7 @@ from workers.training.dpo import (
     sequence_logps,
 )
 from workers.training.ranks import Ranks
+from workers.training.reward_model import is_reward_model, reward_head, sequence_rewards
 
 log = logging.getLogger(__name__)
 
@@ -108,21 +110,31 @@ class Runtime:
     flex_failed: str | None = None
     ld_alpha: float | None = None  # LD-DPO's weighting of the log-probs (the run's params.ld_alpha)
     compiled: bool = False  # decoder layers torch.compile'd (CUDA; `compiles_layers`)
+    reward: bool = False  # a reward model: the forward gives each sequence's reward, not log-probs
 
 
 def _plan(model: nn.Module) -> LogpPlan:
     lm = causal_lm(model)
     plan = getattr(lm, "_cai_dpo_plan", None)
     if plan is None:
-        plan = check_model(lm)
+        plan = _reward_plan(lm) if is_reward_model(lm) else check_model(lm)
         lm._cai_dpo_plan = plan
     return plan
+
+
+def _reward_plan(lm: nn.Module) -> LogpPlan:
+    """A reward model reads one hidden state per sequence, through its own head: no LM head to prove,
+    and each sequence runs with the model's own masks (no shared-prompt packing)."""
+    reward_head(lm)  # refuses a model without one
+    notes = ["a reward model: each sequence runs on its own, its reward the head at its last token"]
+    return LogpPlan(lm.config.model_type, LogitTransform(), None, None, notes)
 
 
 def default_runtime(model: nn.Module, device: torch.device) -> Runtime:
     """The runtime of a model handed in from outside a run (evaluation, tests): as loaded."""
     flex = device.type == "cuda" and causal_lm(model).config._attn_implementation == "flex_attention"
-    return Runtime(device, _plan(model), flex=flex, unpad=device.type == "cpu")
+    reward = is_reward_model(model)
+    return Runtime(device, _plan(model), flex=flex and not reward, unpad=device.type == "cpu", reward=reward)
 
 
 def decoder_layers(lm: nn.Module) -> list[nn.Module]:
@@ -148,15 +160,33 @@ def disable_dropout(model: nn.Module) -> None:
             module.attention_dropout = 0.0
 
 
-def load_model(model_path: Path, params: TrainParams, ranks: Ranks) -> tuple[nn.Module, Runtime]:
-    """The model as every rank loads it, before any collective (a failure here is agreed on)."""
-    from transformers import AutoModelForCausalLM
+def load_pretrained(model_path: Path, params: TrainParams, dtype: torch.dtype) -> nn.Module:
+    """The Hugging Face model a run trains: the causal LM, or for objective reward_model the same body
+    under a fresh one-logit classification head (TRL's RewardTrainer: num_labels=1), its init drawn
+    from the run's seed."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    if params.objective == "reward_model":
+        return AutoModelForSequenceClassification.from_pretrained(
+            model_path, num_labels=1, dtype=dtype, attn_implementation="sdpa"
+        )
+    return AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, attn_implementation="sdpa")
+
+
+def load_model(
+    model_path: Path, params: TrainParams, ranks: Ranks, *, pad_token_id: int | None = None
+) -> tuple[nn.Module, Runtime]:
+    """The model as every rank loads it, before any collective (a failure here is agreed on).
+    `pad_token_id`: the tokenizer's, written into a reward model's config, where its head (and the
+    scorer after it) looks for the last token of a padded row."""
     device, layout = ranks.device, layout_for(params, ranks)
     cuda, low = device.type == "cuda", low_precision(device)
     # FSDP keeps fp32 shards (the master weights) and computes in bf16; the others hold bf16.
     dtype = torch.bfloat16 if low and layout != "fsdp" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, attn_implementation="sdpa")
+    model = load_pretrained(model_path, params, dtype)
+    reward = params.objective == "reward_model"
+    if reward and pad_token_id is not None:
+        model.config.pad_token_id = pad_token_id
     if layout != "fsdp":
         model = model.to(device)  # FSDP moves each shard to the device itself: no full copy there
     model.config.use_cache = False
@@ -166,7 +196,7 @@ def load_model(model_path: Path, params: TrainParams, ranks: Ranks) -> tuple[nn.
     # FSDP's layers run once per forward: one padded batch rather than a row at a time.
     runtime = Runtime(
         device, plan, unpad=not cuda and layout != "fsdp", max_tokens=params.max_tokens_per_batch, lagged=low,
-        ld_alpha=params.ld_alpha,
+        ld_alpha=params.ld_alpha, reward=reward,
     )  # fmt: skip
     if cuda and params.attention != "sdpa" and plan.windows is not None and _flex_supported(model):
         model.set_attn_implementation("flex_attention")
@@ -188,7 +218,8 @@ def load_model(model_path: Path, params: TrainParams, ranks: Ranks) -> tuple[nn.
             lora_alpha=lora.alpha,
             lora_dropout=lora.dropout,
             target_modules=lora.target_modules or "all-linear",
-            task_type="CAUSAL_LM",
+            # SEQ_CLS: peft trains the fresh head whole beside the adapters (modules_to_save)
+            task_type="SEQ_CLS" if reward else "CAUSAL_LM",
         )
         # One process on a GPU: the adapters stay bf16 like the base, their fp32 masters in the
         # optimizer. DDP: fp32 adapters (it reduces their gradients in fp32; AdamW steps them as
@@ -349,9 +380,13 @@ def to_device(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tenso
 def forward_pairs(
     model: nn.Module, pairs: list[TokenizedPair], pad_token_id: int, runtime: Runtime
 ) -> tuple[Tensor, Tensor]:
-    """Log-probs of the pairs' answers (chosen then rejected, [2n], fp32) and their lengths in tokens."""
+    """Log-probs of the pairs' answers (chosen then rejected, [2n], fp32) and their lengths in tokens;
+    a reward model's rewards of the two sequences in their place."""
     kind, host = collate_for(pairs, pad_token_id, runtime)
     batch = to_device(host, runtime.device)
+    if runtime.reward:  # `collate`'s rows: each sequence on its own
+        rewards = sequence_rewards(model, batch["input_ids"], batch["attention_mask"], unpad=runtime.unpad)
+        return rewards, batch["loss_mask"].sum(dim=1)
     ld_alpha = runtime.ld_alpha
     if kind == "flex":
         logps = packed_logps(model, batch, runtime.plan.windows, ld_alpha=ld_alpha)

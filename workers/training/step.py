@@ -9,7 +9,8 @@ summed over pairs and ranks, then divided by n. Reference and evaluation log-pro
 shares and summed across ranks.
 
 The objective is `dpo_loss` on the four log-prob tensors (policy and reference, chosen and
-rejected); everything else here is the same for any loss of those four.
+rejected), or a reward model's `bradley_terry_loss` on the two reward tensors; everything else here
+is the same for any of them.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from workers.training.data import TokenizedPair, token_batches
 from workers.training.dpo import METRIC_NAMES, batch_metric_sums, batch_metrics, dpo_loss, objective_metrics
 from workers.training.model import Setup, collate_for, to_device
 from workers.training.ranks import Ranks
+from workers.training.reward_model import bradley_terry_loss
 from workers.training.schedule import pairs_for_step, shard_pairs
 
 
@@ -32,6 +34,11 @@ def micro_batches(pairs: list[TokenizedPair], batch_size: int, max_tokens: int |
     return [slice(batch[0], batch[-1] + 1) for batch in token_batches(pairs, max_tokens)]
 
 
+def pair_margins(pairs: list[TokenizedPair], device: torch.device) -> Tensor:
+    """The pairs' margins (a reward model's least gaps), as one tensor on the device."""
+    return to_device({"margin": torch.tensor([p.margin for p in pairs])}, device)["margin"]
+
+
 def pair_losses(
     logps: Tensor,
     ref_chosen: Tensor,
@@ -39,11 +46,21 @@ def pair_losses(
     lengths: Tensor,
     params: TrainParams,
     chosen_tokens_per_pair: Tensor | float | None = None,
+    margins: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The objective on [chosen..., rejected...] log-probs and answer lengths, with the run's settings:
     per-pair losses and the implicit rewards of chosen and rejected. `chosen_tokens_per_pair`: the
-    whole step's (the sft term is a per-token mean over the step); None: these pairs'."""
+    whole step's (the sft term is a per-token mean over the step); None: these pairs'. A reward
+    model's rewards stand in for the log-probs; `margins`: its pairs' least gaps (`use_margin`)."""
     chosen, rejected = logps.chunk(2)
+    if params.objective == "reward_model":
+        losses = bradley_terry_loss(
+            chosen,
+            rejected,
+            margin=margins,
+            center_rewards_coefficient=params.center_rewards_coefficient,
+        )
+        return losses, chosen.detach(), rejected.detach()
     chosen_lengths, rejected_lengths = lengths.chunk(2)
     names, weights = params.loss_terms()
     return dpo_loss(
@@ -151,8 +168,9 @@ def forward_backward(
             part = micro[index]
             logps, lengths = setup.engine(pairs[part], pad_token_id, runtime)
             losses, chosen_rewards, rejected_rewards = pair_losses(
-                logps, ref_chosen[part], ref_rejected[part], lengths, params, chosen_per_pair
-            )
+                logps, ref_chosen[part], ref_rejected[part], lengths, params, chosen_per_pair,
+                margins=pair_margins(pairs[part], logps.device) if params.use_margin else None,
+            )  # fmt: skip
             # x * world / n: alone, exactly x / n.
             (losses.sum() * world / len(step_pairs)).backward()
         sums += batch_metric_sums(losses, chosen_rewards, rejected_rewards, *logps.detach().chunk(2))
@@ -209,7 +227,8 @@ def eval_metrics(
     `loss` is the held-out NLL per answer token, TRL SFTTrainer's eval_loss)."""
     logps = torch.cat(policy)
     lengths = torch.tensor([len(p.chosen_ids) for p in pairs] + [len(p.rejected_ids) for p in pairs])
-    losses, chosen_rewards, rejected_rewards = pair_losses(logps, *ref, lengths, params)
+    margins = pair_margins(pairs, logps.device) if params.use_margin else None
+    losses, chosen_rewards, rejected_rewards = pair_losses(logps, *ref, lengths, params, margins=margins)
     return objective_metrics(
         params.objective, batch_metrics(losses, chosen_rewards, rejected_rewards, *policy)
     )

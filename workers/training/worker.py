@@ -292,10 +292,11 @@ class TrainingWorker(WorkerRuntime):
 
     async def queue_automatic_evaluation(self, job: TrainingJob) -> None:
         """Every finished job is evaluated unless its params say `evaluate: false`; a job that held
-        out no pairs and names no prompts has nothing to compare on."""
+        out no pairs and names no prompts has nothing to compare on, and a reward model nothing to
+        compare with (its held-out accuracy is its evaluation)."""
         params = TrainParams.model_validate(job.params)
         request = params.evaluation or EvaluationRequest()
-        if not params.evaluate:
+        if not params.evaluate or params.objective == "reward_model":  # a reward model: eval_after
             return
         row = await self.db_call(training_queries.get_training_job, job.id)
         if request.prompts is None and not row.eval_pair_ids:
@@ -430,7 +431,7 @@ class TrainingWorker(WorkerRuntime):
 
     async def load_pairs(self, ids: list[int]) -> list[PairExample]:
         pairs = await self.db_call(pair_queries.pairs_by_ids, ids)
-        return [PairExample(prompt=p.prompt, chosen=p.chosen, rejected=p.rejected) for p in pairs]
+        return [PairExample(p.prompt, p.chosen, p.rejected, p.margin) for p in pairs]
 
     async def record_step(self, train_id: int, step: int, total: int, metrics: dict[str, float]) -> None:
         """Write the step's metrics; a database blip delays them to the next step, never stops training."""
