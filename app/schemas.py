@@ -407,7 +407,10 @@ class TrainJobOut(BaseModel):
     artifact: str | None
     model: str | None = Field(description="Use as `model` in POST /generate once succeeded.")
     serve: ServeOut | None = Field(
-        None, description="Once succeeded: how to serve the model over an OpenAI-compatible API; else null."
+        None,
+        description="Once succeeded: how to serve the model over an OpenAI-compatible API; else null. "
+        'Null for a reward model too: it scores, as a best_of_n job\'s `"scorer": {"kind": "reward_model", '
+        '"model": "train:<id>"}`.',
     )
     evaluation: EvaluationOut | None = Field(
         None, description="The latest evaluation: win rate against the base model, reward accuracy."

@@ -201,10 +201,16 @@ def train_out(session: Session, job: TrainingJob) -> TrainJobOut:
         latest_metrics=latest.values if latest else None,
         artifact=job.artifact_path,
         model=f"train:{job.id}" if job.status == "succeeded" else None,
-        serve=ServeOut(**serve_hint(job.id)) if job.status == "succeeded" and job.artifact_path else None,
+        serve=ServeOut(**serve_hint(job.id)) if servable(job) else None,
         evaluation=evaluation_out(session, job),
         error=job.last_error,
     )
+
+
+def servable(job: TrainingJob) -> bool:
+    """A finished run whose model generates (a reward model scores instead)."""
+    reward_model = (job.params or {}).get("objective") == "reward_model"
+    return job.status == "succeeded" and bool(job.artifact_path) and not reward_model
 
 
 def policy_out(session: Session, policy: TrainPolicy) -> dict[str, Any]:

@@ -114,6 +114,12 @@ def test_lora_ranks_and_folders_vllm_cannot_serve(tmp_path):
     (tmp_path / "adapter_config.json").write_text("{}")
     with pytest.raises(NotServable, match="no LoRA rank"):
         read_artifact(tmp_path)
+    reward_model = tmp_path / "reward-model"
+    merged_folder(reward_model).joinpath("config.json").write_text(
+        json.dumps({"architectures": ["LlamaForSequenceClassification"], "num_labels": 1})
+    )
+    with pytest.raises(NotServable, match="is a reward model .* generates none; name it as a best_of_n"):
+        read_artifact(reward_model)
 
 
 # --- the command against a fake API -------------------------------------------------------------

@@ -13,8 +13,10 @@ import subprocess
 import psutil
 import pytest
 
+from tests.fixtures.model import TEST_MODELS_DIR
 from tests.helpers import (
     hh_prompts,
+    import_hh,
     job_finished,
     kill_group,
     pairs_of,
@@ -22,6 +24,7 @@ from tests.helpers import (
     run_on_shared_engine,
     start_worker,
     stop_worker,
+    train_to_the_end,
     wait_for,
 )
 
@@ -94,42 +97,56 @@ def test_verify_records_whether_the_revision_is_preferred(vllm_engine, client, s
         assert 0.0 <= helpful <= 1.0 and ("less_helpful" in pair.flags) == (helpful < 0.5 and p < 0.6)
 
 
-def test_best_of_n_ranks_by_a_reward_model(vllm_engine, client, settings, db, tmp_path, bundled_model_path):
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+def test_best_of_n_ranks_by_a_reward_model_trained_here(
+    vllm_engine, client, settings, db, bundled_model_path
+):
+    """The seed's reward-model method inside the service: /train with objective reward_model on the
+    bundled model, then a best_of_n job whose scorer is that model (`train:<id>`) on real vLLM."""
+    import asyncio
 
-    tokenizer = AutoTokenizer.from_pretrained(bundled_model_path)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_labels=1,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(0)
-    folder = settings.models_dir / f"rm-{tmp_path.name}"  # where the server offers models
-    LlamaForSequenceClassification(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    body = {
-        "prompts": hh_prompts(3, offset=150),
-        "constitution": "harmless",
-        "mode": "best_of_n",
-        "n": 3,
-        "scorer": {"kind": "reward_model", "model": str(folder)},
-        "sampling": {"max_tokens": 24, "seed": 2},
-    }
+    from workers.scoring.torch_scorers import RewardModelScorer
+
+    import_hh(client, 12)
+    rm_body = {
+        "objective": "reward_model", "dataset": {"source": "hh"}, "max_steps": 2, "batch_size": 2,
+        "max_length": 512, "learning_rate": 1e-4, "eval_fraction": 0.25, "lora": {"r": 4},
+        "center_rewards_coefficient": 0.01,
+    }  # fmt: skip
+    trainer_settings = settings.model_copy(update={"models_dir_override": TEST_MODELS_DIR})
+    train_id = train_to_the_end(client, trainer_settings, db, rm_body)
+    state = client.get(f"/train/{train_id}").json()
+    assert state["status"] == "succeeded", state["error"]
+    assert {"loss", "accuracy", "margin"} <= set(state["eval_after"]) and state["n_eval_pairs"] > 0
+    assert state["serve"] is None and state["evaluation"] is None  # it scores; nothing to judge
+    response = client.post(f"/train/{train_id}/evaluate", json={})
+    assert response.status_code == 409 and "reward model" in response.text
+    reward_model = f"train:{train_id}"
+
+    prompts = hh_prompts(3, offset=150)
+    generate = {"prompts": prompts, "constitution": "harmless", "sampling": {"max_tokens": 24, "seed": 2}}
+    for refused, field in (
+        ({"model": reward_model}, "model"),
+        (
+            {"mode": "best_of_n", "n": 3, "scorer": {"kind": "implicit", "model": reward_model}},
+            "scorer.model",
+        ),
+    ):
+        response = client.post("/generate", json=generate | refused)
+        assert response.status_code == 422 and response.json()["detail"].startswith(field), response.text
+    body = generate | {"mode": "best_of_n", "n": 3, "scorer": {"kind": "reward_model", "model": reward_model}}
     response = client.post("/generate", json=body)
     assert response.status_code == 202, response.text
     run_on_shared_engine(vllm_engine, settings, db, job_finished(client, response.json()["job_id"]))
     pairs = pairs_of(db, response.json()["job_id"])
     assert len(pairs) == 3
+    scorer = RewardModelScorer(state["artifact"])
     for pair in pairs:
         scores = pair.trajectory["scores"]
         assert len(scores) == 3 and pair.scores == {"chosen": max(scores), "rejected": min(scores)}
         assert pair.margin == pytest.approx(max(scores) - min(scores)) and pair.scorer == "reward_model"
+        # The trained model did the scoring: it gives the pair's two answers the scores recorded.
+        again = asyncio.run(scorer.score(pair.prompt, [pair.chosen, pair.rejected]))
+        assert again == pytest.approx([pair.scores["chosen"], pair.scores["rejected"]], abs=1e-3)
 
 
 # --- processes killed mid-job ----------------------------------------------------------------------

@@ -237,8 +237,8 @@ def test_bad_modes_are_refused_naming_the_field(client):
 # --- evaluation and the promotion gate -------------------------------------------------------------
 
 
-def succeeded_training_job(db, tmp_path, *, policy: str | None = None) -> int:
-    artifact = tmp_path / "artifact"
+def succeeded_training_job(db, tmp_path, *, policy: str | None = None, params: dict | None = None) -> int:
+    artifact = tmp_path / f"artifact-{len(list(tmp_path.glob('artifact*')))}"
     artifact.mkdir()
     (artifact / "config.json").write_text("{}")
     with session_scope(db) as session:
@@ -249,11 +249,55 @@ def succeeded_training_job(db, tmp_path, *, policy: str | None = None) -> int:
             session,
             base_model="smollm2-135m-instruct",
             dataset={"constitution": "harmless"},
-            params={},
+            params=params or {},
             policy=policy,
         )
         job.status, job.artifact_path = "succeeded", str(artifact)
         return job.id
+
+
+@pytest.mark.db
+def test_a_reward_model_trained_here_scores_and_does_nothing_else(client, db, tmp_path):
+    reward_model = f"train:{succeeded_training_job(db, tmp_path, params={'objective': 'reward_model'})}"
+    policy = f"train:{succeeded_training_job(db, tmp_path)}"
+    generate = {"prompts": ["x"], "constitution": "harmless"}
+    best_of_n = {"mode": "best_of_n", "n": 2}
+    refused = [
+        (generate | {"model": reward_model}, "model", "is a reward model"),
+        (
+            generate | best_of_n | {"scorer": {"kind": "implicit", "model": reward_model}},
+            "scorer.model",
+            "reward",
+        ),
+        (
+            generate | best_of_n | {"scorer": {"kind": "reward_model", "model": policy}},
+            "scorer.model",
+            "policy",
+        ),
+    ]
+    for body, field, why in refused:
+        response = client.post("/generate", json=body)
+        assert response.status_code == 422, response.text
+        assert response.json()["detail"].startswith(f"{field}: ") and why in response.json()["detail"]
+    scored = generate | best_of_n | {"scorer": {"kind": "reward_model", "model": reward_model}}
+    assert client.post("/generate", json=scored).status_code == 202
+
+    response = client.post("/train", json={"base_model": reward_model})  # a DPO run needs a policy
+    assert response.status_code == 422 and response.json()["detail"].startswith("base_model: ")
+    # A reward model may start from one (or from a policy): past the model check, no pairs match.
+    for base in (reward_model, policy):
+        response = client.post("/train", json={"base_model": base, "objective": "reward_model"})
+        assert response.status_code == 409 and response.json()["detail"].startswith("dataset: "), base
+    rm_id = reward_model.removeprefix("train:")
+    response = client.post(f"/train/{rm_id}/evaluate", json={"prompts": ["q"]})
+    assert response.status_code == 409 and "reward model" in response.json()["detail"]
+    assert client.get(f"/train/{rm_id}").json()["serve"] is None
+    assert client.get(f"/train/{policy.removeprefix('train:')}").json()["serve"] is not None
+    response = client.put(
+        "/train/policies/harmless",
+        json={"min_new_pairs": 5, "promote": True, "params": {"objective": "reward_model"}},
+    )
+    assert response.status_code == 422 and response.json()["detail"].startswith("promote: ")
 
 
 class TrainedIsLonger(LengthJudgeEngine):

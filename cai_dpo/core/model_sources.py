@@ -17,6 +17,7 @@ import tempfile
 import zipfile
 from datetime import datetime
 from pathlib import Path
+from typing import Literal
 
 from sqlalchemy.orm import Session
 
@@ -34,7 +35,19 @@ _READY_MARK = ".prepared"
 
 
 class ModelNotFound(LookupError):
-    pass
+    status = 404
+
+
+class WrongModelKind(ModelNotFound):
+    """The model exists but is not what the field takes: a reward model where a model must generate,
+    or a policy where a reward model must score."""
+
+    status = 422
+
+
+# What a field takes as a model: one that generates (a policy), a reward model (a scorer's), or either
+# (a reward model's base: a policy, e.g. the SFT model, or a reward model trained further).
+ModelKind = Literal["policy", "reward_model", "any"]
 
 
 def sha256_of(path: Path) -> str:
@@ -123,14 +136,28 @@ def trained_model_path(session: Session, spec: str) -> str | None:
     return job.artifact_path
 
 
-def check_model_name(session: Session, spec: str | None, settings: Settings) -> str:
+def check_model_name(
+    session: Session, spec: str | None, settings: Settings, *, kind: ModelKind = "policy"
+) -> str:
     """The model a job may name: the default model, `train:<id>` of a job that produced one, or a
-    model folder (`ModelRef` has already kept it under the model roots)."""
+    model folder (`ModelRef` has already kept it under the model roots). `kind`: what the field
+    takes; a `train:<id>` of the other kind is a WrongModelKind (its objective says which it is)."""
     if spec is None or spec == settings.model:
         return settings.model
     train_id = spec.removeprefix("train:")
     if spec.startswith("train:") and train_id.isdigit() and 0 < int(train_id) <= DB_ID_MAX:
         trained_model_path(session, spec)
+        job = training_queries.get_training_job(session, int(train_id))
+        reward_model = (job.params or {}).get("objective") == "reward_model"
+        if kind == "policy" and reward_model:
+            raise WrongModelKind(
+                f"model {spec!r} is a reward model (objective reward_model): it scores answers, as a "
+                "best_of_n scorer's model, and generates none"
+            )
+        if kind == "reward_model" and not reward_model:
+            raise WrongModelKind(
+                f"model {spec!r} is a policy, not a reward model: train one with objective reward_model"
+            )
         return spec
     if spec != BUNDLED_MODEL:
         local_model_folder(spec)

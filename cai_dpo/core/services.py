@@ -29,7 +29,7 @@ from cai_dpo.core.db import session_scope
 from cai_dpo.core.errors import FieldError
 from cai_dpo.core.evaluation import EvaluationRequest, judge_models
 from cai_dpo.core.generation_modes import GenerationMode, SamplingRequest, ScorerSpec
-from cai_dpo.core.model_sources import ModelNotFound, check_model_name, local_model_folder
+from cai_dpo.core.model_sources import ModelKind, ModelNotFound, check_model_name, local_model_folder
 from cai_dpo.core.queries import calibrations as calibration_queries
 from cai_dpo.core.queries import constitutions as constitution_queries
 from cai_dpo.core.queries import evaluations as evaluation_queries
@@ -42,25 +42,30 @@ from cai_dpo.core.settings import Settings
 from cai_dpo.core.tables import Evaluation, GenerationJob, PairReview, TrainingJob
 
 
-def checked_model(session: Session, settings: Settings, model: str | None, *, field: str) -> str:
-    """A model a job may use, or a 404 naming the field: what a model reference may look like is
-    `ModelRef`'s (a 422 while the body is read); whether it exists is this check's."""
+def checked_model(
+    session: Session, settings: Settings, model: str | None, *, field: str, kind: ModelKind = "policy"
+) -> str:
+    """A model a job may use, or a 404 naming the field (a 422 where it is of the wrong `kind`): what
+    a model reference may look like is `ModelRef`'s (a 422 while the body is read); whether it exists
+    is this check's."""
     try:
-        return check_model_name(session, model, settings)
+        return check_model_name(session, model, settings, kind=kind)
     except ModelNotFound as exc:
-        raise FieldError(field, str(exc), 404) from None
+        raise FieldError(field, str(exc), exc.status) from None
 
 
 def checked_scorer_model(session: Session, settings: Settings, spec: ScorerSpec, *, field: str) -> None:
-    """A scorer's model exists: a judge's is a model a job may use, a reward model is a local
-    Hugging Face folder, an implicit scorer a finished training job."""
+    """A scorer's model exists and is of its kind: a judge's is a model a job may use, a reward model
+    a local Hugging Face folder or a reward model trained here (`train:<id>`), an implicit scorer a
+    finished training job of a policy."""
     try:
-        if spec.kind == "reward_model":
+        if spec.kind == "reward_model" and not (spec.model or "").startswith("train:"):
             local_model_folder(spec.model or "")
         else:
-            check_model_name(session, spec.model, settings)
+            kind = "reward_model" if spec.kind == "reward_model" else "policy"
+            check_model_name(session, spec.model, settings, kind=kind)
     except ModelNotFound as exc:
-        raise FieldError(field, str(exc), 404) from None
+        raise FieldError(field, str(exc), exc.status) from None
 
 
 def require_owner_or_admin(caller: ApiKey, owner: str | None, what: str) -> None:
@@ -229,7 +234,9 @@ def _job(session: Session, job_id: int) -> GenerationJob:
 def submit_training_job(
     session: Session, *, body: TrainRequest, caller: ApiKey, settings: Settings
 ) -> TrainingJob:
-    base_model = checked_model(session, settings, body.base_model, field="base_model")
+    # A reward model starts from any model (the SFT policy, as the recipes do, or a reward model).
+    kind = "any" if body.objective == "reward_model" else "policy"
+    base_model = checked_model(session, settings, body.base_model, field="base_model", kind=kind)
     if pair_queries.count_pairs(session, body.dataset) == 0:
         raise FieldError("dataset", f"no pairs match {body.dataset.described()}", 409)
     return training_queries.create_training_job(
@@ -253,6 +260,13 @@ def submit_evaluation(
     if job.status != "succeeded":
         raise FieldError(
             "train_id", f"training job {train_id} is {job.status}; only a finished model is evaluated", 409
+        )
+    if (job.params or {}).get("objective") == "reward_model":
+        raise FieldError(
+            "train_id",
+            f"training job {train_id} trained a reward model: it generates no answers to compare; its "
+            "evaluation is the held-out pairs' reward accuracy (eval_before, eval_after)",
+            409,
         )
     body = body or EvaluationRequest()
     if body.prompts is None and not job.eval_pair_ids:

@@ -61,6 +61,15 @@ def read_artifact(folder: Path) -> TrainedArtifact:
             raise NotServable(f"{adapter}: no LoRA rank (`r`) in it ({exc})") from None
         return TrainedArtifact(folder, lora_rank=rank)
     if (folder / "config.json").is_file():
+        try:
+            architectures = json.loads((folder / "config.json").read_text()).get("architectures") or []
+        except (ValueError, AttributeError) as exc:
+            raise NotServable(f"{folder / 'config.json'}: not a model config ({exc})") from None
+        if architectures and all(name.endswith("ForSequenceClassification") for name in architectures):
+            raise NotServable(
+                f"{folder} is a reward model ({architectures[0]}): it scores answers and generates none; "
+                'name it as a best_of_n job\'s scorer, {"kind": "reward_model", "model": "train:<id>"}'
+            )
         return TrainedArtifact(folder)
     raise NotServable(f"{folder}: neither a model folder (config.json) nor a LoRA adapter ({ADAPTER_CONFIG})")
 
