@@ -46,6 +46,7 @@ UNSTATED = [
         r"loss_type exo_pair needs label_smoothing > 0",
         r"is TRL's name for \w+: given both, with different values",
         r"is a reward_model setting: not with objective",
+        r"lora: give lora or TRL's use_peft and lora_\* names, not both",
         r"evaluation: a reward model generates no answers",
         r"promote: a reward model generates nothing",
         # PUT /constitutions/{name}: ids unique, references to them
