@@ -301,6 +301,23 @@ def test_every_page_renders_and_model_text_is_escaped(client, db, settings):
 
 
 @pytest.mark.db
+def test_a_runs_charts_draw_the_metrics_its_objective_logs(client, db):
+    insert_pairs(db, 4)
+    expected = {
+        "dpo": {"accuracy": ["rewards/accuracies"], "logps": ["logps/chosen", "logps/rejected"]},
+        "sft": {"logps": ["logps/chosen"]},
+        "reward_model": {"accuracy": ["accuracy"], "margins": ["margin"]},
+    }
+    for objective, charts in expected.items():
+        train_id = client.post("/train", json={"objective": objective}).json()["train_id"]
+        page = client.get(f"/ui/train/{train_id}").text
+        drawn = dict(re.findall(r'data-chart="(\w+)" data-series=\'(\[[^\']*\])\'', page))
+        for chart, series in charts.items():
+            assert json.loads(drawn[chart]) == series, (objective, chart)
+        assert ("accuracy" in drawn) == (objective != "sft"), objective  # SFT logs no rewards
+
+
+@pytest.mark.db
 def test_pairs_pages_back_and_forth_with_the_filter(client, db):
     insert_pairs(db, 120, flagged_extra=False)
     first = client.get("/ui/pairs", params={"source": "test"}).text
@@ -516,6 +533,19 @@ def test_training_form_starts_a_run_and_cancel_stops_it(client, db):
     assert run["params"]["evaluate"] is False  # the box was not ticked
     bad = client.post("/ui/train", data={"csrf_token": token, "beta": "-1"})
     assert bad.status_code == 422 and "beta:" in bad.text
+    # The objective select: a reward model, SFT then DPO; DPO's β beside a reward model is refused.
+    for objective, params in (
+        ("reward_model", {"objective": "reward_model"}),
+        ("sft,dpo", {"stages": ["sft", "dpo"]}),
+    ):
+        form = {"csrf_token": token, "objective": objective, "loss_type": "sigmoid"}  # the select's default
+        started = client.post("/ui/train", data=form)
+        assert started.status_code == 303, started.text
+        other_id = int(started.headers["location"].rsplit("/", 1)[1])
+        assert params.items() <= client.get(f"/train/{other_id}").json()["params"].items()
+        client.post(f"/ui/train/{other_id}/cancel", data={"csrf_token": token})
+    bad = client.post("/ui/train", data={"csrf_token": token, "objective": "reward_model", "beta": "0.2"})
+    assert bad.status_code == 422 and "beta is a DPO setting" in bad.text
     cancelled = client.post(f"/ui/train/{train_id}/cancel", data={"csrf_token": token})
     assert cancelled.status_code == 303
     with session_scope(db) as session:

@@ -57,6 +57,11 @@ def train_body(form: FormData) -> dict[str, Any]:
     if dataset.get("include_flagged") == "on":
         dataset["include_flagged"] = "true"
     body: dict[str, Any] = {"dataset": dataset, **given(form, *TRAIN_PARAMS)}
+    objective = text_field(form, "objective").strip()
+    if "," in objective:  # staged: "sft,dpo"
+        body["stages"] = objective.split(",")
+    elif objective:
+        body["objective"] = objective
     lora = given(form, "lora_r", "lora_alpha")
     if lora:
         body["lora"] = {key.removeprefix("lora_"): value for key, value in lora.items()}
@@ -89,14 +94,29 @@ def _run_or_404(session: Session, train_id: int) -> TrainingJob:
     return job
 
 
-# The charts of a run: title, then the metrics drawn (TRL's names, as the trainer logs them).
-CHARTS = (
-    ("loss", "Loss", ["loss"]),
-    ("accuracy", "Reward accuracy", ["rewards/accuracies"]),
-    ("margins", "Reward margin", ["rewards/margins"]),
-    ("logps", "Log-probs (chosen, rejected)", ["logps/chosen", "logps/rejected"]),
-    ("lr", "Learning rate", ["learning_rate"]),
-)
+# The charts of a run by its objective: title, then the metrics drawn (TRL's names, as the trainer
+# logs them for that objective; a staged run's are DPO's, its SFT stage drawing the loss alone).
+CHARTS = {
+    "dpo": (
+        ("loss", "Loss", ["loss"]),
+        ("accuracy", "Reward accuracy", ["rewards/accuracies"]),
+        ("margins", "Reward margin", ["rewards/margins"]),
+        ("logps", "Log-probs (chosen, rejected)", ["logps/chosen", "logps/rejected"]),
+        ("lr", "Learning rate", ["learning_rate"]),
+    ),
+    "sft": (
+        ("loss", "Loss (NLL per answer token)", ["loss"]),
+        ("logps", "Log-prob of the chosen answers", ["logps/chosen"]),
+        ("lr", "Learning rate", ["learning_rate"]),
+    ),
+    "reward_model": (
+        ("loss", "Loss (Bradley-Terry)", ["loss"]),
+        ("accuracy", "Reward accuracy", ["accuracy"]),
+        ("margins", "Reward margin", ["margin"]),
+        ("rewards", "Rewards (chosen, rejected)", ["rewards/chosen", "rewards/rejected"]),
+        ("lr", "Learning rate", ["learning_rate"]),
+    ),
+}
 
 
 @router.get("/train/{train_id}")
@@ -109,7 +129,7 @@ def training_run_page(request: Request, train_id: DbId, session: SessionDep):
         "training_run.html",
         run=run,
         live=run.status in OPEN_TRAIN_STATES,
-        charts=CHARTS,
+        charts=CHARTS[(run.params or {}).get("objective", "dpo")],
         eval_keys=evals,
         calibrations=judge_calibrations(session, run),
     )
