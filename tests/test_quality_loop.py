@@ -298,6 +298,14 @@ def test_a_reward_model_trained_here_scores_and_does_nothing_else(client, db, tm
         json={"min_new_pairs": 5, "promote": True, "params": {"objective": "reward_model"}},
     )
     assert response.status_code == 422 and response.json()["detail"].startswith("promote: ")
+    # A policy's base model as a job's: a DPO policy needs a policy, a reward model's takes either.
+    policy_body = {"min_new_pairs": 5, "base_model": reward_model}
+    response = client.put("/train/policies/harmless", json=policy_body)
+    assert response.status_code == 422 and response.json()["detail"].startswith("base_model: ")
+    response = client.put(
+        "/train/policies/harmless", json=policy_body | {"params": {"objective": "reward_model"}}
+    )
+    assert response.status_code == 200, response.text
 
 
 class TrainedIsLonger(LengthJudgeEngine):

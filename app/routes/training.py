@@ -46,7 +46,7 @@ def list_policies(session: SessionDep):
 def put_policy(name: Name, body: TrainPolicyIn, session: SessionDep, settings: SettingsDep):
     check_name(name)
     if body.base_model is not None:
-        services.checked_model(session, settings, body.base_model, field="base_model")
+        services.checked_base_model(session, settings, body.base_model, body.params)
     return policy_out(
         session, policy_queries.upsert_train_policy(session, constitution_name=name, **body.db_values())
     )

@@ -40,6 +40,7 @@ from cai_dpo.core.queries import training as training_queries
 from cai_dpo.core.requests import GenerateRequest, ReviewIn, TrainRequest, normalize_prompts
 from cai_dpo.core.settings import Settings
 from cai_dpo.core.tables import Evaluation, GenerationJob, PairReview, TrainingJob
+from cai_dpo.core.training_params import TrainParams
 
 
 def checked_model(
@@ -231,12 +232,17 @@ def _job(session: Session, job_id: int) -> GenerationJob:
 # --- training --------------------------------------------------------------------------------------
 
 
+def checked_base_model(session: Session, settings: Settings, model: str | None, params: TrainParams) -> str:
+    """A run's base model (a job's, or a policy's): a policy; a reward model starts from either kind
+    (the SFT policy, as the recipes do, or a reward model trained further)."""
+    kind = "any" if params.objective == "reward_model" else "policy"
+    return checked_model(session, settings, model, field="base_model", kind=kind)
+
+
 def submit_training_job(
     session: Session, *, body: TrainRequest, caller: ApiKey, settings: Settings
 ) -> TrainingJob:
-    # A reward model starts from any model (the SFT policy, as the recipes do, or a reward model).
-    kind = "any" if body.objective == "reward_model" else "policy"
-    base_model = checked_model(session, settings, body.base_model, field="base_model", kind=kind)
+    base_model = checked_base_model(session, settings, body.base_model, body)
     if pair_queries.count_pairs(session, body.dataset) == 0:
         raise FieldError("dataset", f"no pairs match {body.dataset.described()}", 409)
     return training_queries.create_training_job(
