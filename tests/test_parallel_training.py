@@ -9,7 +9,9 @@ rank 0 sees; the tests compare it with the single process here:
   1e-5), metrics, norm and update;
 - whole runs (`run_training` with ranks): the same metrics at every step and the same model;
 - a sharded checkpoint written by 2 ranks, resumed by 2 ranks: the weights of the run that was
-  never stopped. A single process finding that checkpoint starts over rather than misreading it.
+  never stopped. A single process finding that checkpoint starts over rather than misreading it;
+- a reward model's run (a classification head, rewards in place of log-probs): the same metrics and
+  the same model, its head gathered with the rest.
 
 And the worker itself under torchrun, on the real database: rank 0 claims the job, the ranks train
 it, and it is stored once.
@@ -132,6 +134,17 @@ def group_runs(workdir: Path, model_path: Path, kind: str, ranks) -> None:
         (workdir / f"outcome-{kind}.json").write_text(json.dumps(outcome))
 
 
+REWARD_MODEL = dict(objective="reward_model", max_length=256)  # whole pairs only: room for most
+
+
+def group_reward_model(workdir: Path, model_path: Path, kind: str, ranks) -> None:
+    train, evals = pair_sets()
+    run_training(
+        params(kind, max_steps=2, **REWARD_MODEL), model_path=model_path, train_pairs=train,
+        eval_pairs=evals, output_dir=workdir / f"reward-model-{kind}", ranks=ranks,
+    )  # fmt: skip
+
+
 def group_failed_start(workdir: Path, model_path: Path, ranks) -> None:
     """A run that cannot start (every pair's prompt fills max_length) fails on both ranks alike,
     and the group goes on with the next one."""
@@ -160,6 +173,7 @@ def group_main(workdir: Path, model_path: Path) -> None:
     for kind in KINDS:
         group_step(workdir, model_path, kind, ranks)
         group_runs(workdir, model_path, kind, ranks)
+        group_reward_model(workdir, model_path, kind, ranks)
     ranks.barrier()
     ranks.close()
 
@@ -254,6 +268,26 @@ def test_a_run_on_two_ranks_trains_as_one_process(group, tiny_model_path, tmp_pa
     assert diffs.max() <= 2 * LEARNING_RATE
     # As in one step: a handful of weights whose gradient sits at Adam's eps differ (measured: 4 of
     # 3.2M with FSDP, none with DDP, whose per-row numerics are the single process's).
+    assert (diffs > 1e-5).sum() <= (0 if kind == "lora" else 1e-5 * diffs.numel())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_reward_model_on_two_ranks_trains_as_one_process(group, tiny_model_path, tmp_path, kind):
+    train, evals = pair_sets()
+    one = run_training(
+        params(kind, max_steps=2, **REWARD_MODEL), model_path=tiny_model_path, train_pairs=train,
+        eval_pairs=evals, output_dir=tmp_path,
+    )  # fmt: skip
+    dist_dir = group / f"reward-model-{kind}" / "model"
+    rows = history(dist_dir)
+    assert [row["step"] for row in rows] == [1, 2] and "accuracy" in rows[0]
+    for row, want in zip(rows, history(one.model_dir), strict=True):
+        assert row == pytest.approx(want, rel=1e-5, abs=1e-5)
+    record = json.loads((dist_dir / "training_config.json").read_text())
+    assert record["eval_after"] == pytest.approx(one.eval_after, rel=1e-5, abs=1e-5)
+    got, want = load_file(dist_dir / "model.safetensors"), load_file(one.model_dir / "model.safetensors")
+    assert set(got) == set(want) and "score.weight" in want  # the head, gathered and merged
+    diffs = torch.cat([(got[n] - want[n]).abs().flatten() for n in want])
     assert (diffs > 1e-5).sum() <= (0 if kind == "lora" else 1e-5 * diffs.numel())
 
 
