@@ -22,6 +22,7 @@ from workers.training.data import PairExample, collate, prepare_pairs
 from workers.training.dpo import METRIC_NAMES, objective_metrics
 from workers.training.loop import run_training
 from workers.training.reward_model import bradley_terry_loss, is_reward_model, sequence_rewards
+from workers.training.schedule import pairs_for_step
 from workers.training.step import accumulate_step
 
 pytestmark = pytest.mark.model  # SmolLM2's tokenizer, real torch steps
@@ -173,6 +174,10 @@ def test_a_reward_model_run_saves_a_folder_the_scorer_reads_as_the_run_did(
     assert "logps/chosen" not in result.eval_after
     history = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert history[-1]["loss"] < history[0]["loss"] and "accuracy" in history[0]
+    # num_tokens as TRL's RewardTrainer counts it: both whole sequences of every pair trained on.
+    train, _, _ = prepare_pairs(smollm_tokenizer, examples[:8], [], 160, whole=True)
+    first = [train[i] for i in pairs_for_step(0, len(train), params.pairs_per_step, params.seed)]
+    assert history[0]["num_tokens"] == sum(p.num_tokens for p in first)
     record = json.loads((result.model_dir / "training_config.json").read_text())
     assert record["params"]["objective"] == "reward_model" and "beta" not in record
     assert "center_rewards_coefficient" in record and "truncation_mode" not in record

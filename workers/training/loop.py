@@ -342,7 +342,7 @@ def run_training(
         run.step += 1
         step_log.finished(
             _PendingStep(
-                run.step, lr, sum(p.packed_tokens for p in step_pairs), len(step_pairs),
+                run.step, lr, sum(runtime.counted_tokens(p) for p in step_pairs), len(step_pairs),
                 torch.cat([step_metrics, grad_norm.detach().float().reshape(1)]),
             )
         )  # fmt: skip

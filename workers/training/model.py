@@ -112,6 +112,11 @@ class Runtime:
     compiled: bool = False  # decoder layers torch.compile'd (CUDA; `compiles_layers`)
     reward: bool = False  # a reward model: the forward gives each sequence's reward, not log-probs
 
+    def counted_tokens(self, pair: TokenizedPair) -> int:
+        """A pair's tokens as a step's `num_tokens` counts them: its prompt once (both answers share
+        it), or a reward model's two whole sequences, as TRL's RewardTrainer counts them."""
+        return pair.num_tokens if self.reward else pair.packed_tokens
+
 
 def _plan(model: nn.Module) -> LogpPlan:
     lm = causal_lm(model)
