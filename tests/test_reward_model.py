@@ -16,7 +16,7 @@ import json
 import pytest
 import torch
 
-from cai_dpo.core.training_params import DPO_ONLY, REWARD_MODEL_ONLY, TrainParams
+from cai_dpo.core.training_params import DPO_ONLY, REWARD_MODEL_ONLY, TrainParams, trl_config
 from tests.fixtures.training import TINY
 from workers.training.data import PairExample, collate, prepare_pairs
 from workers.training.dpo import METRIC_NAMES, objective_metrics
@@ -61,6 +61,17 @@ def test_a_reward_model_reads_no_reference_and_keeps_dpo_settings_at_their_defau
         for name in REWARD_MODEL_ONLY:
             with pytest.raises(ValueError, match=f"{name} is a reward_model setting"):
                 TrainParams(objective=objective, **{name: True if name == "use_margin" else 0.1})
+
+
+def test_a_reward_model_run_writes_trl_reward_config_names():
+    from trl import RewardConfig
+
+    params = TrainParams(objective="reward_model", max_steps=3, center_rewards_coefficient=0.01)
+    config = trl_config(params, 3, bf16=False)
+    assert "beta" not in config and "loss_type" not in config and "truncation_mode" not in config
+    config.pop("use_peft")  # trl.ModelConfig's
+    built = RewardConfig(output_dir="/tmp/unused", **config)
+    assert (built.center_rewards_coefficient, built.max_steps, built.max_length) == (0.01, 3, 1024)
 
 
 def test_reward_model_metrics_are_trl_reward_trainers():
