@@ -151,8 +151,8 @@ def check_model_name(
         reward_model = (job.params or {}).get("objective") == "reward_model"
         if kind == "policy" and reward_model:
             raise WrongModelKind(
-                f"model {spec!r} is a reward model (objective reward_model): it scores answers, as a "
-                "best_of_n scorer's model, and generates none"
+                f"model {spec!r} is a reward model (objective reward_model): it generates nothing and has "
+                f'no implicit reward; score answers with it as {{"kind": "reward_model", "model": "{spec}"}}'
             )
         if kind == "reward_model" and not reward_model:
             raise WrongModelKind(
