@@ -165,10 +165,11 @@ def prepare_pairs(
     cut_at = 2**62 if whole else max_length
     train, train_dropped = tokenize_pairs(tokenizer, train_pairs, cut_at, max_prompt_length)
     evals, eval_dropped = tokenize_pairs(tokenizer, eval_pairs, cut_at, max_prompt_length)
+    dropped = len(train_dropped) + len(eval_dropped)
     if whole:
-        train_dropped += [p for p in train if p.longest_sequence > max_length]
-        eval_dropped += [p for p in evals if p.longest_sequence > max_length]
-        train, evals = ([p for p in pairs if p.longest_sequence <= max_length] for pairs in (train, evals))
+        kept = [[p for p in pairs if p.longest_sequence <= max_length] for pairs in (train, evals)]
+        dropped += len(train) + len(evals) - len(kept[0]) - len(kept[1])
+        train, evals = kept
     if chosen_only:
         train, evals = ([replace(p, rejected_ids=[]) for p in pairs] for pairs in (train, evals))
     if not margins:
@@ -180,7 +181,7 @@ def prepare_pairs(
     summary = {
         "train_pairs": len(train),
         "eval_pairs": len(evals),
-        "dropped_by_truncation": len(train_dropped) + len(eval_dropped),
+        "dropped_by_truncation": dropped,
         "train_tokens": sum(p.num_tokens for p in train),  # both sequences, as TRL counts them
         "train_packed_tokens": sum(p.packed_tokens for p in train),  # each token once
         "fingerprint": fingerprint(train + evals),
