@@ -209,8 +209,7 @@ def train_out(session: Session, job: TrainingJob) -> TrainJobOut:
 
 def servable(job: TrainingJob) -> bool:
     """A finished run whose model generates (a reward model scores instead)."""
-    reward_model = (job.params or {}).get("objective") == "reward_model"
-    return job.status == "succeeded" and bool(job.artifact_path) and not reward_model
+    return job.status == "succeeded" and bool(job.artifact_path) and not job.trains_reward_model
 
 
 def policy_out(session: Session, policy: TrainPolicy) -> dict[str, Any]:

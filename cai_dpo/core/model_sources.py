@@ -147,8 +147,7 @@ def check_model_name(
     train_id = spec.removeprefix("train:")
     if spec.startswith("train:") and train_id.isdigit() and 0 < int(train_id) <= DB_ID_MAX:
         trained_model_path(session, spec)
-        job = training_queries.get_training_job(session, int(train_id))
-        reward_model = (job.params or {}).get("objective") == "reward_model"
+        reward_model = training_queries.get_training_job(session, int(train_id)).trains_reward_model
         if kind == "policy" and reward_model:
             raise WrongModelKind(
                 f"model {spec!r} is a reward model (objective reward_model): it generates nothing and has "

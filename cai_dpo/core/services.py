@@ -267,7 +267,7 @@ def submit_evaluation(
         raise FieldError(
             "train_id", f"training job {train_id} is {job.status}; only a finished model is evaluated", 409
         )
-    if (job.params or {}).get("objective") == "reward_model":
+    if job.trains_reward_model:
         raise FieldError(
             "train_id",
             f"training job {train_id} trained a reward model: it generates no answers to compare; its "

@@ -248,6 +248,12 @@ class TrainingJob(Base):
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
 
+    @property
+    def trains_reward_model(self) -> bool:
+        """Whether its model is a reward model (objective reward_model): it scores, and generates
+        nothing to judge or serve."""
+        return (self.params or {}).get("objective") == "reward_model"
+
 
 class TrainingMetric(Base):
     __tablename__ = "training_metrics"
