@@ -17,7 +17,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -189,16 +189,15 @@ def import_hh(client, n: int) -> None:
     assert response.status_code == 201, response.text
 
 
-def train_to_the_end(client, settings: Settings, db: Engine, body: dict, timeout: float = 600) -> int:
-    """POST /train with `body`, then the real training worker in a thread of this process until the
-    job has succeeded or failed: its id. A worker that raised fails the test."""
+@contextlib.contextmanager
+def training_worker_in_thread(settings: Settings, db: Engine) -> Iterator[list[BaseException]]:
+    """The real training worker in a thread of this process while the block runs; yields the list
+    its failure lands in (empty while it runs well). Stopped and joined after the block: a worker
+    that raised or did not stop fails the test."""
     import threading
 
     from workers.training.worker import TrainingWorker
 
-    response = client.post("/train", json=body)
-    assert response.status_code == 202, response.text
-    train_id = response.json()["train_id"]
     worker = TrainingWorker(settings, db, url=settings.database_url)
     failure: list[BaseException] = []
 
@@ -211,16 +210,27 @@ def train_to_the_end(client, settings: Settings, db: Engine, body: dict, timeout
     thread = threading.Thread(target=run_worker)
     thread.start()
     try:
+        yield failure
+    finally:
+        worker.stop()  # thread-safe: the worker's loop runs in `thread`
+        thread.join(timeout=120)
+    assert not thread.is_alive(), "the training worker did not stop"
+    assert not failure, failure
+
+
+def train_to_the_end(client, settings: Settings, db: Engine, body: dict, timeout: float = 600) -> int:
+    """POST /train with `body`, then the real training worker in a thread of this process until the
+    job has succeeded or failed: its id. A worker that raised fails the test."""
+    response = client.post("/train", json=body)
+    assert response.status_code == 202, response.text
+    train_id = response.json()["train_id"]
+    with training_worker_in_thread(settings, db) as failure:
         wait_for(
             lambda: failure or client.get(f"/train/{train_id}").json()["status"] in ("succeeded", "failed"),
             timeout,
             "the training job",
             interval=0.5,
         )
-    finally:
-        worker.stop()
-        thread.join(timeout=120)
-    assert not failure, failure
     return train_id
 
 

@@ -5,13 +5,11 @@ Real PostgreSQL, real SmolLM2, real torch training on the CPU, and vLLM (vllm-cp
 trained artifact for its evaluation and the next round of generation: the iterated loop.
 """
 
-import asyncio
 import json
 import os
 import signal
 import subprocess
 import sys
-import threading
 
 import pytest
 from sqlalchemy import select
@@ -21,8 +19,7 @@ from cai_dpo.core.model_sources import training_output_dir
 from cai_dpo.core.settings import PROJECT_ROOT
 from cai_dpo.core.tables import TrainingJob
 from tests.fixtures.model import TEST_MODELS_DIR
-from tests.helpers import hh_lines, job_finished, run_on_shared_engine, wait_for
-from workers.training.worker import TrainingWorker
+from tests.helpers import import_hh, job_finished, run_on_shared_engine, training_worker_in_thread, wait_for
 
 pytestmark = pytest.mark.model  # real torch training on the bundled model
 
@@ -33,16 +30,6 @@ SMALL_RUN = {
     "eval_fraction": 0.25,
     "lora": {"r": 8},
 }
-
-
-def import_hh(client, n: int) -> None:
-    response = client.post(
-        "/datasets/import",
-        content="".join(hh_lines(n)),
-        params={"source": "hh", "constitution": "harmless"},
-        headers={"content-type": "application/x-ndjson"},
-    )
-    assert response.status_code == 201, response.text
 
 
 def job_row(db, train_id: int) -> TrainingJob:
@@ -64,21 +51,10 @@ def test_train_over_http_then_evaluate_and_generate_with_the_trained_model(vllm_
     assert response.status_code == 202, response.text
     train_id = response.json()["train_id"]
 
-    worker = TrainingWorker(settings, db, url=settings.database_url)
-    failure: list[BaseException] = []
-
-    def run_worker() -> None:
-        try:
-            asyncio.run(worker.run())
-        except BaseException as exc:  # noqa: BLE001 - reported by the test thread
-            failure.append(exc)
-
     def evaluated() -> dict:
         return client.get(f"/train/{train_id}").json().get("evaluation") or {}
 
-    thread = threading.Thread(target=run_worker)
-    thread.start()
-    try:
+    with training_worker_in_thread(settings, db) as failure:
         wait_for(
             lambda: (
                 failure
@@ -148,11 +124,6 @@ def test_train_over_http_then_evaluate_and_generate_with_the_trained_model(vllm_
         assert result["promotion"]["promoted"] is False  # no policy asked for it
         pairs = client.get("/pairs", params={"job_id": job_id, "include_flagged": True}).json()["items"]
         assert len(pairs) == 2 and all(p["model"] == f"train:{train_id}" and p["rejected"] for p in pairs)
-    finally:
-        worker.stop()  # thread-safe: the worker's loop runs in `thread`
-        thread.join(timeout=120)
-    assert not thread.is_alive(), "the training worker did not stop"
-    assert not failure, failure
 
 
 @pytest.mark.e2e  # training workers run as processes, the first one killed
